@@ -1,0 +1,235 @@
+"""The channel interface: a corruption ``Q(y | x)`` that diffem and third parties implement.
+
+A channel is a class with a ``name``, a one-line ``description``, typed ``params`` and the data
+kinds it accepts. It draws observations (``corrupt``), turns an observation into the tensor a
+conditional network takes (``condition``), and, where the channel is linear
+(``y = A x + s * eps``), exposes ``A``, ``A^T`` and ``s`` for Gaussian initialisation and
+guidance-based baselines.
+
+Interface version: ``API_VERSION``. A plugin sets ``api_version`` to the version it was written
+for; the registry refuses a plugin written for a newer interface than this one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+API_VERSION = 1
+
+Observation = dict[str, torch.Tensor]
+
+
+class ChannelError(ValueError):
+    """A channel was given a parameter or data it cannot work with (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed channel parameter with a default and an optional validity check.
+
+    ``check`` returns ``None`` when the value is valid and a short reason otherwise.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    choices: tuple[Any, ...] | None = None
+
+    def parse(self, value: Any) -> Any:
+        """Convert ``value`` (possibly a string from the command line) and validate it."""
+        try:
+            if self.type is bool and isinstance(value, str):
+                low = value.strip().lower()
+                if low not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                parsed: Any = low in {"true", "1", "yes"}
+            elif self.type is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            elif self.type is float and isinstance(value, bool):
+                raise ValueError(value)
+            else:
+                parsed = self.type(value)
+        except (TypeError, ValueError):
+            raise ChannelError(
+                f"parameter {self.name!r} must be of type {self.type.__name__}, got {value!r}"
+            ) from None
+        if self.type is float and not math.isfinite(parsed):
+            raise ChannelError(f"parameter {self.name!r} must be finite, got {value!r}")
+        if self.choices is not None and parsed not in self.choices:
+            raise ChannelError(f"parameter {self.name!r} must be one of {list(self.choices)}, got {parsed!r}")
+        if self.check is not None:
+            reason = self.check(parsed)
+            if reason:
+                raise ChannelError(f"parameter {self.name!r}={parsed!r}: {reason}")
+        return parsed
+
+
+def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+    """A ``Param.check`` accepting values in an interval, e.g. ``in_range(0, 1, hi_open=True)``."""
+
+    def check(v: Any) -> str | None:
+        ok_lo = v > lo if lo_open else v >= lo
+        ok_hi = v < hi if hi_open else v <= hi
+        if ok_lo and ok_hi:
+            return None
+        return f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+    return check
+
+
+def positive(v: Any) -> str | None:
+    """A ``Param.check`` accepting strictly positive values."""
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> str | None:
+    """A ``Param.check`` accepting values >= 0."""
+    return None if v >= 0 else "must be >= 0"
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """Mix integers into one 63-bit seed (splitmix64), so (seed, lap, index) streams never collide."""
+    h = 0x9E3779B97F4A7C15
+    for p in parts:
+        h = (h ^ (int(p) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        z = h
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h & ((1 << 63) - 1)
+
+
+def sample_seeds(seed: int, indices: torch.Tensor | range | list[int], *tags: int) -> torch.Tensor:
+    """Per-sample seeds for the given sample indices under a global ``seed`` (and optional tags)."""
+    return torch.tensor([mix_seed(seed, *tags, int(i)) for i in indices], dtype=torch.int64)
+
+
+def per_sample(
+    seeds: torch.Tensor, shape: tuple[int, ...], kind: str = "randn", stream: int = 0
+) -> torch.Tensor:
+    """Draw one tensor of ``shape`` per sample, each from its own generator seeded by ``seeds[i]``.
+
+    ``stream`` separates independent draws of one sample (mask vs noise). The result for sample
+    ``i`` depends only on ``seeds[i]`` and ``stream``, never on the batch it sits in.
+    """
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    gen = torch.Generator()
+    for i, s in enumerate(seeds.tolist()):
+        gen.manual_seed(mix_seed(s, stream))
+        if kind == "randn":
+            out[i] = torch.randn(shape, generator=gen)
+        elif kind == "rand":
+            out[i] = torch.rand(shape, generator=gen)
+        else:
+            raise ValueError(f"unknown draw kind {kind!r}")
+    return out
+
+
+def data_kind(shape: tuple[int, ...]) -> str:
+    """``"vector"`` for shape ``(n,)``, ``"image"`` for ``(C, H, W)``."""
+    if len(shape) == 1:
+        return "vector"
+    if len(shape) == 3:
+        return "image"
+    raise ChannelError(f"data of shape {tuple(shape)} is neither a vector (n,) nor an image (C, H, W)")
+
+
+class Channel:
+    """Base class of every channel. Subclasses set the class attributes and implement
+    ``corrupt``, ``condition`` and ``cond_size``; linear channels also set ``linear = True``
+    and implement ``A``, ``At`` and ``noise_std``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    data_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
+    linear: ClassVar[bool] = False
+    api_version: ClassVar[int] = API_VERSION
+
+    def __init__(self, **values: Any) -> None:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            names = ", ".join(known) or "none"
+            raise ChannelError(
+                f"channel {self.name!r} has no parameter {unknown[0]!r} (parameters: {names})"
+            )
+        self.values: dict[str, Any] = {
+            n: p.parse(values[n]) if n in values else p.default for n, p in known.items()
+        }
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-parameter checks; raise ``ChannelError``. Single parameters use ``Param.check``."""
+
+    def __getattr__(self, item: str) -> Any:
+        values = self.__dict__.get("values")
+        if values is not None and item in values:
+            return values[item]
+        raise AttributeError(item)
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able description that rebuilds this channel: name, interface version, parameters."""
+        return {"name": self.name, "api_version": self.api_version, "params": dict(self.values)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
+        return f"{type(self).__name__}({args})"
+
+    def check_data(self, shape: tuple[int, ...]) -> None:
+        """Refuse data this channel cannot corrupt, with a one-line reason."""
+        kind = data_kind(tuple(shape))
+        if kind not in self.data_kinds:
+            accepted = " or ".join(sorted(self.data_kinds))
+            raise ChannelError(
+                f"channel {self.name!r} accepts {accepted} data, not {kind} data of shape {tuple(shape)}"
+            )
+
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        """Draw one observation per sample of the batch ``x``; sample ``i`` uses ``seeds[i]`` only.
+
+        Returns named tensors with a leading batch dimension; ``y`` is always present.
+        """
+        raise NotImplementedError
+
+    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """The conditioning tensor for a network: ``(B, cond_size, H, W)`` for images,
+        ``(B, cond_size)`` for vectors, where ``shape`` is the clean data's shape."""
+        raise NotImplementedError
+
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        """Number of conditioning channels (images) or features (vectors) for data ``shape``."""
+        raise NotImplementedError
+
+    def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Linear channels: the noiseless measurement ``A x`` for each sample (same shape as ``y``)."""
+        raise ChannelError(f"channel {self.name!r} has no linear form")
+
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """Linear channels: the adjoint ``A^T y``, shaped like the clean data."""
+        raise ChannelError(f"channel {self.name!r} has no linear form")
+
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        """Linear channels: the observation noise level ``s``."""
+        raise ChannelError(f"channel {self.name!r} has no linear form")
+
+    def start(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """A crude clean-space estimate from the observation, used to start EM when the channel
+        has no linear form and no warm start is given. Default: ``y`` itself when it has the
+        data's shape."""
+        y = obs["y"]
+        if tuple(y.shape[1:]) != tuple(shape):
+            raise ChannelError(f"channel {self.name!r} cannot start EM from its observation; use --warm-start")
+        return y.clone()

@@ -1,0 +1,5 @@
+"""``python -m diffem_cli`` (also what ``accelerate launch -m diffem_cli`` runs)."""
+
+from diffem_cli.cli import main
+
+main()
