@@ -42,6 +42,20 @@ class Param:
     check: Callable[[Any], str | None] | None = field(default=None, compare=False)
     choices: tuple[Any, ...] | None = None
 
+    @property
+    def constraint(self) -> str:
+        """A short human description of the accepted values, e.g. ``"in [0, 1)"`` (for listings).
+
+        Taken from ``choices`` and from a ``constraint`` attribute on ``check`` (set by
+        :func:`in_range`, :func:`positive`, :func:`non_negative`; plugins may set their own).
+        """
+        parts = []
+        if self.choices is not None:
+            parts.append("one of " + ", ".join(repr(c) for c in self.choices))
+        if self.check is not None:
+            parts.append(str(getattr(self.check, "constraint", "custom check")))
+        return "; ".join(parts)
+
     def parse(self, value: Any) -> Any:
         """Convert ``value`` (possibly a string from the command line) and validate it."""
         try:
@@ -71,7 +85,9 @@ class Param:
         return parsed
 
 
-def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+def in_range(
+    lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> Callable[[Any], str | None]:
     """A ``Param.check`` accepting values in an interval, e.g. ``in_range(0, 1, hi_open=True)``."""
 
     def check(v: Any) -> str | None:
@@ -79,8 +95,10 @@ def in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
         ok_hi = v < hi if hi_open else v <= hi
         if ok_lo and ok_hi:
             return None
-        return f"must lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return f"must lie in {interval}"
 
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    check.constraint = f"in {interval}"  # type: ignore[attr-defined]
     return check
 
 
@@ -92,6 +110,10 @@ def positive(v: Any) -> str | None:
 def non_negative(v: Any) -> str | None:
     """A ``Param.check`` accepting values >= 0."""
     return None if v >= 0 else "must be >= 0"
+
+
+positive.constraint = "> 0"  # type: ignore[attr-defined]
+non_negative.constraint = ">= 0"  # type: ignore[attr-defined]
 
 
 _MASK64 = (1 << 64) - 1
@@ -163,9 +185,7 @@ class Channel:
         unknown = sorted(set(values) - set(known))
         if unknown:
             names = ", ".join(known) or "none"
-            raise ChannelError(
-                f"channel {self.name!r} has no parameter {unknown[0]!r} (parameters: {names})"
-            )
+            raise ChannelError(f"channel {self.name!r} has no parameter {unknown[0]!r} (parameters: {names})")
         self.values: dict[str, Any] = {
             n: p.parse(values[n]) if n in values else p.default for n, p in known.items()
         }
@@ -231,5 +251,7 @@ class Channel:
         data's shape."""
         y = obs["y"]
         if tuple(y.shape[1:]) != tuple(shape):
-            raise ChannelError(f"channel {self.name!r} cannot start EM from its observation; use --warm-start")
+            raise ChannelError(
+                f"channel {self.name!r} cannot start EM from its observation; use --warm-start"
+            )
         return y.clone()

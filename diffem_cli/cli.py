@@ -19,6 +19,10 @@ from diffem_cli.errors import DiffemError
 COMMAND_MODULES: tuple[str, ...] = (
     "channels_cmd",
     "corrupt_cmd",
+    "em_cmd",
+    "reconstruct_cmd",
+    "uncond_cmd",
+    "export_cmd",
 )
 
 app = typer.Typer(

@@ -1,0 +1,60 @@
+"""Shared machinery of the channels that hide entries behind a 0/1 mask (``mask``, ``box``).
+
+Subclasses only say how to draw the mask; observing, conditioning and the linear form
+``A x = mask * x`` live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffem_channels.base import Channel, Observation, data_kind, per_sample
+
+MASK_STREAM = 0
+NOISE_STREAM = 1
+
+
+class MaskedChannel(Channel):
+    """A channel ``y = mask * (x + sigma * eps)`` with a per-sample 0/1 mask; missing entries are 0.
+
+    Subclasses implement :meth:`draw_mask` and declare a float parameter ``sigma``.
+    """
+
+    linear = True
+
+    def draw_mask(self, shape: tuple[int, ...], seeds: torch.Tensor) -> torch.Tensor:
+        """Float 0/1 mask (1 = observed) for data ``shape``, one per seed: ``(B, 1 or C, H, W)`` for
+        images, ``(B, n)`` for vectors. Must use stream :data:`MASK_STREAM` of ``per_sample``."""
+        raise NotImplementedError
+
+    def mask_channels(self, shape: tuple[int, ...]) -> int:
+        """Channels of the mask for image data ``shape`` (1 when shared by colour channels)."""
+        return 1
+
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        self.check_data(tuple(x.shape[1:]))
+        mask = self.draw_mask(tuple(x.shape[1:]), seeds).to(x)
+        y = mask * x
+        if self.sigma > 0:
+            eps = per_sample(seeds, tuple(x.shape[1:]), "randn", NOISE_STREAM).to(x)
+            y = y + mask * (self.sigma * eps)
+        return {"y": y, "mask": mask}
+
+    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.cat([obs["y"], obs["mask"].to(obs["y"])], dim=1)
+
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        self.check_data(tuple(shape))
+        if data_kind(tuple(shape)) == "vector":
+            return 2 * shape[0]
+        return shape[0] + self.mask_channels(tuple(shape))
+
+    def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return obs["mask"].to(x) * x
+
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return obs["mask"].to(y) * y
+
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        return float(self.sigma)

@@ -1,0 +1,56 @@
+"""``jpeg``: JPEG compression at a fixed quality (kornia's differentiable codec); not linear."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import kornia
+import torch
+import torch.nn.functional as F
+from diffem_channels.base import Channel, ChannelError, Observation, Param, in_range
+
+BLOCK = 16  # 8x8 DCT blocks on 2x-subsampled chroma
+
+
+class JpegChannel(Channel):
+    """``y = decode(encode(x, quality))`` for images in [-1, 1]; grayscale goes through RGB and back."""
+
+    name = "jpeg"
+    description = "JPEG compression at a fixed quality (deterministic, not linear)."
+    data_kinds = frozenset({"image"})
+    params = (Param("quality", int, 25, "JPEG quality, 1 (worst) to 100 (best)", in_range(1, 100)),)
+
+    def check_data(self, shape: tuple[int, ...]) -> None:
+        super().check_data(shape)
+        if shape[0] not in (1, 3):
+            raise ChannelError(f"channel 'jpeg' needs 1 or 3 colour channels, got {shape[0]}")
+
+    def compress(self, x: torch.Tensor) -> torch.Tensor:
+        """JPEG round trip of a batch ``(B, C, H, W)`` in [-1, 1]; differentiable in ``x``.
+
+        Computed in float64 and returned in ``x``'s dtype: kornia's float32 codec rounds
+        differently with the batch size, and an observation must depend on its own sample only.
+        """
+        b, c, h, w = x.shape
+        img = ((x.double() + 1) / 2).clamp(0, 1)
+        if c == 1:
+            img = img.expand(b, 3, h, w)
+        pad_h, pad_w = -h % BLOCK, -w % BLOCK
+        if pad_h or pad_w:
+            img = F.pad(img, (0, pad_w, 0, pad_h), mode="replicate")
+        quality = torch.tensor([float(self.quality)], dtype=img.dtype, device=img.device)
+        out = kornia.enhance.jpeg_codec_differentiable(img, quality)[:, :, :h, :w]
+        if c == 1:
+            out = out.mean(dim=1, keepdim=True)
+        return (out * 2 - 1).to(x.dtype)
+
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        self.check_data(tuple(x.shape[1:]))
+        return {"y": self.compress(x)}
+
+    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return obs["y"]
+
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        self.check_data(tuple(shape))
+        return shape[0]

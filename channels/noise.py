@@ -1,0 +1,38 @@
+"""``noise``: additive Gaussian noise, ``y = x + sigma * eps`` (denoising)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffem_channels.base import Channel, Observation, Param, per_sample, positive
+
+
+class NoiseChannel(Channel):
+    """Identity measurement with white Gaussian noise of std ``sigma``."""
+
+    name = "noise"
+    description = "Additive Gaussian noise of std sigma (denoising)."
+    data_kinds = frozenset({"image", "vector"})
+    linear = True
+    params = (Param("sigma", float, 0.1, "std of the additive Gaussian noise", positive),)
+
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        self.check_data(tuple(x.shape[1:]))
+        return {"y": x + self.sigma * per_sample(seeds, tuple(x.shape[1:]), "randn").to(x)}
+
+    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return obs["y"]
+
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        self.check_data(tuple(shape))
+        return shape[0]
+
+    def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        return float(self.sigma)

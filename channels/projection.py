@@ -1,0 +1,71 @@
+"""``projection``: a fresh random linear projection per sample, ``y = A_i x + sigma * eps``.
+
+The manifold benchmark's channel: each vector is seen through its own ``m x n`` Gaussian
+matrix with unit-norm rows, which (unlike one fixed projection) makes the clean law identifiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from diffem_channels.base import Channel, ChannelError, Observation, Param, non_negative, per_sample
+
+MATRIX_STREAM = 0
+NOISE_STREAM = 1
+
+
+def _at_least_one(v: int) -> str | None:
+    return None if v >= 1 else "must be >= 1"
+
+
+_at_least_one.constraint = ">= 1"  # type: ignore[attr-defined]
+
+
+class ProjectionChannel(Channel):
+    """Per-sample random projections of vectors; the observation stores ``y`` and the matrix ``A``."""
+
+    name = "projection"
+    description = "A fresh random m x n projection per vector (unit-norm rows) plus Gaussian noise."
+    data_kinds = frozenset({"vector"})
+    linear = True
+    params = (
+        Param("m", int, 2, "number of measurements per vector (rows of A)", _at_least_one),
+        Param("sigma", float, 0.01, "std of Gaussian noise added to the measurements", non_negative),
+        Param("normalize", bool, True, "scale each row of A to unit Euclidean norm"),
+    )
+
+    def check_data(self, shape: tuple[int, ...]) -> None:
+        super().check_data(shape)
+        if self.m > shape[0]:
+            raise ChannelError(
+                f"channel 'projection' needs m <= n, got m={self.m} for vectors of size {shape[0]}"
+            )
+
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        self.check_data(tuple(x.shape[1:]))
+        a = per_sample(seeds, (self.m, x.shape[1]), "randn", MATRIX_STREAM).to(x)
+        if self.normalize:
+            a = a / a.norm(dim=-1, keepdim=True)
+        # float64 inside: a batched float32 product may round differently with the batch size
+        y = torch.einsum("bmn,bn->bm", a.double(), x.double()).to(x.dtype)
+        if self.sigma > 0:
+            y = y + self.sigma * per_sample(seeds, (self.m,), "randn", NOISE_STREAM).to(x)
+        return {"y": y, "A": a}
+
+    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        y = obs["y"]
+        return torch.cat([y, obs["A"].to(y).flatten(1)], dim=1)
+
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        self.check_data(tuple(shape))
+        return self.m + self.m * shape[0]
+
+    def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bmn,bn->bm", obs["A"].to(x), x)
+
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bmn,bm->bn", obs["A"].to(y), y)
+
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        return float(self.sigma)

@@ -1,0 +1,63 @@
+"""``diffem train-uncond`` and ``diffem sample``: the unconditional model of clean data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffem_cli.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS
+from diffem_cli.progress import console
+
+
+def train_uncond_command(
+    recon: Annotated[Path, typer.Argument(help="Reconstructions: a 'reconstruct' output or RUN/recon/lap_NNN.")],
+    run: Annotated[Path, typer.Argument(help="RUN folder for the unconditional model (resumed if it exists).")],
+    config: Annotated[str | None, typer.Option(
+        "--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file.")] = None,
+    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: train.epochs=50.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    force: Annotated[bool, typer.Option(help="Start RUN over if it holds another run.")] = False,
+) -> None:
+    """Train an unconditional diffusion model on reconstructions."""
+    from diffem_cli.config import load_config
+    from diffem_cli.store import read_manifest
+    from diffem_cli.uncond import train_uncond
+
+    manifest = read_manifest(recon) if recon.exists() else {}
+    shape = manifest.get("data_shape") or ([0] if manifest.get("source", {}).get("kind") == "vector" else None)
+    default = "manifold" if shape is not None and len(shape) == 1 else "digits"
+    if shape is None and recon.exists():
+        from diffem_cli.em import load_recon
+
+        default = "manifold" if load_recon(recon)[0].ndim == 2 else "digits"
+    cfg = load_config(config, sets or [], default_preset=default)
+    ckpt = train_uncond(recon, run, cfg, device=device, force=force, log=console.print)
+    console.print(f"[green]done[/green]: {ckpt}")
+
+
+def sample_command(
+    ckpt: Annotated[Path, typer.Argument(help="Unconditional checkpoint or exported folder.")],
+    out: Annotated[Path, typer.Argument(help="Output datasets folder (column x).")],
+    n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 64,
+    sampler: Annotated[str, typer.Option(help="dpm++ (default), ddim or ddpm.")] = DEFAULT_SAMPLER,
+    steps: Annotated[int, typer.Option(help="Sampler steps = network evaluations.")] = DEFAULT_STEPS,
+    batch_size: Annotated[int, typer.Option(help="Samples drawn at once.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    png: Annotated[Path | None, typer.Option(help="Also write one PNG per image into this folder.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite OUT (and --png) if they exist.")] = False,
+) -> None:
+    """Draw samples from an unconditional model."""
+    from diffem_cli.config import SampleConfig
+    from diffem_cli.uncond import sample_unconditional
+
+    sample_unconditional(ckpt, out, n, sample_cfg=SampleConfig(sampler, steps, batch_size), seed=seed,
+                         png_dir=png, device=device, force=force)
+    console.print(f"wrote {n} samples to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-uncond")(train_uncond_command)
+    app.command("sample")(sample_command)

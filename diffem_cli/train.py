@@ -1,0 +1,176 @@
+"""Training a denoiser: AdamW, warm-up then cosine decay, gradient clipping, EMA, resumable.
+
+Used by the EM loop's M-step (conditional model on fresh corruptions of the reconstructions)
+and by ``train-uncond``. The loop is flat and device-agnostic; training state (weights, EMA,
+optimiser moments, epoch, random state) is saved after every epoch to one safetensors file, so a
+killed run loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffem_cli.checkpoint import load_tensors, save_tensors
+from diffem_cli.config import TrainConfig
+from diffem_cli.diffusion import ddpm_scheduler, training_loss
+from diffem_cli.errors import DiffemError
+from diffem_cli.progress import progress
+
+
+class EMA:
+    """Exponential moving average of parameters with a warm-up (decay grows as (1+n)/(10+n))."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+@dataclass
+class TrainResult:
+    """What a training phase returns: the EMA model and a summary."""
+
+    ema_model: nn.Module
+    steps: int
+    last_loss: float
+    seconds: float
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr_min`` at ``total`` steps."""
+    if cfg.warmup > 0 and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, total - cfg.warmup)
+    frac = min(1.0, (step - cfg.warmup) / span)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
+
+
+def _state_tensors(model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    out.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
+    for i, p in enumerate(model.parameters()):
+        st = opt.state.get(p, {})
+        for name, value in st.items():
+            out[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    out["rng"] = gen.get_state()
+    return out
+
+
+def _restore(path: Path, tag: dict[str, Any], model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
+             gen: torch.Generator) -> tuple[int, int] | None:
+    """Load a saved training state whose tag matches; returns (epoch, step) or None."""
+    if not path.exists():
+        return None
+    try:
+        tensors, meta = load_tensors(path)
+    except DiffemError:
+        return None
+    if meta.get("tag") != tag:
+        return None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    ema.updates = int(meta["ema_updates"])
+    params = list(model.parameters())
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt.state[params[int(i)]][name] = value.to(params[int(i)].device)
+    gen.set_state(tensors["rng"])
+    return int(meta["epoch"]), int(meta["step"])
+
+
+def train_denoiser(
+    model: nn.Module,
+    x: torch.Tensor,
+    cond: torch.Tensor | None,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    state_path: Path | None = None,
+    tag: dict[str, Any] | None = None,
+    label: str = "M-step",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on clean-space samples ``x`` (with conditioning ``cond``) for ``cfg.epochs``.
+
+    Resumes from ``state_path`` when it holds a state with the same ``tag``. Returns the EMA
+    model; raises DiffemError on a non-finite loss (nothing is saved from a diverged step).
+    """
+    n = x.shape[0]
+    if n == 0:
+        raise DiffemError("no training samples")
+    model = model.to(device).train()
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    sched = ddpm_scheduler()
+    bs = min(cfg.batch_size, n)
+    per_epoch = n // bs
+    total = per_epoch * cfg.epochs
+    tag = tag or {}
+    start_epoch, step = 0, 0
+    if state_path is not None:
+        restored = _restore(state_path, tag, model, ema, opt, gen)
+        if restored:
+            start_epoch, step = restored
+    x_dev = x.to(device)
+    c_dev = cond.to(device) if cond is not None else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    t0 = time.perf_counter()
+    loss_value = float("nan")
+    with progress() as bar:
+        task = bar.add_task(label, total=total, completed=step, info="")
+        for epoch in range(start_epoch, cfg.epochs):
+            perm = torch.randperm(n, generator=gen)[: per_epoch * bs].view(per_epoch, bs).to(device)
+            running = 0.0
+            for idx in perm:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, cfg)
+                with autocast:
+                    loss = training_loss(model, x_dev[idx], c_dev[idx] if c_dev is not None else None, sched, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                ema.update(model)
+                running += loss.detach()
+                step += 1
+            loss_value = float(running) / per_epoch
+            if not math.isfinite(loss_value):
+                raise DiffemError(f"{label}: loss became {loss_value} in epoch {epoch + 1}; lower train.lr")
+            bar.update(task, completed=step, info=f"loss {loss_value:.4f}")
+            if state_path is not None:
+                meta = {"tag": tag, "epoch": epoch + 1, "step": step, "ema_updates": ema.updates}
+                save_tensors(state_path, _state_tensors(model, ema, opt, gen), meta)
+            if on_epoch is not None:
+                on_epoch({"epoch": epoch + 1, "step": step, "loss": loss_value,
+                          "seconds": time.perf_counter() - t0})
+    return TrainResult(ema.model.cpu(), step, loss_value, time.perf_counter() - t0)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
