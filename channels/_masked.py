@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from diffem_channels.base import Channel, Observation, data_kind, per_sample
 
 MASK_STREAM = 0

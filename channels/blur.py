@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 import kornia
 import torch
+
 from diffem_channels.base import Channel, Observation, Param, non_negative, per_sample, positive
 
 

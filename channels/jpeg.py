@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import kornia
 import torch
 import torch.nn.functional as F
+
 from diffem_channels.base import Channel, ChannelError, Observation, Param, in_range
 
 BLOCK = 16  # 8x8 DCT blocks on 2x-subsampled chroma

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from diffem_channels._masked import MASK_STREAM, MaskedChannel
 from diffem_channels.base import Param, data_kind, in_range, non_negative, per_sample
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from diffem_channels.base import Channel, Observation, Param, per_sample, positive
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+
 from diffem_channels.base import Channel, ChannelError, Observation, Param, non_negative, per_sample
 
 MATRIX_STREAM = 0
@@ -44,11 +45,12 @@ class ProjectionChannel(Channel):
 
     def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
         self.check_data(tuple(x.shape[1:]))
-        a = per_sample(seeds, (self.m, x.shape[1]), "randn", MATRIX_STREAM).to(x)
+        # float64 inside: batched float32 reductions may round differently with the batch size
+        a = per_sample(seeds, (self.m, x.shape[1]), "randn", MATRIX_STREAM).to(x.device, torch.float64)
         if self.normalize:
             a = a / a.norm(dim=-1, keepdim=True)
-        # float64 inside: a batched float32 product may round differently with the batch size
-        y = torch.einsum("bmn,bn->bm", a.double(), x.double()).to(x.dtype)
+        y = torch.einsum("bmn,bn->bm", a, x.double()).to(x.dtype)
+        a = a.to(x.dtype)
         if self.sigma > 0:
             y = y + self.sigma * per_sample(seeds, (self.m,), "randn", NOISE_STREAM).to(x)
         return {"y": y, "A": a}

@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "reconstruct_cmd",
     "uncond_cmd",
     "export_cmd",
+    "report_cmd",
 )
 
 app = typer.Typer(

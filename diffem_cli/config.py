@@ -91,7 +91,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         elif key == "network":
             if not isinstance(value, dict):
                 raise DiffemError("config key 'network' must be a mapping")
-            setattr(obj, key, {**current, **value} if current.get("type") == value.get("type") else dict(value))
+            same = value.get("type", current.get("type")) == current.get("type")
+            setattr(obj, key, {**current, **value} if same else dict(value))
         else:
             setattr(obj, key, _coerce(path, current, value))
 

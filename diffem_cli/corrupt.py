@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffem_channels.base import Channel, ChannelError, sample_seeds
 
+from diffem_channels.base import Channel, ChannelError, sample_seeds
 from diffem_cli.errors import DiffemError
 from diffem_cli.sources import Source
 from diffem_cli.store import check_output, columns, read_dataset, read_manifest, write_dataset
@@ -25,14 +25,25 @@ PREVIEW_POINTS = 4096
 
 
 def recorrupt(
-    channel: Channel, x: torch.Tensor, seed: int, lap: int, indices: torch.Tensor
+    channel: Channel, x: torch.Tensor, seed: int, lap: int, indices: torch.Tensor, *, chunk_size: int = 1024
 ) -> dict[str, torch.Tensor]:
     """A fresh corruption of reconstructions ``x`` (samples ``indices``) for EM lap ``lap``.
 
     Seeds are ``sample_seeds(seed, indices, lap)``: new observations every lap, the same ones
-    for the same (seed, lap, index), and never those of the observed data set.
+    for the same (seed, lap, index), and never those of the observed data set. Works through
+    ``x`` ``chunk_size`` samples at a time (some channels need much scratch memory per sample);
+    the result does not depend on ``chunk_size``.
     """
-    return channel.corrupt(x, sample_seeds(seed, indices, lap))
+    indices = torch.as_tensor(indices).reshape(-1)
+    if len(indices) != len(x):
+        raise ValueError(f"recorrupt got {len(x)} samples but {len(indices)} indices")
+    parts = [
+        channel.corrupt(x[i : i + chunk_size], sample_seeds(seed, indices[i : i + chunk_size], lap))
+        for i in range(0, len(x), chunk_size)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def _check_outputs(out: Path, clean_out: Path | None, preview: Path | None, force: bool) -> None:
@@ -123,7 +134,9 @@ def corrupt_dataset(
     _check_outputs(out, clean_out, preview, force)
     if len(source) == 0:
         raise DiffemError(f"source {source.spec!r} holds no samples")
-    channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail on the first sample, not mid-way
+    trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail here, not mid-way
+    if "y" not in trial or "index" in trial:
+        raise DiffemError(f"channel {channel.name!r} must return a 'y' and no 'index' observation")
 
     n = len(source)
     common = {
@@ -159,10 +172,6 @@ def corrupt_dataset(
                 for start, x in stream:
                     indices = torch.arange(start, start + len(x), dtype=torch.int64)
                     obs = channel.corrupt(x, sample_seeds(seed, indices))
-                    if "y" not in obs or "index" in obs:
-                        raise DiffemError(
-                            f"channel {channel.name!r} must return a 'y' and no 'index' observation"
-                        )
                     if keep is not None:
                         keep.add(x, obs)
                     yield {**obs, "index": indices}

@@ -8,13 +8,13 @@ with its error and never stops the other channels from working.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint, distributions
 from typing import Any
 
 from diffem_channels.base import API_VERSION, Channel, Param
-
 from diffem_cli.errors import DiffemError
 
 GROUP = "diffem.channels"
@@ -38,27 +38,43 @@ class ChannelInfo:
         return self.cls is not None and self.error is None
 
 
-def _dist_name(ep: EntryPoint) -> str:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return "unknown"
-    return dist.metadata["Name"] or getattr(dist, "name", None) or "unknown"
+def _normalise(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()
+
+
+def _declared() -> Iterator[tuple[str, EntryPoint]]:
+    """(distribution name, entry point) for every channel declared by an installed distribution.
+
+    A distribution found twice on ``sys.path`` (an editable install plus a stale copy) counts
+    once, the first found winning as for imports; one whose metadata cannot be read is skipped
+    rather than breaking every command.
+    """
+    seen: set[str] = set()
+    for dist in distributions():
+        try:
+            name = dist.metadata["Name"] or "unknown"
+            eps = dist.entry_points.select(group=GROUP)
+        except Exception:  # malformed metadata of some unrelated package
+            continue
+        if _normalise(name) in seen:
+            continue
+        seen.add(_normalise(name))
+        for ep in eps:
+            yield name, ep
 
 
 def discover() -> dict[str, list[ChannelInfo]]:
     """Channel name -> the (unloaded) entry points claiming it, one per distinct distribution.
 
-    A distribution seen twice on ``sys.path`` (an editable install plus a copy) counts once.
+    Reads package metadata only; no channel module is imported.
     """
     found: dict[str, list[ChannelInfo]] = {}
     seen: set[tuple[str, str, str]] = set()
-    for ep in entry_points(group=GROUP):
-        dist = _dist_name(ep)
-        key = (ep.name, dist.lower().replace("_", "-"), ep.value)
-        if key in seen:
-            continue
-        seen.add(key)
-        found.setdefault(ep.name, []).append(ChannelInfo(ep.name, dist, ep.value))
+    for dist, ep in _declared():
+        key = (ep.name, _normalise(dist), ep.value)
+        if key not in seen:
+            seen.add(key)
+            found.setdefault(ep.name, []).append(ChannelInfo(ep.name, dist, ep.value))
     return dict(sorted(found.items()))
 
 
@@ -94,14 +110,17 @@ def load_info(info: ChannelInfo) -> ChannelInfo:
     except Exception as e:  # a plugin may fail in any way; report it instead of crashing
         what = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         return replace(info, error=f"cannot import {info.value}: {what}")
-    problem = _problem(info.name, obj)
+    try:
+        problem = _problem(info.name, obj)
+    except Exception as e:  # e.g. ``params`` that is not iterable
+        problem = f"invalid channel class {info.value}: {type(e).__name__}: {e}"
     if problem:
         return replace(info, error=problem)
     return replace(info, cls=obj)
 
 
 def _clash(name: str, infos: list[ChannelInfo]) -> str:
-    owners = ", ".join(f"{i.dist} ({i.value})" for i in infos)
+    owners = ", ".join(f"{i.dist} ({i.value})" for i in sorted(infos, key=lambda i: i.dist))
     return f"channel {name!r} is declared by several distributions: {owners}; uninstall all but one"
 
 

@@ -211,7 +211,7 @@ def _to_tensor(
 class ImageFolderSource(Source):
     """Every image file under a folder (sorted by relative path), decoded lazily per batch."""
 
-    def __init__(self, root: Path, spec: str) -> None:
+    def __init__(self, root: Path, spec: str, limit: int | None = None) -> None:
         from PIL import Image, UnidentifiedImageError
 
         self.root = root
@@ -220,6 +220,8 @@ class ImageFolderSource(Source):
             (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
             key=lambda p: p.relative_to(root).as_posix(),
         )
+        self.total = len(self.files)
+        self.files = self.files[:limit]  # only the images used need to agree in size
         if not self.files:
             raise DiffemError(f"folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         size, colour = None, False
@@ -255,6 +257,10 @@ class ImageFolderSource(Source):
                 img.load()
                 images.append(img)
         return _to_tensor(images, self.mode, self.size, lambda i: f"image {files[i]}")
+
+    def describe(self) -> dict[str, Any]:
+        extra = {"limit": len(self)} if len(self) < self.total else {}
+        return {**super().describe(), **extra}
 
 
 class DatasetSource(Source):
@@ -375,5 +381,5 @@ def load_source(spec: str, *, limit: int | None = None) -> Source:
             ds, manifest = read_dataset(path)
             source = DatasetSource(ds, str(path), manifest)
         else:
-            source = ImageFolderSource(path, str(path))
+            source = ImageFolderSource(path, str(path), limit)
     return LimitedSource(source, limit) if limit is not None and limit < len(source) else source

@@ -83,7 +83,7 @@ def train_uncond(
     run.log({"event": "done", "seconds": result.seconds, "loss": result.last_loss, "steps": result.steps})
     t0 = time.perf_counter()
     preview = sample_tensors(result.ema_model, meta, 64 if data["kind"] == "image" else 2048,
-                             SampleConfig(), seed=cfg.seed, device=dev)
+                             cfg.sample, seed=cfg.seed, device=dev)
     _preview(run.samples_dir / "uncond.png", preview, data)
     log(f"train-uncond: {result.steps} steps in {result.seconds:.1f} s, loss {result.last_loss:.4f}; "
         f"preview in {time.perf_counter() - t0:.1f} s")

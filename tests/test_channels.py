@@ -8,6 +8,7 @@ import kornia
 import pytest
 import torch
 import torch.nn.functional as F
+
 from diffem_channels import Channel, ChannelError, Param, in_range, non_negative, positive, sample_seeds
 from diffem_channels.blur import BlurChannel
 from diffem_channels.box import BoxChannel
@@ -35,6 +36,12 @@ CASES = [
 ]
 IDS = [f"{c.name}-{'x'.join(map(str, s))}-{i}" for i, (c, s) in enumerate(CASES)]
 LINEAR = [(c, s) for c, s in CASES if c.linear]
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> None:
+    """``a`` equals ``b`` up to ``tol`` (relative and absolute); avoids torch.testing's slow import."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
 
 
 def data(
@@ -85,7 +92,7 @@ def test_adjoint_and_measurement(channel: Channel, shape: tuple[int, ...]) -> No
     assert aty.shape == x.shape
     lhs = (ax * y).flatten(1).sum(1)
     rhs = (x * aty).flatten(1).sum(1)
-    torch.testing.assert_close(lhs, rhs, rtol=1e-9, atol=1e-9)
+    assert_close(lhs, rhs, 1e-9)
     # y = A x + s * eps: the residual is at most noise of the declared level
     resid = obs["y"].double() - ax
     s = channel.noise_std(obs)
@@ -146,9 +153,9 @@ def test_blur_matches_an_explicit_gaussian_convolution() -> None:
     x = data((3, 16, 16), 4, dtype=torch.float64)
     expected = F.conv2d(x, kernel, padding=k // 2, groups=3)  # zero padding
     got = channel.corrupt(x, sample_seeds(0, range(4)))["y"]
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert_close(got, expected)
     by_kornia = kornia.filters.gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="constant")
-    torch.testing.assert_close(got, by_kornia)
+    assert_close(got, by_kornia)
 
 
 def test_jpeg_round_trip_quality_and_range() -> None:
@@ -178,13 +185,13 @@ def test_projection_rows_and_noise_level() -> None:
     obs = ProjectionChannel(m=m, sigma=sigma).corrupt(x, sample_seeds(0, range(b)))
     a, y = obs["A"], obs["y"]
     assert a.shape == (b, m, n) and y.shape == (b, m)
-    torch.testing.assert_close(a.norm(dim=-1), torch.ones(b, m))
+    assert_close(a.norm(dim=-1), torch.ones(b, m))
     resid = y - torch.einsum("bmn,bn->bm", a, x)
     assert abs(resid.std().item() - sigma) < 0.003
     raw = ProjectionChannel(m=3, normalize=False).corrupt(x, sample_seeds(0, range(b)))["A"]
     assert abs(raw.std().item() - 1) < 0.03 and not torch.allclose(raw.norm(dim=-1), torch.ones(b, 3))
     cond = ProjectionChannel(m=m).condition(obs, (n,))
-    torch.testing.assert_close(cond, torch.cat([y, a.reshape(b, -1)], 1))
+    assert_close(cond, torch.cat([y, a.reshape(b, -1)], 1))
 
 
 @pytest.mark.parametrize(

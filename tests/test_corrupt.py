@@ -7,9 +7,9 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from diffem_channels.base import Channel, ChannelError, Param, sample_seeds
 from PIL import Image
 
+from diffem_channels.base import Channel, ChannelError, Param, sample_seeds
 from diffem_cli.cli import run
 from diffem_cli.corrupt import corrupt_dataset, recorrupt
 from diffem_cli.sources import TensorSource, load_source
@@ -163,6 +163,8 @@ def test_recorrupt_is_fresh_per_lap_and_reproducible():
     # each sample's draw depends on its index only, not on the batch it sits in
     part = recorrupt(chan, x[10:20], seed=0, lap=1, indices=idx[10:20])
     assert torch.equal(part["A"], lap1["A"][10:20])
+    chunked = recorrupt(chan, x, seed=0, lap=1, indices=idx, chunk_size=7)
+    assert torch.equal(chunked["A"], lap1["A"]) and torch.equal(chunked["y"], lap1["y"])
 
 
 def _make(name: str, **params) -> Channel:

@@ -1,0 +1,74 @@
+# diffem: every recipe works on a fresh clone; `make install` makes .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed only when the environment has none. On this project's CPU machines
+# `pip install torch==2.13.0` takes a CPU wheel from local disk; GPU users install their own
+# CUDA build first (or set TORCH_SPEC) and it is kept.
+TORCH_SPEC ?= torch==2.13.0
+DEMO ?= demo_out
+STAMP := $(VENV)/.diffem-installed
+
+.PHONY: install test test-all demo demo-digits lint bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "reusing the torch already installed for $(PYTHON)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-all: install
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# The main job on the embedded default data: the manifold with random projections, through the
+# whole chain. Everything lands in $(DEMO)/ (removed first).
+demo: install
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(BIN)/diffem corrupt manifold $(DEMO)/obs --channel projection --seed 0 \
+	  --clean-out $(DEMO)/clean --preview $(DEMO)/corruption.png
+	$(BIN)/diffem corrupt manifold:seed=0,draw_seed=7 $(DEMO)/heldout-obs --channel projection \
+	  --limit 4096 --clean-out $(DEMO)/heldout
+	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --laps 6 --eval-clean $(DEMO)/clean
+	$(BIN)/diffem report $(DEMO)/run --clean $(DEMO)/clean
+	$(BIN)/diffem reconstruct $(DEMO)/run/checkpoints/lap_006.safetensors $(DEMO)/obs $(DEMO)/recon
+	$(BIN)/diffem train-uncond $(DEMO)/recon $(DEMO)/uncond --config manifold
+	$(BIN)/diffem sample $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/samples -n 4096
+	$(BIN)/diffem export $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/exported
+	$(BIN)/diffem evaluate $(DEMO)/samples --reference $(DEMO)/heldout --json $(DEMO)/uncond-eval.json
+	@echo "demo outputs in $(DEMO)/: run/report.png, run/metrics.png, corruption.png, exported/"
+
+demo-digits: install
+	rm -rf $(DEMO)-digits && mkdir -p $(DEMO)-digits
+	$(BIN)/diffem corrupt digits $(DEMO)-digits/obs --channel mask -p rho=0.5 --seed 0 \
+	  --clean-out $(DEMO)-digits/clean --preview $(DEMO)-digits/corruption.png
+	$(BIN)/diffem em-train $(DEMO)-digits/obs $(DEMO)-digits/run --config digits --laps 4 \
+	  --eval-clean $(DEMO)-digits/clean
+	$(BIN)/diffem report $(DEMO)-digits/run
+	$(BIN)/diffem train-uncond $(DEMO)-digits/run/recon/lap_004 $(DEMO)-digits/uncond --config digits
+	$(BIN)/diffem sample $(DEMO)-digits/uncond/checkpoints/uncond.safetensors $(DEMO)-digits/samples \
+	  -n 512 --png $(DEMO)-digits/sample-pngs
+	$(BIN)/diffem export $(DEMO)-digits/uncond/checkpoints/uncond.safetensors $(DEMO)-digits/exported
+	$(BIN)/diffem evaluate $(DEMO)-digits/samples --reference $(DEMO)-digits/clean \
+	  --json $(DEMO)-digits/uncond-eval.json
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+bench-quick: install
+	$(BIN)/python bench/run_all.py --quick
+
+clean:
+	rm -rf $(DEMO) $(DEMO)-digits bench/work .pytest_cache .ruff_cache

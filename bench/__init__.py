@@ -1,0 +1,1 @@
+"""diffem's benchmarks (``make bench``); results land in ``bench/results/``."""

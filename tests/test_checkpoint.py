@@ -1,0 +1,131 @@
+"""Checkpoints: save -> load -> build_model round trips, metadata, and broken or foreign files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffem_cli import __version__
+from diffem_cli.checkpoint import (
+    FORMAT,
+    build_model,
+    load_checkpoint,
+    load_tensors,
+    save_checkpoint,
+    save_tensors,
+)
+from diffem_cli.errors import DiffemError
+from diffem_cli.nets import build_network, default_unet_config
+
+MLP = {"type": "mlp", "width": 32, "depth": 2, "emb_dim": 16}
+
+
+def _meta(network, shape, cond_size, kind="conditional"):
+    return {
+        "kind": kind,
+        "network": network,
+        "cond_size": cond_size,
+        "data": {"shape": list(shape), "kind": "vector" if len(shape) == 1 else "image", "value_range": [-2, 2]},
+        "channel": {"name": "projection", "params": {"m": 2}},
+        "lap": 3,
+        "metrics": {"sinkhorn": 0.5},
+    }
+
+
+@pytest.mark.parametrize(
+    ("network", "shape", "cond_size"),
+    [(MLP, (5,), 12), (MLP, (5,), 0), (default_unet_config((1, 8, 8), channels=(16, 32)), (1, 8, 8), 2)],
+)
+def test_round_trip_gives_identical_outputs(tmp_path, network, shape, cond_size):
+    torch.manual_seed(0)
+    net = build_network(network, shape, cond_size).eval()
+    # move the weights off their initial values so a rebuilt fresh net would not match by chance
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "m.safetensors"
+    meta = _meta(network, shape, cond_size)
+    save_checkpoint(path, net, meta)
+    ckpt = load_checkpoint(path)
+    assert ckpt.meta["format"] == FORMAT and ckpt.meta["diffem_version"] == __version__
+    # JSON metadata comes back decoded, with its types
+    assert ckpt.meta["network"] == network and ckpt.meta["lap"] == 3 and ckpt.meta["metrics"] == {"sinkhorn": 0.5}
+    assert ckpt.kind == "conditional" and ckpt.shape == shape
+    model = build_model(ckpt)
+    assert not model.training
+    x = torch.randn(4, *shape)
+    cond = torch.randn(4, cond_size, *shape[1:]) if cond_size else None
+    t = torch.tensor([123])
+    with torch.no_grad():
+        assert torch.equal(net(x, t, cond), model(x, t, cond))
+    # nothing but the target file is left behind (atomic write)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_save_tensors_overwrites_atomically(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_tensors(path, {"a": torch.zeros(2)}, {"epoch": 1, "tag": {"lap": 1}, "name": "plain"})
+    save_tensors(path, {"a": torch.ones(2)}, {"epoch": 2, "tag": {"lap": 1}, "name": "plain"})
+    tensors, meta = load_tensors(path)
+    assert torch.equal(tensors["a"], torch.ones(2))
+    assert meta == {"epoch": 2, "tag": {"lap": 1}, "name": "plain"}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+def _one_line(err: DiffemError) -> str:
+    msg = str(err)
+    assert "\n" not in msg
+    return msg
+
+
+def test_bad_files_are_one_line_errors(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    good = tmp_path / "good.safetensors"
+    save_checkpoint(good, net, _meta(MLP, (5,), 0, "unconditional"))
+    raw = good.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    random_bytes = tmp_path / "random.safetensors"
+    random_bytes.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy()
+                             .tobytes())
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+
+    for path, match in [
+        (truncated, "not a readable safetensors file"),
+        (random_bytes, "not a readable safetensors file"),
+        (empty, "not a readable safetensors file"),
+        (foreign, "not a diffem checkpoint"),
+        (tmp_path / "missing.safetensors", "does not exist"),
+        (tmp_path, "is a folder"),
+    ]:
+        with pytest.raises(DiffemError) as info:
+            load_checkpoint(path)
+        assert match in _one_line(info.value), (path, str(info.value))
+
+
+def test_metadata_missing_keys_and_mismatched_weights(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    path = tmp_path / "m.safetensors"
+    save_tensors(path, net.state_dict(), {"format": FORMAT, "kind": "unconditional", "data": {"shape": [5]}})
+    with pytest.raises(DiffemError, match="lacks checkpoint metadata 'network'"):
+        load_checkpoint(path)
+    # weights of one network under the config of another
+    save_checkpoint(path, net, _meta({**MLP, "width": 64}, (5,), 0, "unconditional"))
+    with pytest.raises(DiffemError) as info:
+        build_model(load_checkpoint(path))
+    assert "do not match its network config" in _one_line(info.value)
+
+
+def test_metadata_strings_stay_strings(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_tensors(path, {"a": torch.zeros(1)}, {"note": "not json {", "n": 3})
+    _, meta = load_tensors(path)
+    assert meta == {"note": "not json {", "n": 3}
+    assert json.loads(json.dumps(meta)) == meta
