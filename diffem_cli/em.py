@@ -146,8 +146,10 @@ class Run:
                     p.unlink()
         for d in (self.root, self.ckpt_dir, self.recon_dir, self.samples_dir, self.state.parent):
             d.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_text_atomic(info_file, json.dumps(info, indent=2) + "\n")
+        for path, text in ((cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
+                           (info_file, json.dumps(info, indent=2) + "\n")):
+            if not path.exists() or path.read_text() != text:  # a finished run re-run changes no file
+                write_text_atomic(path, text)
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -160,13 +162,15 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix.rstrip('.')}: {a!r} in RUN, {b!r} now"
 
 
-def save_recon(path: Path, x: torch.Tensor, index: torch.Tensor, meta: dict[str, Any], force: bool = True) -> None:
-    """Write reconstructions (columns ``x`` and ``index``) as a datasets folder."""
+def save_recon(path: Path, x: torch.Tensor, index: torch.Tensor, meta: dict[str, Any], force: bool = True,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write reconstructions (columns ``x``, ``index`` and any ``extra``) as a datasets folder."""
     chunk = 8192
+    cols = {"x": x, "index": index, **(extra or {})}
 
     def chunks():
         for s in range(0, len(x), chunk):
-            yield {"x": x[s:s + chunk], "index": index[s:s + chunk]}
+            yield {k: v[s:s + chunk] for k, v in cols.items()}
 
     write_dataset(path, chunks(), {"kind": "reconstructions", **meta}, force=force)
 
@@ -186,12 +190,11 @@ def initial_reconstructions(data: Observations, cfg: RunConfig, run: Run, log: L
     if init == "gaussian":
         if not data.channel.linear:
             raise DiffemError(f"em.init=gaussian needs a linear channel; {data.channel.name!r} has no linear form")
-        from diffem_cli.gaussian import fit_gaussian, posterior_sample
+        from diffem_cli.gaussian import fit_gaussian, gaussian_start
 
         prior = fit_gaussian(data.channel, data.batches(), data.shape, iters=cfg.em.gaussian_iters,
                              rank=cfg.em.gaussian_rank, generator=torch.Generator().manual_seed(cfg.seed))
-        gen = torch.Generator().manual_seed(cfg.seed)
-        x = torch.cat([posterior_sample(prior, data.channel, b, data.shape, gen) for b in data.batches()()])
+        x = torch.cat(list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed)))
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in prior.to_tensors().items()}, str(run.root / "gaussian.safetensors"))
@@ -228,6 +231,9 @@ def em_train(
     warm = load_checkpoint(warm_start) if warm_start else None
     if warm is not None:
         _check_compatible(warm.meta, data, warm_start)
+        if warm.meta["network"] != cfg.network:  # fine-tuning keeps the warm start's architecture
+            log(f"network: the warm start's {json.dumps(warm.meta['network'])}")
+            cfg.network = dict(warm.meta["network"])
     run = Run(run_path)
     run.prepare(cfg, data, force)
     cond_size = data.channel.cond_size(data.shape)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffem_cli.checkpoint import Checkpoint, build_model, load_checkpoint, load_tensors
+from diffem_cli.checkpoint import FORMAT, Checkpoint, build_model, load_checkpoint, load_tensors
 from diffem_cli.diffusion import ddpm_scheduler
 from diffem_cli.errors import DiffemError
 from diffem_cli.store import atomic_path
@@ -31,8 +31,13 @@ def load_model_source(path: Path) -> Checkpoint:
     meta_file = path / META_FILE
     if not meta_file.exists():
         raise DiffemError(f"{path} is a folder without {META_FILE}: not a diffem export")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("network", {}).get("type") == "unet":
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError:
+        meta = {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"kind", "network", "data"} <= set(meta):
+        raise DiffemError(f"{path} is not a model folder written by 'diffem export'")
+    if meta["network"].get("type") == "unet":
         from diffusers import UNet2DModel
 
         try:

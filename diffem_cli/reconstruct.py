@@ -37,6 +37,8 @@ def reconstruct(
     ckpt = load_model_source(ckpt_path)
     data = Observations(data_path)
     _check_compatible(ckpt.meta, data, ckpt_path)
+    if png_dir is not None:
+        check_png(data.kind)
     cfg = sample or SampleConfig()
     dev = pick_device(device)
     model = build_model(ckpt)
@@ -53,11 +55,17 @@ def reconstruct(
             "steps": cfg.steps, "per_observation": per_observation, "seed": seed,
             "data_shape": list(data.shape), "data_kind": data.kind, "value_range": data.value_range,
             "channel": data.channel.spec()}
-    save_recon(out, x_all, torch.cat(idx), meta, force=force)
+    save_recon(out, x_all, torch.cat(idx), meta, force=force, extra={"sample": torch.cat(rep)})
     if png_dir is not None:
         names = [f"{i:06d}_{r}" for i, r in zip(torch.cat(idx).tolist(), torch.cat(rep).tolist(), strict=True)]
         write_pngs(png_dir, x_all, names, data.data_meta(), force)
     return {"rows": len(x_all), **meta}
+
+
+def check_png(kind: str) -> None:
+    """``--png`` is refused for vector data before anything is written."""
+    if kind != "image":
+        raise DiffemError("--png is for image data; vector samples are in the dataset folder")
 
 
 def write_pngs(png_dir: Path, x: torch.Tensor, names: list[str], data: dict[str, Any], force: bool) -> None:
@@ -66,8 +74,7 @@ def write_pngs(png_dir: Path, x: torch.Tensor, names: list[str], data: dict[str,
 
     from diffem_cli.store import atomic_path
 
-    if data["kind"] != "image":
-        raise DiffemError("--png is for image data; vector samples are in the dataset folder")
+    check_png(data["kind"])
     lo, hi = data.get("value_range") or (-1, 1)
     with atomic_path(png_dir, force) as target:
         target.mkdir()

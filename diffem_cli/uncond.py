@@ -135,6 +135,10 @@ def sample_unconditional(
     ckpt = load_model_source(ckpt_path)
     if ckpt.meta["kind"] != "unconditional":
         raise DiffemError(f"{ckpt_path} is a conditional model; use 'diffem reconstruct' with observations")
+    if png_dir is not None:
+        from diffem_cli.reconstruct import check_png
+
+        check_png(ckpt.meta["data"]["kind"])
     cfg = sample_cfg or SampleConfig()
     x = sample_tensors(build_model(ckpt), ckpt.meta, n, cfg, seed=seed, device=pick_device(device))
     data = ckpt.meta["data"]

@@ -71,6 +71,31 @@ class Mask(Channel):
         return self.sigma
 
 
+class Pick(Channel):
+    """Test-local weighted subsampling ``y = w * x[idx] + sigma eps``: rows with one entry each."""
+
+    name = "tpick"
+    linear = True
+    data_kinds = frozenset({"vector"})
+    params = (Param("m", int, 3), Param("sigma", float, 0.0))
+
+    def corrupt(self, x, seeds):
+        idx = per_sample(seeds, (x.shape[1],), "rand", 1).argsort(1)[:, : self.m]
+        w = 0.5 + per_sample(seeds, (self.m,), "rand", 2)
+        y = w * x.gather(1, idx) + self.sigma * per_sample(seeds, (self.m,), stream=3)
+        return {"y": y, "idx": idx, "w": w}
+
+    def A(self, obs, x):
+        return obs["w"] * x.gather(1, obs["idx"])
+
+    def At(self, obs, y):
+        out = torch.zeros(y.shape[0], 6, dtype=y.dtype)
+        return out.scatter_add(1, obs["idx"], obs["w"] * y)
+
+    def noise_std(self, obs):
+        return self.sigma
+
+
 class Squash(Channel):
     name = "squash"
     data_kinds = frozenset({"vector"})
@@ -101,11 +126,15 @@ def closed_form(prior: GaussianPrior, a: torch.Tensor, y: torch.Tensor, s: float
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.3])
-@pytest.mark.parametrize("kind", ["projection", "mask"])
+@pytest.mark.parametrize("kind", ["projection", "mask", "pick"])
 def test_posterior_moments_match_joint_conditioning(kind, sigma):
     d, b = 6, 7
     prior = random_prior(d)
-    ch = Proj(m=3, sigma=sigma) if kind == "projection" else Mask(rho=0.5, sigma=sigma)
+    ch = {
+        "projection": Proj(m=3, sigma=sigma),
+        "mask": Mask(rho=0.5, sigma=sigma),
+        "pick": Pick(sigma=sigma),
+    }[kind]
     x = prior.sample(b, torch.Generator().manual_seed(1))
     obs = ch.corrupt(x, sample_seeds(2, range(b)))
     mean, cov = posterior_moments(prior, ch, obs, (d,))
@@ -181,6 +210,19 @@ def test_em_recovers_a_gaussian_from_random_projections():
     assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:], strict=False)), (
         "exact EM must not lower the likelihood"
     )
+
+
+@pytest.mark.parametrize("channel", [Mask(rho=0.4, sigma=0.05), Pick(m=4, sigma=0.05)])
+def test_em_on_selection_channels_raises_likelihood(channel):
+    d, n = 6, 3000
+    truth = random_prior(d, seed=14)
+    x = truth.sample(n, torch.Generator().manual_seed(15))
+    obs = channel.corrupt(x, sample_seeds(16, range(n)))
+    stats = []
+    prior = fit_gaussian(channel, _batches(obs, n), (d,), iters=25, progress=lambda i, t, s: stats.append(s))
+    ll = [s["loglik"] for s in stats]
+    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:], strict=False))
+    assert (prior.mean - x.double().mean(0)).abs().max() < 0.15
 
 
 def test_em_restarts_from_init_and_converts_forms():

@@ -1,0 +1,181 @@
+"""The EM loop on disk: resume after SIGKILL in the M-step, idempotent reruns, refusals, --force, NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_MLP
+
+from diffem_cli.checkpoint import build_model, load_checkpoint, load_tensors
+from diffem_cli.cli import run
+
+TRAIN = [*TINY_MLP, "--set", "train.batch_size=64", "--set", "train.epochs=2", "--set", "train.warmup=0",
+         "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+
+
+def _ok(*argv: object) -> None:
+    code = run([str(a) for a in argv])
+    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(err: str) -> str:
+    """The one ``error:`` line, last on stderr (progress lines may precede it), no traceback."""
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def _records(run_dir: Path, event: str = "lap") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """Observations and a finished 2-lap RUN; tests work on copies of the RUN."""
+    root = tmp_path_factory.mktemp("em")
+    _ok("corrupt", "manifold:samples=256", root / "obs", "--channel", "projection")
+    _ok("em-train", root / "obs", root / "run", "--laps", 2, *TRAIN)
+    return root
+
+
+@pytest.fixture
+def run_copy(base, tmp_path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(base / "run", target)
+    return target
+
+
+def test_rerun_of_finished_run_changes_nothing(base, run_copy, cli):
+    before = _snapshot(run_copy)
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN)
+    assert code == 0 and "error" not in err and "done" in err
+    assert _snapshot(run_copy) == before
+
+
+def test_other_config_is_refused_and_nothing_changes(base, run_copy, cli):
+    before = _snapshot(run_copy)
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN, "--set", "train.lr=0.5")
+    assert code == 2
+    assert "train.lr" in _error(err) and "--force" in _error(err)
+    assert _snapshot(run_copy) == before
+
+
+def test_other_observations_are_refused(base, run_copy, cli, tmp_path):
+    _ok("corrupt", "manifold:samples=256", tmp_path / "obs2", "--channel", "projection", "--seed", 1)
+    before = _snapshot(run_copy)
+    code, _, err = cli("em-train", tmp_path / "obs2", run_copy, "--laps", 2, *TRAIN)
+    assert code == 2 and "other observations" in _error(err)
+    assert _snapshot(run_copy) == before
+
+
+def test_more_laps_extend_the_run(base, run_copy, cli):
+    before = _snapshot(run_copy)
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 3, *TRAIN)
+    assert code == 0 and "error" not in err
+    after = _snapshot(run_copy)
+    for name in ("checkpoints/lap_001.safetensors", "checkpoints/lap_002.safetensors",
+                 "recon/lap_002/data-00000-of-00001.arrow"):
+        assert after[name] == before[name]
+    assert [r["lap"] for r in _records(run_copy)] == [0, 1, 2, 3]
+    assert load_checkpoint(run_copy / "checkpoints/lap_003.safetensors").meta["lap"] == 3
+
+
+def test_force_starts_over(base, run_copy, cli):
+    (run_copy / "stray.txt").write_text("kept")
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 1, *TRAIN, "--set", "train.lr=2e-3",
+                       "--force")
+    assert code == 0 and "error" not in err
+    assert [r["lap"] for r in _records(run_copy)] == [0, 1]
+    assert not (run_copy / "checkpoints/lap_002.safetensors").exists()
+    assert not (run_copy / "recon/lap_002").exists()
+    assert "lr: 0.002" in (run_copy / "config.yaml").read_text()
+
+
+def test_missing_estep_is_redone_from_its_checkpoint(base, run_copy, cli):
+    ckpt = (run_copy / "checkpoints/lap_002.safetensors").read_bytes()
+    shutil.rmtree(run_copy / "recon/lap_002")
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN)
+    assert code == 0 and "error" not in err
+    assert (run_copy / "checkpoints/lap_002.safetensors").read_bytes() == ckpt
+    assert (run_copy / "recon/lap_002/diffem.json").exists()
+    # the redone E-step draws the same reconstructions (seeded by seed, lap and batch)
+    assert ((run_copy / "recon/lap_002/data-00000-of-00001.arrow").read_bytes()
+            == (base / "run/recon/lap_002/data-00000-of-00001.arrow").read_bytes())
+    assert not [r for r in _records(run_copy, "epoch") if r["lap"] == 2][2:]  # no retraining
+
+
+def test_nan_loss_is_an_error_and_keeps_earlier_laps(base, run_copy, cli):
+    # a fresh RUN diverging in lap 1: lap 0 is kept, no lap-1 checkpoint
+    fresh = run_copy.parent / "fresh"
+    code, _, err = cli("em-train", base / "obs", fresh, "--laps", 1, *TRAIN, "--set", "train.lr=1e30")
+    assert code == 2 and "loss became" in _error(err)
+    assert (fresh / "recon/lap_000/diffem.json").exists()
+    assert not list((fresh / "checkpoints").iterdir())
+    assert not (fresh / "recon/lap_001").exists()
+    # a finished RUN whose config is edited to diverge in lap 3: laps 1-2 stay exactly as they were
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.001", "lr: 1.0e+30"))
+    before = _snapshot(run_copy)
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 3, *TRAIN, "--set", "train.lr=1e30")
+    assert code == 2 and "loss became" in _error(err)
+    after = _snapshot(run_copy)
+    for name, value in before.items():
+        if name.startswith(("checkpoints/", "recon/")):
+            assert after[name] == value, name
+    assert not (run_copy / "checkpoints/lap_003.safetensors").exists()
+    assert not (run_copy / "recon/lap_003").exists()
+
+
+def test_resume_after_sigkill_in_mstep(base, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "diffem_cli", "em-train", str(base / "obs"), str(run_dir), "--laps", "2",
+            *TRAIN, "--set", "train.epochs=30", "--set", "train.batch_size=16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    state = run_dir / "state" / "mstep.safetensors"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not state.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no M-step state appeared"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "checkpoints/lap_001.safetensors").exists(), "killed too late: lap 1 had finished"
+    _, meta = load_tensors(state)
+    saved_epoch = meta["epoch"]
+    assert 1 <= saved_epoch < 30 and meta["tag"]["lap"] == 1
+    n_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records[n_before:] if r["event"] == "epoch" and r["lap"] == 1]
+    assert [r["epoch"] for r in resumed] == list(range(saved_epoch + 1, 31))
+    assert resumed[0]["step"] == (saved_epoch + 1) * (256 // 16)
+    assert [r["lap"] for r in records if r["event"] == "lap"] == [0, 1, 2]
+    for lap in (1, 2):
+        model = build_model(load_checkpoint(run_dir / "checkpoints" / f"lap_{lap:03d}.safetensors"))
+        assert model.body[0].in_features == 5 + 16 + 12
+        assert (run_dir / "recon" / f"lap_{lap:03d}" / "diffem.json").exists()
+    assert not state.exists()

@@ -1,0 +1,154 @@
+"""``export``: an unconditional image model samples in ``diffusers.DDPMPipeline``; exported conditional
+and vector models load back into ``reconstruct`` / ``sample`` and give exactly the same outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MLP, TINY_UNET
+
+from diffem_cli.checkpoint import load_checkpoint
+from diffem_cli.cli import run
+from diffem_cli.store import columns
+
+FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.warmup=0",
+        "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+
+
+def _ok(*argv: object) -> None:
+    code = run([str(a) for a in argv])
+    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
+
+
+def _error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def _x(folder: Path) -> torch.Tensor:
+    return columns(datasets.load_from_disk(str(folder)), ["x"])["x"]
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory) -> Path:
+    """Conditional and unconditional checkpoints for digits (UNet) and the manifold (MLP), exported."""
+    root = tmp_path_factory.mktemp("export")
+    _ok("corrupt", "digits", root / "dobs", "--channel", "mask", "--limit", 32, "--clean-out", root / "dclean")
+    _ok("em-train", root / "dobs", root / "drun", "--laps", 1, *FAST, "--set", "em.init=observation", *TINY_UNET)
+    _ok("train-uncond", root / "dclean", root / "durun", *FAST, *TINY_UNET)
+    _ok("corrupt", "manifold:samples=64", root / "mobs", "--channel", "projection", "--clean-out", root / "mclean")
+    _ok("em-train", root / "mobs", root / "mrun", "--laps", 1, *FAST, *TINY_MLP)
+    _ok("train-uncond", root / "mclean", root / "murun", *FAST, *TINY_MLP)
+    for name, ckpt in [("d_uncond", "durun/checkpoints/uncond.safetensors"),
+                       ("d_cond", "drun/checkpoints/lap_001.safetensors"),
+                       ("m_uncond", "murun/checkpoints/uncond.safetensors"),
+                       ("m_cond", "mrun/checkpoints/lap_001.safetensors")]:
+        shutil.copy(root / ckpt, root / f"{name}.safetensors")
+        _ok("export", root / f"{name}.safetensors", root / f"{name}_exp")
+    return root
+
+
+def test_unconditional_image_export_runs_in_ddpm_pipeline(d):
+    from diffusers import DDPMPipeline
+
+    folder = d / "d_uncond_exp"
+    assert {"model_index.json", "unet", "scheduler", "README.md", "diffem.json"} <= {p.name for p in folder.iterdir()}
+    pipe = DDPMPipeline.from_pretrained(str(folder))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert pipe.unet.config.in_channels == 1 and pipe.unet.config.sample_size == 8
+    # the pipeline's UNet is the checkpoint's EMA UNet, weight for weight
+    tensors = load_checkpoint(d / "d_uncond.safetensors").tensors
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, tensors[f"unet.{name}"]), name
+    images = pipe(batch_size=3, num_inference_steps=4, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
+    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
+    pil = pipe(batch_size=2, num_inference_steps=2).images
+    assert len(pil) == 2 and pil[0].size == (8, 8)
+    card = (folder / "README.md").read_text()
+    assert "DDPMPipeline.from_pretrained" in card and "library_name: diffusers" in card
+
+
+def test_exported_image_models_load_back(d, cli, tmp_path):
+    # conditional: reconstruct from the folder == reconstruct from the checkpoint
+    for src, name in [(d / "d_cond.safetensors", "a"), (d / "d_cond_exp", "b")]:
+        code, _, err = cli("reconstruct", src, d / "dobs", tmp_path / name, "--steps", 3)
+        assert code == 0, err
+    assert torch.equal(_x(tmp_path / "a"), _x(tmp_path / "b"))
+    meta = json.loads((d / "d_cond_exp/diffem.json").read_text())
+    assert meta["kind"] == "conditional" and meta["channel"]["name"] == "mask" and meta["cond_size"] == 2
+    assert (d / "d_cond_exp/unet/config.json").exists() and not (d / "d_cond_exp/model_index.json").exists()
+    assert "mask" in (d / "d_cond_exp/README.md").read_text()
+    # unconditional: sample from the pipeline folder == sample from the checkpoint
+    for src, name in [(d / "d_uncond.safetensors", "c"), (d / "d_uncond_exp", "e")]:
+        code, _, err = cli("sample", src, tmp_path / name, "-n", 5, "--steps", 3)
+        assert code == 0, err
+    assert torch.equal(_x(tmp_path / "c"), _x(tmp_path / "e"))
+
+
+def test_exported_vector_models_load_back(d, cli, tmp_path):
+    assert {p.name for p in (d / "m_cond_exp").iterdir()} == {"model.safetensors", "diffem.json", "README.md"}
+    for src, name in [(d / "m_uncond.safetensors", "a"), (d / "m_uncond_exp", "b")]:
+        code, _, err = cli("sample", src, tmp_path / name, "-n", 40, "--steps", 4)
+        assert code == 0, err
+    a = _x(tmp_path / "a")
+    assert a.shape == (40, 5) and torch.equal(a, _x(tmp_path / "b"))
+    for src, name in [(d / "m_cond.safetensors", "c"), (d / "m_cond_exp", "e")]:
+        code, _, err = cli("reconstruct", src, d / "mobs", tmp_path / name, "--steps", 4)
+        assert code == 0, err
+    c = _x(tmp_path / "c")
+    assert c.shape == (64, 5) and torch.equal(c, _x(tmp_path / "e"))
+
+
+def test_export_refusals(d, cli, tmp_path):
+    good = d / "m_cond.safetensors"
+    raw = good.read_bytes()
+    (tmp_path / "half.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "noise.safetensors").write_bytes(bytes(range(256)) * 8)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
+    out = tmp_path / "out"
+    cases = [
+        (("export", tmp_path / "half.safetensors", out), "not a readable safetensors file"),
+        (("export", tmp_path / "noise.safetensors", out), "not a readable safetensors file"),
+        (("export", tmp_path / "foreign.safetensors", out), "not a diffem checkpoint"),
+        (("export", tmp_path / "missing.safetensors", out), "does not exist"),
+        (("export", d / "m_cond_exp", out), "is a folder"),
+        (("export", good, tmp_path / "no" / "out"), "does not exist"),
+        (("reconstruct", d / "d_uncond_exp", d / "dobs", out), "unconditional"),
+        (("sample", d / "m_cond_exp", out), "conditional model"),
+        (("sample", d / "mobs", out), "not a model folder written by 'diffem export'"),
+        (("sample", tmp_path, out), "without diffem.json"),
+    ]
+    for argv, match in cases:
+        code, _, err = cli(*argv)
+        assert code == 2, argv
+        assert match in _error(err), (argv, err)
+        assert not out.exists()
+    # an export folder whose weights went missing
+    broken = tmp_path / "broken"
+    shutil.copytree(d / "d_cond_exp", broken)
+    shutil.rmtree(broken / "unet")
+    code, _, err = cli("reconstruct", broken, d / "dobs", out)
+    assert code == 2 and "cannot be loaded" in _error(err) and not out.exists()
+    # existing OUT: untouched without --force, replaced with it
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("export", good, out)
+    assert code == 2 and "already exists" in _error(err)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, _, err = cli("export", good, out, "--force")
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "diffem.json", "README.md"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -1,0 +1,189 @@
+"""``reconstruct``: a lap checkpoint alone is enough, seeds reproduce, and bad input is refused
+with one line, exit 2 and nothing written."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import TINY_MLP, TINY_UNET
+from safetensors.torch import save_file
+
+from diffem_cli.cli import run
+from diffem_cli.store import columns, read_manifest
+
+FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.warmup=0",
+        "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+
+
+def _ok(*argv: object) -> None:
+    code = run([str(a) for a in argv])
+    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
+
+
+def _error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory) -> Path:
+    """Digits (mask, blur) and manifold (5-d and 3-d) observations, a 1-lap conditional checkpoint for
+    each of digits-mask and manifold-5, and an unconditional digits checkpoint."""
+    root = tmp_path_factory.mktemp("rec")
+    _ok("corrupt", "digits", root / "mask", "--channel", "mask", "-p", "rho=0.5", "--limit", 40,
+        "--clean-out", root / "clean")
+    _ok("corrupt", "digits", root / "blur", "--channel", "blur", "--limit", 40)
+    _ok("corrupt", "manifold:samples=64", root / "m5", "--channel", "projection")
+    _ok("corrupt", "manifold:samples=64,n=3", root / "m3", "--channel", "projection")
+    _ok("em-train", root / "mask", root / "drun", "--laps", 1, *FAST, "--set", "em.init=observation", *TINY_UNET)
+    _ok("em-train", root / "m5", root / "mrun", "--laps", 1, *FAST, *TINY_MLP)
+    _ok("train-uncond", root / "clean", root / "urun", *FAST, *TINY_UNET)
+    # the checkpoint alone, away from its RUN folder
+    shutil.copy(root / "drun/checkpoints/lap_001.safetensors", root / "digits.safetensors")
+    shutil.copy(root / "mrun/checkpoints/lap_001.safetensors", root / "manifold.safetensors")
+    shutil.rmtree(root / "drun")
+    return root
+
+
+def test_lap_checkpoint_alone_reconstructs_images(d, cli, tmp_path):
+    code, _, err = cli("reconstruct", d / "digits.safetensors", d / "mask", tmp_path / "rec", "--steps", 4,
+                       "--per-observation", 2, "--png", tmp_path / "png")
+    assert code == 0 and "error" not in err
+    assert "wrote 80 reconstructions" in err
+    ds = datasets.load_from_disk(str(tmp_path / "rec"))
+    assert set(ds.column_names) == {"x", "index", "sample"}
+    cols = columns(ds, ["x", "index", "sample"])
+    assert cols["x"].shape == (80, 1, 8, 8) and torch.isfinite(cols["x"]).all()
+    assert torch.equal(cols["index"], torch.arange(40).repeat(2))
+    assert torch.equal(cols["sample"], torch.arange(2).repeat_interleave(40))
+    # two posterior draws per observation differ
+    assert not torch.equal(cols["x"][:40], cols["x"][40:])
+    manifest = read_manifest(tmp_path / "rec")
+    assert manifest["kind"] == "reconstructions" and manifest["channel"]["name"] == "mask"
+    assert manifest["data_shape"] == [1, 8, 8] and manifest["steps"] == 4
+    assert len(list((tmp_path / "png").glob("*.png"))) == 80
+
+
+def test_vector_reconstructions_and_samplers(d, cli, tmp_path):
+    for sampler in ("dpm++", "ddim", "ddpm"):
+        code, _, err = cli("reconstruct", d / "manifold.safetensors", d / "m5", tmp_path / sampler,
+                           "--steps", 3, "--sampler", sampler, "--batch-size", 20)
+        assert code == 0, err
+        x = columns(datasets.load_from_disk(str(tmp_path / sampler)), ["x"])["x"]
+        assert x.shape == (64, 5) and torch.isfinite(x).all()
+        assert read_manifest(tmp_path / sampler)["sampler"] == sampler
+    # --png is for images only
+    code, _, err = cli("reconstruct", d / "manifold.safetensors", d / "m5", tmp_path / "v", "--steps", 2,
+                       "--png", tmp_path / "vpng")
+    assert code == 2 and "image" in _error(err)
+    assert not (tmp_path / "v").exists() and not (tmp_path / "vpng").exists()
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
+def test_same_seed_same_reconstructions(d, cli, tmp_path, sampler):
+    def rec(name: str, seed: int) -> torch.Tensor:
+        code, _, err = cli("reconstruct", d / "manifold.safetensors", d / "m5", tmp_path / name, "--steps", 4,
+                           "--seed", seed, "--sampler", sampler)
+        assert code == 0, err
+        return columns(datasets.load_from_disk(str(tmp_path / name)), ["x"])["x"]
+
+    a, b, c = rec("a", 3), rec("b", 3), rec("c", 4)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert (_files(tmp_path / "a")["data-00000-of-00001.arrow"]
+            == _files(tmp_path / "b")["data-00000-of-00001.arrow"])
+
+
+def test_force_overwrites(d, cli, tmp_path):
+    out = tmp_path / "rec"
+    assert cli("reconstruct", d / "manifold.safetensors", d / "m5", out, "--steps", 2)[0] == 0
+    assert cli("reconstruct", d / "manifold.safetensors", d / "m5", out, "--steps", 3, "--force")[0] == 0
+    assert read_manifest(out)["steps"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _bad_files(src: Path, root: Path) -> dict[str, Path]:
+    raw = src.read_bytes()
+    files = {}
+    files["truncated"] = root / "bad_truncated.safetensors"
+    files["truncated"].write_bytes(raw[: len(raw) // 2])
+    files["random"] = root / "bad_random.safetensors"
+    files["random"].write_bytes(bytes(torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(1))
+                                      .to(torch.uint8).tolist()))
+    files["foreign"] = root / "bad_foreign.safetensors"
+    save_file({"weight": torch.zeros(4, 4)}, str(files["foreign"]))
+    return files
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("other_channel", "channel 'mask'"),
+        ("other_shape", "shape"),
+        ("truncated", "not a readable safetensors file"),
+        ("random", "not a readable safetensors file"),
+        ("foreign", "not a diffem checkpoint"),
+        ("missing", "does not exist"),
+        ("missing_data", "does not exist"),
+        ("unconditional", "unconditional"),
+        ("data_folder_as_checkpoint", "export"),
+        ("checkpoint_as_data", "not a dataset folder"),
+        ("zero_per_observation", "--per-observation"),
+        ("zero_steps", "--steps"),
+        ("unknown_sampler", "unknown sampler"),
+    ],
+)
+def test_bad_input(d, cli, tmp_path, case, match):
+    bad = _bad_files(d / "manifold.safetensors", tmp_path)
+    ckpt, data, extra = d / "manifold.safetensors", d / "m5", ["--steps", 2]
+    if case == "other_channel":
+        ckpt, data = d / "digits.safetensors", d / "blur"
+    elif case == "other_shape":
+        data = d / "m3"
+    elif case in bad:
+        ckpt = bad[case]
+    elif case == "missing":
+        ckpt = tmp_path / "nope.safetensors"
+    elif case == "missing_data":
+        data = tmp_path / "nope"
+    elif case == "unconditional":
+        ckpt, data = d / "urun/checkpoints/uncond.safetensors", d / "mask"
+    elif case == "data_folder_as_checkpoint":
+        ckpt = d / "m5"
+    elif case == "checkpoint_as_data":
+        data = d / "manifold.safetensors"
+    elif case == "zero_per_observation":
+        extra = ["--per-observation", 0]
+    elif case == "zero_steps":
+        extra = ["--steps", 0]
+    elif case == "unknown_sampler":
+        extra = ["--sampler", "euler"]
+    out = tmp_path / "out"
+    png = ["--png", tmp_path / "png"] if data.name in ("mask", "blur") else []
+    code, _, err = cli("reconstruct", ckpt, data, out, *extra, *png)
+    assert code == 2
+    assert match in _error(err), err
+    assert not out.exists() and not (tmp_path / "png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("existing", ["out", "png"])
+def test_existing_output_needs_force(d, cli, tmp_path, existing):
+    out, png = tmp_path / "out", tmp_path / "png"
+    target = out if existing == "out" else png
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    code, _, err = cli("reconstruct", d / "digits.safetensors", d / "mask", out, "--steps", 2, "--png", png)
+    assert code == 2 and "already exists" in _error(err) and "--force" in _error(err)
+    assert _files(target) == {"keep.txt": b"mine"}
+    assert not (png if existing == "out" else out).exists()

@@ -1,0 +1,130 @@
+"""``train-uncond`` and ``sample``: checkpoints, reruns, seeds, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import TINY_MLP
+
+from diffem_cli.checkpoint import load_checkpoint
+from diffem_cli.cli import run
+from diffem_cli.store import columns, read_manifest
+
+TRAIN = [*TINY_MLP, "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.warmup=0",
+         "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+
+
+def _ok(*argv: object) -> None:
+    code = run([str(a) for a in argv])
+    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
+
+
+def _error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory) -> Path:
+    """Manifold observations + clean points, a 1-lap conditional RUN, and an unconditional RUN."""
+    root = tmp_path_factory.mktemp("uncond")
+    _ok("corrupt", "manifold:samples=128", root / "obs", "--channel", "projection", "--clean-out", root / "clean")
+    _ok("em-train", root / "obs", root / "run", "--laps", 1, *TRAIN)
+    _ok("train-uncond", root / "run/recon/lap_001", root / "urun", *TRAIN)
+    return root
+
+
+def test_train_uncond_outputs(d):
+    ckpt = load_checkpoint(d / "urun/checkpoints/uncond.safetensors")
+    assert ckpt.kind == "unconditional" and ckpt.shape == (5,) and ckpt.meta["cond_size"] == 0
+    assert ckpt.meta["network"]["width"] == 32 and ckpt.meta["laps"] == 1
+    records = [json.loads(line) for line in (d / "urun/metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+    done = [r for r in records if r["event"] == "done"]
+    assert len(done) == 1 and done[0]["steps"] == 2 * (128 // 32)
+    assert (d / "urun/samples/uncond.png").stat().st_size > 0
+    assert not (d / "urun/state/mstep.safetensors").exists()
+    assert "epochs: 2" in (d / "urun/config.yaml").read_text()
+
+
+def test_sample_seeds_and_shapes(d, cli, tmp_path):
+    ckpt = d / "urun/checkpoints/uncond.safetensors"
+
+    def draw(name: str, *extra: object) -> torch.Tensor:
+        code, _, err = cli("sample", ckpt, tmp_path / name, "-n", 50, "--steps", 4, *extra)
+        assert code == 0 and "error" not in err
+        ds = datasets.load_from_disk(str(tmp_path / name))
+        assert ds.column_names == ["x"] and len(ds) == 50
+        return columns(ds, ["x"])["x"]
+
+    a, b, c = draw("a"), draw("b"), draw("c", "--seed", 1)
+    assert a.shape == (50, 5) and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert a.std(0).min() > 0  # distinct samples, not one point repeated
+    ddim = draw("ddim", "--sampler", "ddim", "--batch-size", 7)
+    assert ddim.shape == (50, 5)
+    manifest = read_manifest(tmp_path / "ddim")
+    assert manifest["kind"] == "samples" and manifest["sampler"] == "ddim" and manifest["data_shape"] == [5]
+
+
+def test_rerun_finished_does_nothing_and_other_config_is_refused(d, cli, tmp_path):
+    urun = tmp_path / "urun"
+    shutil.copytree(d / "urun", urun)
+    before = _snapshot(urun)
+    code, _, err = cli("train-uncond", d / "run/recon/lap_001", urun, *TRAIN)
+    assert code == 0 and "already complete" in err
+    assert _snapshot(urun) == before
+    code, _, err = cli("train-uncond", d / "run/recon/lap_001", urun, *TRAIN, "--set", "train.lr=0.01")
+    assert code == 2 and "train.lr" in _error(err)
+    code, _, err = cli("train-uncond", d / "run/recon/lap_000", urun, *TRAIN)
+    assert code == 2 and "other reconstructions" in _error(err)
+    assert _snapshot(urun) == before
+    # --force starts over with the new config
+    code, _, err = cli("train-uncond", d / "clean", urun, *TRAIN, "--set", "train.epochs=1", "--force")
+    assert code == 0 and "error" not in err
+    records = [json.loads(line) for line in (urun / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1]
+    assert load_checkpoint(urun / "checkpoints/uncond.safetensors").meta["trained_on"] == str(d / "clean")
+
+
+def test_sample_bad_input(d, cli, tmp_path):
+    ckpt = d / "urun/checkpoints/uncond.safetensors"
+    out = tmp_path / "out"
+    cases = [
+        (("sample", d / "run/checkpoints/lap_001.safetensors", out), "conditional model"),
+        (("sample", tmp_path / "missing.safetensors", out), "does not exist"),
+        (("sample", ckpt, out, "-n", 0), "-n must be >= 1"),
+        (("sample", ckpt, out, "--steps", 0), "--steps"),
+        (("sample", ckpt, out, "--sampler", "heun"), "unknown sampler"),
+        (("sample", ckpt, tmp_path / "no" / "out"), "does not exist"),
+        (("sample", ckpt, out, "--png", tmp_path / "png"), "image"),
+        (("train-uncond", d / "obs", tmp_path / "u2", *TRAIN), "column 'x'"),
+        (("train-uncond", d / "clean", tmp_path / "u3", *TRAIN, "--set", "train.nope=1"), "train.nope"),
+        (("train-uncond", tmp_path / "missing", tmp_path / "u4"), "does not exist"),
+    ]
+    for argv, match in cases:
+        code, _, err = cli(*argv)
+        assert code == 2, argv
+        assert match in _error(err), (argv, err)
+        assert not out.exists() and not (tmp_path / "png").exists()
+        assert not (tmp_path / "u2").exists() and not (tmp_path / "u3").exists()
+    # an existing OUT is left alone without --force, replaced with it
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("sample", ckpt, out, "-n", 4, "--steps", 2)
+    assert code == 2 and "already exists" in _error(err)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli("sample", ckpt, out, "-n", 4, "--steps", 2, "--force")[0] == 0
+    assert len(datasets.load_from_disk(str(out))) == 4
