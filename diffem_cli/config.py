@@ -30,6 +30,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     weight_decay: float = 0.0
+    t_sampling: str = "uniform"
 
 
 @dataclass

@@ -35,7 +35,7 @@ def load_model_source(path: Path) -> Checkpoint:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError:
         meta = {}
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"kind", "network", "data"} <= set(meta):
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or {"kind", "network", "data"} - set(meta):
         raise DiffemError(f"{path} is not a model folder written by 'diffem export'")
     if meta["network"].get("type") == "unet":
         from diffusers import UNet2DModel

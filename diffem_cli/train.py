@@ -75,8 +75,8 @@ def _state_tensors(model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, gen: 
 
 
 def _restore(path: Path, tag: dict[str, Any], model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-             gen: torch.Generator) -> tuple[int, int] | None:
-    """Load a saved training state whose tag matches; returns (epoch, step) or None."""
+             gen: torch.Generator) -> tuple[int, int, float] | None:
+    """Load a saved training state whose tag matches; returns (epoch, step, last loss) or None."""
     if not path.exists():
         return None
     try:
@@ -94,7 +94,7 @@ def _restore(path: Path, tag: dict[str, Any], model: nn.Module, ema: EMA, opt: t
             _, i, name = key.split(".", 2)
             opt.state[params[int(i)]][name] = value.to(params[int(i)].device)
     gen.set_state(tensors["rng"])
-    return int(meta["epoch"]), int(meta["step"])
+    return int(meta["epoch"]), int(meta["step"]), float(meta.get("loss", "nan"))
 
 
 def train_denoiser(
@@ -127,16 +127,15 @@ def train_denoiser(
     per_epoch = n // bs
     total = per_epoch * cfg.epochs
     tag = tag or {}
-    start_epoch, step = 0, 0
+    start_epoch, step, loss_value = 0, 0, float("nan")
     if state_path is not None:
         restored = _restore(state_path, tag, model, ema, opt, gen)
         if restored:
-            start_epoch, step = restored
+            start_epoch, step, loss_value = restored
     x_dev = x.to(device)
     c_dev = cond.to(device) if cond is not None else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     t0 = time.perf_counter()
-    loss_value = float("nan")
     with progress() as bar:
         task = bar.add_task(label, total=total, completed=step, info="")
         for epoch in range(start_epoch, cfg.epochs):
@@ -146,7 +145,8 @@ def train_denoiser(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, cfg)
                 with autocast:
-                    loss = training_loss(model, x_dev[idx], c_dev[idx] if c_dev is not None else None, sched, gen)
+                    loss = training_loss(model, x_dev[idx], c_dev[idx] if c_dev is not None else None, sched, gen,
+                                         cfg.t_sampling)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -160,7 +160,8 @@ def train_denoiser(
                 raise DiffemError(f"{label}: loss became {loss_value} in epoch {epoch + 1}; lower train.lr")
             bar.update(task, completed=step, info=f"loss {loss_value:.4f}")
             if state_path is not None:
-                meta = {"tag": tag, "epoch": epoch + 1, "step": step, "ema_updates": ema.updates}
+                meta = {"tag": tag, "epoch": epoch + 1, "step": step, "ema_updates": ema.updates,
+                        "loss": loss_value}
                 save_tensors(state_path, _state_tensors(model, ema, opt, gen), meta)
             if on_epoch is not None:
                 on_epoch({"epoch": epoch + 1, "step": step, "loss": loss_value,

@@ -63,7 +63,12 @@ def train_uncond(
     elif run.root.exists() and force:
         import shutil
 
-        shutil.rmtree(run.root)
+        for child in ("checkpoints", "samples", "state", "metrics.jsonl"):  # only what diffem wrote
+            p = run.root / child
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
     for d in (run.root, run.ckpt_dir, run.samples_dir, run.state.parent):
         d.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -25,14 +25,41 @@ def _ok(*argv: object) -> None:
 
 
 def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[str], batch: int) -> Path:
-    _ok("corrupt", source, root / "obs", "--channel", *channel, "--clean-out", root / "clean", "--limit", limit)
+    _ok(
+        "corrupt",
+        source,
+        root / "obs",
+        "--channel",
+        *channel,
+        "--clean-out",
+        root / "clean",
+        "--limit",
+        limit,
+    )
     train = ["--set", f"train.batch_size={batch}", "--set", "train.epochs=2", *FAST, *net]
     _ok("em-train", root / "obs", root / "run", "--laps", 2, *train)
-    _ok("reconstruct", root / "run/checkpoints/lap_002.safetensors", root / "obs", root / "rec", "--steps", 4,
-        "--per-observation", 2, *(["--png", root / "rec_png"] if net is TINY_UNET else []))
+    _ok(
+        "reconstruct",
+        root / "run/checkpoints/lap_002.safetensors",
+        root / "obs",
+        root / "rec",
+        "--steps",
+        4,
+        "--per-observation",
+        2,
+        *(["--png", root / "rec_png"] if net is TINY_UNET else []),
+    )
     _ok("train-uncond", root / "rec", root / "urun", *train)
-    _ok("sample", root / "urun/checkpoints/uncond.safetensors", root / "samp", "-n", 24, "--steps", 4,
-        *(["--png", root / "samp_png"] if net is TINY_UNET else []))
+    _ok(
+        "sample",
+        root / "urun/checkpoints/uncond.safetensors",
+        root / "samp",
+        "-n",
+        24,
+        "--steps",
+        4,
+        *(["--png", root / "samp_png"] if net is TINY_UNET else []),
+    )
     _ok("export", root / "urun/checkpoints/uncond.safetensors", root / "uexp")
     _ok("export", root / "run/checkpoints/lap_002.safetensors", root / "cexp")
     return root
@@ -40,7 +67,9 @@ def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[st
 
 @pytest.fixture(scope="module")
 def manifold(tmp_path_factory) -> Path:
-    return _chain(tmp_path_factory.mktemp("manifold"), "manifold:samples=256", ["projection"], 256, TINY_MLP, 64)
+    return _chain(
+        tmp_path_factory.mktemp("manifold"), "manifold:samples=256", ["projection"], 256, TINY_MLP, 64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +128,9 @@ def _check_uncond(root: Path, shape: tuple[int, ...]) -> None:
     ckpt = load_checkpoint(root / "urun/checkpoints/uncond.safetensors")
     assert ckpt.kind == "unconditional" and ckpt.shape == shape and ckpt.meta["cond_size"] == 0
     assert (root / "urun/samples/uncond.png").stat().st_size > 0
-    assert any(json.loads(line)["event"] == "done" for line in (root / "urun/metrics.jsonl").read_text().splitlines())
+    assert any(
+        json.loads(line)["event"] == "done" for line in (root / "urun/metrics.jsonl").read_text().splitlines()
+    )
     _x(root / "samp", 24, shape)
     assert read_manifest(root / "samp")["kind"] == "samples"
     for folder in ("uexp", "cexp"):
@@ -115,7 +146,11 @@ def test_manifold_chain(manifold):
     x0 = _x(manifold / "run/recon/lap_000", 256, (5,))
     residual = torch.einsum("bmn,bn->bm", obs["A"], x0) - obs["y"]
     assert residual.abs().mean() < 0.05
-    assert {p.name for p in (manifold / "uexp").iterdir()} == {"model.safetensors", "diffem.json", "README.md"}
+    assert {p.name for p in (manifold / "uexp").iterdir()} == {
+        "model.safetensors",
+        "diffem.json",
+        "README.md",
+    }
 
 
 def test_digits_chain(digits):

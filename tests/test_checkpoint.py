@@ -28,7 +28,11 @@ def _meta(network, shape, cond_size, kind="conditional"):
         "kind": kind,
         "network": network,
         "cond_size": cond_size,
-        "data": {"shape": list(shape), "kind": "vector" if len(shape) == 1 else "image", "value_range": [-2, 2]},
+        "data": {
+            "shape": list(shape),
+            "kind": "vector" if len(shape) == 1 else "image",
+            "value_range": [-2, 2],
+        },
         "channel": {"name": "projection", "params": {"m": 2}},
         "lap": 3,
         "metrics": {"sinkhorn": 0.5},
@@ -52,7 +56,11 @@ def test_round_trip_gives_identical_outputs(tmp_path, network, shape, cond_size)
     ckpt = load_checkpoint(path)
     assert ckpt.meta["format"] == FORMAT and ckpt.meta["diffem_version"] == __version__
     # JSON metadata comes back decoded, with its types
-    assert ckpt.meta["network"] == network and ckpt.meta["lap"] == 3 and ckpt.meta["metrics"] == {"sinkhorn": 0.5}
+    assert (
+        ckpt.meta["network"] == network
+        and ckpt.meta["lap"] == 3
+        and ckpt.meta["metrics"] == {"sinkhorn": 0.5}
+    )
     assert ckpt.kind == "conditional" and ckpt.shape == shape
     model = build_model(ckpt)
     assert not model.training
@@ -90,8 +98,9 @@ def test_bad_files_are_one_line_errors(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(raw[: len(raw) // 2])
     random_bytes = tmp_path / "random.safetensors"
-    random_bytes.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy()
-                             .tobytes())
+    random_bytes.write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(3)}, str(foreign))
     empty = tmp_path / "empty.safetensors"

@@ -12,13 +12,25 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TINY_MLP
 
 from diffem_cli.checkpoint import build_model, load_checkpoint, load_tensors
 from diffem_cli.cli import run
 
-TRAIN = [*TINY_MLP, "--set", "train.batch_size=64", "--set", "train.epochs=2", "--set", "train.warmup=0",
-         "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+TRAIN = [
+    *TINY_MLP,
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.warmup=0",
+    "--set",
+    "sample.steps=4",
+    "--set",
+    "em.gaussian_iters=2",
+]
 
 
 def _ok(*argv: object) -> None:
@@ -27,8 +39,11 @@ def _ok(*argv: object) -> None:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _error(err: str) -> str:
@@ -67,12 +82,53 @@ def test_rerun_of_finished_run_changes_nothing(base, run_copy, cli):
     assert _snapshot(run_copy) == before
 
 
+def test_same_seed_same_run(base, cli, tmp_path):
+    code, _, err = cli("em-train", base / "obs", tmp_path / "again", "--laps", 2, *TRAIN)
+    assert code == 0, err
+    a, b = _snapshot(base / "run"), _snapshot(tmp_path / "again")
+    assert a.keys() == b.keys()
+    same = [k for k in a if k.endswith((".safetensors", ".arrow"))]
+    assert len(same) == 1 + 2 + 3  # Gaussian prior, two checkpoints, three reconstructions
+    for name in same:
+        if name.endswith(".arrow"):
+            assert a[name][0] == b[name][0], name
+        else:  # safetensors headers list metadata in no fixed order: compare the contents
+            (ta, ma), (tb, mb) = load_tensors(base / "run" / name), load_tensors(tmp_path / "again" / name)
+            assert ma == mb and ta.keys() == tb.keys(), name
+            assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+
+
 def test_other_config_is_refused_and_nothing_changes(base, run_copy, cli):
     before = _snapshot(run_copy)
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN, "--set", "train.lr=0.5")
     assert code == 2
     assert "train.lr" in _error(err) and "--force" in _error(err)
     assert _snapshot(run_copy) == before
+
+
+def test_bad_arguments_write_nothing(base, cli, tmp_path):
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    cases = [
+        ((tmp_path / "r1", "--set", "train.nope=1"), "train.nope"),
+        ((tmp_path / "r2", "--set", "train.epochs=many"), "train.epochs"),
+        ((tmp_path / "r3", "--laps", 0), "--laps"),
+        ((tmp_path / "r4", "--config", tmp_path / "missing.yaml"), "neither a preset"),
+        ((tmp_path / "r5", "--device", "tpu"), "device"),
+        ((tmp_path / "no" / "r6",), "does not exist"),
+        ((stranger,), "not a diffem run"),
+    ]
+    for extra, match in cases:
+        code, _, err = cli("em-train", base / "obs", *extra[:1], *TRAIN, *extra[1:])
+        assert code == 2, extra
+        assert match in _error(err), (extra, err)
+    code, _, err = cli("em-train", tmp_path / "missing_obs", tmp_path / "r7", *TRAIN)
+    assert code == 2 and "does not exist" in _error(err)
+    code, _, err = cli("em-train", base / "run/recon/lap_001", tmp_path / "r8", *TRAIN)
+    assert code == 2 and "not an observations folder" in _error(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stranger"]
+    assert [p.name for p in stranger.iterdir()] == ["notes.txt"]
 
 
 def test_other_observations_are_refused(base, run_copy, cli, tmp_path):
@@ -88,8 +144,11 @@ def test_more_laps_extend_the_run(base, run_copy, cli):
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 3, *TRAIN)
     assert code == 0 and "error" not in err
     after = _snapshot(run_copy)
-    for name in ("checkpoints/lap_001.safetensors", "checkpoints/lap_002.safetensors",
-                 "recon/lap_002/data-00000-of-00001.arrow"):
+    for name in (
+        "checkpoints/lap_001.safetensors",
+        "checkpoints/lap_002.safetensors",
+        "recon/lap_002/data-00000-of-00001.arrow",
+    ):
         assert after[name] == before[name]
     assert [r["lap"] for r in _records(run_copy)] == [0, 1, 2, 3]
     assert load_checkpoint(run_copy / "checkpoints/lap_003.safetensors").meta["lap"] == 3
@@ -97,8 +156,9 @@ def test_more_laps_extend_the_run(base, run_copy, cli):
 
 def test_force_starts_over(base, run_copy, cli):
     (run_copy / "stray.txt").write_text("kept")
-    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 1, *TRAIN, "--set", "train.lr=2e-3",
-                       "--force")
+    code, _, err = cli(
+        "em-train", base / "obs", run_copy, "--laps", 1, *TRAIN, "--set", "train.lr=2e-3", "--force"
+    )
     assert code == 0 and "error" not in err
     assert [r["lap"] for r in _records(run_copy)] == [0, 1]
     assert not (run_copy / "checkpoints/lap_002.safetensors").exists()
@@ -114,8 +174,9 @@ def test_missing_estep_is_redone_from_its_checkpoint(base, run_copy, cli):
     assert (run_copy / "checkpoints/lap_002.safetensors").read_bytes() == ckpt
     assert (run_copy / "recon/lap_002/diffem.json").exists()
     # the redone E-step draws the same reconstructions (seeded by seed, lap and batch)
-    assert ((run_copy / "recon/lap_002/data-00000-of-00001.arrow").read_bytes()
-            == (base / "run/recon/lap_002/data-00000-of-00001.arrow").read_bytes())
+    assert (run_copy / "recon/lap_002/data-00000-of-00001.arrow").read_bytes() == (
+        base / "run/recon/lap_002/data-00000-of-00001.arrow"
+    ).read_bytes()
     assert not [r for r in _records(run_copy, "epoch") if r["lap"] == 2][2:]  # no retraining
 
 
@@ -141,25 +202,76 @@ def test_nan_loss_is_an_error_and_keeps_earlier_laps(base, run_copy, cli):
     assert not (run_copy / "recon/lap_003").exists()
 
 
-def test_resume_after_sigkill_in_mstep(base, tmp_path):
+def test_warm_start_keeps_its_network(base, cli, tmp_path):
+    run_dir = tmp_path / "warm"
+    argv = (
+        "em-train",
+        base / "obs",
+        run_dir,
+        "--laps",
+        1,
+        *TRAIN,
+        "--set",
+        "network.width=48",
+        "--warm-start",
+        base / "run/checkpoints/lap_002.safetensors",
+    )
+    code, _, err = cli(*argv)
+    assert code == 0 and "error" not in err
+    assert _records(run_dir)[0]["init"] == "warm-start"
+    ckpt = load_checkpoint(run_dir / "checkpoints/lap_001.safetensors")
+    assert ckpt.meta["network"]["width"] == 32 and "width: 32" in (run_dir / "config.yaml").read_text()
+    build_model(ckpt)
+    before = _snapshot(run_dir)
+    assert cli(*argv)[0] == 0
+    assert _snapshot(run_dir) == before
+    # an unconditional model is no warm start
+    _ok("train-uncond", run_dir / "recon/lap_001", tmp_path / "urun", *TRAIN)
+    code, _, err = cli(
+        "em-train",
+        base / "obs",
+        tmp_path / "warm2",
+        *TRAIN,
+        "--warm-start",
+        tmp_path / "urun/checkpoints/uncond.safetensors",
+    )
+    assert code == 2 and "unconditional" in _error(err) and not (tmp_path / "warm2").exists()
+
+
+def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "diffem_cli", "em-train", str(base / "obs"), str(run_dir), "--laps", "2",
-            *TRAIN, "--set", "train.epochs=30", "--set", "train.batch_size=16"]
+    args = [
+        sys.executable,
+        "-m",
+        "diffem_cli",
+        "em-train",
+        str(base / "obs"),
+        str(run_dir),
+        "--laps",
+        "2",
+        *TRAIN,
+        "--set",
+        "train.epochs=30",
+        "--set",
+        "train.batch_size=16",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     state = run_dir / "state" / "mstep.safetensors"
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not state.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no M-step state appeared"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would stall the child
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(args, env=env, stdout=sink, stderr=sink)
+        try:
+            deadline = time.monotonic() + 180
+            while not state.exists():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no M-step state appeared"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "checkpoints/lap_001.safetensors").exists(), "killed too late: lap 1 had finished"
     _, meta = load_tensors(state)
@@ -167,8 +279,14 @@ def test_resume_after_sigkill_in_mstep(base, tmp_path):
     assert 1 <= saved_epoch < 30 and meta["tag"]["lap"] == 1
     n_before = len((run_dir / "metrics.jsonl").read_text().splitlines())
 
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    # the second run, in-process (one thread: tiny steps, and no competition with other processes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = cli(*args[3:])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in records[n_before:] if r["event"] == "epoch" and r["lap"] == 1]
     assert [r["epoch"] for r in resumed] == list(range(saved_epoch + 1, 31))

@@ -17,8 +17,18 @@ from diffem_cli.checkpoint import load_checkpoint
 from diffem_cli.cli import run
 from diffem_cli.store import columns
 
-FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.warmup=0",
-        "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+FAST = [
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.warmup=0",
+    "--set",
+    "sample.steps=4",
+    "--set",
+    "em.gaussian_iters=2",
+]
 
 
 def _ok(*argv: object) -> None:
@@ -41,16 +51,38 @@ def _x(folder: Path) -> torch.Tensor:
 def d(tmp_path_factory) -> Path:
     """Conditional and unconditional checkpoints for digits (UNet) and the manifold (MLP), exported."""
     root = tmp_path_factory.mktemp("export")
-    _ok("corrupt", "digits", root / "dobs", "--channel", "mask", "--limit", 32, "--clean-out", root / "dclean")
-    _ok("em-train", root / "dobs", root / "drun", "--laps", 1, *FAST, "--set", "em.init=observation", *TINY_UNET)
+    _ok(
+        "corrupt", "digits", root / "dobs", "--channel", "mask", "--limit", 32, "--clean-out", root / "dclean"
+    )
+    _ok(
+        "em-train",
+        root / "dobs",
+        root / "drun",
+        "--laps",
+        1,
+        *FAST,
+        "--set",
+        "em.init=observation",
+        *TINY_UNET,
+    )
     _ok("train-uncond", root / "dclean", root / "durun", *FAST, *TINY_UNET)
-    _ok("corrupt", "manifold:samples=64", root / "mobs", "--channel", "projection", "--clean-out", root / "mclean")
+    _ok(
+        "corrupt",
+        "manifold:samples=64",
+        root / "mobs",
+        "--channel",
+        "projection",
+        "--clean-out",
+        root / "mclean",
+    )
     _ok("em-train", root / "mobs", root / "mrun", "--laps", 1, *FAST, *TINY_MLP)
     _ok("train-uncond", root / "mclean", root / "murun", *FAST, *TINY_MLP)
-    for name, ckpt in [("d_uncond", "durun/checkpoints/uncond.safetensors"),
-                       ("d_cond", "drun/checkpoints/lap_001.safetensors"),
-                       ("m_uncond", "murun/checkpoints/uncond.safetensors"),
-                       ("m_cond", "mrun/checkpoints/lap_001.safetensors")]:
+    for name, ckpt in [
+        ("d_uncond", "durun/checkpoints/uncond.safetensors"),
+        ("d_cond", "drun/checkpoints/lap_001.safetensors"),
+        ("m_uncond", "murun/checkpoints/uncond.safetensors"),
+        ("m_cond", "mrun/checkpoints/lap_001.safetensors"),
+    ]:
         shutil.copy(root / ckpt, root / f"{name}.safetensors")
         _ok("export", root / f"{name}.safetensors", root / f"{name}_exp")
     return root
@@ -60,7 +92,9 @@ def test_unconditional_image_export_runs_in_ddpm_pipeline(d):
     from diffusers import DDPMPipeline
 
     folder = d / "d_uncond_exp"
-    assert {"model_index.json", "unet", "scheduler", "README.md", "diffem.json"} <= {p.name for p in folder.iterdir()}
+    assert {"model_index.json", "unet", "scheduler", "README.md", "diffem.json"} <= {
+        p.name for p in folder.iterdir()
+    }
     pipe = DDPMPipeline.from_pretrained(str(folder))
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
@@ -69,8 +103,9 @@ def test_unconditional_image_export_runs_in_ddpm_pipeline(d):
     tensors = load_checkpoint(d / "d_uncond.safetensors").tensors
     for name, value in pipe.unet.state_dict().items():
         assert torch.equal(value, tensors[f"unet.{name}"]), name
-    images = pipe(batch_size=3, num_inference_steps=4, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        batch_size=3, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
     assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
     assert images.min() >= 0 and images.max() <= 1 and images.std() > 0
     pil = pipe(batch_size=2, num_inference_steps=2).images

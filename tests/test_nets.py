@@ -57,7 +57,12 @@ def test_unet_rgb_with_attention():
     assert cfg["down_block_types"][-1] == "AttnDownBlock2D" and cfg["up_block_types"][0] == "AttnUpBlock2D"
     net = build_network(cfg, (3, 16, 16), 4)
     with torch.no_grad():
-        assert net(torch.randn(2, 3, 16, 16), torch.tensor([1]), torch.randn(2, 4, 16, 16)).shape == (2, 3, 16, 16)
+        assert net(torch.randn(2, 3, 16, 16), torch.tensor([1]), torch.randn(2, 4, 16, 16)).shape == (
+            2,
+            3,
+            16,
+            16,
+        )
 
 
 def test_defaults_and_parameter_count():

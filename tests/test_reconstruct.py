@@ -15,8 +15,18 @@ from safetensors.torch import save_file
 from diffem_cli.cli import run
 from diffem_cli.store import columns, read_manifest
 
-FAST = ["--set", "train.epochs=1", "--set", "train.batch_size=16", "--set", "train.warmup=0",
-        "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+FAST = [
+    "--set",
+    "train.epochs=1",
+    "--set",
+    "train.batch_size=16",
+    "--set",
+    "train.warmup=0",
+    "--set",
+    "sample.steps=4",
+    "--set",
+    "em.gaussian_iters=2",
+]
 
 
 def _ok(*argv: object) -> None:
@@ -32,7 +42,9 @@ def _error(err: str) -> str:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +52,33 @@ def d(tmp_path_factory) -> Path:
     """Digits (mask, blur) and manifold (5-d and 3-d) observations, a 1-lap conditional checkpoint for
     each of digits-mask and manifold-5, and an unconditional digits checkpoint."""
     root = tmp_path_factory.mktemp("rec")
-    _ok("corrupt", "digits", root / "mask", "--channel", "mask", "-p", "rho=0.5", "--limit", 40,
-        "--clean-out", root / "clean")
+    _ok(
+        "corrupt",
+        "digits",
+        root / "mask",
+        "--channel",
+        "mask",
+        "-p",
+        "rho=0.5",
+        "--limit",
+        40,
+        "--clean-out",
+        root / "clean",
+    )
     _ok("corrupt", "digits", root / "blur", "--channel", "blur", "--limit", 40)
     _ok("corrupt", "manifold:samples=64", root / "m5", "--channel", "projection")
     _ok("corrupt", "manifold:samples=64,n=3", root / "m3", "--channel", "projection")
-    _ok("em-train", root / "mask", root / "drun", "--laps", 1, *FAST, "--set", "em.init=observation", *TINY_UNET)
+    _ok(
+        "em-train",
+        root / "mask",
+        root / "drun",
+        "--laps",
+        1,
+        *FAST,
+        "--set",
+        "em.init=observation",
+        *TINY_UNET,
+    )
     _ok("em-train", root / "m5", root / "mrun", "--laps", 1, *FAST, *TINY_MLP)
     _ok("train-uncond", root / "clean", root / "urun", *FAST, *TINY_UNET)
     # the checkpoint alone, away from its RUN folder
@@ -56,8 +89,18 @@ def d(tmp_path_factory) -> Path:
 
 
 def test_lap_checkpoint_alone_reconstructs_images(d, cli, tmp_path):
-    code, _, err = cli("reconstruct", d / "digits.safetensors", d / "mask", tmp_path / "rec", "--steps", 4,
-                       "--per-observation", 2, "--png", tmp_path / "png")
+    code, _, err = cli(
+        "reconstruct",
+        d / "digits.safetensors",
+        d / "mask",
+        tmp_path / "rec",
+        "--steps",
+        4,
+        "--per-observation",
+        2,
+        "--png",
+        tmp_path / "png",
+    )
     assert code == 0 and "error" not in err
     assert "wrote 80 reconstructions" in err
     ds = datasets.load_from_disk(str(tmp_path / "rec"))
@@ -76,15 +119,33 @@ def test_lap_checkpoint_alone_reconstructs_images(d, cli, tmp_path):
 
 def test_vector_reconstructions_and_samplers(d, cli, tmp_path):
     for sampler in ("dpm++", "ddim", "ddpm"):
-        code, _, err = cli("reconstruct", d / "manifold.safetensors", d / "m5", tmp_path / sampler,
-                           "--steps", 3, "--sampler", sampler, "--batch-size", 20)
+        code, _, err = cli(
+            "reconstruct",
+            d / "manifold.safetensors",
+            d / "m5",
+            tmp_path / sampler,
+            "--steps",
+            3,
+            "--sampler",
+            sampler,
+            "--batch-size",
+            20,
+        )
         assert code == 0, err
         x = columns(datasets.load_from_disk(str(tmp_path / sampler)), ["x"])["x"]
         assert x.shape == (64, 5) and torch.isfinite(x).all()
         assert read_manifest(tmp_path / sampler)["sampler"] == sampler
     # --png is for images only
-    code, _, err = cli("reconstruct", d / "manifold.safetensors", d / "m5", tmp_path / "v", "--steps", 2,
-                       "--png", tmp_path / "vpng")
+    code, _, err = cli(
+        "reconstruct",
+        d / "manifold.safetensors",
+        d / "m5",
+        tmp_path / "v",
+        "--steps",
+        2,
+        "--png",
+        tmp_path / "vpng",
+    )
     assert code == 2 and "image" in _error(err)
     assert not (tmp_path / "v").exists() and not (tmp_path / "vpng").exists()
 
@@ -92,16 +153,28 @@ def test_vector_reconstructions_and_samplers(d, cli, tmp_path):
 @pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
 def test_same_seed_same_reconstructions(d, cli, tmp_path, sampler):
     def rec(name: str, seed: int) -> torch.Tensor:
-        code, _, err = cli("reconstruct", d / "manifold.safetensors", d / "m5", tmp_path / name, "--steps", 4,
-                           "--seed", seed, "--sampler", sampler)
+        code, _, err = cli(
+            "reconstruct",
+            d / "manifold.safetensors",
+            d / "m5",
+            tmp_path / name,
+            "--steps",
+            4,
+            "--seed",
+            seed,
+            "--sampler",
+            sampler,
+        )
         assert code == 0, err
         return columns(datasets.load_from_disk(str(tmp_path / name)), ["x"])["x"]
 
     a, b, c = rec("a", 3), rec("b", 3), rec("c", 4)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
-    assert (_files(tmp_path / "a")["data-00000-of-00001.arrow"]
-            == _files(tmp_path / "b")["data-00000-of-00001.arrow"])
+    assert (
+        _files(tmp_path / "a")["data-00000-of-00001.arrow"]
+        == _files(tmp_path / "b")["data-00000-of-00001.arrow"]
+    )
 
 
 def test_force_overwrites(d, cli, tmp_path):
@@ -118,8 +191,13 @@ def _bad_files(src: Path, root: Path) -> dict[str, Path]:
     files["truncated"] = root / "bad_truncated.safetensors"
     files["truncated"].write_bytes(raw[: len(raw) // 2])
     files["random"] = root / "bad_random.safetensors"
-    files["random"].write_bytes(bytes(torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(1))
-                                      .to(torch.uint8).tolist()))
+    files["random"].write_bytes(
+        bytes(
+            torch.randint(0, 256, (2048,), generator=torch.Generator().manual_seed(1))
+            .to(torch.uint8)
+            .tolist()
+        )
+    )
     files["foreign"] = root / "bad_foreign.safetensors"
     save_file({"weight": torch.zeros(4, 4)}, str(files["foreign"]))
     return files

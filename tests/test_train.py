@@ -31,7 +31,9 @@ def test_loss_decreases():
     x, c = _data(512)
     cfg = TrainConfig(batch_size=64, epochs=12, lr=3e-3, lr_min=1e-4, warmup=5, ema_decay=0.9)
     losses = []
-    result = train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, on_epoch=lambda r: losses.append(r["loss"]))
+    result = train_denoiser(
+        _net(), x, c, cfg, seed=0, device=CPU, on_epoch=lambda r: losses.append(r["loss"])
+    )
     assert len(losses) == 12 and result.steps == 12 * 8
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     assert result.last_loss == losses[-1]
@@ -57,20 +59,55 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        train_denoiser(_net(), x, c, cfg, seed=7, device=CPU, state_path=state, tag=tag, on_epoch=stop_after_two)
+        train_denoiser(
+            _net(), x, c, cfg, seed=7, device=CPU, state_path=state, tag=tag, on_epoch=stop_after_two
+        )
     _, meta = load_tensors(state)
     assert meta["epoch"] == 2 and meta["step"] == 2 * (256 // 32) and meta["tag"] == tag
 
     resumed_epochs: list[dict] = []
-    resumed = train_denoiser(_net(), x, c, cfg, seed=7, device=CPU, state_path=state, tag=tag,
-                             on_epoch=resumed_epochs.append)
+    resumed = train_denoiser(
+        _net(), x, c, cfg, seed=7, device=CPU, state_path=state, tag=tag, on_epoch=resumed_epochs.append
+    )
     assert [r["epoch"] for r in resumed_epochs] == [3, 4]
     assert resumed_epochs[0]["step"] == 3 * 8 and resumed.steps == full.steps == 4 * 8
     # weights, EMA, optimiser moments and random state were all restored: same result bit for bit
-    for (name, a), (_, b) in zip(full.ema_model.state_dict().items(), resumed.ema_model.state_dict().items(),
-                                 strict=True):
+    for (name, a), (_, b) in zip(
+        full.ema_model.state_dict().items(), resumed.ema_model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert resumed.last_loss == full.last_loss
+
+
+def test_resume_after_the_last_epoch_keeps_its_loss(tmp_path):
+    """Killed between the last epoch's state save and the checkpoint: the rerun trains nothing more
+    and still reports the last epoch's loss (not NaN)."""
+    x, c = _data(64)
+    cfg = TrainConfig(batch_size=32, epochs=2, warmup=0)
+    state = tmp_path / "state.safetensors"
+    losses: list[float] = []
+
+    def stop_at_end(info: dict) -> None:
+        losses.append(info["loss"])
+        if info["epoch"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={}, on_epoch=stop_at_end)
+    epochs: list[int] = []
+    result = train_denoiser(
+        _net(),
+        x,
+        c,
+        cfg,
+        seed=0,
+        device=CPU,
+        state_path=state,
+        tag={},
+        on_epoch=lambda r: epochs.append(r["epoch"]),
+    )
+    assert epochs == [] and result.steps == 4
+    assert result.last_loss == losses[-1]
 
 
 def test_state_with_another_tag_is_ignored(tmp_path):
@@ -79,20 +116,40 @@ def test_state_with_another_tag_is_ignored(tmp_path):
     state = tmp_path / "state.safetensors"
     train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 1})
     epochs: list[int] = []
-    train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 2},
-                   on_epoch=lambda r: epochs.append(r["epoch"]))
+    train_denoiser(
+        _net(),
+        x,
+        c,
+        cfg,
+        seed=0,
+        device=CPU,
+        state_path=state,
+        tag={"lap": 2},
+        on_epoch=lambda r: epochs.append(r["epoch"]),
+    )
     assert epochs == [1, 2]
     # a corrupt state file is ignored too (training starts over instead of failing)
     state.write_bytes(b"garbage")
     epochs.clear()
-    train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 2},
-                   on_epoch=lambda r: epochs.append(r["epoch"]))
+    train_denoiser(
+        _net(),
+        x,
+        c,
+        cfg,
+        seed=0,
+        device=CPU,
+        state_path=state,
+        tag={"lap": 2},
+        on_epoch=lambda r: epochs.append(r["epoch"]),
+    )
     assert epochs == [1, 2]
 
 
 def test_unconditional_training_and_small_data():
     x, _ = _data(20)
-    result = train_denoiser(_net(0), x, None, TrainConfig(batch_size=64, epochs=2, warmup=0), seed=0, device=CPU)
+    result = train_denoiser(
+        _net(0), x, None, TrainConfig(batch_size=64, epochs=2, warmup=0), seed=0, device=CPU
+    )
     assert result.steps == 2  # batch shrinks to the data size: one step per epoch
     with pytest.raises(DiffemError, match="no training samples"):
         train_denoiser(_net(0), x[:0], None, TrainConfig(), seed=0, device=CPU)
@@ -117,11 +174,14 @@ def test_ema_matches_closed_form():
 def test_ema_decay_zero_is_the_model_itself():
     x, c = _data(64)
     net = _net()
-    result = train_denoiser(net, x, c, TrainConfig(batch_size=32, epochs=1, ema_decay=0.0), seed=0, device=CPU)
+    result = train_denoiser(
+        net, x, c, TrainConfig(batch_size=32, epochs=1, ema_decay=0.0), seed=0, device=CPU
+    )
     for a, b in zip(result.ema_model.parameters(), net.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert not any(torch.equal(a, b) for a, b in zip(result.ema_model.parameters(), _net().parameters(),
-                                                     strict=True))
+    assert not any(
+        torch.equal(a, b) for a, b in zip(result.ema_model.parameters(), _net().parameters(), strict=True)
+    )
 
 
 def test_lr_schedule():

@@ -15,8 +15,19 @@ from diffem_cli.checkpoint import load_checkpoint
 from diffem_cli.cli import run
 from diffem_cli.store import columns, read_manifest
 
-TRAIN = [*TINY_MLP, "--set", "train.epochs=2", "--set", "train.batch_size=32", "--set", "train.warmup=0",
-         "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
+TRAIN = [
+    *TINY_MLP,
+    "--set",
+    "train.epochs=2",
+    "--set",
+    "train.batch_size=32",
+    "--set",
+    "train.warmup=0",
+    "--set",
+    "sample.steps=4",
+    "--set",
+    "em.gaussian_iters=2",
+]
 
 
 def _ok(*argv: object) -> None:
@@ -32,15 +43,26 @@ def _error(err: str) -> str:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def d(tmp_path_factory) -> Path:
     """Manifold observations + clean points, a 1-lap conditional RUN, and an unconditional RUN."""
     root = tmp_path_factory.mktemp("uncond")
-    _ok("corrupt", "manifold:samples=128", root / "obs", "--channel", "projection", "--clean-out", root / "clean")
+    _ok(
+        "corrupt",
+        "manifold:samples=128",
+        root / "obs",
+        "--channel",
+        "projection",
+        "--clean-out",
+        root / "clean",
+    )
     _ok("em-train", root / "obs", root / "run", "--laps", 1, *TRAIN)
     _ok("train-uncond", root / "run/recon/lap_001", root / "urun", *TRAIN)
     return root
@@ -91,11 +113,13 @@ def test_rerun_finished_does_nothing_and_other_config_is_refused(d, cli, tmp_pat
     code, _, err = cli("train-uncond", d / "run/recon/lap_000", urun, *TRAIN)
     assert code == 2 and "other reconstructions" in _error(err)
     assert _snapshot(urun) == before
-    # --force starts over with the new config
+    # --force starts over with the new config, removing only what diffem wrote
+    (urun / "notes.txt").write_text("mine")
     code, _, err = cli("train-uncond", d / "clean", urun, *TRAIN, "--set", "train.epochs=1", "--force")
     assert code == 0 and "error" not in err
     records = [json.loads(line) for line in (urun / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1]
+    assert (urun / "notes.txt").read_text() == "mine"
     assert load_checkpoint(urun / "checkpoints/uncond.safetensors").meta["trained_on"] == str(d / "clean")
 
 
