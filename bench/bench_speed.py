@@ -55,42 +55,83 @@ def manifold_model(work: Path, ckpt_path: Path, quick: bool) -> tuple[Path, Path
             return ckpt_path, obs, f"{ckpt_path} (bench_manifold)"
     obs, run = work / "manifold-obs", work / ("manifold-run-quick" if quick else "manifold-run")
     if not (obs / "diffem.json").exists():
-        corrupt_dataset(load_source("manifold"), make_channel("projection", {}), obs, seed=0, force=True,
-                        progress=False)
+        corrupt_dataset(
+            load_source("manifold"), make_channel("projection", {}), obs, seed=0, force=True, progress=False
+        )
     sets = ["train.epochs=12"] if quick else []
     em_train(obs, run, load_config("manifold", sets), laps=1, log=lambda s: print(s, flush=True))
     steps = "200" if quick else "2,000"
     return run / "checkpoints" / "lap_001.safetensors", obs, f"one lap ({steps} steps) trained by bench_speed"
 
 
+class CountCalls(torch.nn.Module):
+    """Wraps a network and counts its forward calls (network evaluations)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        self.calls += 1
+        return self.inner(*args)
+
+
 def digits_model(work: Path) -> tuple[Path, Path, Path] | None:
     """bench_digits' last conditional checkpoint for rho 0.75, its observations and clean digits."""
     ckpts = sorted((work / "run" / "checkpoints").glob("lap_*.safetensors"))
-    if not ckpts or not (work / "obs" / "diffem.json").exists() or not (work / "clean" / "diffem.json").exists():
+    if (
+        not ckpts
+        or not (work / "obs" / "diffem.json").exists()
+        or not (work / "clean" / "diffem.json").exists()
+    ):
         return None
     return ckpts[-1], work / "obs", work / "clean"
 
 
 def time_samplers(
-    ckpt_path: Path, obs_path: Path, samplers: list[tuple[str, int]], score: Any, limit: int | None,
+    ckpt_path: Path,
+    obs_path: Path,
+    samplers: list[tuple[str, int]],
+    score: Any,
+    limit: int | None,
     batch_size: int,
 ) -> list[dict[str, Any]]:
-    """Posterior samples of (the first ``limit``) observations with each sampler: speed and ``score``."""
+    """Posterior samples of (the first ``limit``) observations with each sampler: speed and ``score``.
+
+    ``nfe`` counts the network evaluations per sample (calls per batch)."""
     dev = pick_device(None)
     data = Observations(obs_path)
     obs = {k: v[:limit] for k, v in data.obs.items()}
     index = data.index[:limit]
-    model = build_model(load_checkpoint(ckpt_path))
+    model = CountCalls(build_model(load_checkpoint(ckpt_path)))
     clip = clip_range_for(data.kind, data.value_range)
     rows = []
     for sampler, steps in samplers:
         cfg = SampleConfig(sampler=sampler, steps=steps, batch_size=batch_size)
+        model.calls = 0
         t0 = time.perf_counter()
-        x = posterior_samples(model, data.channel, obs, data.shape, cfg, seed=0, device=dev, clip_range=clip,
-                              label=f"{sampler} {steps}")
+        x = posterior_samples(
+            model,
+            data.channel,
+            obs,
+            data.shape,
+            cfg,
+            seed=0,
+            device=dev,
+            clip_range=clip,
+            label=f"{sampler} {steps}",
+        )
         seconds = time.perf_counter() - t0
-        row = {"sampler": sampler, "steps": steps, "nfe": steps, "n": len(x), "seconds": seconds,
-               "samples_per_s": len(x) / seconds, **score(x, index)}
+        row = {
+            "sampler": sampler,
+            "steps": steps,
+            "nfe": model.calls / -(-len(x) // batch_size),
+            "n": len(x),
+            "seconds": seconds,
+            "samples_per_s": len(x) / seconds,
+            **score(x, index),
+        }
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -114,8 +155,13 @@ def mstep_speed(preset: str, channel: str, shape: tuple[int, ...], batch: int, s
         train = dataclasses.replace(cfg.train, batch_size=batch, epochs=1)
         result = train_denoiser(model, x, cond, train, seed=0, device=dev, label=f"{preset} M-step ({phase})")
         if phase == "timed":
-            out.update({"seconds": result.seconds, "examples_per_s": result.steps * batch / result.seconds,
-                        "steps_per_s": result.steps / result.seconds})
+            out.update(
+                {
+                    "seconds": result.seconds,
+                    "examples_per_s": result.steps * batch / result.seconds,
+                    "steps_per_s": result.steps / result.seconds,
+                }
+            )
     print(out, flush=True)
     return out
 
@@ -125,7 +171,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Speed benchmark: E-step samplers and M-step throughput",
         "",
-        f"Machine: {result['machine']['summary']} (1-min load average {result['load_avg_1m']:.1f} at the end; "
+        f"Machine: {result['machine']['summary']} "
+        f"(1-min load average {result['load_avg_1m']:.1f} at the end; "
         "timings on a shared machine are upper bounds)",
         "",
         f"## E-step on the manifold ({result['manifold']['n']:,} observations)",
@@ -137,8 +184,7 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in result["manifold"]["rows"]:
-        lines.append(f"| {r['sampler']} | {r['nfe']} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
-                     f"{r['sinkhorn']:.3f} |")
+        lines.append(_speed_cells(r) + f"{r['sinkhorn']:.3f} |")
     digits = result.get("digits")
     lines += ["", "## E-step on digits", ""]
     if digits is None:
@@ -152,20 +198,33 @@ def markdown(result: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for r in digits["rows"]:
-            lines.append(f"| {r['sampler']} | {r['nfe']} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
-                         f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
-    lines += ["", "## M-step throughput", "", "| network | batch | steps | examples/s | steps/s |",
-              "|---|---|---|---|---|"]
+            lines.append(_speed_cells(r) + f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
+    lines += [
+        "",
+        "## M-step throughput",
+        "",
+        "| network | batch | steps | examples/s | steps/s |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["mstep"]:
-        lines.append(f"| {r['preset']} | {r['batch_size']} | {r['steps']} | {r['examples_per_s']:,.0f} | "
-                     f"{r['steps_per_s']:.2f} |")
+        lines.append(
+            f"| {r['preset']} | {r['batch_size']} | {r['steps']} | {r['examples_per_s']:,.0f} | "
+            f"{r['steps_per_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def _speed_cells(r: dict[str, Any]) -> str:
+    return f"| {r['sampler']} | {r['nfe']:.0f} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="a smoke run: two samplers, 4,096 manifold observations, 10 training steps")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: two samplers, 4,096 manifold and 128 digits observations, 10 training steps",
+    )
     ap.add_argument("--manifold-ckpt", type=Path, default=MANIFOLD_CKPT)
     ap.add_argument("--digits-work", type=Path, default=Path("bench/work/digits/rho0.75"))
     ap.add_argument("--digits-n", type=int, default=512, help="digits observations per sampler")
@@ -184,7 +243,9 @@ def main() -> None:
     heldout = sample_manifold(4096, 5, curve_seed, draw_seed=10_000 + curve_seed)
     n = 4096 if args.quick else None
     batch = load_config("manifold").sample.batch_size
-    rows = time_samplers(ckpt, obs, samplers, lambda x, _: evaluate_tensors(x, heldout, ["sinkhorn"]), n, batch)
+    rows = time_samplers(
+        ckpt, obs, samplers, lambda x, _: evaluate_tensors(x, heldout, ["sinkhorn"]), n, batch
+    )
     result["manifold"] = {"model": desc, "checkpoint": str(ckpt), "n": rows[0]["n"], "rows": rows}
 
     found = digits_model(args.digits_work)
@@ -196,11 +257,13 @@ def main() -> None:
         vr = tuple(manifest.get("value_range") or (-1.0, 1.0))
 
         def psnr(x: torch.Tensor, index: torch.Tensor) -> dict[str, float]:
-            return evaluate_tensors(x, clean, ["psnr", "ssim"], sample_index=index, reference_index=index,
-                                    value_range=vr)
+            return evaluate_tensors(
+                x, clean, ["psnr", "ssim"], sample_index=index, reference_index=index, value_range=vr
+            )
 
         d_batch = load_config("digits").sample.batch_size
-        d_rows = time_samplers(d_ckpt, d_obs, samplers, psnr, min(args.digits_n, len(clean)), d_batch)
+        d_n = min(128 if args.quick else args.digits_n, len(clean))
+        d_rows = time_samplers(d_ckpt, d_obs, samplers, psnr, d_n, d_batch)
         result["digits"] = {"model": str(d_ckpt), "n": d_rows[0]["n"], "rows": d_rows}
 
     result["mstep"] = [

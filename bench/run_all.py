@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ("bench_corrupt", "bench_metrics", "bench_gaussian", "bench_manifold", "bench_digits", "bench_speed")
+BENCHES = (
+    "bench_corrupt",
+    "bench_metrics",
+    "bench_gaussian",
+    "bench_manifold",
+    "bench_digits",
+    "bench_speed",
+)
 QUICK_RESULTS = "bench/results/quick"
 QUICK_ARGS = {
     "bench_corrupt": ["--n", "2000", "--results", QUICK_RESULTS],

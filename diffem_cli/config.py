@@ -50,6 +50,7 @@ class EMConfig:
     init: str = "auto"
     gaussian_iters: int = 16
     gaussian_rank: int = 32
+    recorrupt_every: int = 0
 
 
 @dataclass

@@ -283,9 +283,14 @@ def em_train(
             def on_epoch(info: dict[str, Any], lap: int = lap) -> None:
                 run.log({"event": "epoch", "lap": lap, **info})
 
+            def refresh(r: int, lap: int = lap, prev: torch.Tensor = prev) -> torch.Tensor:
+                more = data.channel.corrupt(prev, sample_seeds(cfg.seed, data.index, lap, r))
+                return data.channel.condition(more, data.shape)
+
             result = train_denoiser(model, prev, cond, cfg.train, seed=cfg.seed + lap, device=dev,
                                     state_path=run.state, tag={"lap": lap, "fingerprint": data.fingerprint},
-                                    label=f"lap {lap} M-step", on_epoch=on_epoch)
+                                    label=f"lap {lap} M-step", on_epoch=on_epoch, refresh=refresh,
+                                    refresh_every=cfg.em.recorrupt_every)
             save_checkpoint(run.checkpoint(lap), result.ema_model, {**base_meta, "lap": lap})
             run.state.unlink(missing_ok=True)
             rec.update({"mstep_s": time.perf_counter() - t0, "loss": result.last_loss, "steps": result.steps,

@@ -109,8 +109,13 @@ def train_denoiser(
     tag: dict[str, Any] | None = None,
     label: str = "M-step",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    refresh: Callable[[int], torch.Tensor] | None = None,
+    refresh_every: int = 0,
 ) -> TrainResult:
     """Train ``model`` on clean-space samples ``x`` (with conditioning ``cond``) for ``cfg.epochs``.
+
+    With ``refresh`` and ``refresh_every > 0``, the conditioning is replaced by ``refresh(r)`` at
+    the start of every ``refresh_every``-th epoch (round ``r``): fresh corruptions within a lap.
 
     Resumes from ``state_path`` when it holds a state with the same ``tag``. Returns the EMA
     model; raises DiffemError on a non-finite loss (nothing is saved from a diverged step).
@@ -139,6 +144,10 @@ def train_denoiser(
     with progress() as bar:
         task = bar.add_task(label, total=total, completed=step, info="")
         for epoch in range(start_epoch, cfg.epochs):
+            if refresh is not None and refresh_every > 0 and epoch // refresh_every > 0 and (
+                epoch % refresh_every == 0 or epoch == start_epoch
+            ):
+                c_dev = refresh(epoch // refresh_every).to(device)
             perm = torch.randperm(n, generator=gen)[: per_epoch * bs].view(per_epoch, bs).to(device)
             running = 0.0
             for idx in perm:
