@@ -8,10 +8,11 @@ from collections.abc import Mapping
 import kornia
 import torch
 
-from diffem_channels.base import Channel, Observation, Param, non_negative, per_sample, positive
+from diffem_channels._same_shape import SameShapeChannel
+from diffem_channels.base import Observation, Param, non_negative, per_sample, positive
 
 
-class BlurChannel(Channel):
+class BlurChannel(SameShapeChannel):
     """``y = G * x + noise_sigma * eps`` with an isotropic Gaussian kernel of std ``sigma`` pixels."""
 
     name = "blur"
@@ -41,13 +42,6 @@ class BlurChannel(Channel):
         if self.noise_sigma > 0:
             y = y + self.noise_sigma * per_sample(seeds, tuple(x.shape[1:]), "randn").to(x)
         return {"y": y}
-
-    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        return obs["y"]
-
-    def cond_size(self, shape: tuple[int, ...]) -> int:
-        self.check_data(tuple(shape))
-        return shape[0]
 
     def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return self.blur(x)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import kornia
 import torch
 import torch.nn.functional as F
 
-from diffem_channels.base import Channel, ChannelError, Observation, Param, in_range
+from diffem_channels._same_shape import SameShapeChannel
+from diffem_channels.base import ChannelError, Observation, Param, in_range
 
 BLOCK = 16  # 8x8 DCT blocks on 2x-subsampled chroma
 
 
-class JpegChannel(Channel):
+class JpegChannel(SameShapeChannel):
     """``y = decode(encode(x, quality))`` for images in [-1, 1]; grayscale goes through RGB and back."""
 
     name = "jpeg"
@@ -48,10 +47,3 @@ class JpegChannel(Channel):
     def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
         self.check_data(tuple(x.shape[1:]))
         return {"y": self.compress(x)}
-
-    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        return obs["y"]
-
-    def cond_size(self, shape: tuple[int, ...]) -> int:
-        self.check_data(tuple(shape))
-        return shape[0]

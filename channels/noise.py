@@ -6,10 +6,11 @@ from collections.abc import Mapping
 
 import torch
 
-from diffem_channels.base import Channel, Observation, Param, per_sample, positive
+from diffem_channels._same_shape import SameShapeChannel
+from diffem_channels.base import Observation, Param, per_sample, positive
 
 
-class NoiseChannel(Channel):
+class NoiseChannel(SameShapeChannel):
     """Identity measurement with white Gaussian noise of std ``sigma``."""
 
     name = "noise"
@@ -21,13 +22,6 @@ class NoiseChannel(Channel):
     def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
         self.check_data(tuple(x.shape[1:]))
         return {"y": x + self.sigma * per_sample(seeds, tuple(x.shape[1:]), "randn").to(x)}
-
-    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
-        return obs["y"]
-
-    def cond_size(self, shape: tuple[int, ...]) -> int:
-        self.check_data(tuple(shape))
-        return shape[0]
 
     def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return x

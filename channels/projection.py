@@ -34,6 +34,7 @@ class ProjectionChannel(Channel):
         Param("m", int, 2, "number of measurements per vector (rows of A)", _at_least_one),
         Param("sigma", float, 0.01, "std of Gaussian noise added to the measurements", non_negative),
         Param("normalize", bool, True, "scale each row of A to unit Euclidean norm"),
+        Param("features", bool, True, "also condition on A^+ y and the projector A^+ A (conditioning only)"),
     )
 
     def check_data(self, shape: tuple[int, ...]) -> None:
@@ -57,11 +58,17 @@ class ProjectionChannel(Channel):
 
     def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         y = obs["y"]
-        return torch.cat([y, obs["A"].to(y).flatten(1)], dim=1)
+        a = obs["A"].to(y)
+        parts = [y, a.flatten(1)]
+        if self.features:
+            pinv = torch.linalg.pinv(a.double()).to(y)
+            parts += [torch.einsum("bnm,bm->bn", pinv, y), (pinv @ a).flatten(1)]
+        return torch.cat(parts, dim=1)
 
     def cond_size(self, shape: tuple[int, ...]) -> int:
         self.check_data(tuple(shape))
-        return self.m + self.m * shape[0]
+        n = shape[0]
+        return self.m + self.m * n + (n + n * n if self.features else 0)
 
     def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bmn,bn->bm", obs["A"].to(x), x)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from diffem_channels import Channel
+from diffem_channels import Channel, sample_seeds
 from diffem_cli.checkpoint import build_model, load_checkpoint, save_checkpoint
 from diffem_cli.config import RunConfig, config_from_dict
 from diffem_cli.diffusion import SCHEDULE

@@ -1,23 +1,24 @@
-"""Shared fixtures: tiny data sets and configs so the suite stays fast on 2 CPU cores."""
+"""Shared fixtures: the in-process CLI and a fake ``site`` folder for plugin distributions.
+
+Tiny run settings and plain helper functions live in ``helpers.py``; ``TINY_MLP`` and ``TINY_UNET``
+are re-exported here for tests that still import them from ``conftest``.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MLP, TINY_UNET, forget_modules
+
+__all__ = ["TINY_MLP", "TINY_UNET"]
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # the test networks are tiny; a second thread only adds overhead
-
-TINY_MLP = ["--set", "network.width=32", "--set", "network.depth=2", "--set", "network.emb_dim=16"]
-TINY_UNET = [
-    "--set", "network.block_out_channels=[16, 32]",
-    "--set", "network.norm_num_groups=8",
-    "--set", "network.down_block_types=[DownBlock2D, DownBlock2D]",
-    "--set", "network.up_block_types=[UpBlock2D, UpBlock2D]",
-]
 
 
 @pytest.fixture
@@ -31,3 +32,13 @@ def cli(capsys):
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Path]:
+    """A fresh folder to put on ``sys.path`` for fake installed distributions (see
+    ``helpers.fake_dist``); modules imported from it are forgotten afterwards."""
+    root = tmp_path / "site"
+    root.mkdir()
+    yield root
+    forget_modules(root)

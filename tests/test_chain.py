@@ -9,23 +9,15 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import TINY_MLP, TINY_UNET
+from helpers import QUICK, TINY_MLP, TINY_UNET, run_ok, sets
 from PIL import Image
 
 from diffem_cli.checkpoint import build_model, load_checkpoint
-from diffem_cli.cli import run
 from diffem_cli.store import columns, read_manifest
-
-FAST = ["--set", "train.warmup=0", "--set", "sample.steps=4", "--set", "em.gaussian_iters=2"]
-
-
-def _ok(*argv: object) -> None:
-    code = run([str(a) for a in argv])
-    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
 
 
 def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[str], batch: int) -> Path:
-    _ok(
+    run_ok(
         "corrupt",
         source,
         root / "obs",
@@ -36,9 +28,9 @@ def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[st
         "--limit",
         limit,
     )
-    train = ["--set", f"train.batch_size={batch}", "--set", "train.epochs=2", *FAST, *net]
-    _ok("em-train", root / "obs", root / "run", "--laps", 2, *train)
-    _ok(
+    train = [*sets(f"train.batch_size={batch}", "train.epochs=2"), *QUICK, *net]
+    run_ok("em-train", root / "obs", root / "run", "--laps", 2, *train)
+    run_ok(
         "reconstruct",
         root / "run/checkpoints/lap_002.safetensors",
         root / "obs",
@@ -49,8 +41,8 @@ def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[st
         2,
         *(["--png", root / "rec_png"] if net is TINY_UNET else []),
     )
-    _ok("train-uncond", root / "rec", root / "urun", *train)
-    _ok(
+    run_ok("train-uncond", root / "rec", root / "urun", *train)
+    run_ok(
         "sample",
         root / "urun/checkpoints/uncond.safetensors",
         root / "samp",
@@ -60,8 +52,8 @@ def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[st
         4,
         *(["--png", root / "samp_png"] if net is TINY_UNET else []),
     )
-    _ok("export", root / "urun/checkpoints/uncond.safetensors", root / "uexp")
-    _ok("export", root / "run/checkpoints/lap_002.safetensors", root / "cexp")
+    run_ok("export", root / "urun/checkpoints/uncond.safetensors", root / "uexp")
+    run_ok("export", root / "run/checkpoints/lap_002.safetensors", root / "cexp")
     return root
 
 

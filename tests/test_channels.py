@@ -8,6 +8,7 @@ import kornia
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 from diffem_channels import Channel, ChannelError, Param, in_range, non_negative, positive, sample_seeds
 from diffem_channels.blur import BlurChannel
@@ -36,12 +37,6 @@ CASES = [
 ]
 IDS = [f"{c.name}-{'x'.join(map(str, s))}-{i}" for i, (c, s) in enumerate(CASES)]
 LINEAR = [(c, s) for c, s in CASES if c.linear]
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> None:
-    """``a`` equals ``b`` up to ``tol`` (relative and absolute); avoids torch.testing's slow import."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
 
 
 def data(

@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from helpers import file_bytes
 from PIL import Image
 
 from diffem_channels.base import Channel, ChannelError, Param, sample_seeds
@@ -14,12 +15,6 @@ from diffem_cli.cli import run
 from diffem_cli.corrupt import corrupt_dataset, recorrupt
 from diffem_cli.sources import TensorSource, load_source
 from diffem_cli.store import columns, read_dataset
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 def _tree(folder: Path) -> set[str]:
@@ -33,7 +28,7 @@ def test_cli_same_seed_gives_identical_folders(tmp_path, capsys):
     assert run([*args[:2], str(tmp_path / "c"), *args[2:], "--seed", "4"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 3 and out[0].startswith("wrote 300 rows (y, mask, index)")
-    a, b, c = (_files(tmp_path / n) for n in "abc")
+    a, b, c = (file_bytes(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys() and a != c
 
@@ -43,7 +38,7 @@ def test_chunk_size_does_not_change_bytes(tmp_path):
     chan = _make("projection")
     corrupt_dataset(src, chan, tmp_path / "big", seed=1, chunk_size=1024, progress=False)
     corrupt_dataset(src, chan, tmp_path / "small", seed=1, chunk_size=10, clean_out=tmp_path / "clean")
-    assert _files(tmp_path / "big") == _files(tmp_path / "small")
+    assert file_bytes(tmp_path / "big") == file_bytes(tmp_path / "small")
 
 
 def test_mask_fraction_on_digits(tmp_path):

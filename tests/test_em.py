@@ -13,45 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MLP
+from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
 
 from diffem_cli.checkpoint import build_model, load_checkpoint, load_tensors
-from diffem_cli.cli import run
 
-TRAIN = [
-    *TINY_MLP,
-    "--set",
-    "train.batch_size=64",
-    "--set",
-    "train.epochs=2",
-    "--set",
-    "train.warmup=0",
-    "--set",
-    "sample.steps=4",
-    "--set",
-    "em.gaussian_iters=2",
-]
-
-
-def _ok(*argv: object) -> None:
-    code = run([str(a) for a in argv])
-    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {
-        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _error(err: str) -> str:
-    """The one ``error:`` line, last on stderr (progress lines may precede it), no traceback."""
-    lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
-    assert "Traceback" not in err
-    return lines[-1]
+TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=2"), *QUICK]
 
 
 def _records(run_dir: Path, event: str = "lap") -> list[dict]:
@@ -63,8 +29,8 @@ def _records(run_dir: Path, event: str = "lap") -> list[dict]:
 def base(tmp_path_factory) -> Path:
     """Observations and a finished 2-lap RUN; tests work on copies of the RUN."""
     root = tmp_path_factory.mktemp("em")
-    _ok("corrupt", "manifold:samples=256", root / "obs", "--channel", "projection")
-    _ok("em-train", root / "obs", root / "run", "--laps", 2, *TRAIN)
+    run_ok("corrupt", "manifold:samples=256", root / "obs", "--channel", "projection")
+    run_ok("em-train", root / "obs", root / "run", "--laps", 2, *TRAIN)
     return root
 
 
@@ -76,16 +42,16 @@ def run_copy(base, tmp_path) -> Path:
 
 
 def test_rerun_of_finished_run_changes_nothing(base, run_copy, cli):
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN)
     assert code == 0 and "error" not in err and "done" in err
-    assert _snapshot(run_copy) == before
+    assert snapshot(run_copy) == before
 
 
 def test_same_seed_same_run(base, cli, tmp_path):
     code, _, err = cli("em-train", base / "obs", tmp_path / "again", "--laps", 2, *TRAIN)
     assert code == 0, err
-    a, b = _snapshot(base / "run"), _snapshot(tmp_path / "again")
+    a, b = snapshot(base / "run"), snapshot(tmp_path / "again")
     assert a.keys() == b.keys()
     same = [k for k in a if k.endswith((".safetensors", ".arrow"))]
     assert len(same) == 1 + 2 + 3  # Gaussian prior, two checkpoints, three reconstructions
@@ -99,11 +65,11 @@ def test_same_seed_same_run(base, cli, tmp_path):
 
 
 def test_other_config_is_refused_and_nothing_changes(base, run_copy, cli):
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN, "--set", "train.lr=0.5")
     assert code == 2
-    assert "train.lr" in _error(err) and "--force" in _error(err)
-    assert _snapshot(run_copy) == before
+    assert "train.lr" in error_line(err) and "--force" in error_line(err)
+    assert snapshot(run_copy) == before
 
 
 def test_bad_arguments_write_nothing(base, cli, tmp_path):
@@ -122,28 +88,28 @@ def test_bad_arguments_write_nothing(base, cli, tmp_path):
     for extra, match in cases:
         code, _, err = cli("em-train", base / "obs", *extra[:1], *TRAIN, *extra[1:])
         assert code == 2, extra
-        assert match in _error(err), (extra, err)
+        assert match in error_line(err), (extra, err)
     code, _, err = cli("em-train", tmp_path / "missing_obs", tmp_path / "r7", *TRAIN)
-    assert code == 2 and "does not exist" in _error(err)
+    assert code == 2 and "does not exist" in error_line(err)
     code, _, err = cli("em-train", base / "run/recon/lap_001", tmp_path / "r8", *TRAIN)
-    assert code == 2 and "not an observations folder" in _error(err)
+    assert code == 2 and "not an observations folder" in error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stranger"]
     assert [p.name for p in stranger.iterdir()] == ["notes.txt"]
 
 
 def test_other_observations_are_refused(base, run_copy, cli, tmp_path):
-    _ok("corrupt", "manifold:samples=256", tmp_path / "obs2", "--channel", "projection", "--seed", 1)
-    before = _snapshot(run_copy)
+    run_ok("corrupt", "manifold:samples=256", tmp_path / "obs2", "--channel", "projection", "--seed", 1)
+    before = snapshot(run_copy)
     code, _, err = cli("em-train", tmp_path / "obs2", run_copy, "--laps", 2, *TRAIN)
-    assert code == 2 and "other observations" in _error(err)
-    assert _snapshot(run_copy) == before
+    assert code == 2 and "other observations" in error_line(err)
+    assert snapshot(run_copy) == before
 
 
 def test_more_laps_extend_the_run(base, run_copy, cli):
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 3, *TRAIN)
     assert code == 0 and "error" not in err
-    after = _snapshot(run_copy)
+    after = snapshot(run_copy)
     for name in (
         "checkpoints/lap_001.safetensors",
         "checkpoints/lap_002.safetensors",
@@ -184,17 +150,17 @@ def test_nan_loss_is_an_error_and_keeps_earlier_laps(base, run_copy, cli):
     # a fresh RUN diverging in lap 1: lap 0 is kept, no lap-1 checkpoint
     fresh = run_copy.parent / "fresh"
     code, _, err = cli("em-train", base / "obs", fresh, "--laps", 1, *TRAIN, "--set", "train.lr=1e30")
-    assert code == 2 and "loss became" in _error(err)
+    assert code == 2 and "loss became" in error_line(err)
     assert (fresh / "recon/lap_000/diffem.json").exists()
     assert not list((fresh / "checkpoints").iterdir())
     assert not (fresh / "recon/lap_001").exists()
     # a finished RUN whose config is edited to diverge in lap 3: laps 1-2 stay exactly as they were
     config = run_copy / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.001", "lr: 1.0e+30"))
-    before = _snapshot(run_copy)
+    before = snapshot(run_copy)
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 3, *TRAIN, "--set", "train.lr=1e30")
-    assert code == 2 and "loss became" in _error(err)
-    after = _snapshot(run_copy)
+    assert code == 2 and "loss became" in error_line(err)
+    after = snapshot(run_copy)
     for name, value in before.items():
         if name.startswith(("checkpoints/", "recon/")):
             assert after[name] == value, name
@@ -222,11 +188,11 @@ def test_warm_start_keeps_its_network(base, cli, tmp_path):
     ckpt = load_checkpoint(run_dir / "checkpoints/lap_001.safetensors")
     assert ckpt.meta["network"]["width"] == 32 and "width: 32" in (run_dir / "config.yaml").read_text()
     build_model(ckpt)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     assert cli(*argv)[0] == 0
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
     # an unconditional model is no warm start
-    _ok("train-uncond", run_dir / "recon/lap_001", tmp_path / "urun", *TRAIN)
+    run_ok("train-uncond", run_dir / "recon/lap_001", tmp_path / "urun", *TRAIN)
     code, _, err = cli(
         "em-train",
         base / "obs",
@@ -235,7 +201,7 @@ def test_warm_start_keeps_its_network(base, cli, tmp_path):
         "--warm-start",
         tmp_path / "urun/checkpoints/uncond.safetensors",
     )
-    assert code == 2 and "unconditional" in _error(err) and not (tmp_path / "warm2").exists()
+    assert code == 2 and "unconditional" in error_line(err) and not (tmp_path / "warm2").exists()
 
 
 def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):

@@ -7,66 +7,24 @@ import json
 import shutil
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MLP, TINY_UNET
+from helpers import TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, read_x, run_ok
 
 from diffem_cli.checkpoint import load_checkpoint
-from diffem_cli.cli import run
-from diffem_cli.store import columns
-
-FAST = [
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "train.warmup=0",
-    "--set",
-    "sample.steps=4",
-    "--set",
-    "em.gaussian_iters=2",
-]
-
-
-def _ok(*argv: object) -> None:
-    code = run([str(a) for a in argv])
-    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
-
-
-def _error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
-    assert "Traceback" not in err
-    return lines[-1]
-
-
-def _x(folder: Path) -> torch.Tensor:
-    return columns(datasets.load_from_disk(str(folder)), ["x"])["x"]
 
 
 @pytest.fixture(scope="module")
 def d(tmp_path_factory) -> Path:
     """Conditional and unconditional checkpoints for digits (UNet) and the manifold (MLP), exported."""
     root = tmp_path_factory.mktemp("export")
-    _ok(
+    run_ok(
         "corrupt", "digits", root / "dobs", "--channel", "mask", "--limit", 32, "--clean-out", root / "dclean"
     )
-    _ok(
-        "em-train",
-        root / "dobs",
-        root / "drun",
-        "--laps",
-        1,
-        *FAST,
-        "--set",
-        "em.init=observation",
-        *TINY_UNET,
-    )
-    _ok("train-uncond", root / "dclean", root / "durun", *FAST, *TINY_UNET)
-    _ok(
+    fast_em_lap(root / "dobs", root / "drun", "--set", "em.init=observation", *TINY_UNET)
+    fast_uncond(root / "dclean", root / "durun", *TINY_UNET)
+    run_ok(
         "corrupt",
         "manifold:samples=64",
         root / "mobs",
@@ -75,8 +33,8 @@ def d(tmp_path_factory) -> Path:
         "--clean-out",
         root / "mclean",
     )
-    _ok("em-train", root / "mobs", root / "mrun", "--laps", 1, *FAST, *TINY_MLP)
-    _ok("train-uncond", root / "mclean", root / "murun", *FAST, *TINY_MLP)
+    fast_em_lap(root / "mobs", root / "mrun", *TINY_MLP)
+    fast_uncond(root / "mclean", root / "murun", *TINY_MLP)
     for name, ckpt in [
         ("d_uncond", "durun/checkpoints/uncond.safetensors"),
         ("d_cond", "drun/checkpoints/lap_001.safetensors"),
@@ -84,7 +42,7 @@ def d(tmp_path_factory) -> Path:
         ("m_cond", "mrun/checkpoints/lap_001.safetensors"),
     ]:
         shutil.copy(root / ckpt, root / f"{name}.safetensors")
-        _ok("export", root / f"{name}.safetensors", root / f"{name}_exp")
+        run_ok("export", root / f"{name}.safetensors", root / f"{name}_exp")
     return root
 
 
@@ -119,7 +77,7 @@ def test_exported_image_models_load_back(d, cli, tmp_path):
     for src, name in [(d / "d_cond.safetensors", "a"), (d / "d_cond_exp", "b")]:
         code, _, err = cli("reconstruct", src, d / "dobs", tmp_path / name, "--steps", 3)
         assert code == 0, err
-    assert torch.equal(_x(tmp_path / "a"), _x(tmp_path / "b"))
+    assert torch.equal(read_x(tmp_path / "a"), read_x(tmp_path / "b"))
     meta = json.loads((d / "d_cond_exp/diffem.json").read_text())
     assert meta["kind"] == "conditional" and meta["channel"]["name"] == "mask" and meta["cond_size"] == 2
     assert (d / "d_cond_exp/unet/config.json").exists() and not (d / "d_cond_exp/model_index.json").exists()
@@ -128,7 +86,7 @@ def test_exported_image_models_load_back(d, cli, tmp_path):
     for src, name in [(d / "d_uncond.safetensors", "c"), (d / "d_uncond_exp", "e")]:
         code, _, err = cli("sample", src, tmp_path / name, "-n", 5, "--steps", 3)
         assert code == 0, err
-    assert torch.equal(_x(tmp_path / "c"), _x(tmp_path / "e"))
+    assert torch.equal(read_x(tmp_path / "c"), read_x(tmp_path / "e"))
 
 
 def test_exported_vector_models_load_back(d, cli, tmp_path):
@@ -136,13 +94,13 @@ def test_exported_vector_models_load_back(d, cli, tmp_path):
     for src, name in [(d / "m_uncond.safetensors", "a"), (d / "m_uncond_exp", "b")]:
         code, _, err = cli("sample", src, tmp_path / name, "-n", 40, "--steps", 4)
         assert code == 0, err
-    a = _x(tmp_path / "a")
-    assert a.shape == (40, 5) and torch.equal(a, _x(tmp_path / "b"))
+    a = read_x(tmp_path / "a")
+    assert a.shape == (40, 5) and torch.equal(a, read_x(tmp_path / "b"))
     for src, name in [(d / "m_cond.safetensors", "c"), (d / "m_cond_exp", "e")]:
         code, _, err = cli("reconstruct", src, d / "mobs", tmp_path / name, "--steps", 4)
         assert code == 0, err
-    c = _x(tmp_path / "c")
-    assert c.shape == (64, 5) and torch.equal(c, _x(tmp_path / "e"))
+    c = read_x(tmp_path / "c")
+    assert c.shape == (64, 5) and torch.equal(c, read_x(tmp_path / "e"))
 
 
 def test_export_refusals(d, cli, tmp_path):
@@ -169,19 +127,19 @@ def test_export_refusals(d, cli, tmp_path):
     for argv, match in cases:
         code, _, err = cli(*argv)
         assert code == 2, argv
-        assert match in _error(err), (argv, err)
+        assert match in error_line(err), (argv, err)
         assert not out.exists()
     # an export folder whose weights went missing
     broken = tmp_path / "broken"
     shutil.copytree(d / "d_cond_exp", broken)
     shutil.rmtree(broken / "unet")
     code, _, err = cli("reconstruct", broken, d / "dobs", out)
-    assert code == 2 and "cannot be loaded" in _error(err) and not out.exists()
+    assert code == 2 and "cannot be loaded" in error_line(err) and not out.exists()
     # existing OUT: untouched without --force, replaced with it
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = cli("export", good, out)
-    assert code == 2 and "already exists" in _error(err)
+    assert code == 2 and "already exists" in error_line(err)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     code, _, err = cli("export", good, out, "--force")
     assert code == 0, err

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, fake_dist, forget_modules
 
 from diffem_channels import Channel, ChannelError, sample_seeds
 from diffem_cli import registry
@@ -35,42 +35,15 @@ class Chan(Channel):
 """
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> None:
-    """``a`` equals ``b`` up to ``tol`` (relative and absolute); avoids torch.testing's slow import."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert torch.allclose(a, b, rtol=tol, atol=tol), (a - b).abs().max()
-
-
-def fake_dist(root: Path, dist: str, entries: dict[str, str], modules: dict[str, str] | None = None) -> None:
-    """Write an installed-distribution record for ``dist`` declaring ``entries`` under ``root``."""
-    info = root / f"{dist.replace('-', '_')}-0.1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
-    lines = "".join(f"{name} = {value}\n" for name, value in entries.items())
-    (info / "entry_points.txt").write_text(f"[diffem.channels]\n{lines}")
-    for module, source in (modules or {}).items():
-        (root / f"{module}.py").write_text(source)
-
-
 @pytest.fixture
-def site(tmp_path: Path) -> Iterator[Path]:
-    """A fresh ``sys.path`` folder; plugin modules imported during the test are forgotten afterwards."""
-    root = tmp_path / "site"
-    root.mkdir()
-    yield root
-    for name, module in list(sys.modules.items()):
-        where = str(getattr(module, "__file__", "") or "")
-        if where.startswith((str(root), str(PLUGIN_SRC))):
-            del sys.modules[name]
-
-
-@pytest.fixture
-def downsample(site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The downsample plugin, "installed" as distribution diffem-downsample."""
+def downsample(site: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The downsample plugin, "installed" as distribution diffem-downsample; its modules are forgotten
+    afterwards (as ``site`` forgets those of the fake distributions)."""
     fake_dist(site, "diffem-downsample", {"downsample": "diffem_downsample:DownsampleChannel"})
     monkeypatch.syspath_prepend(str(PLUGIN_SRC))
     monkeypatch.syspath_prepend(str(site))
-    return site
+    yield site
+    forget_modules(PLUGIN_SRC)
 
 
 def images(batch: int, shape: tuple[int, int, int] = (3, 8, 12), seed: int = 0) -> torch.Tensor:

@@ -9,42 +9,10 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import TINY_MLP, TINY_UNET
+from helpers import TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, file_bytes, read_x, run_ok
 from safetensors.torch import save_file
 
-from diffem_cli.cli import run
 from diffem_cli.store import columns, read_manifest
-
-FAST = [
-    "--set",
-    "train.epochs=1",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "train.warmup=0",
-    "--set",
-    "sample.steps=4",
-    "--set",
-    "em.gaussian_iters=2",
-]
-
-
-def _ok(*argv: object) -> None:
-    code = run([str(a) for a in argv])
-    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
-
-
-def _error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
-    assert "Traceback" not in err
-    return lines[-1]
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +20,7 @@ def d(tmp_path_factory) -> Path:
     """Digits (mask, blur) and manifold (5-d and 3-d) observations, a 1-lap conditional checkpoint for
     each of digits-mask and manifold-5, and an unconditional digits checkpoint."""
     root = tmp_path_factory.mktemp("rec")
-    _ok(
+    run_ok(
         "corrupt",
         "digits",
         root / "mask",
@@ -65,22 +33,12 @@ def d(tmp_path_factory) -> Path:
         "--clean-out",
         root / "clean",
     )
-    _ok("corrupt", "digits", root / "blur", "--channel", "blur", "--limit", 40)
-    _ok("corrupt", "manifold:samples=64", root / "m5", "--channel", "projection")
-    _ok("corrupt", "manifold:samples=64,n=3", root / "m3", "--channel", "projection")
-    _ok(
-        "em-train",
-        root / "mask",
-        root / "drun",
-        "--laps",
-        1,
-        *FAST,
-        "--set",
-        "em.init=observation",
-        *TINY_UNET,
-    )
-    _ok("em-train", root / "m5", root / "mrun", "--laps", 1, *FAST, *TINY_MLP)
-    _ok("train-uncond", root / "clean", root / "urun", *FAST, *TINY_UNET)
+    run_ok("corrupt", "digits", root / "blur", "--channel", "blur", "--limit", 40)
+    run_ok("corrupt", "manifold:samples=64", root / "m5", "--channel", "projection")
+    run_ok("corrupt", "manifold:samples=64,n=3", root / "m3", "--channel", "projection")
+    fast_em_lap(root / "mask", root / "drun", "--set", "em.init=observation", *TINY_UNET)
+    fast_em_lap(root / "m5", root / "mrun", *TINY_MLP)
+    fast_uncond(root / "clean", root / "urun", *TINY_UNET)
     # the checkpoint alone, away from its RUN folder
     shutil.copy(root / "drun/checkpoints/lap_001.safetensors", root / "digits.safetensors")
     shutil.copy(root / "mrun/checkpoints/lap_001.safetensors", root / "manifold.safetensors")
@@ -132,7 +90,7 @@ def test_vector_reconstructions_and_samplers(d, cli, tmp_path):
             20,
         )
         assert code == 0, err
-        x = columns(datasets.load_from_disk(str(tmp_path / sampler)), ["x"])["x"]
+        x = read_x(tmp_path / sampler)
         assert x.shape == (64, 5) and torch.isfinite(x).all()
         assert read_manifest(tmp_path / sampler)["sampler"] == sampler
     # --png is for images only
@@ -146,7 +104,7 @@ def test_vector_reconstructions_and_samplers(d, cli, tmp_path):
         "--png",
         tmp_path / "vpng",
     )
-    assert code == 2 and "image" in _error(err)
+    assert code == 2 and "image" in error_line(err)
     assert not (tmp_path / "v").exists() and not (tmp_path / "vpng").exists()
 
 
@@ -166,14 +124,14 @@ def test_same_seed_same_reconstructions(d, cli, tmp_path, sampler):
             sampler,
         )
         assert code == 0, err
-        return columns(datasets.load_from_disk(str(tmp_path / name)), ["x"])["x"]
+        return read_x(tmp_path / name)
 
     a, b, c = rec("a", 3), rec("b", 3), rec("c", 4)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert (
-        _files(tmp_path / "a")["data-00000-of-00001.arrow"]
-        == _files(tmp_path / "b")["data-00000-of-00001.arrow"]
+        file_bytes(tmp_path / "a")["data-00000-of-00001.arrow"]
+        == file_bytes(tmp_path / "b")["data-00000-of-00001.arrow"]
     )
 
 
@@ -250,7 +208,7 @@ def test_bad_input(d, cli, tmp_path, case, match):
     png = ["--png", tmp_path / "png"] if data.name in ("mask", "blur") else []
     code, _, err = cli("reconstruct", ckpt, data, out, *extra, *png)
     assert code == 2
-    assert match in _error(err), err
+    assert match in error_line(err), err
     assert not out.exists() and not (tmp_path / "png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -262,6 +220,6 @@ def test_existing_output_needs_force(d, cli, tmp_path, existing):
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     code, _, err = cli("reconstruct", d / "digits.safetensors", d / "mask", out, "--steps", 2, "--png", png)
-    assert code == 2 and "already exists" in _error(err) and "--force" in _error(err)
-    assert _files(target) == {"keep.txt": b"mine"}
+    assert code == 2 and "already exists" in error_line(err) and "--force" in error_line(err)
+    assert file_bytes(target) == {"keep.txt": b"mine"}
     assert not (png if existing == "out" else out).exists()

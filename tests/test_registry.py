@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import fake_dist
 
 from diffem_channels import API_VERSION, ChannelError
 from diffem_cli import registry
@@ -30,28 +30,6 @@ class Chan(Channel):
     description = "A test channel."
     api_version = {version}
 """
-
-
-def fake_dist(root: Path, dist: str, entries: dict[str, str], modules: dict[str, str] | None = None) -> None:
-    """Write an installed-distribution record for ``dist`` declaring ``entries`` under ``root``."""
-    info = root / f"{dist.replace('-', '_')}-0.1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1.0\n")
-    lines = "".join(f"{name} = {value}\n" for name, value in entries.items())
-    (info / "entry_points.txt").write_text(f"[diffem.channels]\n{lines}")
-    for module, source in (modules or {}).items():
-        (root / f"{module}.py").write_text(source)
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Path]:
-    """A fresh ``sys.path`` entry; modules imported from it are forgotten afterwards."""
-    root = tmp_path / "site"
-    root.mkdir()
-    yield root
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", "") or "").startswith(str(root)):
-            del sys.modules[name]
 
 
 def activate(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from diffem_cli.checkpoint import load_tensors
 from diffem_cli.config import TrainConfig
 from diffem_cli.errors import DiffemError
 from diffem_cli.nets import build_network
-from diffem_cli.train import EMA, lr_at, train_denoiser
+from diffem_cli.train import EMA, TrainResult, lr_at, train_denoiser
 
 CPU = torch.device("cpu")
 MLP = {"type": "mlp", "width": 32, "depth": 2, "emb_dim": 16}
@@ -25,6 +27,26 @@ def _data(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 def _net(cond_size: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_network(MLP, (3,), cond_size)
+
+
+def _train_from_state(
+    x: torch.Tensor, c: torch.Tensor, cfg: TrainConfig, state: Path, tag: dict
+) -> tuple[TrainResult, list[int]]:
+    """Train a fresh network with training state at ``state`` (resumed when its tag is ``tag``);
+    returns the result and the epochs that ran."""
+    epochs: list[int] = []
+    result = train_denoiser(
+        _net(),
+        x,
+        c,
+        cfg,
+        seed=0,
+        device=CPU,
+        state_path=state,
+        tag=tag,
+        on_epoch=lambda r: epochs.append(r["epoch"]),
+    )
+    return result, epochs
 
 
 def test_loss_decreases():
@@ -94,18 +116,7 @@ def test_resume_after_the_last_epoch_keeps_its_loss(tmp_path):
 
     with pytest.raises(_Stop):
         train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={}, on_epoch=stop_at_end)
-    epochs: list[int] = []
-    result = train_denoiser(
-        _net(),
-        x,
-        c,
-        cfg,
-        seed=0,
-        device=CPU,
-        state_path=state,
-        tag={},
-        on_epoch=lambda r: epochs.append(r["epoch"]),
-    )
+    result, epochs = _train_from_state(x, c, cfg, state, {})
     assert epochs == [] and result.steps == 4
     assert result.last_loss == losses[-1]
 
@@ -115,34 +126,10 @@ def test_state_with_another_tag_is_ignored(tmp_path):
     cfg = TrainConfig(batch_size=32, epochs=2, warmup=0)
     state = tmp_path / "state.safetensors"
     train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 1})
-    epochs: list[int] = []
-    train_denoiser(
-        _net(),
-        x,
-        c,
-        cfg,
-        seed=0,
-        device=CPU,
-        state_path=state,
-        tag={"lap": 2},
-        on_epoch=lambda r: epochs.append(r["epoch"]),
-    )
-    assert epochs == [1, 2]
+    assert _train_from_state(x, c, cfg, state, {"lap": 2})[1] == [1, 2]
     # a corrupt state file is ignored too (training starts over instead of failing)
     state.write_bytes(b"garbage")
-    epochs.clear()
-    train_denoiser(
-        _net(),
-        x,
-        c,
-        cfg,
-        seed=0,
-        device=CPU,
-        state_path=state,
-        tag={"lap": 2},
-        on_epoch=lambda r: epochs.append(r["epoch"]),
-    )
-    assert epochs == [1, 2]
+    assert _train_from_state(x, c, cfg, state, {"lap": 2})[1] == [1, 2]
 
 
 def test_unconditional_training_and_small_data():

@@ -9,52 +9,19 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from conftest import TINY_MLP
+from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
 
 from diffem_cli.checkpoint import load_checkpoint
-from diffem_cli.cli import run
 from diffem_cli.store import columns, read_manifest
 
-TRAIN = [
-    *TINY_MLP,
-    "--set",
-    "train.epochs=2",
-    "--set",
-    "train.batch_size=32",
-    "--set",
-    "train.warmup=0",
-    "--set",
-    "sample.steps=4",
-    "--set",
-    "em.gaussian_iters=2",
-]
-
-
-def _ok(*argv: object) -> None:
-    code = run([str(a) for a in argv])
-    assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
-
-
-def _error(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err
-    assert "Traceback" not in err
-    return lines[-1]
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {
-        p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+TRAIN = [*TINY_MLP, *sets("train.epochs=2", "train.batch_size=32"), *QUICK]
 
 
 @pytest.fixture(scope="module")
 def d(tmp_path_factory) -> Path:
     """Manifold observations + clean points, a 1-lap conditional RUN, and an unconditional RUN."""
     root = tmp_path_factory.mktemp("uncond")
-    _ok(
+    run_ok(
         "corrupt",
         "manifold:samples=128",
         root / "obs",
@@ -63,8 +30,8 @@ def d(tmp_path_factory) -> Path:
         "--clean-out",
         root / "clean",
     )
-    _ok("em-train", root / "obs", root / "run", "--laps", 1, *TRAIN)
-    _ok("train-uncond", root / "run/recon/lap_001", root / "urun", *TRAIN)
+    run_ok("em-train", root / "obs", root / "run", "--laps", 1, *TRAIN)
+    run_ok("train-uncond", root / "run/recon/lap_001", root / "urun", *TRAIN)
     return root
 
 
@@ -104,15 +71,15 @@ def test_sample_seeds_and_shapes(d, cli, tmp_path):
 def test_rerun_finished_does_nothing_and_other_config_is_refused(d, cli, tmp_path):
     urun = tmp_path / "urun"
     shutil.copytree(d / "urun", urun)
-    before = _snapshot(urun)
+    before = snapshot(urun)
     code, _, err = cli("train-uncond", d / "run/recon/lap_001", urun, *TRAIN)
     assert code == 0 and "already complete" in err
-    assert _snapshot(urun) == before
+    assert snapshot(urun) == before
     code, _, err = cli("train-uncond", d / "run/recon/lap_001", urun, *TRAIN, "--set", "train.lr=0.01")
-    assert code == 2 and "train.lr" in _error(err)
+    assert code == 2 and "train.lr" in error_line(err)
     code, _, err = cli("train-uncond", d / "run/recon/lap_000", urun, *TRAIN)
-    assert code == 2 and "other reconstructions" in _error(err)
-    assert _snapshot(urun) == before
+    assert code == 2 and "other reconstructions" in error_line(err)
+    assert snapshot(urun) == before
     # --force starts over with the new config, removing only what diffem wrote
     (urun / "notes.txt").write_text("mine")
     code, _, err = cli("train-uncond", d / "clean", urun, *TRAIN, "--set", "train.epochs=1", "--force")
@@ -141,14 +108,14 @@ def test_sample_bad_input(d, cli, tmp_path):
     for argv, match in cases:
         code, _, err = cli(*argv)
         assert code == 2, argv
-        assert match in _error(err), (argv, err)
+        assert match in error_line(err), (argv, err)
         assert not out.exists() and not (tmp_path / "png").exists()
         assert not (tmp_path / "u2").exists() and not (tmp_path / "u3").exists()
     # an existing OUT is left alone without --force, replaced with it
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = cli("sample", ckpt, out, "-n", 4, "--steps", 2)
-    assert code == 2 and "already exists" in _error(err)
+    assert code == 2 and "already exists" in error_line(err)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert cli("sample", ckpt, out, "-n", 4, "--steps", 2, "--force")[0] == 0
     assert len(datasets.load_from_disk(str(out))) == 4

@@ -1,0 +1,274 @@
+"""Sinkhorn divergence of the manifold benchmark, computed fast but iterate for iterate as POT does.
+
+The benchmark's score (algorithm.md) is POT's ``ot.sinkhorn2(a, b, M, reg, method="sinkhorn_log")``
+with uniform weights, squared Euclidean cost, ``reg = 1e-3`` and at most 1,024 iterations (stopping
+early when the marginal error, checked every 10 iterations, falls below 1e-9), between the samples
+and one half of the reference, minus the same between the two halves of the reference.
+
+With ``reg = 1e-3`` and costs up to ~80 the Gibbs kernel ``exp(-M / reg)`` underflows, so POT must
+run in the log domain, and it rarely converges in 1,024 iterations: the score is the value of the
+1,024th iterate, so an implementation must reproduce POT's iterates, not just some solution.
+POT's dense ``logsumexp`` iterations cost about 70 s for 1,024 points and ~20 minutes for 4,096 on
+a 2-core CPU (bench/results/metrics.md).
+
+``sinkhorn_cost`` runs the same updates (``v = log b - LSE_i(-M/reg + u)``, ``u = log a -
+LSE_j(-M/reg + v)``, POT's stopping rule) but evaluates each log-sum-exp on a sparse support: for a
+row ``i`` only the entries within ``SUPPORT`` nats of that row's largest term are kept, and the sum
+becomes a sparse matrix-vector product ``K @ exp(v - v0)`` with ``K = exp(-M/reg + v0 - max)``
+fixed while the potentials drift by less than ``SUPPORT - PRECISION`` nats from ``v0``. A dropped
+entry is then below the row's largest one by more than ``PRECISION = 50`` nats (a relative weight
+below 1e-21), so the result agrees with POT to rounding (about 1e-14 relative in the tests). When
+the drift grows, the support is re-selected from the current potentials with one dense pass in
+float32 (with a safety margin; kept entries are recomputed in float64). Rows (for the u-update)
+and columns (for the v-update) keep their own supports, each re-selected only when the potential
+it depends on has moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sps
+import torch
+
+from diffem_cli.errors import DiffemError
+
+REG = 1e-3
+MAX_ITER = 1024
+STOP_THR = 1e-9
+BOUND = 3.0
+FLOOR = 1e-6
+N_POINTS = 4096
+
+PRECISION = 50.0  # nats: entries this far below a row's largest term are dropped (e^-50 ~ 2e-22)
+HOT = 150.0  # nats kept in the kernel used by the iterations
+_CHUNK_ENTRIES = 1 << 22  # entries per float32 block of the dense support selection
+_PARALLEL_NNZ = 1 << 16  # split the products over threads above this many kernel entries
+_MAX_THREADS = 4
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _points(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+    arr = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise DiffemError(f"{name} must be a (points, dimensions) array, got shape {tuple(arr.shape)}")
+    if len(arr) == 0:
+        raise DiffemError(f"{name} holds no points")
+    if not np.isfinite(arr).all():
+        raise DiffemError(f"{name} holds NaN or infinite values")
+    return np.ascontiguousarray(arr)
+
+
+class _LogKernel:
+    """``LSE_j(-M_ij / reg + w_j)`` for every row ``i`` of ``q`` (``M``: squared distances to ``p``).
+
+    Two tiers: a *wide* set of entries (within ``WIDE`` nats of each row's largest term at ``w``
+    when selected, found by a dense pass) and a *hot* sparse kernel (within ``HOT`` nats, picked
+    from the wide set) used in the matrix-vector products. ``lse(w)`` is exact to ``PRECISION``
+    nats while ``fresh(w)``; ``update(w)`` re-picks the hot kernel from the wide set (cheap) while
+    the wide set still covers it, else selects a new wide set.
+    """
+
+    def __init__(self, q: np.ndarray, p: np.ndarray, w: np.ndarray, reg: float) -> None:
+        self.q, self.p, self.reg = q, p, reg
+        n, m = len(q), len(p)
+        self.wide_nats = 600.0 if n * m <= (1 << 24) else 200.0
+        self.hot_nats = min(HOT, self.wide_nats)
+        self._select_wide(w)
+
+    def _select_wide(self, w: np.ndarray) -> None:
+        rows, cols = _select(self.q, self.p, w, self.reg, self.wide_nats)
+        self.wide_w0 = w.copy()
+        self.wide_rows, self.wide_cols = rows, cols
+        self.wide_logk = -((self.q[rows] - self.p[cols]) ** 2).sum(1) / self.reg + w[cols]
+        self._pick_hot(w)
+
+    def _pick_hot(self, w: np.ndarray) -> None:
+        logk = self.wide_logk + (w - self.wide_w0)[self.wide_cols]
+        counts = np.bincount(self.wide_rows, minlength=len(self.q))
+        starts = np.zeros(len(self.q), dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        top = np.maximum.reduceat(logk, starts)  # every row holds at least its largest term
+        logk -= np.repeat(top, counts)
+        keep = logk >= -self.hot_nats
+        kept = np.bincount(self.wide_rows[keep], minlength=len(self.q))
+        indptr = np.zeros(len(self.q) + 1, dtype=np.int64)
+        np.cumsum(kept, out=indptr[1:])
+        self.k = sps.csr_matrix((np.exp(logk[keep]), self.wide_cols[keep], indptr), shape=(len(self.q), len(self.p)))
+        self.max, self.w0 = top, w.copy()
+        threads = min(torch.get_num_threads(), _MAX_THREADS)
+        if threads > 1 and self.k.nnz >= _PARALLEL_NNZ:
+            bounds = np.searchsorted(indptr, np.linspace(0, self.k.nnz, threads + 1)[1:-1])
+            edges = [0, *bounds.tolist(), len(self.q)]
+            self.parts = [self.k[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+        else:
+            self.parts = [self.k]
+
+    def _matvec(self, z: np.ndarray) -> np.ndarray:
+        if len(self.parts) == 1:
+            return self.k @ z
+        return np.concatenate(list(_pool().map(lambda part: part @ z, self.parts)))
+
+    def fresh(self, w: np.ndarray) -> bool:
+        return _spread(w - self.w0) <= self.hot_nats - PRECISION
+
+    def update(self, w: np.ndarray) -> None:
+        if _spread(w - self.wide_w0) <= self.wide_nats - self.hot_nats:
+            self._pick_hot(w)
+        else:
+            self._select_wide(w)
+
+    def lse(self, w: np.ndarray) -> np.ndarray:
+        if not self.fresh(w):
+            self.update(w)
+        d = w - self.w0
+        top = d.max()
+        return self.max + top + np.log(self._matvec(np.exp(d - top)))
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.diff(self.k.indptr)
+        return np.repeat(np.arange(self.k.shape[0]), counts), self.k.indices
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads for the matrix-vector products (scipy releases the GIL in them)."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="diffem-sinkhorn")
+    return _POOL
+
+
+def _spread(d: np.ndarray) -> float:
+    return float(d.max() - d.min())
+
+
+def _select(q: np.ndarray, p: np.ndarray, w: np.ndarray, reg: float, nats: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), grouped by i, with ``-M_ij/reg + w_j`` within ``nats`` of row i's maximum.
+
+    One dense pass in float32 blocks (``S_ij = (2 q_i.p_j - |p_j|^2) / reg + w_j``, the row-constant
+    ``-|q_i|^2 / reg`` left out) with a margin covering float32 rounding, so the set is a superset.
+    """
+    w = w - w.max()
+    p2 = (p * p).sum(1)
+    qa = torch.from_numpy(np.c_[q * (2.0 / reg), np.ones(len(q))]).float()
+    pa_np = np.c_[p, w - p2 / reg]
+    pa = torch.from_numpy(pa_np).float().T.contiguous()
+    scale = 2.0 * np.abs(q).sum(1).max() * np.abs(p).max() / reg + np.abs(pa_np[:, -1]).max()
+    margin = 1.0 + 4.0 * (q.shape[1] + 2) * 6e-8 * scale
+    chunk = max(1, _CHUNK_ENTRIES // len(p))
+    rows, cols = [], []
+    for s in range(0, len(q), chunk):
+        block = qa[s : s + chunk] @ pa
+        block -= block.amax(1, keepdim=True) - (nats + margin)
+        r, c = (block >= 0).nonzero(as_tuple=True)
+        rows.append(r.numpy() + s)
+        cols.append(c.numpy())
+    return np.concatenate(rows), np.concatenate(cols).astype(np.int32)
+
+
+def sinkhorn_cost(
+    a_pts: torch.Tensor | np.ndarray,
+    b_pts: torch.Tensor | np.ndarray,
+    reg: float = REG,
+    max_iter: int = MAX_ITER,
+    stop_thr: float = STOP_THR,
+) -> float:
+    """``ot.sinkhorn2(a, b, ot.dist(a_pts, b_pts), reg, method="sinkhorn_log", numItermax=max_iter)``.
+
+    Uniform weights, squared Euclidean cost (not normalised): the transport cost ``<M, P>`` of the
+    plan after POT's iterations, with POT's stopping rule (marginal error ``< stop_thr``, checked
+    every 10 iterations). Runs in float64 on the CPU; see the module docstring for how.
+    """
+    x, y = _points(a_pts, "first point set"), _points(b_pts, "second point set")
+    if x.shape[1] != y.shape[1]:
+        raise DiffemError(f"point sets differ in dimension: {x.shape[1]} vs {y.shape[1]}")
+    if not reg > 0:
+        raise DiffemError(f"entropic regularisation must be positive, got {reg}")
+    centre = np.concatenate([x, y]).mean(0)
+    x, y = x - centre, y - centre
+    n, m = len(x), len(y)
+    log_a, log_b = -math.log(n), -math.log(m)
+    b = np.full(m, 1.0 / m)
+    u, v = np.zeros(n), np.zeros(m)
+    cols = _LogKernel(y, x, u, reg)  # column sums: LSE_i(-M_ij / reg + u_i)
+    rows = _LogKernel(x, y, v, reg)  # row sums: LSE_j(-M_ij / reg + v_j)
+    for it in range(max_iter):
+        v = log_b - cols.lse(u)
+        u = log_a - rows.lse(v)
+        if it % 10 == 0:
+            err = np.linalg.norm(np.exp(v + cols.lse(u)) - b)
+            if err < stop_thr:
+                break
+    if not rows.fresh(v):
+        rows.update(v)
+    i, j = rows.entries()
+    d = v - rows.w0
+    plan = rows.k.data * np.exp(rows.max[i] + u[i] + d[j])
+    return float((((x[i] - y[j]) ** 2).sum(1) * plan).sum())
+
+
+def in_box(x: torch.Tensor, bound: float = BOUND) -> torch.Tensor:
+    """The rows of ``x`` with every coordinate strictly inside ``(-bound, bound)``."""
+    return x[(x.abs() < bound).all(1)]
+
+
+_REF_CACHE: OrderedDict[str, float] = OrderedDict()
+_REF_CACHE_SIZE = 16
+
+
+def _reference_term(ref_a: torch.Tensor, ref_b: torch.Tensor, reg: float, max_iter: int) -> float:
+    h = hashlib.sha256()
+    for t in (ref_a, ref_b):
+        arr = t.detach().cpu().double().numpy()
+        h.update(str(arr.shape).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    key = f"{h.hexdigest()}:{reg!r}:{max_iter}"
+    if key in _REF_CACHE:
+        _REF_CACHE.move_to_end(key)
+        return _REF_CACHE[key]
+    value = sinkhorn_cost(ref_a, ref_b, reg=reg, max_iter=max_iter)
+    _REF_CACHE[key] = value
+    while len(_REF_CACHE) > _REF_CACHE_SIZE:
+        _REF_CACHE.popitem(last=False)
+    return value
+
+
+def sinkhorn_divergence(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    n_points: int = N_POINTS,
+    reg: float = REG,
+    max_iter: int = MAX_ITER,
+    seed: int = 0,
+) -> float:
+    """The manifold benchmark's score: ``sinkhorn2(samples, ref_A) - sinkhorn2(ref_A, ref_B)``, >= 1e-6.
+
+    Rows with any coordinate outside (-3, 3) are dropped from both sets first. ``ref_A`` and
+    ``ref_B`` are disjoint halves of the reference; all three sets hold ``k = min(n_points,
+    #samples, #reference // 2)`` points, drawn without replacement by permutations seeded with
+    ``seed`` (the same subsets every call). Subtracting the reference-vs-reference term removes
+    most of the entropic and finite-sample bias, so a perfect sampler scores near the 1e-6 floor.
+    The reference term is cached per reference subset.
+    """
+    if samples.ndim != 2 or reference.ndim != 2:
+        raise DiffemError("the Sinkhorn divergence compares vectors: (points, dimensions) tensors")
+    if samples.shape[1] != reference.shape[1]:
+        raise DiffemError(f"samples have {samples.shape[1]} dimensions, the reference {reference.shape[1]}")
+    if n_points < 1:
+        raise DiffemError(f"n_points must be >= 1, got {n_points}")
+    samples, reference = in_box(samples.detach().cpu()), in_box(reference.detach().cpu())
+    k = min(n_points, len(samples), len(reference) // 2)
+    if len(samples) == 0:
+        raise DiffemError(f"no sample lies inside (-{BOUND:g}, {BOUND:g}) in every coordinate")
+    if k < 1:
+        raise DiffemError(f"the reference needs at least 2 points inside (-{BOUND:g}, {BOUND:g}); it has {len(reference)}")
+    gen = torch.Generator().manual_seed(seed)
+    ref = reference[torch.randperm(len(reference), generator=gen)[: 2 * k]]
+    ref_a, ref_b = ref[:k], ref[k:]
+    xs = samples[torch.randperm(len(samples), generator=gen)[:k]]
+    value = sinkhorn_cost(xs, ref_a, reg=reg, max_iter=max_iter) - _reference_term(ref_a, ref_b, reg, max_iter)
+    return max(value, FLOOR)
