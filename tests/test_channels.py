@@ -185,8 +185,15 @@ def test_projection_rows_and_noise_level() -> None:
     assert abs(resid.std().item() - sigma) < 0.003
     raw = ProjectionChannel(m=3, normalize=False).corrupt(x, sample_seeds(0, range(b)))["A"]
     assert abs(raw.std().item() - 1) < 0.03 and not torch.allclose(raw.norm(dim=-1), torch.ones(b, 3))
+    assert_close(ProjectionChannel(m=m, features=False).condition(obs, (n,)), torch.cat([y, a.reshape(b, -1)], 1))
     cond = ProjectionChannel(m=m).condition(obs, (n,))
-    assert_close(cond, torch.cat([y, a.reshape(b, -1)], 1))
+    assert cond.shape == (b, m + m * n + n + n * n)
+    assert_close(cond[:, : m + m * n], torch.cat([y, a.reshape(b, -1)], 1))
+    x_ls, proj = cond[:, m + m * n : m + m * n + n], cond[:, m + m * n + n :].reshape(b, n, n)
+    # A^+ y reproduces the measurements, and A^+ A is the orthogonal projector onto A's row space.
+    assert_close(torch.einsum("bmn,bn->bm", a, x_ls), y, tol=1e-4)
+    assert_close(proj @ proj, proj, tol=1e-4)
+    assert_close(proj, proj.transpose(1, 2), tol=1e-4)
 
 
 @pytest.mark.parametrize(
