@@ -166,7 +166,7 @@ def markdown(result: dict[str, Any]) -> str:
         "Lap 0 is the Gaussian start; PSNR/SSIM of one posterior sample per observation against its clean "
         "digit, and the Frechet distances of those reconstructions to the clean digits (`fd_pixels` compares "
         "only means and covariances of raw pixels, which the Gaussian start matches by construction; "
-        "`fd_rand` embeds the images with fixed random features first). "
+        "`fd_rand` compares them in the feature space of a fixed random CNN). "
         "Frechet distances (lower is better) of 1,797 samples against the 1,797 clean digits; "
         "'reconstructions' and 'observations' score the last lap's posterior samples and the masked "
         "images themselves, for reference.",

@@ -24,6 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "uncond_cmd",
     "export_cmd",
     "report_cmd",
+    "evaluate_cmd",
 )
 
 app = typer.Typer(

@@ -131,7 +131,7 @@ def _check_uncond(root: Path, shape: tuple[int, ...]) -> None:
 
 
 def test_manifold_chain(manifold):
-    _check_run(manifold, 256, (5,), cond_size=2 + 2 * 5)
+    _check_run(manifold, 256, (5,), cond_size=2 + 2 * 5 + 5 + 5 * 5)  # y, A, A^+ y, A^+ A
     _check_uncond(manifold, (5,))
     # lap 0 is an exact Gaussian posterior sample: it agrees with its measurement y = A x + 0.01 eps
     obs = columns(datasets.load_from_disk(str(manifold / "obs")), ["y", "A"])

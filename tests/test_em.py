@@ -260,6 +260,6 @@ def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):
     assert [r["lap"] for r in records if r["event"] == "lap"] == [0, 1, 2]
     for lap in (1, 2):
         model = build_model(load_checkpoint(run_dir / "checkpoints" / f"lap_{lap:03d}.safetensors"))
-        assert model.body[0].in_features == 5 + 16 + 12
+        assert model.body[0].in_features == 5 + 16 + (2 + 2 * 5 + 5 + 5 * 5)  # x, t, (y, A, A^+ y, A^+ A)
         assert (run_dir / "recon" / f"lap_{lap:03d}" / "diffem.json").exists()
     assert not state.exists()
