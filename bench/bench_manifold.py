@@ -58,8 +58,14 @@ def main() -> None:
     write_dataset(work / "heldout", [{"x": heldout}], {"kind": "clean"})
 
     t0 = time.perf_counter()
-    records = em_train(work / "obs", work / "run", cfg, laps=laps, eval_clean=work / "heldout",
-                       log=lambda s: print(s, flush=True))
+    records = em_train(
+        work / "obs",
+        work / "run",
+        cfg,
+        laps=laps,
+        eval_clean=work / "heldout",
+        log=lambda s: print(s, flush=True),
+    )
     em_wall = time.perf_counter() - t0
     train_s = sum(r.get(k, 0.0) for r in records for k in ("init_s", "mstep_s", "estep_s", "corrupt_s"))
 
@@ -67,9 +73,22 @@ def main() -> None:
     result = {
         "machine": machine(),
         "config": cfg.to_dict(),
-        "laps": [{k: r.get(k) for k in ("lap", "init_s", "mstep_s", "estep_s", "eval_sinkhorn",
-                                          "eval_sliced_w2", "examples_per_s", "estep_samples_per_s")}
-                 for r in records],
+        "laps": [
+            {
+                k: r.get(k)
+                for k in (
+                    "lap",
+                    "init_s",
+                    "mstep_s",
+                    "estep_s",
+                    "eval_sinkhorn",
+                    "eval_sliced_w2",
+                    "examples_per_s",
+                    "estep_samples_per_s",
+                )
+            }
+            for r in records
+        ],
         "train_seconds": train_s,
         "wall_seconds_with_eval": em_wall,
         "oracle_sinkhorn": oracle,
@@ -83,12 +102,16 @@ def main() -> None:
         "",
         "| after lap | " + " | ".join(str(r["lap"]) for r in records) + " | train time |",
         "|---|" + "---|" * (len(records) + 1),
-        "| diffem | " + " | ".join(f"{r.get('eval_sinkhorn', float('nan')):.3f}" for r in records)
+        "| diffem | "
+        + " | ".join(f"{r.get('eval_sinkhorn', float('nan')):.3f}" for r in records)
         + f" | {train_s:.0f} s |",
     ]
     for name, row in OFFICIAL.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in row["sinkhorn"][: len(records)])
-                     + f" | {row['seconds']} s |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{v:.3f}" for v in row["sinkhorn"][: len(records)])
+            + f" | {row['seconds']} s |"
+        )
     lines += [
         "",
         f"Oracle (conditional model trained one lap's budget on clean data): Sinkhorn {oracle:.3f}.",
@@ -97,9 +120,11 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for r in records:
-        lines.append(f"| {r['lap']} | {r.get('init_s', 0):.1f} | {r.get('mstep_s', 0):.1f} | "
-                     f"{r.get('estep_s', 0):.1f} | {r.get('examples_per_s', 0):.0f} | "
-                     f"{r.get('estep_samples_per_s', 0):.0f} |")
+        lines.append(
+            f"| {r['lap']} | {r.get('init_s', 0):.1f} | {r.get('mstep_s', 0):.1f} | "
+            f"{r.get('estep_s', 0):.1f} | {r.get('examples_per_s', 0):.0f} | "
+            f"{r.get('estep_samples_per_s', 0):.0f} |"
+        )
     name = "manifold" if not args.quick else "manifold-quick"
     if args.curve_seed:
         name += f"-curve{args.curve_seed}"
@@ -118,10 +143,18 @@ def oracle_score(work: Path, cfg, heldout: torch.Tensor) -> float:
     cond_size = data.channel.cond_size(data.shape)
     model = build_network(cfg.network, data.shape, cond_size)
     fresh = recorrupt(data.channel, clean, cfg.seed, 1, data.index)
-    result = train_denoiser(model, clean, data.channel.condition(fresh, data.shape), cfg.train, seed=cfg.seed,
-                            device=dev, label="oracle")
-    x = posterior_samples(result.ema_model, data.channel, data.obs, data.shape, cfg.sample, seed=cfg.seed,
-                          device=dev)
+    result = train_denoiser(
+        model,
+        clean,
+        data.channel.condition(fresh, data.shape),
+        cfg.train,
+        seed=cfg.seed,
+        device=dev,
+        label="oracle",
+    )
+    x = posterior_samples(
+        result.ema_model, data.channel, data.obs, data.shape, cfg.sample, seed=cfg.seed, device=dev
+    )
     return evaluate_tensors(x, heldout, ["sinkhorn"])["sinkhorn"]
 
 

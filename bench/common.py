@@ -22,9 +22,17 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": gpu}
-    info["summary"] = f"{cpu}, {info['cores']} cores, torch {torch.__version__}" + (f", {gpu}" if gpu else ", no GPU")
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": gpu,
+    }
+    info["summary"] = f"{cpu}, {info['cores']} cores, torch {torch.__version__}" + (
+        f", {gpu}" if gpu else ", no GPU"
+    )
     return info
 
 

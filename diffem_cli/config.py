@@ -130,7 +130,9 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     else:
         path = Path(name)
         if not path.exists():
-            raise DiffemError(f"config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
+            raise DiffemError(
+                f"config {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file"
+            )
         text = path.read_text()
     try:
         data = yaml.safe_load(text) or {}

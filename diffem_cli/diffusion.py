@@ -79,7 +79,9 @@ def sampler_scheduler(name: str, steps: int, clip_range: float | None = None) ->
 T_SAMPLING = ("uniform", "log-sigma")
 
 
-def draw_timesteps(n: int, scheduler: Any, t_sampling: str, generator: torch.Generator | None) -> torch.Tensor:
+def draw_timesteps(
+    n: int, scheduler: Any, t_sampling: str, generator: torch.Generator | None
+) -> torch.Tensor:
     """Training timesteps: ``uniform`` over the 1,000 steps, or ``log-sigma``: half uniform, half
     with noise levels sigma = sqrt((1 - abar) / abar) log-uniform between the schedule's smallest
     and 10, which spends more of the budget at low noise, where fine structure (thin manifolds,

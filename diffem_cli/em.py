@@ -68,13 +68,19 @@ class Observations:
         return len(self.index)
 
     def data_meta(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "kind": self.kind, "value_range": self.value_range,
-                "fingerprint": self.fingerprint, "source": self.manifest.get("source")}
+        return {
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "value_range": self.value_range,
+            "fingerprint": self.fingerprint,
+            "source": self.manifest.get("source"),
+        }
 
     def batches(self, size: int = 4096) -> Callable[[], Any]:
         def gen():
             for s in range(0, len(self), size):
-                yield {k: v[s:s + size] for k, v in self.obs.items()}
+                yield {k: v[s : s + size] for k, v in self.obs.items()}
+
         return gen
 
 
@@ -118,23 +124,30 @@ class Run:
         """Create the RUN folder, or check that an existing one belongs to this data and config."""
         if not self.root.parent.exists():
             raise DiffemError(f"folder {self.root.parent} does not exist")
-        info = {"data": str(data.path.resolve()), "fingerprint": data.fingerprint,
-                "channel": data.channel.spec()}
+        info = {
+            "data": str(data.path.resolve()),
+            "fingerprint": data.fingerprint,
+            "channel": data.channel.spec(),
+        }
         cfg_file, info_file = self.root / "config.yaml", self.root / "run.json"
         if self.root.exists() and any(self.root.iterdir()) and not force:
             if not cfg_file.exists() or not info_file.exists():
                 raise DiffemError(f"{self.root} exists and is not a diffem run (use --force or another RUN)")
             old = json.loads(info_file.read_text())
             if old.get("fingerprint") != data.fingerprint:
-                raise DiffemError(f"{self.root} was trained on other observations ({old.get('data')}); "
-                                  "use another RUN or --force")
+                raise DiffemError(
+                    f"{self.root} was trained on other observations ({old.get('data')}); "
+                    "use another RUN or --force"
+                )
             old_cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {}).to_dict()
             new_cfg = cfg.to_dict()
             old_cfg["em"].pop("laps"), new_cfg["em"].pop("laps")
             diff = _first_difference(old_cfg, new_cfg)
             if diff:
-                raise DiffemError(f"{self.root} holds another configuration ({diff}); "
-                                  "use another RUN or --force to start over")
+                raise DiffemError(
+                    f"{self.root} holds another configuration ({diff}); "
+                    "use another RUN or --force to start over"
+                )
         elif self.root.exists() and force:
             import shutil
 
@@ -146,8 +159,10 @@ class Run:
                     p.unlink()
         for d in (self.root, self.ckpt_dir, self.recon_dir, self.samples_dir, self.state.parent):
             d.mkdir(parents=True, exist_ok=True)
-        for path, text in ((cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
-                           (info_file, json.dumps(info, indent=2) + "\n")):
+        for path, text in (
+            (cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False)),
+            (info_file, json.dumps(info, indent=2) + "\n"),
+        ):
             if not path.exists() or path.read_text() != text:  # a finished run re-run changes no file
                 write_text_atomic(path, text)
 
@@ -162,15 +177,21 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else f"{prefix.rstrip('.')}: {a!r} in RUN, {b!r} now"
 
 
-def save_recon(path: Path, x: torch.Tensor, index: torch.Tensor, meta: dict[str, Any], force: bool = True,
-               extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_recon(
+    path: Path,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    meta: dict[str, Any],
+    force: bool = True,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write reconstructions (columns ``x``, ``index`` and any ``extra``) as a datasets folder."""
     chunk = 8192
     cols = {"x": x, "index": index, **(extra or {})}
 
     def chunks():
         for s in range(0, len(x), chunk):
-            yield {k: v[s:s + chunk] for k, v in cols.items()}
+            yield {k: v[s : s + chunk] for k, v in cols.items()}
 
     write_dataset(path, chunks(), {"kind": "reconstructions", **meta}, force=force)
 
@@ -189,15 +210,25 @@ def initial_reconstructions(data: Observations, cfg: RunConfig, run: Run, log: L
     t0 = time.perf_counter()
     if init == "gaussian":
         if not data.channel.linear:
-            raise DiffemError(f"em.init=gaussian needs a linear channel; {data.channel.name!r} has no linear form")
+            raise DiffemError(
+                f"em.init=gaussian needs a linear channel; {data.channel.name!r} has no linear form"
+            )
         from diffem_cli.gaussian import fit_gaussian, gaussian_start
 
-        prior = fit_gaussian(data.channel, data.batches(), data.shape, iters=cfg.em.gaussian_iters,
-                             rank=cfg.em.gaussian_rank, generator=torch.Generator().manual_seed(cfg.seed))
+        prior = fit_gaussian(
+            data.channel,
+            data.batches(),
+            data.shape,
+            iters=cfg.em.gaussian_iters,
+            rank=cfg.em.gaussian_rank,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         x = torch.cat(list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed)))
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in prior.to_tensors().items()}, str(run.root / "gaussian.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in prior.to_tensors().items()}, str(run.root / "gaussian.safetensors")
+        )
     elif init == "observation":
         x = torch.cat([data.channel.start(b, data.shape) for b in data.batches()()])
     else:
@@ -238,16 +269,32 @@ def em_train(
     run.prepare(cfg, data, force)
     cond_size = data.channel.cond_size(data.shape)
     clip = clip_range_for(data.kind, data.value_range)
-    base_meta = {"kind": "conditional", "network": cfg.network, "cond_size": cond_size,
-                 "channel": data.channel.spec(), "data": data.data_meta(), "schedule": SCHEDULE}
+    base_meta = {
+        "kind": "conditional",
+        "network": cfg.network,
+        "cond_size": cond_size,
+        "channel": data.channel.spec(),
+        "data": data.data_meta(),
+        "schedule": SCHEDULE,
+    }
     done = {r["lap"]: r for r in run.records() if r.get("event") == "lap"}
 
     # Lap 0
     if not (run.recon(0) / "diffem.json").exists():
         if warm is not None:
             t0 = time.perf_counter()
-            x = posterior_samples(build_model(warm), data.channel, data.obs, data.shape, cfg.sample,
-                                  seed=cfg.seed, tag=0, device=dev, clip_range=clip, label="warm start")
+            x = posterior_samples(
+                build_model(warm),
+                data.channel,
+                data.obs,
+                data.shape,
+                cfg.sample,
+                seed=cfg.seed,
+                tag=0,
+                device=dev,
+                clip_range=clip,
+                label="warm start",
+            )
             start = {"x": x, "init": "warm-start", "seconds": time.perf_counter() - t0}
         else:
             start = initial_reconstructions(data, cfg, run, log)
@@ -287,23 +334,53 @@ def em_train(
                 more = data.channel.corrupt(prev, sample_seeds(cfg.seed, data.index, lap, r))
                 return data.channel.condition(more, data.shape)
 
-            result = train_denoiser(model, prev, cond, cfg.train, seed=cfg.seed + lap, device=dev,
-                                    state_path=run.state, tag={"lap": lap, "fingerprint": data.fingerprint},
-                                    label=f"lap {lap} M-step", on_epoch=on_epoch, refresh=refresh,
-                                    refresh_every=cfg.em.recorrupt_every)
+            result = train_denoiser(
+                model,
+                prev,
+                cond,
+                cfg.train,
+                seed=cfg.seed + lap,
+                device=dev,
+                state_path=run.state,
+                tag={"lap": lap, "fingerprint": data.fingerprint},
+                label=f"lap {lap} M-step",
+                on_epoch=on_epoch,
+                refresh=refresh,
+                refresh_every=cfg.em.recorrupt_every,
+            )
             save_checkpoint(run.checkpoint(lap), result.ema_model, {**base_meta, "lap": lap})
             run.state.unlink(missing_ok=True)
-            rec.update({"mstep_s": time.perf_counter() - t0, "loss": result.last_loss, "steps": result.steps,
-                        "examples_per_s": result.steps * min(cfg.train.batch_size, len(prev)) / result.seconds})
+            rec.update(
+                {
+                    "mstep_s": time.perf_counter() - t0,
+                    "loss": result.last_loss,
+                    "steps": result.steps,
+                    "examples_per_s": result.steps * min(cfg.train.batch_size, len(prev)) / result.seconds,
+                }
+            )
         model = build_model(load_checkpoint(run.checkpoint(lap)))
         t0 = time.perf_counter()
-        x = posterior_samples(model, data.channel, data.obs, data.shape, cfg.sample, seed=cfg.seed, tag=lap,
-                              device=dev, clip_range=clip, label=f"lap {lap} E-step")
+        x = posterior_samples(
+            model,
+            data.channel,
+            data.obs,
+            data.shape,
+            cfg.sample,
+            seed=cfg.seed,
+            tag=lap,
+            device=dev,
+            clip_range=clip,
+            label=f"lap {lap} E-step",
+        )
         rec["estep_s"] = time.perf_counter() - t0
         rec["nfe"] = cfg.sample.steps
         rec["estep_samples_per_s"] = len(x) / rec["estep_s"]
-        save_recon(run.recon(lap), x, data.index, {"lap": lap, "sampler": cfg.sample.sampler,
-                                                    "steps": cfg.sample.steps})
+        save_recon(
+            run.recon(lap),
+            x,
+            data.index,
+            {"lap": lap, "sampler": cfg.sample.sampler, "steps": cfg.sample.steps},
+        )
         rec.update(_evaluate(x, clean, data, cfg))
         _lap_picture(run, lap, x, data)
         run.log(rec)
@@ -322,14 +399,20 @@ def _seeded_network(cfg: RunConfig, shape: tuple[int, ...], cond_size: int) -> t
 def _check_compatible(meta: dict[str, Any], data: Observations, path: Path | None) -> None:
     """A conditional checkpoint must come from the same channel and data shape as the observations."""
     if meta["kind"] != "conditional":
-        raise DiffemError(f"{path} is an unconditional model; warm starts and reconstruct need a conditional one")
+        raise DiffemError(
+            f"{path} is an unconditional model; warm starts and reconstruct need a conditional one"
+        )
     if tuple(meta["data"]["shape"]) != data.shape:
-        raise DiffemError(f"{path} was trained on data of shape {tuple(meta['data']['shape'])}, "
-                          f"these observations have shape {data.shape}")
+        raise DiffemError(
+            f"{path} was trained on data of shape {tuple(meta['data']['shape'])}, "
+            f"these observations have shape {data.shape}"
+        )
     theirs, ours = meta.get("channel", {}), data.channel.spec()
     if theirs.get("name") != ours["name"]:
-        raise DiffemError(f"{path} was trained for channel {theirs.get('name')!r}, "
-                          f"these observations come from {ours['name']!r}")
+        raise DiffemError(
+            f"{path} was trained for channel {theirs.get('name')!r}, "
+            f"these observations come from {ours['name']!r}"
+        )
     if data.channel.cond_size(data.shape) != int(meta.get("cond_size", -1)):
         raise DiffemError(f"{path} expects another conditioning size than channel {ours['name']!r} gives")
 
@@ -337,12 +420,15 @@ def _check_compatible(meta: dict[str, Any], data: Observations, path: Path | Non
 def _load_clean(path: Path, data: Observations) -> torch.Tensor:
     x, _ = load_recon(path)
     if tuple(x.shape[1:]) != data.shape:
-        raise DiffemError(f"--eval-clean {path} holds data of shape {tuple(x.shape[1:])}, "
-                          f"observations are {data.shape}")
+        raise DiffemError(
+            f"--eval-clean {path} holds data of shape {tuple(x.shape[1:])}, observations are {data.shape}"
+        )
     return x
 
 
-def _evaluate(x: torch.Tensor, clean: torch.Tensor | None, data: Observations, cfg: RunConfig) -> dict[str, float]:
+def _evaluate(
+    x: torch.Tensor, clean: torch.Tensor | None, data: Observations, cfg: RunConfig
+) -> dict[str, float]:
     if clean is None:
         return {}
     from diffem_cli.evaluate import evaluate_tensors
@@ -391,5 +477,11 @@ def _curves(run: Run, records: list[dict[str, Any]]) -> None:
     if not names:
         return
     curves = {n[5:]: [(r["lap"], r[n]) for r in records if n in r] for n in names}
-    plots.save_curves(curves, run.root / "metrics.png", xlabel="lap", ylabel="metric",
-                      logy=any(n in ("eval_sinkhorn",) for n in names), title="per-lap evaluation")
+    plots.save_curves(
+        curves,
+        run.root / "metrics.png",
+        xlabel="lap",
+        ylabel="metric",
+        logy=any(n in ("eval_sinkhorn",) for n in names),
+        title="per-lap evaluation",
+    )

@@ -41,16 +41,28 @@ def posterior_samples(
     n = len(next(iter(obs.values())))
     model = model.to(device).eval()
     out = torch.empty((n, *shape))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
     with progress() as bar, autocast:
         task = bar.add_task(label, total=n, info=f"{cfg.sampler}, {cfg.steps} steps")
         for start in range(0, n, cfg.batch_size):
-            part = {k: v[start:start + cfg.batch_size] for k, v in obs.items()}
+            part = {k: v[start : start + cfg.batch_size] for k, v in obs.items()}
             cond = channel.condition(part, shape).to(device)
             gen = torch.Generator().manual_seed(mix_seed(seed, tag, start))
-            x = sample(model, shape, cond.shape[0], cond, sampler=cfg.sampler, steps=cfg.steps,
-                       generator=gen, clip_range=clip_range, device=device)
-            out[start:start + len(x)] = x.float().cpu()
+            x = sample(
+                model,
+                shape,
+                cond.shape[0],
+                cond,
+                sampler=cfg.sampler,
+                steps=cfg.steps,
+                generator=gen,
+                clip_range=clip_range,
+                device=device,
+            )
+            out[start : start + len(x)] = x.float().cpu()
             bar.update(task, advance=len(x))
     return out

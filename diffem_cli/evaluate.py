@@ -40,7 +40,12 @@ class Metric:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("sinkhorn", ("vector", "image"), False, "Sinkhorn divergence to the reference (manifold benchmark)"),
+        Metric(
+            "sinkhorn",
+            ("vector", "image"),
+            False,
+            "Sinkhorn divergence to the reference (manifold benchmark)",
+        ),
         Metric("sliced_w2", ("vector", "image"), False, "sliced Wasserstein-2 distance (256 projections)"),
         Metric("psnr", ("image",), True, "PSNR (dB) of each sample against its clean image", False),
         Metric("ssim", ("image",), True, "SSIM of each sample against its clean image", False),
@@ -136,7 +141,9 @@ def _choose(names: Sequence[str] | None, kind: str, paired: bool) -> list[str]:
             raise DiffemError(f"unknown metric {name!r} (available: {', '.join(METRICS)})")
         metric = METRICS[name]
         if kind not in metric.kinds:
-            raise DiffemError(f"metric {name!r} needs {' or '.join(k + 's' for k in metric.kinds)}; the data are {kind}s")
+            raise DiffemError(
+                f"metric {name!r} needs {' or '.join(k + 's' for k in metric.kinds)}; the data are {kind}s"
+            )
         if metric.paired and not paired:
             raise DiffemError(
                 f"metric {name!r} pairs each sample with its clean image by the 'index' column, "
@@ -166,7 +173,9 @@ def _per_observation_mean(values: torch.Tensor, index: torch.Tensor) -> float:
     """Mean over observations of the mean over each observation's samples."""
     groups, inverse = torch.unique(index, return_inverse=True)
     sums = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, inverse, values.double())
-    counts = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values).double())
+    counts = torch.zeros(len(groups), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(values).double()
+    )
     return float((sums / counts).mean())
 
 
@@ -203,7 +212,9 @@ def _evaluate(
     return {n: out[n] for n in chosen}
 
 
-def _whole(name: str, xs: torch.Tensor, xr: torch.Tensor, vr: tuple[float, float], n_points: int, seed: int) -> float:
+def _whole(
+    name: str, xs: torch.Tensor, xr: torch.Tensor, vr: tuple[float, float], n_points: int, seed: int
+) -> float:
     if name == "sinkhorn":
         from diffem_cli.metrics.sinkhorn import sinkhorn_divergence
 
@@ -221,7 +232,9 @@ def _whole(name: str, xs: torch.Tensor, xr: torch.Tensor, vr: tuple[float, float
     return online.fd_dinov2(xs, xr, vr)
 
 
-def _paired(samples: _Rows, reference: _Rows, names: list[str], vr: tuple[float, float], chunk: int) -> dict[str, float]:
+def _paired(
+    samples: _Rows, reference: _Rows, names: list[str], vr: tuple[float, float], chunk: int
+) -> dict[str, float]:
     from diffem_cli.metrics.images import psnr_per_image, ssim_per_image
 
     assert samples.index is not None and reference.index is not None

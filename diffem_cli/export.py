@@ -57,7 +57,8 @@ def _model_card(meta: dict[str, Any]) -> str:
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [diffem, diffusion, unconditional-image-generation]" if meta["kind"] == "unconditional"
+        "tags: [diffem, diffusion, unconditional-image-generation]"
+        if meta["kind"] == "unconditional"
         else "tags: [diffem, diffusion, posterior-sampling]",
         "---",
         "",
@@ -109,7 +110,9 @@ def export_checkpoint(ckpt_path: Path, out: Path, *, force: bool = False) -> dic
         else:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "model.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "model.safetensors")
+            )
         (target / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         (target / "README.md").write_text(_model_card(meta))
     return meta

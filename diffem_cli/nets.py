@@ -59,8 +59,9 @@ class ImageUNet(nn.Module):
         return self.unet(inp, t.expand(x.shape[0])).sample
 
 
-def default_unet_config(shape: tuple[int, ...], channels: tuple[int, ...] = (32, 64), layers: int = 1,
-                        attention: bool = False) -> dict[str, Any]:
+def default_unet_config(
+    shape: tuple[int, ...], channels: tuple[int, ...] = (32, 64), layers: int = 1, attention: bool = False
+) -> dict[str, Any]:
     """A small UNet config for images of ``shape`` (C, H, W); presets override it for paper scale."""
     down = ["DownBlock2D"] * len(channels)
     up = ["UpBlock2D"] * len(channels)
@@ -83,8 +84,13 @@ def build_network(config: dict[str, Any], shape: tuple[int, ...], cond_size: int
     if kind == "mlp":
         if len(shape) != 1:
             raise DiffemError(f"an MLP network needs vector data, got shape {tuple(shape)}")
-        return VectorMLP(shape[0], cond_size, int(config.get("width", 256)), int(config.get("depth", 3)),
-                         int(config.get("emb_dim", 64)))
+        return VectorMLP(
+            shape[0],
+            cond_size,
+            int(config.get("width", 256)),
+            int(config.get("depth", 3)),
+            int(config.get("emb_dim", 64)),
+        )
     if kind == "unet":
         if len(shape) != 3:
             raise DiffemError(f"a UNet needs image data (C, H, W), got shape {tuple(shape)}")

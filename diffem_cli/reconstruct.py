@@ -45,19 +45,39 @@ def reconstruct(
     clip = clip_range_for(data.kind, data.value_range)
     xs, idx, rep = [], [], []
     for r in range(per_observation):
-        x = posterior_samples(model, data.channel, data.obs, data.shape, cfg, seed=seed, tag=1000 + r,
-                              device=dev, clip_range=clip, label=f"reconstruct {r + 1}/{per_observation}")
+        x = posterior_samples(
+            model,
+            data.channel,
+            data.obs,
+            data.shape,
+            cfg,
+            seed=seed,
+            tag=1000 + r,
+            device=dev,
+            clip_range=clip,
+            label=f"reconstruct {r + 1}/{per_observation}",
+        )
         xs.append(x)
         idx.append(data.index)
         rep.append(torch.full((len(x),), r, dtype=torch.int64))
     x_all = torch.cat(xs)
-    meta = {"checkpoint": str(ckpt_path), "observations": str(data_path), "sampler": cfg.sampler,
-            "steps": cfg.steps, "per_observation": per_observation, "seed": seed,
-            "data_shape": list(data.shape), "data_kind": data.kind, "value_range": data.value_range,
-            "channel": data.channel.spec()}
+    meta = {
+        "checkpoint": str(ckpt_path),
+        "observations": str(data_path),
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "per_observation": per_observation,
+        "seed": seed,
+        "data_shape": list(data.shape),
+        "data_kind": data.kind,
+        "value_range": data.value_range,
+        "channel": data.channel.spec(),
+    }
     save_recon(out, x_all, torch.cat(idx), meta, force=force, extra={"sample": torch.cat(rep)})
     if png_dir is not None:
-        names = [f"{i:06d}_{r}" for i, r in zip(torch.cat(idx).tolist(), torch.cat(rep).tolist(), strict=True)]
+        names = [
+            f"{i:06d}_{r}" for i, r in zip(torch.cat(idx).tolist(), torch.cat(rep).tolist(), strict=True)
+        ]
         write_pngs(png_dir, x_all, names, data.data_meta(), force)
     return {"rows": len(x_all), **meta}
 

@@ -80,6 +80,12 @@ def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
     metrics = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
     if metrics:
         curves = {m[5:]: [(r["lap"], r[m]) for r in records if m in r] for m in metrics}
-        plots.save_curves(curves, run.root / "metrics.png", xlabel="lap", ylabel="value",
-                          logy="eval_sinkhorn" in metrics, title="per-lap evaluation")
+        plots.save_curves(
+            curves,
+            run.root / "metrics.png",
+            xlabel="lap",
+            ylabel="value",
+            logy="eval_sinkhorn" in metrics,
+            title="per-lap evaluation",
+        )
     return summary

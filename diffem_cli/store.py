@@ -124,7 +124,10 @@ def write_dataset(
             for i in range(n):
                 yield {k: v[i] for k, v in chunk.items()}
 
-    with atomic_path(out, force) as target, tempfile.TemporaryDirectory(dir=out.parent, prefix=".cache-") as cache:
+    with (
+        atomic_path(out, force) as target,
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=".cache-") as cache,
+    ):
         was_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         try:
@@ -194,9 +197,7 @@ def columns(ds: Any, names: list[str], start: int = 0, stop: int | None = None) 
     return out
 
 
-def iter_columns(
-    ds: Any, names: list[str], batch_size: int
-) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+def iter_columns(ds: Any, names: list[str], batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """Yield ``(start, batch)`` over the whole data set in order, ``batch_size`` rows at a time."""
     for start in range(0, len(ds), batch_size):
         yield start, columns(ds, names, start, start + batch_size)

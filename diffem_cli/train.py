@@ -74,8 +74,14 @@ def _state_tensors(model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, gen: 
     return out
 
 
-def _restore(path: Path, tag: dict[str, Any], model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-             gen: torch.Generator) -> tuple[int, int, float] | None:
+def _restore(
+    path: Path,
+    tag: dict[str, Any],
+    model: nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[int, int, float] | None:
     """Load a saved training state whose tag matches; returns (epoch, step, last loss) or None."""
     if not path.exists():
         return None
@@ -144,8 +150,11 @@ def train_denoiser(
     with progress() as bar:
         task = bar.add_task(label, total=total, completed=step, info="")
         for epoch in range(start_epoch, cfg.epochs):
-            if refresh is not None and refresh_every > 0 and epoch // refresh_every > 0 and (
-                epoch % refresh_every == 0 or epoch == start_epoch
+            if (
+                refresh is not None
+                and refresh_every > 0
+                and epoch // refresh_every > 0
+                and (epoch % refresh_every == 0 or epoch == start_epoch)
             ):
                 c_dev = refresh(epoch // refresh_every).to(device)
             perm = torch.randperm(n, generator=gen)[: per_epoch * bs].view(per_epoch, bs).to(device)
@@ -154,8 +163,14 @@ def train_denoiser(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, cfg)
                 with autocast:
-                    loss = training_loss(model, x_dev[idx], c_dev[idx] if c_dev is not None else None, sched, gen,
-                                         cfg.t_sampling)
+                    loss = training_loss(
+                        model,
+                        x_dev[idx],
+                        c_dev[idx] if c_dev is not None else None,
+                        sched,
+                        gen,
+                        cfg.t_sampling,
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip > 0:
@@ -169,12 +184,23 @@ def train_denoiser(
                 raise DiffemError(f"{label}: loss became {loss_value} in epoch {epoch + 1}; lower train.lr")
             bar.update(task, completed=step, info=f"loss {loss_value:.4f}")
             if state_path is not None:
-                meta = {"tag": tag, "epoch": epoch + 1, "step": step, "ema_updates": ema.updates,
-                        "loss": loss_value}
+                meta = {
+                    "tag": tag,
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "ema_updates": ema.updates,
+                    "loss": loss_value,
+                }
                 save_tensors(state_path, _state_tensors(model, ema, opt, gen), meta)
             if on_epoch is not None:
-                on_epoch({"epoch": epoch + 1, "step": step, "loss": loss_value,
-                          "seconds": time.perf_counter() - t0})
+                on_epoch(
+                    {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "loss": loss_value,
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
     return TrainResult(ema.model.cpu(), step, loss_value, time.perf_counter() - t0)
 
 

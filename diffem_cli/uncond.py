@@ -32,12 +32,22 @@ def _data_meta(x: torch.Tensor, manifest: dict[str, Any], path: Path) -> dict[st
     shape = list(x.shape[1:])
     kind = "vector" if len(shape) == 1 else "image"
     value_range = manifest.get("value_range") or ([-1, 1] if kind == "image" else None)
-    return {"shape": shape, "kind": kind, "value_range": value_range, "fingerprint": fingerprint_dataset(path),
-            "source": manifest.get("source")}
+    return {
+        "shape": shape,
+        "kind": kind,
+        "value_range": value_range,
+        "fingerprint": fingerprint_dataset(path),
+        "source": manifest.get("source"),
+    }
 
 
 def train_uncond(
-    recon_path: Path, run_path: Path, cfg: RunConfig, *, device: str | None = None, force: bool = False,
+    recon_path: Path,
+    run_path: Path,
+    cfg: RunConfig,
+    *,
+    device: str | None = None,
+    force: bool = False,
     log: Any = print,
 ) -> Path:
     """Train an unconditional model on reconstructions; returns the checkpoint path."""
@@ -51,12 +61,15 @@ def train_uncond(
     if run.root.exists() and any(run.root.iterdir()) and not force:
         if not cfg_file.exists():
             raise DiffemError(f"{run.root} exists and is not a diffem run (use --force or another RUN)")
-        diff = _first_difference(config_from_dict(yaml.safe_load(cfg_file.read_text()) or {}).to_dict(),
-                                 cfg.to_dict())
+        diff = _first_difference(
+            config_from_dict(yaml.safe_load(cfg_file.read_text()) or {}).to_dict(), cfg.to_dict()
+        )
         info = json.loads((run.root / "run.json").read_text()) if (run.root / "run.json").exists() else {}
         if diff or info.get("fingerprint") != data["fingerprint"]:
-            raise DiffemError(f"{run.root} holds another run ({diff or 'other reconstructions'}); "
-                              "use another RUN or --force")
+            raise DiffemError(
+                f"{run.root} holds another run ({diff or 'other reconstructions'}); "
+                "use another RUN or --force"
+            )
         if ckpt.exists():
             log(f"{ckpt} already complete")
             return ckpt
@@ -72,32 +85,61 @@ def train_uncond(
     for d in (run.root, run.ckpt_dir, run.samples_dir, run.state.parent):
         d.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cfg_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_text_atomic(run.root / "run.json", json.dumps({"recon": str(Path(recon_path).resolve()),
-                                                         "fingerprint": data["fingerprint"]}, indent=2) + "\n")
+    write_text_atomic(
+        run.root / "run.json",
+        json.dumps({"recon": str(Path(recon_path).resolve()), "fingerprint": data["fingerprint"]}, indent=2)
+        + "\n",
+    )
     dev = pick_device(device)
     torch.manual_seed(cfg.seed)
     model = build_network(cfg.network, tuple(data["shape"]), 0)
-    result = train_denoiser(model, x, None, cfg.train, seed=cfg.seed, device=dev, state_path=run.state,
-                            tag={"uncond": data["fingerprint"]}, label="train-uncond",
-                            on_epoch=lambda info: run.log({"event": "epoch", **info}))
-    meta = {"kind": "unconditional", "network": cfg.network, "cond_size": 0, "data": data, "schedule": SCHEDULE,
-            "trained_on": str(recon_path), "trained_on_channel": manifest.get("channel"),
-            "laps": manifest.get("lap")}
+    result = train_denoiser(
+        model,
+        x,
+        None,
+        cfg.train,
+        seed=cfg.seed,
+        device=dev,
+        state_path=run.state,
+        tag={"uncond": data["fingerprint"]},
+        label="train-uncond",
+        on_epoch=lambda info: run.log({"event": "epoch", **info}),
+    )
+    meta = {
+        "kind": "unconditional",
+        "network": cfg.network,
+        "cond_size": 0,
+        "data": data,
+        "schedule": SCHEDULE,
+        "trained_on": str(recon_path),
+        "trained_on_channel": manifest.get("channel"),
+        "laps": manifest.get("lap"),
+    }
     save_checkpoint(ckpt, result.ema_model, meta)
     run.state.unlink(missing_ok=True)
     run.log({"event": "done", "seconds": result.seconds, "loss": result.last_loss, "steps": result.steps})
     t0 = time.perf_counter()
-    preview = sample_tensors(result.ema_model, meta, 64 if data["kind"] == "image" else 2048,
-                             cfg.sample, seed=cfg.seed, device=dev)
+    preview = sample_tensors(
+        result.ema_model, meta, 64 if data["kind"] == "image" else 2048, cfg.sample, seed=cfg.seed, device=dev
+    )
     _preview(run.samples_dir / "uncond.png", preview, data)
-    log(f"train-uncond: {result.steps} steps in {result.seconds:.1f} s, loss {result.last_loss:.4f}; "
-        f"preview in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"train-uncond: {result.steps} steps in {result.seconds:.1f} s, loss {result.last_loss:.4f}; "
+        f"preview in {time.perf_counter() - t0:.1f} s"
+    )
     return ckpt
 
 
 @torch.no_grad()
-def sample_tensors(model: torch.nn.Module, meta: dict[str, Any], n: int, cfg: SampleConfig, *, seed: int,
-                   device: torch.device) -> torch.Tensor:
+def sample_tensors(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    n: int,
+    cfg: SampleConfig,
+    *,
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
     """``n`` unconditional samples, in batches of ``cfg.batch_size``, seeded per batch."""
     from diffem_channels import mix_seed
 
@@ -111,8 +153,21 @@ def sample_tensors(model: torch.nn.Module, meta: dict[str, Any], n: int, cfg: Sa
         for start in range(0, n, cfg.batch_size):
             k = min(cfg.batch_size, n - start)
             gen = torch.Generator().manual_seed(mix_seed(seed, start))
-            out.append(sample(model, shape, k, None, sampler=cfg.sampler, steps=cfg.steps, generator=gen,
-                              clip_range=clip, device=device).float().cpu())
+            out.append(
+                sample(
+                    model,
+                    shape,
+                    k,
+                    None,
+                    sampler=cfg.sampler,
+                    steps=cfg.steps,
+                    generator=gen,
+                    clip_range=clip,
+                    device=device,
+                )
+                .float()
+                .cpu()
+            )
             bar.update(task, advance=k)
     return torch.cat(out)
 
@@ -121,15 +176,22 @@ def _preview(path: Path, x: torch.Tensor, data: dict[str, Any]) -> None:
     from diffem_cli import plots
 
     if data["kind"] == "image":
-        rows = [x[i:i + 16] for i in range(0, min(len(x), 64), 16)]
+        rows = [x[i : i + 16] for i in range(0, min(len(x), 64), 16)]
         plots.save_image_grid(rows, path, value_range=tuple(data.get("value_range") or (-1, 1)))
     else:
         plots.save_pairwise_scatter({"samples": x}, path)
 
 
 def sample_unconditional(
-    ckpt_path: Path, out: Path, n: int, *, sample_cfg: SampleConfig | None = None, seed: int = 0,
-    png_dir: Path | None = None, device: str | None = None, force: bool = False,
+    ckpt_path: Path,
+    out: Path,
+    n: int,
+    *,
+    sample_cfg: SampleConfig | None = None,
+    seed: int = 0,
+    png_dir: Path | None = None,
+    device: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write ``n`` unconditional samples as a datasets folder (column ``x``), and PNGs for images."""
     if n < 1:
@@ -147,10 +209,17 @@ def sample_unconditional(
     cfg = sample_cfg or SampleConfig()
     x = sample_tensors(build_model(ckpt), ckpt.meta, n, cfg, seed=seed, device=pick_device(device))
     data = ckpt.meta["data"]
-    manifest = {"kind": "samples", "checkpoint": str(ckpt_path), "sampler": cfg.sampler, "steps": cfg.steps,
-                "seed": seed, "data_shape": data["shape"], "data_kind": data["kind"],
-                "value_range": data.get("value_range")}
-    write_dataset(out, ({"x": x[s:s + 8192]} for s in range(0, n, 8192)), manifest, force=force)
+    manifest = {
+        "kind": "samples",
+        "checkpoint": str(ckpt_path),
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "seed": seed,
+        "data_shape": data["shape"],
+        "data_kind": data["kind"],
+        "value_range": data.get("value_range"),
+    }
+    write_dataset(out, ({"x": x[s : s + 8192]} for s in range(0, n, 8192)), manifest, force=force)
     if png_dir is not None:
         from diffem_cli.reconstruct import write_pngs
 

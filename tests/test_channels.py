@@ -185,7 +185,9 @@ def test_projection_rows_and_noise_level() -> None:
     assert abs(resid.std().item() - sigma) < 0.003
     raw = ProjectionChannel(m=3, normalize=False).corrupt(x, sample_seeds(0, range(b)))["A"]
     assert abs(raw.std().item() - 1) < 0.03 and not torch.allclose(raw.norm(dim=-1), torch.ones(b, 3))
-    assert_close(ProjectionChannel(m=m, features=False).condition(obs, (n,)), torch.cat([y, a.reshape(b, -1)], 1))
+    assert_close(
+        ProjectionChannel(m=m, features=False).condition(obs, (n,)), torch.cat([y, a.reshape(b, -1)], 1)
+    )
     cond = ProjectionChannel(m=m).condition(obs, (n,))
     assert cond.shape == (b, m + m * n + n + n * n)
     assert_close(cond[:, : m + m * n], torch.cat([y, a.reshape(b, -1)], 1))

@@ -18,7 +18,9 @@ def test_manifold_preset_is_the_anchor_budget():
 
 
 def test_set_overrides_and_types():
-    cfg = load_config("digits", ["train.lr=2e-4", "em.laps=3", "eval.metrics=psnr,ssim", "network.dropout=0.1"])
+    cfg = load_config(
+        "digits", ["train.lr=2e-4", "em.laps=3", "eval.metrics=psnr,ssim", "network.dropout=0.1"]
+    )
     assert cfg.train.lr == 2e-4 and cfg.em.laps == 3 and cfg.eval.metrics == ["psnr", "ssim"]
     assert cfg.network["dropout"] == 0.1 and cfg.network["type"] == "unet"
 

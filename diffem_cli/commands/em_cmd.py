@@ -13,15 +13,27 @@ from diffem_cli.progress import console
 def em_train_command(
     data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
     run: Annotated[Path, typer.Argument(help="RUN folder: created, or resumed when it exists.")],
-    laps: Annotated[int | None, typer.Option("--laps", "-k", help="Number of EM laps (default: the config's).")] = None,
-    config: Annotated[str | None, typer.Option(
-        "--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file.")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")] = None,
-    warm_start: Annotated[Path | None, typer.Option(
-        help="Start from this conditional checkpoint instead of the Gaussian start.")] = None,
-    eval_clean: Annotated[Path | None, typer.Option(
-        help="Clean data folder (from corrupt --clean-out) to evaluate every lap against.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")] = None,
+    laps: Annotated[
+        int | None, typer.Option("--laps", "-k", help="Number of EM laps (default: the config's).")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")
+    ] = None,
+    warm_start: Annotated[
+        Path | None,
+        typer.Option(help="Start from this conditional checkpoint instead of the Gaussian start."),
+    ] = None,
+    eval_clean: Annotated[
+        Path | None,
+        typer.Option(help="Clean data folder (from corrupt --clean-out) to evaluate every lap against."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")
+    ] = None,
     force: Annotated[bool, typer.Option(help="Start RUN over even if it holds another run.")] = False,
 ) -> None:
     """Learn a conditional diffusion model q(x|y) from observations alone (DiffEM).
@@ -37,10 +49,21 @@ def em_train_command(
     manifest = read_manifest(data) if data.exists() else {}
     default = "manifold" if len(manifest.get("data_shape", [0, 0, 0])) == 1 else "digits"
     cfg = load_config(config, sets or [], default_preset=default)
-    records = em_train(data, run, cfg, laps=laps, warm_start=warm_start, eval_clean=eval_clean,
-                       device=device, force=force, log=console.print)
-    console.print(f"[green]done[/green]: {len(records) - 1} laps in {run}; "
-                  f"last checkpoint {run / 'checkpoints' / f'lap_{len(records) - 1:03d}.safetensors'}")
+    records = em_train(
+        data,
+        run,
+        cfg,
+        laps=laps,
+        warm_start=warm_start,
+        eval_clean=eval_clean,
+        device=device,
+        force=force,
+        log=lambda s: console.print(s, soft_wrap=True),
+    )
+    console.print(
+        f"[green]done[/green]: {len(records) - 1} laps in {run}; "
+        f"last checkpoint {run / 'checkpoints' / f'lap_{len(records) - 1:03d}.safetensors'}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -13,15 +13,23 @@ from diffem_cli.progress import console
 
 
 def evaluate_command(
-    samples: Annotated[Path, typer.Argument(help="Samples or reconstructions folder (column x; index to pair).")],
-    reference: Annotated[Path, typer.Option("--reference", help="Clean data folder (from corrupt --clean-out).")],
+    samples: Annotated[
+        Path, typer.Argument(help="Samples or reconstructions folder (column x; index to pair).")
+    ],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="Clean data folder (from corrupt --clean-out).")
+    ],
     metrics: Annotated[
         str | None,
-        typer.Option(help="Comma-separated metric names (default: sinkhorn,sliced_w2 for vectors; "
-                     "psnr,ssim,fd_rand,fd_pixels for images). All: sinkhorn, sliced_w2, psnr, ssim, "
-                     "fd_rand, fd_pixels, and opt-in fid, is, fd_dinov2."),
+        typer.Option(
+            help="Comma-separated metric names (default: sinkhorn,sliced_w2 for vectors; "
+            "psnr,ssim,fd_rand,fd_pixels for images). All: sinkhorn, sliced_w2, psnr, ssim, "
+            "fd_rand, fd_pixels, and opt-in fid, is, fd_dinov2."
+        ),
     ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results to this JSON file.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+    ] = None,
     n_points: Annotated[int, typer.Option(help="Points per set for the Sinkhorn divergence.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and projections.")] = 0,
     force: Annotated[bool, typer.Option(help="Overwrite an existing --json file.")] = False,

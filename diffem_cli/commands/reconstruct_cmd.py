@@ -12,15 +12,21 @@ from diffem_cli.progress import console
 
 
 def reconstruct_command(
-    ckpt: Annotated[Path, typer.Argument(help="Conditional checkpoint (lap_NNN.safetensors) or exported folder.")],
+    ckpt: Annotated[
+        Path, typer.Argument(help="Conditional checkpoint (lap_NNN.safetensors) or exported folder.")
+    ],
     data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
     out: Annotated[Path, typer.Argument(help="Output datasets folder (columns x, index).")],
-    sampler: Annotated[str, typer.Option(help="dpm++ (default), ddim or ddpm (ancestral).")] = DEFAULT_SAMPLER,
+    sampler: Annotated[
+        str, typer.Option(help="dpm++ (default), ddim or ddpm (ancestral).")
+    ] = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Sampler steps = network evaluations.")] = DEFAULT_STEPS,
     per_observation: Annotated[int, typer.Option(help="Posterior samples per observation.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Observations sampled at once.")] = 4096,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    png: Annotated[Path | None, typer.Option(help="Also write one PNG per reconstruction into this folder.")] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Also write one PNG per reconstruction into this folder.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite OUT (and --png) if they exist.")] = False,
 ) -> None:
@@ -28,8 +34,17 @@ def reconstruct_command(
     from diffem_cli.config import SampleConfig
     from diffem_cli.reconstruct import reconstruct
 
-    info = reconstruct(ckpt, data, out, sample=SampleConfig(sampler, steps, batch_size),
-                       per_observation=per_observation, seed=seed, png_dir=png, device=device, force=force)
+    info = reconstruct(
+        ckpt,
+        data,
+        out,
+        sample=SampleConfig(sampler, steps, batch_size),
+        per_observation=per_observation,
+        seed=seed,
+        png_dir=png,
+        device=device,
+        force=force,
+    )
     console.print(f"wrote {info['rows']} reconstructions to {out} ({sampler}, {steps} steps)")
 
 

@@ -12,7 +12,9 @@ from diffem_cli.progress import console
 
 def report_command(
     run: Annotated[Path, typer.Argument(help="An em-train RUN folder.")],
-    clean: Annotated[Path | None, typer.Option(help="Clean data folder to draw beside the reconstructions.")] = None,
+    clean: Annotated[
+        Path | None, typer.Option(help="Clean data folder to draw beside the reconstructions.")
+    ] = None,
 ) -> None:
     """Print the per-lap table of a RUN; write RUN/report.json, RUN/report.png and RUN/metrics.png."""
     from rich.console import Console
@@ -21,8 +23,10 @@ def report_command(
 
     summary = write_report(run, clean)
     Console().print(report_table(summary["laps"]))
-    console.print(f"training time {summary['train_seconds']:.1f} s; pictures in {run}/report.png"
-                  + (f", {run}/metrics.png" if (run / "metrics.png").exists() else ""))
+    console.print(
+        f"training time {summary['train_seconds']:.1f} s; pictures in {run}/report.png"
+        + (f", {run}/metrics.png" if (run / "metrics.png").exists() else "")
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -12,11 +12,19 @@ from diffem_cli.progress import console
 
 
 def train_uncond_command(
-    recon: Annotated[Path, typer.Argument(help="Reconstructions: a 'reconstruct' output or RUN/recon/lap_NNN.")],
-    run: Annotated[Path, typer.Argument(help="RUN folder for the unconditional model (resumed if it exists).")],
-    config: Annotated[str | None, typer.Option(
-        "--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file.")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: train.epochs=50.")] = None,
+    recon: Annotated[
+        Path, typer.Argument(help="Reconstructions: a 'reconstruct' output or RUN/recon/lap_NNN.")
+    ],
+    run: Annotated[
+        Path, typer.Argument(help="RUN folder for the unconditional model (resumed if it exists).")
+    ],
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override one key: train.epochs=50.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
     force: Annotated[bool, typer.Option(help="Start RUN over if it holds another run.")] = False,
 ) -> None:
@@ -26,14 +34,16 @@ def train_uncond_command(
     from diffem_cli.uncond import train_uncond
 
     manifest = read_manifest(recon) if recon.exists() else {}
-    shape = manifest.get("data_shape") or ([0] if manifest.get("source", {}).get("kind") == "vector" else None)
+    shape = manifest.get("data_shape") or (
+        [0] if manifest.get("source", {}).get("kind") == "vector" else None
+    )
     default = "manifold" if shape is not None and len(shape) == 1 else "digits"
     if shape is None and recon.exists():
         from diffem_cli.em import load_recon
 
         default = "manifold" if load_recon(recon)[0].ndim == 2 else "digits"
     cfg = load_config(config, sets or [], default_preset=default)
-    ckpt = train_uncond(recon, run, cfg, device=device, force=force, log=console.print)
+    ckpt = train_uncond(recon, run, cfg, device=device, force=force, log=lambda s: console.print(s, soft_wrap=True))
     console.print(f"[green]done[/green]: {ckpt}")
 
 
@@ -53,8 +63,16 @@ def sample_command(
     from diffem_cli.config import SampleConfig
     from diffem_cli.uncond import sample_unconditional
 
-    sample_unconditional(ckpt, out, n, sample_cfg=SampleConfig(sampler, steps, batch_size), seed=seed,
-                         png_dir=png, device=device, force=force)
+    sample_unconditional(
+        ckpt,
+        out,
+        n,
+        sample_cfg=SampleConfig(sampler, steps, batch_size),
+        seed=seed,
+        png_dir=png,
+        device=device,
+        force=force,
+    )
     console.print(f"wrote {n} samples to {out}")
 
 

@@ -115,14 +115,21 @@ def _same_images(samples: torch.Tensor, reference: torch.Tensor) -> None:
 
 
 def fd_rand(
-    samples: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), seed: int = 0
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    seed: int = 0,
 ) -> float:
     """Frechet distance between random-CNN features of ``samples`` and ``reference`` (lower is better)."""
     _same_images(samples, reference)
-    return frechet_distance(random_features(samples, value_range, seed), random_features(reference, value_range, seed))
+    return frechet_distance(
+        random_features(samples, value_range, seed), random_features(reference, value_range, seed)
+    )
 
 
-def fd_pixels(samples: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+def fd_pixels(
+    samples: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> float:
     """Frechet distance between the raw pixels (see ``pixel_features``) of the two sets."""
     _same_images(samples, reference)
     return frechet_distance(pixel_features(samples, value_range), pixel_features(reference, value_range))

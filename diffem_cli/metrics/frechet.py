@@ -68,7 +68,9 @@ def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
     return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
 
 
-def frechet_from_moments(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor) -> float:
+def frechet_from_moments(
+    mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Tensor, cov_b: torch.Tensor
+) -> float:
     """The Frechet distance between ``N(mu_a, cov_a)`` and ``N(mu_b, cov_b)``."""
     mu_a, cov_a, mu_b, cov_b = (t.detach().cpu().double() for t in (mu_a, cov_a, mu_b, cov_b))
     if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape:
@@ -83,5 +85,7 @@ def frechet_from_moments(mu_a: torch.Tensor, cov_a: torch.Tensor, mu_b: torch.Te
 def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to feature sets ``(n_a, d)`` and ``(n_b, d)``."""
     if feats_a.ndim != 2 or feats_b.ndim != 2 or feats_a.shape[1] != feats_b.shape[1]:
-        raise DiffemError(f"feature sets must be (n, d) with one d; got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}")
+        raise DiffemError(
+            f"feature sets must be (n, d) with one d; got {tuple(feats_a.shape)} and {tuple(feats_b.shape)}"
+        )
     return frechet_from_moments(*moments(feats_a), *moments(feats_b))

@@ -15,16 +15,22 @@ MAX_PSNR = 100.0  # dB: identical images score this instead of infinity (keeps J
 
 def _check(x: torch.Tensor, ref: torch.Tensor, value_range: tuple[float, float]) -> float:
     if x.ndim != 4 or ref.ndim != 4:
-        raise DiffemError(f"PSNR/SSIM compare images (B, C, H, W); got shapes {tuple(x.shape)} and {tuple(ref.shape)}")
+        raise DiffemError(
+            f"PSNR/SSIM compare images (B, C, H, W); got shapes {tuple(x.shape)} and {tuple(ref.shape)}"
+        )
     if x.shape != ref.shape:
-        raise DiffemError(f"PSNR/SSIM pair images one to one; shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
+        raise DiffemError(
+            f"PSNR/SSIM pair images one to one; shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}"
+        )
     lo, hi = float(value_range[0]), float(value_range[1])
     if not hi > lo:
         raise DiffemError(f"value range must be (low, high) with high > low, got {value_range}")
     return hi - lo
 
 
-def psnr_per_image(x: torch.Tensor, ref: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+def psnr_per_image(
+    x: torch.Tensor, ref: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> torch.Tensor:
     """``10 log10(range^2 / MSE)`` for each pair, in dB, capped at ``MAX_PSNR``."""
     span = _check(x, ref, value_range)
     mse = ((x.double() - ref.double()) ** 2).flatten(1).mean(1)

@@ -72,7 +72,9 @@ def fid(
     return float(metric.compute())
 
 
-def inception_score(samples: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 256) -> float:
+def inception_score(
+    samples: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 256
+) -> float:
     """Inception Score (torchmetrics ``InceptionScore``, mean over its splits) of the samples."""
 
     def make() -> Any:
@@ -87,13 +89,17 @@ def inception_score(samples: torch.Tensor, value_range: tuple[float, float] = (-
     return float(mean)
 
 
-def dinov2_features(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 64) -> torch.Tensor:
+def dinov2_features(
+    x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 64
+) -> torch.Tensor:
     """DINOv2 (``facebook/dinov2-base``) class-token features of images, via transformers."""
 
     def make() -> Any:
         from transformers import AutoImageProcessor, AutoModel
 
-        return AutoImageProcessor.from_pretrained(DINOV2_MODEL), AutoModel.from_pretrained(DINOV2_MODEL).eval()
+        return AutoImageProcessor.from_pretrained(DINOV2_MODEL), AutoModel.from_pretrained(
+            DINOV2_MODEL
+        ).eval()
 
     processor, model = _load("fd_dinov2", make)
     feats = []
@@ -105,6 +111,8 @@ def dinov2_features(x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1
     return torch.cat(feats)
 
 
-def fd_dinov2(samples: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+def fd_dinov2(
+    samples: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
+) -> float:
     """Frechet distance between DINOv2 features of samples and reference (FD-DINOv2)."""
     return frechet_distance(dinov2_features(samples, value_range), dinov2_features(reference, value_range))

@@ -53,7 +53,9 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def _points(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
-    arr = x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    arr = (
+        x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+    )
     if arr.ndim != 2:
         raise DiffemError(f"{name} must be a (points, dimensions) array, got shape {tuple(arr.shape)}")
     if len(arr) == 0:
@@ -98,7 +100,9 @@ class _LogKernel:
         kept = np.bincount(self.wide_rows[keep], minlength=len(self.q))
         indptr = np.zeros(len(self.q) + 1, dtype=np.int64)
         np.cumsum(kept, out=indptr[1:])
-        self.k = sps.csr_matrix((np.exp(logk[keep]), self.wide_cols[keep], indptr), shape=(len(self.q), len(self.p)))
+        self.k = sps.csr_matrix(
+            (np.exp(logk[keep]), self.wide_cols[keep], indptr), shape=(len(self.q), len(self.p))
+        )
         self.max, self.w0 = top, w.copy()
         threads = min(torch.get_num_threads(), _MAX_THREADS)
         if threads > 1 and self.k.nnz >= _PARALLEL_NNZ:
@@ -146,7 +150,9 @@ def _spread(d: np.ndarray) -> float:
     return float(d.max() - d.min())
 
 
-def _select(q: np.ndarray, p: np.ndarray, w: np.ndarray, reg: float, nats: float) -> tuple[np.ndarray, np.ndarray]:
+def _select(
+    q: np.ndarray, p: np.ndarray, w: np.ndarray, reg: float, nats: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), grouped by i, with ``-M_ij/reg + w_j`` within ``nats`` of row i's maximum.
 
     One dense pass in float32 blocks (``S_ij = (2 q_i.p_j - |p_j|^2) / reg + w_j``, the row-constant
@@ -265,10 +271,14 @@ def sinkhorn_divergence(
     if len(samples) == 0:
         raise DiffemError(f"no sample lies inside (-{BOUND:g}, {BOUND:g}) in every coordinate")
     if k < 1:
-        raise DiffemError(f"the reference needs at least 2 points inside (-{BOUND:g}, {BOUND:g}); it has {len(reference)}")
+        raise DiffemError(
+            f"the reference needs at least 2 points inside (-{BOUND:g}, {BOUND:g}); it has {len(reference)}"
+        )
     gen = torch.Generator().manual_seed(seed)
     ref = reference[torch.randperm(len(reference), generator=gen)[: 2 * k]]
     ref_a, ref_b = ref[:k], ref[k:]
     xs = samples[torch.randperm(len(samples), generator=gen)[:k]]
-    value = sinkhorn_cost(xs, ref_a, reg=reg, max_iter=max_iter) - _reference_term(ref_a, ref_b, reg, max_iter)
+    value = sinkhorn_cost(xs, ref_a, reg=reg, max_iter=max_iter) - _reference_term(
+        ref_a, ref_b, reg, max_iter
+    )
     return max(value, FLOOR)

@@ -30,7 +30,9 @@ def _quantile_w2sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if n == m:
         return ((a - b) ** 2).mean(0)
     # the quantile functions are step functions with jumps at k/n and l/m: integrate piece by piece
-    t = torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(1, m + 1, dtype=torch.float64) / m])
+    t = torch.cat(
+        [torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(1, m + 1, dtype=torch.float64) / m]
+    )
     t = t.sort().values
     width = torch.diff(t, prepend=torch.zeros(1, dtype=torch.float64))
     mid = t - width / 2

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+
 from diffem_channels import Channel, ChannelError, Observation, Param, non_negative, per_sample
 
 __all__ = ["DownsampleChannel"]

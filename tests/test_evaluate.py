@@ -1,0 +1,191 @@
+"""evaluate_tensors / evaluate_folders and the ``diffem evaluate`` command on tiny data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffem_cli.errors import DiffemError
+from diffem_cli.evaluate import METRICS, evaluate_folders, evaluate_tensors
+from diffem_cli.metrics.images import psnr_per_image
+from diffem_cli.sources import sample_manifold
+from diffem_cli.store import write_dataset
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    """Smooth random 1x8x8 images in [-1, 1] (blurred noise), enough structure for the metrics."""
+    x = torch.randn(n, 1, 8, 8, generator=_gen(seed))
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    return (x / x.abs().amax()).clamp(-1, 1)
+
+
+def test_vector_defaults() -> None:
+    ref = sample_manifold(600, draw_seed=1)
+    out = evaluate_tensors(sample_manifold(300, draw_seed=2), ref, n_points=128)
+    assert list(out) == ["sinkhorn", "sliced_w2"]
+    worse = evaluate_tensors(sample_manifold(300, draw_seed=2) + 0.3, ref, n_points=128)
+    assert worse["sinkhorn"] > out["sinkhorn"] and worse["sliced_w2"] > out["sliced_w2"]
+
+
+def test_image_defaults_pair_only_with_both_index_columns() -> None:
+    ref = _images(64, 0)
+    x = (ref + 0.1 * torch.randn(ref.shape, generator=_gen(1))).clamp(-1, 1)
+    unpaired = evaluate_tensors(x, ref)
+    assert list(unpaired) == ["fd_rand", "fd_pixels"]
+    idx = torch.arange(64)
+    paired = evaluate_tensors(x, ref, sample_index=idx, reference_index=idx)
+    assert list(paired) == ["psnr", "ssim", "fd_rand", "fd_pixels"]
+    assert paired["fd_rand"] == unpaired["fd_rand"]
+    assert 15 < paired["psnr"] < 40 and 0 < paired["ssim"] < 1
+
+
+def test_pairing_follows_the_index_not_the_row_order() -> None:
+    ref = _images(32, 2)
+    perm = torch.randperm(32, generator=_gen(3))
+    out = evaluate_tensors(
+        ref[perm], ref, ["psnr", "ssim"], sample_index=perm, reference_index=torch.arange(32)
+    )
+    assert out["psnr"] == pytest.approx(100.0) and out["ssim"] == pytest.approx(1.0, abs=1e-6)
+    shuffled = evaluate_tensors(
+        ref[perm], ref, ["psnr"], sample_index=torch.arange(32), reference_index=torch.arange(32)
+    )
+    assert shuffled["psnr"] < 40
+
+
+def test_several_samples_per_observation_are_averaged_per_observation() -> None:
+    ref = _images(3, 4)
+    index = torch.tensor([0, 0, 0, 1, 2])  # observation 0 has three samples, the others one
+    x = (ref[index] + torch.tensor([0.02, 0.1, 0.3, 0.05, 0.2])[:, None, None, None]).clamp(-1, 1)
+    per_pair = psnr_per_image(x, ref[index])
+    expected = float((per_pair[:3].mean() + per_pair[3] + per_pair[4]) / 3)
+    out = evaluate_tensors(x, ref, ["psnr"], sample_index=index, reference_index=torch.arange(3))
+    assert out["psnr"] == pytest.approx(expected, rel=1e-12)
+    assert out["psnr"] != pytest.approx(float(per_pair.mean()), rel=1e-3)
+
+
+def test_bad_requests_raise_one_line_errors() -> None:
+    vec = sample_manifold(50, draw_seed=5)
+    img = _images(8, 5)
+    with pytest.raises(DiffemError, match="unknown metric 'fidd'.*available: sinkhorn") as err:
+        evaluate_tensors(vec, vec, ["fidd"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(DiffemError, match="shape"):
+        evaluate_tensors(vec, vec[:, :3])
+    with pytest.raises(DiffemError, match="needs images"):
+        evaluate_tensors(vec, vec, ["psnr"])
+    with pytest.raises(DiffemError, match="'index' column"):
+        evaluate_tensors(img, img, ["ssim"])
+    with pytest.raises(DiffemError, match="no reference row"):
+        evaluate_tensors(
+            img, img, ["psnr"], sample_index=torch.arange(8) + 1, reference_index=torch.arange(8)
+        )
+    with pytest.raises(DiffemError, match="more than once"):
+        evaluate_tensors(img, img, ["psnr"], sample_index=torch.arange(8), reference_index=torch.zeros(8))
+    with pytest.raises(DiffemError, match="rows must be"):
+        evaluate_tensors(torch.zeros(4, 2, 3), torch.zeros(4, 2, 3))
+
+
+def test_metric_names_listed_in_the_cli_help() -> None:
+    import inspect
+
+    from diffem_cli.commands import evaluate_cmd
+
+    source = inspect.getsource(evaluate_cmd)
+    assert all(name in source for name in METRICS)
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    clean = sample_manifold(400, draw_seed=6)
+    samples = sample_manifold(200, draw_seed=7) + 0.05
+    ref_img = _images(40, 8)
+    rec = (ref_img[torch.arange(40).repeat(2)] + 0.05 * torch.randn(80, 1, 8, 8, generator=_gen(9))).clamp(
+        -1, 1
+    )
+    paths = {k: tmp_path / k for k in ("clean", "samples", "clean_img", "recon")}
+    write_dataset(paths["clean"], [{"x": clean, "index": torch.arange(400)}], {"kind": "clean"})
+    write_dataset(paths["samples"], [{"x": samples[:100]}, {"x": samples[100:]}], {"kind": "samples"})
+    write_dataset(
+        paths["clean_img"],
+        [{"x": ref_img, "index": torch.arange(40)}],
+        {"kind": "clean", "value_range": [-1.0, 1.0]},
+    )
+    write_dataset(
+        paths["recon"], [{"x": rec, "index": torch.arange(40).repeat(2)}], {"kind": "reconstructions"}
+    )
+    return paths
+
+
+def test_evaluate_folders_equals_evaluate_tensors(folders: dict[str, Path]) -> None:
+    vec = evaluate_folders(folders["samples"], folders["clean"], n_points=64)
+    expected = evaluate_tensors(
+        sample_manifold(200, draw_seed=7) + 0.05, sample_manifold(400, draw_seed=6), n_points=64
+    )
+    assert vec == pytest.approx(expected, rel=1e-9)
+    img = evaluate_folders(folders["recon"], folders["clean_img"], chunk_size=16)  # chunks cut through pairs
+    assert list(img) == ["psnr", "ssim", "fd_rand", "fd_pixels"]
+    from diffem_cli.store import columns, read_dataset
+
+    ds, _ = read_dataset(folders["recon"])
+    cols = columns(ds, ["x", "index"])
+    ref = columns(read_dataset(folders["clean_img"])[0], ["x"])["x"]
+    direct = evaluate_tensors(
+        cols["x"], ref, None, sample_index=cols["index"], reference_index=torch.arange(40)
+    )
+    assert img == pytest.approx(direct, rel=1e-6)
+
+
+def test_cli_end_to_end_with_json(cli, folders: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "metrics.json"
+    code, stdout, stderr = cli(
+        "evaluate", folders["recon"], "--reference", folders["clean_img"], "--json", out
+    )
+    assert code == 0, stderr
+    assert "psnr" in stdout and "fd_rand" in stdout
+    record = json.loads(out.read_text())
+    assert set(record["metrics"]) == {"psnr", "ssim", "fd_rand", "fd_pixels"}
+    assert record["reference"] == str(folders["clean_img"])
+    code, _, stderr = cli("evaluate", folders["recon"], "--reference", folders["clean_img"], "--json", out)
+    assert code == 2 and "already exists" in stderr and stderr.count("\n") == 1
+    code, _, stderr = cli(
+        "evaluate",
+        folders["samples"],
+        "--reference",
+        folders["clean"],
+        "--json",
+        out,
+        "--metrics",
+        "sliced_w2,sinkhorn",
+        "--n-points",
+        "64",
+        "--force",
+    )
+    assert code == 0, stderr
+    assert list(json.loads(out.read_text())["metrics"]) == ["sliced_w2", "sinkhorn"]
+
+
+def test_cli_bad_inputs(cli, folders: dict[str, Path], tmp_path: Path) -> None:
+    code, _, stderr = cli("evaluate", tmp_path / "missing", "--reference", folders["clean"])
+    assert code == 2 and "does not exist" in stderr and stderr.count("\n") == 1
+    code, _, stderr = cli(
+        "evaluate", folders["samples"], "--reference", folders["clean"], "--metrics", "nope"
+    )
+    assert code == 2 and "unknown metric 'nope'" in stderr
+    code, _, stderr = cli("evaluate", folders["samples"], "--reference", folders["clean_img"])
+    assert code == 2 and "shape" in stderr
+    code, _, stderr = cli(
+        "evaluate",
+        folders["samples"],
+        "--reference",
+        folders["clean"],
+        "--json",
+        tmp_path / "no" / "such" / "dir.json",
+    )
+    assert code == 2 and "does not exist" in stderr
