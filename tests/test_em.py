@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
 
 from diffem_cli.checkpoint import build_model, load_checkpoint, load_tensors
@@ -156,7 +157,9 @@ def test_nan_loss_is_an_error_and_keeps_earlier_laps(base, run_copy, cli):
     assert not (fresh / "recon/lap_001").exists()
     # a finished RUN whose config is edited to diverge in lap 3: laps 1-2 stay exactly as they were
     config = run_copy / "config.yaml"
-    config.write_text(config.read_text().replace("lr: 0.001", "lr: 1.0e+30"))
+    edited = yaml.safe_load(config.read_text())
+    edited["train"]["lr"] = 1.0e30
+    config.write_text(yaml.safe_dump(edited, sort_keys=False))
     before = snapshot(run_copy)
     code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 3, *TRAIN, "--set", "train.lr=1e30")
     assert code == 2 and "loss became" in error_line(err)
