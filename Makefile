@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 # CUDA build first (or set TORCH_SPEC) and it is kept.
 TORCH_SPEC ?= torch==2.13.0
 DEMO ?= demo_out
+# extra em-train/train-uncond options for the demo, e.g. DEMO_SET="--set train.epochs=5" for a smoke run
+DEMO_SET ?=
 STAMP := $(VENV)/.diffem-installed
 
 .PHONY: install test test-all demo demo-digits lint bench bench-quick clean
@@ -41,10 +43,10 @@ demo: install
 	  --clean-out $(DEMO)/clean --preview $(DEMO)/corruption.png
 	$(BIN)/diffem corrupt manifold:seed=0,draw_seed=7 $(DEMO)/heldout-obs --channel projection \
 	  --limit 4096 --clean-out $(DEMO)/heldout
-	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --laps 6 --eval-clean $(DEMO)/heldout
+	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --laps 6 --eval-clean $(DEMO)/heldout $(DEMO_SET)
 	$(BIN)/diffem report $(DEMO)/run --clean $(DEMO)/clean
 	$(BIN)/diffem reconstruct $(DEMO)/run/checkpoints/lap_006.safetensors $(DEMO)/obs $(DEMO)/recon
-	$(BIN)/diffem train-uncond $(DEMO)/recon $(DEMO)/uncond --config manifold --set train.epochs=60
+	$(BIN)/diffem train-uncond $(DEMO)/recon $(DEMO)/uncond --config manifold --set train.epochs=60 $(DEMO_SET)
 	$(BIN)/diffem sample $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/samples -n 4096
 	$(BIN)/diffem export $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/exported
 	$(BIN)/diffem evaluate $(DEMO)/samples --reference $(DEMO)/heldout --json $(DEMO)/uncond-eval.json
