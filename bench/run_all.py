@@ -4,8 +4,9 @@ Order: bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digit
 (scripts that do not exist are skipped). Each runs as ``python -m bench.NAME`` from the repository
 root with the root on ``PYTHONPATH``, so ``import bench.common`` works however this script is
 started. ``--quick`` is passed to the scripts that take it; bench_corrupt gets a smaller ``--n``
-and bench_gaussian a smaller image case instead, both writing under ``bench/results/quick/`` so
-that a smoke run never overwrites full results. A failure does not stop the others; the exit
+and bench_gaussian a smaller image case instead, both writing under ``bench/results/quick/``, and
+bench_manifold works in ``bench/work/manifold-quick/``, so that a smoke run never overwrites
+full results or the checkpoints bench_speed reuses. A failure does not stop the others; the exit
 status is 1 when any failed.
 
     python bench/run_all.py [--quick] [--only NAME ...] [--skip NAME ...]
@@ -33,6 +34,8 @@ QUICK_RESULTS = "bench/results/quick"
 QUICK_ARGS = {
     "bench_corrupt": ["--n", "2000", "--results", QUICK_RESULTS],
     "bench_gaussian": ["--cifar-n", "512", "--cifar-iters", "2", "--results", QUICK_RESULTS],
+    # bench_manifold wipes its work folder: keep the full run's checkpoints (bench_speed reads them)
+    "bench_manifold": ["--quick", "--work", "bench/work/manifold-quick"],
 }
 
 

@@ -54,8 +54,8 @@ N_POINTS = 4096
 PRECISION = 50.0  # nats: entries this far below a row's largest term are dropped (e^-50 ~ 2e-22)
 HOT = 150.0  # nats kept in the kernel used by the iterations
 WIDE = 600.0  # nats kept in the wide set the hot kernel is re-picked from
-WIDE_LARGE = 200.0  # the same above 2^24 point pairs, to bound memory
 _CHUNK_ENTRIES = 1 << 22  # entries per float32 block of the dense support selection
+_GATHER = 1 << 20  # kernel entries whose exact costs are computed at once
 _PARALLEL_NNZ = 1 << 19  # split the products over threads above this many kernel entries
 _MAX_THREADS = 4
 _POOL: ThreadPoolExecutor | None = None
@@ -86,16 +86,18 @@ class _LogKernel:
 
     def __init__(self, q: np.ndarray, p: np.ndarray, w: np.ndarray, reg: float) -> None:
         self.q, self.p, self.reg = q, p, reg
-        n, m = len(q), len(p)
-        self.wide_nats = WIDE if n * m <= (1 << 24) else WIDE_LARGE
-        self.hot_nats = min(HOT, self.wide_nats)
+        self.wide_nats, self.hot_nats = WIDE, HOT
         self._select_wide(w)
 
     def _select_wide(self, w: np.ndarray) -> None:
+        self.wide_rows = self.wide_cols = self.wide_logk = self.parts = None  # free before reselecting
         rows, cols = _select(self.q, self.p, w, self.reg, self.wide_nats)
         self.wide_w0 = w.copy()
         self.wide_rows, self.wide_cols = rows, cols
-        self.wide_logk = -((self.q[rows] - self.p[cols]) ** 2).sum(1) / self.reg + w[cols]
+        self.wide_logk = np.empty(len(rows))
+        for s in range(0, len(rows), _GATHER):  # bounded temporaries: (chunk, dim) arrays
+            r, c = rows[s : s + _GATHER], cols[s : s + _GATHER]
+            self.wide_logk[s : s + len(r)] = -((self.q[r] - self.p[c]) ** 2).sum(1) / self.reg + w[c]
         self._pick_hot(w)
 
     def _pick_hot(self, w: np.ndarray) -> None:
@@ -109,21 +111,21 @@ class _LogKernel:
         kept = np.bincount(self.wide_rows[keep], minlength=len(self.q))
         indptr = np.zeros(len(self.q) + 1, dtype=np.int64)
         np.cumsum(kept, out=indptr[1:])
-        self.k = sps.csr_matrix(
+        k = sps.csr_matrix(
             (np.exp(logk[keep]), self.wide_cols[keep], indptr), shape=(len(self.q), len(self.p))
         )
         self.max, self.w0 = top, w.copy()
         threads = min(torch.get_num_threads(), _MAX_THREADS)
-        if threads > 1 and self.k.nnz >= _PARALLEL_NNZ:
-            bounds = np.searchsorted(indptr, np.linspace(0, self.k.nnz, threads + 1)[1:-1])
+        if threads > 1 and k.nnz >= _PARALLEL_NNZ:  # row blocks of equal size for the threads
+            bounds = np.searchsorted(indptr, np.linspace(0, k.nnz, threads + 1)[1:-1])
             edges = [0, *bounds.tolist(), len(self.q)]
-            self.parts = [self.k[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+            self.parts = [k[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
         else:
-            self.parts = [self.k]
+            self.parts = [k]
 
     def _matvec(self, z: np.ndarray) -> np.ndarray:
         if len(self.parts) == 1:
-            return self.k @ z
+            return self.parts[0] @ z
         return np.concatenate(list(_pool().map(lambda part: part @ z, self.parts)))
 
     def fresh(self, w: np.ndarray) -> bool:
@@ -142,9 +144,12 @@ class _LogKernel:
         top = d.max()
         return self.max + top + np.log(self._matvec(np.exp(d - top)))
 
-    def entries(self) -> tuple[np.ndarray, np.ndarray]:
-        counts = np.diff(self.k.indptr)
-        return np.repeat(np.arange(self.k.shape[0]), counts), self.k.indices
+    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row, column and value of every kernel entry."""
+        counts = np.concatenate([np.diff(part.indptr) for part in self.parts])
+        cols = np.concatenate([part.indices for part in self.parts])
+        vals = np.concatenate([part.data for part in self.parts])
+        return np.repeat(np.arange(len(counts)), counts), cols, vals
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -180,9 +185,9 @@ def _select(
         block = qa[s : s + chunk] @ pa
         block -= block.amax(1, keepdim=True) - (nats + margin)
         r, c = (block >= 0).nonzero(as_tuple=True)
-        rows.append(r.numpy() + s)
-        cols.append(c.numpy())
-    return np.concatenate(rows), np.concatenate(cols).astype(np.int32)
+        rows.append((r + s).to(torch.int32).numpy())
+        cols.append(c.to(torch.int32).numpy())
+    return np.concatenate(rows), np.concatenate(cols)
 
 
 def sinkhorn_cost(
@@ -220,9 +225,8 @@ def sinkhorn_cost(
                 break
     if not rows.fresh(v):
         rows.update(v)
-    i, j = rows.entries()
-    d = v - rows.w0
-    plan = rows.k.data * np.exp(rows.max[i] + u[i] + d[j])
+    i, j, k = rows.entries()
+    plan = k * np.exp(rows.max[i] + u[i] + (v - rows.w0)[j])
     return float((((x[i] - y[j]) ** 2).sum(1) * plan).sum())
 
 
