@@ -3,19 +3,22 @@
 For each missing rate rho (0.5, 0.75): the 1,797 digits are masked (``mask``, seed 0), DiffEM runs
 K laps with the ``digits`` preset, and every lap's posterior samples are scored by PSNR and SSIM
 against their clean digits (lap 0 is the Gaussian start). Then three unconditional models get
-the same training budget (the preset's ``train`` section): DiffEM (trained on the last lap's
+the training budget of one lap: DiffEM (trained on the last lap's
 reconstructions), oracle (on the clean digits) and naive (on the observations ``y`` as if they
 were clean, masked pixels 0). 1,797 samples of each are scored by Frechet distances against the
-clean digits (``fd_pixels``: raw pixels, ``fd_rand``: random-feature embedding). Writes
-``bench/results/digits.json``, ``.md`` and one PNG grid per rho.
+clean digits (``fd_pixels``: raw pixels, ``fd_rand``: features of a fixed random CNN). Writes
+``bench/results/digits.json``, ``.md`` and one PNG grid per rho (``digits-rho*.png``).
 
-    python -m bench.bench_digits [--laps 4] [--epochs 20] [--rhos 0.5 0.75] [--quick]
+    python -m bench.bench_digits [--laps 4] [--epochs 20] [--rhos 0.5 0.75] [--resume] [--quick]
 
-Budget: the preset trains 40 epochs (560 steps) per lap, which at K = 4 laps plus three
-unconditional models costs about 7 x 560 UNet steps and 7 passes of 1,797 x 32 network
-evaluations per rho: roughly 40 minutes on 2 CPU cores. Fewer laps alone cannot bring that
-near 15 minutes, so by default every lap and every unconditional model trains 20 epochs
-(``--epochs 40`` restores the preset); the report says which budget was used.
+Budget: the preset trains 40 epochs (560 steps) per lap; with K = 4 laps and three unconditional
+models that is 7 x 560 UNet training steps and 7 passes of 1,797 x 32 network evaluations per
+rho. Fewer laps alone cannot bring two rhos near 15 minutes on 2 CPU cores, so by default every
+lap and every unconditional model trains 20 epochs (``--epochs 0`` restores the preset); the
+report says which budget was used. Measured on a shared 2-core machine (1 thread, load 3-6):
+45 minutes for the default run, of which rho 0.75 took 14 minutes at load 3. ``--resume``
+reuses what a killed or earlier run left in the work folder (sampling is seeded, so the scores
+are the same).
 """
 
 from __future__ import annotations
@@ -153,7 +156,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Digits benchmark (scikit-learn 8x8 digits, 1,797 images, random pixel masks)",
         "",
         f"Machine: {result['machine']['summary']} "
-        f"(1-min load average {result['load_avg_1m']:.1f} at the end)",
+        f"({result['machine']['torch_threads']} torch thread(s), "
+        f"1-min load average {result['load_avg_1m']:.1f} at the end)",
         "",
         f"Budget: {b['laps']} laps of {b['epochs']} epochs x {b['steps_per_epoch']} steps (batch "
         f"{b['batch_size']}); each unconditional model gets one lap's budget "
@@ -240,8 +244,8 @@ def main() -> None:
     elif cfg.train.epochs != preset.train.epochs:
         note = (
             f"The digits preset trains {preset.train.epochs} epochs per lap; this run used "
-            f"{cfg.train.epochs} to keep the benchmark near 15 minutes on 2 CPU cores "
-            f"(`--epochs {preset.train.epochs}` restores the preset)."
+            f"{cfg.train.epochs} to bring the whole benchmark toward 15 minutes on an unloaded 2-core "
+            "machine (`--epochs 0` restores the preset)."
         )
     else:
         note = "The digits preset's budget."

@@ -184,7 +184,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# Speed benchmark: E-step samplers and M-step throughput",
         "",
         f"Machine: {result['machine']['summary']} "
-        f"(1-min load average {result['load_avg_1m']:.1f} at the end; "
+        f"({result['machine']['torch_threads']} torch thread(s), "
+        f"1-min load average {result['load_avg_1m']:.1f} at the end; "
         "timings on a shared machine are upper bounds)",
         "",
         f"## E-step on the manifold ({result['manifold']['n']:,} observations)",

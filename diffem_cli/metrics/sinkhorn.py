@@ -94,10 +94,9 @@ class _LogKernel:
         rows, cols = _select(self.q, self.p, w, self.reg, self.wide_nats)
         self.wide_w0 = w.copy()
         self.wide_rows, self.wide_cols = rows, cols
-        self.wide_logk = np.empty(len(rows))
-        for s in range(0, len(rows), _GATHER):  # bounded temporaries: (chunk, dim) arrays
-            r, c = rows[s : s + _GATHER], cols[s : s + _GATHER]
-            self.wide_logk[s : s + len(r)] = -((self.q[r] - self.p[c]) ** 2).sum(1) / self.reg + w[c]
+        self.wide_logk = _sq_dists(self.q, self.p, rows, cols)
+        self.wide_logk *= -1.0 / self.reg
+        self.wide_logk += w[cols]
         self._pick_hot(w)
 
     def _pick_hot(self, w: np.ndarray) -> None:
@@ -150,6 +149,14 @@ class _LogKernel:
         cols = np.concatenate([part.indices for part in self.parts])
         vals = np.concatenate([part.data for part in self.parts])
         return np.repeat(np.arange(len(counts)), counts), cols, vals
+
+
+def _sq_dists(q: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``|q_rows - p_cols|^2`` entry by entry, in slices so the (entries, dim) temporaries stay small."""
+    out = np.empty(len(rows))
+    for s in range(0, len(rows), _GATHER):
+        out[s : s + _GATHER] = ((q[rows[s : s + _GATHER]] - p[cols[s : s + _GATHER]]) ** 2).sum(1)
+    return out
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -227,7 +234,7 @@ def sinkhorn_cost(
         rows.update(v)
     i, j, k = rows.entries()
     plan = k * np.exp(rows.max[i] + u[i] + (v - rows.w0)[j])
-    return float((((x[i] - y[j]) ** 2).sum(1) * plan).sum())
+    return float((_sq_dists(x, y, i, j) * plan).sum())
 
 
 def in_box(x: torch.Tensor, bound: float = BOUND) -> torch.Tensor:
