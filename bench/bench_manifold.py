@@ -6,7 +6,7 @@ Sinkhorn divergence against 4,096 held-out clean points of the same curve, and a
 same conditional model trained for one lap's budget on the clean data (an upper bound for one
 lap). Writes ``bench/results/manifold.json`` and ``.md``.
 
-    python bench/bench_manifold.py [--curve-seed 0] [--laps 6] [--quick]
+    python -m bench.bench_manifold [--curve-seed 0] [--laps 6] [--quick]
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def main() -> None:
     ap.add_argument("--curve-seed", type=int, default=0)
     ap.add_argument("--laps", type=int, default=6)
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 lap, 200 steps)")
-    ap.add_argument("--work", type=Path, default=Path("bench/work/manifold"))
+    ap.add_argument("--work", type=Path, default=None, help="default: bench/work/manifold[-quick]")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
-    work = args.work
+    work = args.work or Path("bench/work/manifold-quick" if args.quick else "bench/work/manifold")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     sets = ["train.epochs=12", "em.laps=1"] if args.quick else []

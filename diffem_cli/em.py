@@ -10,6 +10,7 @@ laps, redoes a missing E-step from its checkpoint, and resumes an M-step from it
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -254,6 +255,7 @@ def em_train(
     laps = cfg.em.laps if laps is None else laps
     if laps < 1:
         raise DiffemError(f"--laps must be >= 1, got {laps}")
+    cfg = copy.deepcopy(cfg)
     cfg.em.laps = laps
     dev = pick_device(device)
     data = Observations(data_path)

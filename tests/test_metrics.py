@@ -64,21 +64,6 @@ def test_sinkhorn_cost_of_gaussian_clouds_matches_pot_in_3d() -> None:
     assert sinkhorn_cost(x, y) == pytest.approx(float(expected), rel=1e-9)
 
 
-def test_sinkhorn_cost_threaded_products_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffem_cli.metrics import sinkhorn as mod
-
-    x, y = sample_manifold(200, draw_seed=11).double(), sample_manifold(150, draw_seed=12).double()
-    single = sinkhorn_cost(x, y)
-    monkeypatch.setattr(mod, "_PARALLEL_NNZ", 1)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        threaded = sinkhorn_cost(x, y)
-    finally:
-        torch.set_num_threads(old)
-    assert threaded == pytest.approx(single, rel=1e-12)
-
-
 def test_sinkhorn_divergence_floor_and_monotone_in_shift() -> None:
     ref = sample_manifold(1024, draw_seed=3)
     sample = sample_manifold(512, draw_seed=4)

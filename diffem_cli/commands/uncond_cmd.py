@@ -43,7 +43,9 @@ def train_uncond_command(
 
         default = "manifold" if load_recon(recon)[0].ndim == 2 else "digits"
     cfg = load_config(config, sets or [], default_preset=default)
-    ckpt = train_uncond(recon, run, cfg, device=device, force=force, log=lambda s: console.print(s, soft_wrap=True))
+    ckpt = train_uncond(
+        recon, run, cfg, device=device, force=force, log=lambda s: console.print(s, soft_wrap=True)
+    )
     console.print(f"[green]done[/green]: {ckpt}")
 
 

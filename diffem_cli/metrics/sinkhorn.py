@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.sparse as sps
@@ -56,9 +55,6 @@ HOT = 150.0  # nats kept in the kernel used by the iterations
 WIDE = 600.0  # nats kept in the wide set the hot kernel is re-picked from
 _CHUNK_ENTRIES = 1 << 22  # entries per float32 block of the dense support selection
 _GATHER = 1 << 20  # kernel entries whose exact costs are computed at once
-_PARALLEL_NNZ = 1 << 19  # split the products over threads above this many kernel entries
-_MAX_THREADS = 4
-_POOL: ThreadPoolExecutor | None = None
 
 
 def _points(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -90,7 +86,7 @@ class _LogKernel:
         self._select_wide(w)
 
     def _select_wide(self, w: np.ndarray) -> None:
-        self.wide_rows = self.wide_cols = self.wide_logk = self.parts = None  # free before reselecting
+        self.wide_rows = self.wide_cols = self.wide_logk = self.k = None  # free before reselecting
         rows, cols = _select(self.q, self.p, w, self.reg, self.wide_nats)
         self.wide_w0 = w.copy()
         self.wide_rows, self.wide_cols = rows, cols
@@ -110,22 +106,10 @@ class _LogKernel:
         kept = np.bincount(self.wide_rows[keep], minlength=len(self.q))
         indptr = np.zeros(len(self.q) + 1, dtype=np.int64)
         np.cumsum(kept, out=indptr[1:])
-        k = sps.csr_matrix(
+        self.k = sps.csr_matrix(
             (np.exp(logk[keep]), self.wide_cols[keep], indptr), shape=(len(self.q), len(self.p))
         )
         self.max, self.w0 = top, w.copy()
-        threads = min(torch.get_num_threads(), _MAX_THREADS)
-        if threads > 1 and k.nnz >= _PARALLEL_NNZ:  # row blocks of equal size for the threads
-            bounds = np.searchsorted(indptr, np.linspace(0, k.nnz, threads + 1)[1:-1])
-            edges = [0, *bounds.tolist(), len(self.q)]
-            self.parts = [k[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
-        else:
-            self.parts = [k]
-
-    def _matvec(self, z: np.ndarray) -> np.ndarray:
-        if len(self.parts) == 1:
-            return self.parts[0] @ z
-        return np.concatenate(list(_pool().map(lambda part: part @ z, self.parts)))
 
     def fresh(self, w: np.ndarray) -> bool:
         return _spread(w - self.w0) <= self.hot_nats - PRECISION
@@ -141,14 +125,12 @@ class _LogKernel:
             self.update(w)
         d = w - self.w0
         top = d.max()
-        return self.max + top + np.log(self._matvec(np.exp(d - top)))
+        return self.max + top + np.log(self.k @ np.exp(d - top))
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row, column and value of every kernel entry."""
-        counts = np.concatenate([np.diff(part.indptr) for part in self.parts])
-        cols = np.concatenate([part.indices for part in self.parts])
-        vals = np.concatenate([part.data for part in self.parts])
-        return np.repeat(np.arange(len(counts)), counts), cols, vals
+        counts = np.diff(self.k.indptr)
+        return np.repeat(np.arange(len(counts)), counts), self.k.indices, self.k.data
 
 
 def _sq_dists(q: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -157,14 +139,6 @@ def _sq_dists(q: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray) 
     for s in range(0, len(rows), _GATHER):
         out[s : s + _GATHER] = ((q[rows[s : s + _GATHER]] - p[cols[s : s + _GATHER]]) ** 2).sum(1)
     return out
-
-
-def _pool() -> ThreadPoolExecutor:
-    """Threads for the matrix-vector products (scipy releases the GIL in them)."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="diffem-sinkhorn")
-    return _POOL
 
 
 def _spread(d: np.ndarray) -> float:
