@@ -473,17 +473,6 @@ def _lap_picture(run: Run, lap: int, x: torch.Tensor, data: Observations) -> Non
 
 
 def _curves(run: Run, records: list[dict[str, Any]]) -> None:
-    from diffem_cli import plots
+    from diffem_cli.report import save_metric_curves
 
-    names = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
-    if not names:
-        return
-    curves = {n[5:]: [(r["lap"], r[n]) for r in records if n in r] for n in names}
-    plots.save_curves(
-        curves,
-        run.root / "metrics.png",
-        xlabel="lap",
-        ylabel="metric",
-        logy=any(n in ("eval_sinkhorn",) for n in names),
-        title="per-lap evaluation",
-    )
+    save_metric_curves(run.root / "metrics.png", records)

@@ -51,6 +51,24 @@ def report_table(records: list[dict[str, Any]]) -> Any:
     return table
 
 
+def save_metric_curves(path: Path, records: list[dict[str, Any]]) -> None:
+    """Draw every per-lap evaluation metric of ``records`` as curves (log scale for Sinkhorn)."""
+    from diffem_cli import plots
+
+    metrics = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
+    if not metrics:
+        return
+    curves = {m[5:]: [(r["lap"], r[m]) for r in records if m in r] for m in metrics}
+    plots.save_curves(
+        curves,
+        path,
+        xlabel="lap",
+        ylabel="value",
+        logy="eval_sinkhorn" in metrics,
+        title="per-lap evaluation",
+    )
+
+
 def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
     """Write ``report.json`` and ``report.png`` (and ``metrics.png`` when laps were evaluated)."""
     from diffem_cli import plots
@@ -77,15 +95,5 @@ def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
             rows.insert(0, load_recon(clean)[0][:k])
             labels.insert(0, "clean")
         plots.save_image_grid(rows, run.root / "report.png", labels=labels)
-    metrics = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
-    if metrics:
-        curves = {m[5:]: [(r["lap"], r[m]) for r in records if m in r] for m in metrics}
-        plots.save_curves(
-            curves,
-            run.root / "metrics.png",
-            xlabel="lap",
-            ylabel="value",
-            logy="eval_sinkhorn" in metrics,
-            title="per-lap evaluation",
-        )
+    save_metric_curves(run.root / "metrics.png", records)
     return summary
