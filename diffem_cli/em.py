@@ -439,7 +439,7 @@ def _evaluate(
     kwargs: dict[str, Any] = {}
     if data.kind == "image":
         kwargs = {"sample_index": data.index, "reference_index": data.index, "value_range": data.value_range}
-    metrics = evaluate_tensors(x, clean, cfg.eval.metrics or None, **kwargs)
+    metrics = evaluate_tensors(x, clean, cfg.eval.metrics or None, n_points=cfg.eval.n_points, **kwargs)
     return {**{f"eval_{k}": v for k, v in metrics.items()}, "eval_s": time.perf_counter() - t0}
 
 

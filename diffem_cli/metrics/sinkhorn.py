@@ -8,8 +8,8 @@ and one half of the reference, minus the same between the two halves of the refe
 With ``reg = 1e-3`` and costs up to ~80 the Gibbs kernel ``exp(-M / reg)`` underflows, so POT must
 run in the log domain, and it rarely converges in 1,024 iterations: the score is the value of the
 1,024th iterate, so an implementation must reproduce POT's iterates, not just some solution.
-POT's dense ``logsumexp`` iterations cost about 70 s for 1,024 points and ~20 minutes for 4,096 on
-a 2-core CPU (bench/results/metrics.md).
+POT's dense ``logsumexp`` iterations take about a minute for 1,024 points and, extrapolated,
+~20 minutes for 4,096 on a 2-core CPU (~12 with its torch backend; bench/results/metrics.md).
 
 ``sinkhorn_cost`` runs the same updates (``v = log b - LSE_i(-M/reg + u)``, ``u = log a -
 LSE_j(-M/reg + v)``, POT's stopping rule) in float64, but evaluates each log-sum-exp on a sparse
@@ -26,7 +26,7 @@ blocks with a safety margin, kept values recomputed in float64), and the wide se
 re-selected only once the drift since its selection could hide a needed entry. Rows (u-update)
 and columns (v-update) keep separate kernels, each refreshed only when the potential it depends
 on has moved. Cost: two sparse products per iteration (~1M entries at 4,096 points on the curve)
-plus a few dense passes; a few seconds at 4,096 points instead of POT's ~20 minutes. Supports
+plus a few dense passes: 3-6 s at 4,096 points per set, 1-3 minutes and ~2.5 GB at 16,384. Supports
 are sparse only because reg is small relative to the spread of the costs: for large reg or tiny
 clouds they fill up and the method degrades gracefully to dense products.
 """
