@@ -314,10 +314,8 @@ def em_train(
         prev, _ = load_recon(run.recon(lap - 1))
         rec: dict[str, Any] = {"event": "lap", "lap": lap}
         if not run.checkpoint(lap).exists():
-            model = build_network(cfg.network, data.shape, cond_size)
-            torch.manual_seed(cfg.seed)
             if lap > 1:
-                model.load_state_dict(load_checkpoint(run.checkpoint(lap - 1)).tensors)
+                model = build_model(load_checkpoint(run.checkpoint(lap - 1))).train()
             elif warm is not None:
                 model = build_model(warm).train()
             else:
