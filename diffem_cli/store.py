@@ -9,9 +9,12 @@ name beside the target and renamed into place, so an interrupted write leaves no
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -25,46 +28,209 @@ from diffem_cli import __version__
 from diffem_cli.errors import DiffemError
 
 MANIFEST = "diffem.json"
+VOLATILE_MANIFEST_KEYS = frozenset({"diffem_version"})
+"""Manifest entries left out of :func:`fingerprint_dataset`: they change without the data changing."""
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+"""Errors of the file system (full disk, quota, read-only, permissions) reported as one line."""
 
 
 def check_output(out: Path, force: bool) -> None:
     """Refuse to touch an existing output unless ``force``; refuse a missing parent folder."""
     out = Path(out)
+    recover(out)
     if out.exists() and not force:
         raise DiffemError(f"{out} already exists (use --force to overwrite)")
     if not out.parent.exists():
         raise DiffemError(f"folder {out.parent} does not exist")
 
 
+def temp_dir(out: Path, role: str = "") -> Path:
+    """A new empty temporary folder beside ``out`` named ``.NAME.tmp-PID-[ROLE-]XXXX``.
+
+    The PID in the name lets :func:`clean_stale` remove it once its writer is dead.
+    """
+    out = Path(out)
+    prefix = f".{out.name}.tmp-{os.getpid()}-{role + '-' if role else ''}"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+
+
 @contextlib.contextmanager
 def atomic_path(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces ``out``, on failure it is removed."""
+    """Yield a temporary sibling path; on success it replaces ``out``, on failure it is removed.
+
+    With ``force`` an existing ``out`` is swapped for the new one in a single atomic exchange
+    where the file system allows it (Linux ``renameat2``); elsewhere through two renames, the old
+    copy parked as ``.NAME.old-PID`` in between and put back by :func:`recover` if the writer
+    dies there. Either way a kill at any moment leaves the old or the new ``out`` under its name.
+    Temporaries of dead writers of the same ``out`` are removed first.
+    """
     out = Path(out)
     check_output(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    clean_stale(out.parent, only=out.name, recursive=False)
+    tmp = temp_dir(out)
     target = tmp / "payload"
     try:
         yield target
-        if out.exists():
+        if not out.exists():
+            os.replace(target, out)
+        elif not _exchange(target, out):
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(target, out)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(target, out)
+            _remove(old)
+        # after an exchange the old copy is ``target``, removed with ``tmp`` below
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap paths ``a`` and ``b`` (``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename."""
+    """Write a small text file through a temporary file and a rename (nothing left on failure)."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+_OLD_STYLE_TEMP = re.compile(r"^(?:\.(?P<name>.+)\.tmp-|\.cache-)[A-Za-z0-9_]{8}$")
+_LOCK = re.compile(r"^\.(?P<name>.+)\.lock(?:\.stale-\d+)?$")
+
+
+def _writer_gone(pid: int, path: Path) -> bool:
+    """Whether the process that made temporary ``path`` is dead (or its PID was reused since)."""
+    from diffem_cli.lock import _started_at, pid_alive
+
+    if pid == os.getpid():
+        return False
+    if not pid_alive(pid):
+        return True
+    started = _started_at(pid)
+    try:
+        return started is not None and started > path.lstat().st_mtime + 2.0
+    except FileNotFoundError:
+        return False
+
+
+def recover(out: Path) -> Path | None:
+    """Put back ``out`` if its writer died between the two renames of an overwrite.
+
+    A ``.NAME.old-PID`` copy whose writer is dead is renamed back to ``out`` when ``out`` is
+    missing (the newest such copy wins), and removed otherwise. Returns the restored path.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return None
+    olds = []
+    for entry in out.parent.iterdir():
+        m = _TEMP.match(entry.name)
+        if m and m["kind"] == "old" and m["name"] == out.name and _writer_gone(int(m["pid"]), entry):
+            olds.append(entry)
+    restored = None
+    for entry in sorted(olds, key=lambda e: e.lstat().st_mtime, reverse=True):
+        if restored is None and not out.exists() and not out.is_symlink():
+            os.rename(entry, out)
+            restored = out
+        else:
+            _remove(entry)
+    return restored
+
+
+def _stale_action(entry: Path, locked: bool, only: str | None) -> str | None:
+    """What :func:`clean_stale` does with ``entry``: "remove", "restore", "keep" (a temporary
+    still in use) or None (not a temporary: descend into it if it is a folder)."""
+    from diffem_cli import lock
+
+    m = _TEMP.match(entry.name)
+    if m is not None:
+        if only is not None and m["name"] != only:
+            return "keep"
+        if not (locked or _writer_gone(int(m["pid"]), entry)):
+            return "keep"
+        if m["kind"] == "old":
+            target = entry.parent / m["name"]
+            return "restore" if not target.exists() and not target.is_symlink() else "remove"
+        return "remove"
+    m = _OLD_STYLE_TEMP.match(entry.name)
+    if m is not None:
+        return "remove" if locked and (only is None or m["name"] == only) else "keep"
+    m = _LOCK.match(entry.name)
+    if m is not None and entry.is_file():
+        if not locked or (only is not None and m["name"] != only):
+            return "keep"
+        if not entry.name.endswith(".lock"):  # the grave of a lock being taken over
+            return "remove"
+        with contextlib.suppress(OSError):
+            return "remove" if lock._stale(lock._holder(entry.read_bytes()), entry) else "keep"
+        return "keep"
+    return None
+
+
+def clean_stale(
+    folder: Path, *, locked: bool = False, only: str | None = None, recursive: bool = True
+) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``folder``; returns what was removed.
+
+    Temporaries are the ``.NAME.tmp-PID*`` files and folders of :func:`atomic_path`,
+    :func:`write_text_atomic`, ``checkpoint.save_tensors`` and ``write_dataset``'s caches, and the
+    ``.NAME.old-PID`` copies of an interrupted overwrite (put back as ``NAME`` by
+    :func:`recover` when ``NAME`` is missing, not removed). By default only those whose writer
+    (the PID in the name) is dead are touched. With ``locked`` the caller holds the lock of
+    ``folder``, so that no other writer can be at work in it: every temporary goes, whatever its
+    PID, and so do lock files of dead holders. ``only`` restricts the clean-up to temporaries of
+    ``NAME == only``; ``recursive`` also cleans every subfolder.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    todo = [folder]
+    while todo:
+        current = todo.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            action = _stale_action(entry, locked, only)
+            if action == "restore":
+                os.rename(entry, current / _TEMP.match(entry.name)["name"])  # type: ignore[index]
+                continue
+            if action == "remove":
+                _remove(entry)
+                removed.append(entry)
+                continue
+            if action == "keep":
+                continue
+            if recursive and entry.is_dir() and not entry.is_symlink():
+                todo.append(entry)
+    return removed
 
 
 def _features(first: dict[str, np.ndarray]) -> Any:
@@ -124,25 +290,47 @@ def write_dataset(
             for i in range(n):
                 yield {k: v[i] for k, v in chunk.items()}
 
-    with (
-        atomic_path(out, force) as target,
-        tempfile.TemporaryDirectory(dir=out.parent, prefix=".cache-") as cache,
-    ):
+    with atomic_path(out, force) as target:
+        cache = temp_dir(out, "cache")
         was_enabled = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         try:
             ds = datasets.Dataset.from_generator(
-                rows, features=features, cache_dir=cache, fingerprint=fingerprint
+                rows, features=features, cache_dir=str(cache), fingerprint=fingerprint
             )
             n_rows = len(ds)
             ds.save_to_disk(str(target))
             del ds
+        except Exception as e:  # datasets wraps a full disk in its own error types
+            disk = os_error(e)
+            if disk is not None and disk.filename is None:  # e.g. a write through fsspec: name OUT
+                raise OSError(disk.errno, disk.strerror or os.strerror(disk.errno or 0), str(out)) from None
+            if disk is not None and disk is not e:
+                raise disk from None
+            raise
         finally:
+            shutil.rmtree(cache, ignore_errors=True)
             if was_enabled:
                 datasets.enable_progress_bars()
         manifest["num_rows"] = n_rows
         (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return out
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The file-system error (full disk, quota, read-only, permission) behind ``e``, if any.
+
+    Libraries such as ``datasets`` wrap the ``OSError`` of a failed write in their own exception
+    types; this walks the chain of causes to find it, so the CLI can print it as one line.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _prepend(first: dict[str, np.ndarray], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
@@ -167,10 +355,12 @@ def read_dataset(path: Path) -> tuple[Any, dict[str, Any]]:
     import datasets
 
     path = Path(path)
+    recover(path)
     if not path.exists():
         raise DiffemError(f"{path} does not exist")
     if not path.is_dir():
         raise DiffemError(f"{path} is not a dataset folder")
+    check_contained(path)
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises several types for a folder it cannot read
@@ -203,11 +393,102 @@ def iter_columns(ds: Any, names: list[str], batch_size: int) -> Iterator[tuple[i
         yield start, columns(ds, names, start, start + batch_size)
 
 
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DiffemError(f"{path} is not readable JSON ({e})") from None
+
+
+def _inside(root: Path, rel: Any, what: Path) -> Path:
+    """``root / rel`` after resolving links, refused (one line) unless it stays inside ``root``."""
+    if not isinstance(rel, str) or not rel:
+        raise DiffemError(f"{what} names an invalid path {rel!r}")
+    base = root.resolve()
+    target = (root / rel).resolve()
+    if target != base and base not in target.parents:
+        raise DiffemError(f"{what} names {rel!r}, which lies outside {root}: refused")
+    return target
+
+
+def _split_folders(path: Path) -> list[Path]:
+    """The folders holding Arrow data: ``path`` itself, or each split of a DatasetDict folder."""
+    dict_file = path / "dataset_dict.json"
+    if not dict_file.exists():
+        return [path]
+    splits = _json_file(dict_file)
+    names = splits.get("splits") if isinstance(splits, dict) else None
+    if not isinstance(names, list):
+        raise DiffemError(f"{dict_file} lists no splits")
+    return [_inside(path, name, dict_file) for name in names]
+
+
+def _data_files(folder: Path) -> list[Path]:
+    """The Arrow files ``datasets`` would load from ``folder``, in its order (from ``state.json``)."""
+    state_file = folder / "state.json"
+    if not state_file.exists():
+        return sorted(folder.glob("*.arrow"))
+    state = _json_file(state_file)
+    files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(files, list):
+        raise DiffemError(f"{state_file} lists no data files")
+    names = [f.get("filename") if isinstance(f, dict) else f for f in files]
+    return [_inside(folder, name, state_file) for name in names]
+
+
+def check_contained(path: Path) -> None:
+    """Refuse a data folder whose ``state.json``/``dataset_dict.json`` name files outside it.
+
+    Paths are resolved (``..`` and symbolic links), so neither ``../outside.arrow`` nor a link to
+    a file elsewhere gets past. Runs before ``datasets`` opens anything.
+    """
+    path = Path(path)
+    for folder in _split_folders(path):
+        _data_files(folder)
+
+
 def fingerprint_dataset(path: Path) -> str:
-    """A short content hash of a data folder's Arrow files, recorded in checkpoints."""
+    """A short hash of what a data folder means: its manifest, features and Arrow data.
+
+    Covered: the manifest (``diffem.json``) except :data:`VOLATILE_MANIFEST_KEYS` (the diffem
+    version that wrote it), the features of ``dataset_info.json`` (how the bytes are read), and
+    the content of the Arrow files in the order ``state.json`` lists them. Not covered: file
+    names, ``datasets``' own bookkeeping (its cache fingerprint, split sizes, descriptions).
+    Editing a channel parameter in the manifest or the rows changes the fingerprint; re-saving
+    the same rows under other file names, or with another diffem version, does not.
+    """
+    path = Path(path)
     h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.arrow")):
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+    manifest = {k: v for k, v in read_manifest(path).items() if k not in VOLATILE_MANIFEST_KEYS}
+    h.update(b"manifest\0" + json.dumps(manifest, sort_keys=True, default=str).encode() + b"\0")
+    for folder in _split_folders(path):
+        info_file = folder / "dataset_info.json"
+        info = _json_file(info_file) if info_file.exists() else {}
+        features = info.get("features") if isinstance(info, dict) else None
+        h.update(b"features\0" + json.dumps(features, sort_keys=True).encode() + b"\0")
+        for f in _data_files(folder):
+            h.update(b"file\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
     return h.hexdigest()[:16]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str, start: int = 0) -> None:
+    """Refuse NaN or infinite values in the floating-point ``tensors`` with one line.
+
+    ``what`` names the source (e.g. the observations folder); ``start`` is the row number of the
+    tensors' first row, so the message points at the row in the whole data set.
+    """
+    for name, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if not bool(bad.any()):
+            continue
+        count = int(bad.sum())
+        row = int(bad.reshape(len(t), -1).any(dim=1).nonzero()[0, 0]) if t.dim() else 0
+        raise DiffemError(
+            f"{what}: column {name!r} holds {count} non-finite value{'s' if count > 1 else ''} "
+            f"(NaN or infinity), the first in row {start + row}; fix or drop those rows"
+        )
