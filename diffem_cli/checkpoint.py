@@ -4,12 +4,22 @@ Metadata keys: ``format`` ("diffem-checkpoint"), ``diffem_version``, ``kind`` ("
 "unconditional"), ``network`` (network config), ``data`` (shape, kind, value range, fingerprint
 of the observations), ``channel`` (the channel spec, conditional models), ``schedule``, ``lap``,
 and any extra entries (``metrics``). A checkpoint file alone is enough to sample or reconstruct.
+
+Every file written by :func:`save_tensors` also carries ``checksum`` ("sha256:...", over the other
+metadata entries and the tensor names, dtypes, shapes and bytes in sorted order), verified by
+:func:`load_tensors`: flipped bytes or edited metadata are refused instead of used. Files without
+a checksum (written before it existed, or by other tools) load unverified.
+:func:`load_checkpoint` refuses non-finite weights, and :func:`build_model` checks the network
+its metadata describes against the stored tensor shapes (on PyTorch's ``meta`` device, allocating
+nothing) before building it for real.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +31,7 @@ from diffem_cli import __version__
 from diffem_cli.errors import DiffemError
 
 FORMAT = "diffem-checkpoint"
+CHECKSUM_KEY = "checksum"
 
 
 @dataclass
@@ -39,15 +50,41 @@ class Checkpoint:
         return tuple(self.meta["data"]["shape"])
 
 
+def tensors_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """``sha256:<hex>`` over the (string) metadata ``meta`` and every tensor's name, dtype, shape and
+    bytes, in sorted name order."""
+    h = hashlib.sha256()
+    h.update(json.dumps(meta or {}, sort_keys=True).encode() + b"\0")
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode() + b"\0")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{h.hexdigest()}"
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Write tensors and JSON metadata atomically (temporary file, then rename)."""
+    """Write tensors and JSON metadata (plus their checksum) atomically: temporary file, rename.
+
+    A failed write (a full disk) leaves no temporary file and raises ``OSError`` naming the path.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     encoded = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in meta.items()}
+    encoded.pop(CHECKSUM_KEY, None)
+    encoded[CHECKSUM_KEY] = tensors_checksum(cpu, encoded)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=encoded)
+        try:
+            save_file(cpu, str(tmp), metadata=encoded)
+        except Exception as e:  # safetensors reports I/O errors as its own type: make them OSErrors
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            n = int(code.group(1))
+            raise OSError(n, os.strerror(n), str(path)) from None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -68,8 +105,14 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type for broken headers and data
         raise DiffemError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    expected = raw.get(CHECKSUM_KEY)
+    rest = {k: v for k, v in raw.items() if k != CHECKSUM_KEY}
+    if expected is not None and tensors_checksum(tensors, rest) != expected:
+        raise DiffemError(f"{path}: checksum mismatch (the file was modified or corrupted)")
     meta: dict[str, Any] = {}
     for k, v in raw.items():
+        if k == CHECKSUM_KEY:
+            continue
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -91,15 +134,85 @@ def load_checkpoint(path: Path) -> Checkpoint:
     for key in ("kind", "network", "data"):
         if key not in meta:
             raise DiffemError(f"{path} lacks checkpoint metadata {key!r}")
+    check_finite_weights(tensors, path)
     return Checkpoint(tensors, meta)
 
 
-def build_model(ckpt: Checkpoint) -> nn.Module:
-    """Rebuild the network of a checkpoint and load its weights (eval mode)."""
+def check_finite_weights(tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Refuse NaN or infinite values in floating-point ``tensors`` (``source`` names the file)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            count = int((~torch.isfinite(t)).sum())
+            raise DiffemError(
+                f"{source}: weight {name!r} holds {count} non-finite value(s) (NaN or infinity)"
+            )
+
+
+def _network_spec(ckpt: Checkpoint) -> tuple[dict[str, Any], tuple[int, ...], int]:
+    network = ckpt.meta["network"]
+    if not isinstance(network, dict):
+        raise DiffemError(f"invalid network config in checkpoint metadata: {network!r}")
+    try:
+        shape = tuple(int(v) for v in ckpt.meta["data"]["shape"])
+        cond_size = int(ckpt.meta.get("cond_size", 0))
+    except (KeyError, TypeError, ValueError):
+        raise DiffemError("invalid data shape or cond_size in checkpoint metadata") from None
+    if not shape or min(shape) < 1 or cond_size < 0:
+        raise DiffemError(f"invalid data shape {shape} or cond_size {cond_size} in checkpoint metadata")
+    return network, shape, cond_size
+
+
+def check_shapes(ckpt: Checkpoint) -> None:
+    """Refuse a checkpoint whose metadata describes another network than its tensors hold.
+
+    The network is built on PyTorch's ``meta`` device (no memory is allocated, whatever width
+    the metadata claims) and its parameter names and shapes are compared with the tensors'.
+    """
     from diffem_cli.nets import build_network
 
-    cond_size = int(ckpt.meta.get("cond_size", 0))
-    model = build_network(ckpt.meta["network"], ckpt.shape, cond_size)
+    network, shape, cond_size = _network_spec(ckpt)
+    if network.get("type") == "unet":
+        import diffusers  # noqa: F401  (imported outside the meta-device context)
+        from diffusers import UNet2DModel  # noqa: F401
+    try:
+        with torch.device("meta"):
+            skeleton = build_network(network, shape, cond_size)
+    except DiffemError:
+        raise
+    except Exception as e:  # a config the network constructors reject
+        first = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise DiffemError(f"invalid network config in checkpoint metadata ({first})") from None
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in ckpt.tensors.items()}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing:
+        raise DiffemError(
+            f"checkpoint weights do not match its network config (missing weight {missing[0]!r})"
+        )
+    if extra:
+        raise DiffemError(
+            f"checkpoint weights do not match its network config (unexpected weight {extra[0]!r})"
+        )
+    for name in sorted(expected):
+        if expected[name] != stored[name]:
+            raise DiffemError(
+                f"checkpoint weights do not match its network config ({name!r} has shape {stored[name]} in "
+                f"the file, the config builds {expected[name]})"
+            )
+
+
+def build_model(ckpt: Checkpoint) -> nn.Module:
+    """Rebuild the network of a checkpoint and load its weights (eval mode).
+
+    The shapes are checked first (:func:`check_shapes`), so a lying config fails in one line
+    without allocating the network it describes.
+    """
+    from diffem_cli.nets import build_network
+
+    check_shapes(ckpt)
+    network, shape, cond_size = _network_spec(ckpt)
+    model = build_network(network, shape, cond_size)
     try:
         model.load_state_dict(ckpt.tensors)
     except RuntimeError as e:

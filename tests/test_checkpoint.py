@@ -138,3 +138,105 @@ def test_metadata_strings_stay_strings(tmp_path):
     _, meta = load_tensors(path)
     assert meta == {"note": "not json {", "n": 3}
     assert json.loads(json.dumps(meta)) == meta
+
+
+def _data_offset(path) -> int:
+    """Where the tensor bytes of a safetensors file start (after the 8-byte length and the header)."""
+    raw = path.read_bytes()
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+def test_flipped_bytes_and_edited_metadata_fail_the_checksum(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, net, _meta(MLP, (5,), 0, "unconditional"))
+    assert "checksum" not in load_checkpoint(path).meta  # verified, then dropped from the metadata
+    raw = bytearray(path.read_bytes())
+    start = _data_offset(path)
+    for offset in (start, start + 1000, len(raw) - 1):  # first, middle, last byte of the weights
+        bad = bytearray(raw)
+        bad[offset] ^= 0x10
+        flipped = tmp_path / f"flip{offset}.safetensors"
+        flipped.write_bytes(bytes(bad))
+        with pytest.raises(DiffemError) as info:
+            load_checkpoint(flipped)
+        assert _one_line(info.value) == f"{flipped}: checksum mismatch (the file was modified or corrupted)"
+    # a metadata value edited in place (same length, so the header still parses)
+    header = raw[8:start].decode()
+    assert '"sinkhorn\\": 0.5' in header
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(
+        bytes(raw[:8]) + header.replace('"sinkhorn\\": 0.5', '"sinkhorn\\": 0.1').encode() + raw[start:]
+    )
+    with pytest.raises(DiffemError, match="checksum mismatch"):
+        load_checkpoint(edited)
+
+
+def test_files_without_a_checksum_still_load(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    path = tmp_path / "old.safetensors"
+    meta = {"format": FORMAT, **_meta(MLP, (5,), 0, "unconditional")}
+    save_file(net.state_dict(), str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    assert build_model(load_checkpoint(path)) is not None
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    with torch.no_grad():
+        next(net.parameters())[0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_checkpoint(path, net, _meta(MLP, (5,), 0, "unconditional"))
+    with pytest.raises(DiffemError) as info:
+        load_checkpoint(path)
+    assert "non-finite value(s) (NaN or infinity)" in _one_line(info.value)
+
+
+def test_a_lying_width_fails_fast_without_allocating(tmp_path):
+    import resource
+    import time
+
+    net = build_network(MLP, (5,), 0)
+    path = tmp_path / "huge.safetensors"
+    save_checkpoint(path, net, _meta({**MLP, "width": 10**8}, (5,), 0, "unconditional"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(DiffemError) as info:
+        build_model(load_checkpoint(path))
+    elapsed = time.perf_counter() - t0
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    # width 1e8, depth 2: the real network would hold about 1e16 weights (4e16 bytes)
+    assert "shape" in _one_line(info.value) and "do not match its network config" in str(info.value)
+    assert elapsed < 2.0 and grown_mb < 100, (elapsed, grown_mb)
+
+
+def test_invalid_network_configs_are_one_line(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    path = tmp_path / "m.safetensors"
+    for network, match in [
+        ({"type": "unet", "bogus": 1}, "invalid network config|a UNet needs image data"),
+        ({"type": "mlp", "width": "wide"}, "invalid network config"),
+        ({"type": "transformer"}, "unknown network type"),
+        ("mlp", "invalid network config"),
+    ]:
+        save_checkpoint(path, net, _meta(network, (5,), 0, "unconditional"))
+        with pytest.raises(DiffemError, match=match) as info:
+            build_model(load_checkpoint(path))
+        _one_line(info.value)
+
+
+def test_full_disk_while_saving_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(OSError) as info:
+        save_tensors(path, {"a": torch.zeros(2)}, {})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
