@@ -3,15 +3,27 @@
 Listing names reads package metadata only; a channel's module is imported when that channel is
 loaded. A broken plugin (import failure, wrong class, newer interface, name clash) is reported
 with its error and never stops the other channels from working.
+
+Distributions found in the current directory only because Python put it first on ``sys.path``
+(``python -m diffem_cli``, ``accelerate launch -m diffem_cli``, ``python -c``) are ignored: a
+``*.dist-info`` lying in the folder one runs diffem from must not register code that diffem then
+imports. The current directory counts when it is installed (site-packages) or put on the path
+on purpose (``PYTHONPATH``, a ``.pth`` file).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
+import site
+import sys
+import sysconfig
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from importlib.metadata import EntryPoint, distributions
+from importlib.metadata import Distribution, EntryPoint, distributions
+from pathlib import Path
 from typing import Any
 
 from diffem_channels.base import API_VERSION, Channel, Param
@@ -42,6 +54,37 @@ def _normalise(dist: str) -> str:
     return re.sub(r"[-_.]+", "-", dist).lower()
 
 
+def _resolved(entry: str) -> Path | None:
+    try:
+        return Path(entry or os.curdir).resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def untrusted_dirs() -> set[Path]:
+    """Folders on ``sys.path`` whose distributions discovery ignores: the current directory when
+    it is there only as the entry Python adds implicitly (``''`` or ``sys.path[0]``)."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory was removed
+        return set()
+    implicit = [e for i, e in enumerate(sys.path) if e == "" or (i == 0 and _resolved(e) == cwd)]
+    if not implicit:
+        return set()
+    installed = {*site.getsitepackages(), site.getusersitepackages()}
+    installed.update(sysconfig.get_paths().get(k, "") for k in ("purelib", "platlib"))
+    deliberate = {_resolved(e) for e in sys.path[1:] if e} | {_resolved(e) for e in installed if e}
+    return set() if cwd in deliberate else {cwd}
+
+
+def _location(dist: Distribution) -> Path | None:
+    """The ``sys.path`` folder holding ``dist``'s metadata (resolved against the current directory)."""
+    try:
+        return Path(str(dist.locate_file(""))).resolve()
+    except (OSError, RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def _declared() -> Iterator[tuple[str, EntryPoint]]:
     """(distribution name, entry point) for every channel declared by an installed distribution.
 
@@ -50,7 +93,10 @@ def _declared() -> Iterator[tuple[str, EntryPoint]]:
     rather than breaking every command.
     """
     seen: set[str] = set()
+    skip = untrusted_dirs()
     for dist in distributions():
+        if skip and _location(dist) in skip:
+            continue
         try:
             name = dist.metadata["Name"] or "unknown"
             eps = dist.entry_points.select(group=GROUP)
@@ -204,6 +250,50 @@ def channel_from_spec(spec: Mapping[str, Any]) -> Channel:
     if not isinstance(params, Mapping):
         raise DiffemError(f"invalid channel spec: params must be a mapping, got {params!r}")
     return make_channel(spec["name"], params)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples as lists), for comparing specs."""
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except (TypeError, ValueError):
+        return value
+
+
+def same_channel(
+    spec_a: Mapping[str, Any], spec_b: Mapping[str, Any], labels: tuple[str, str] = ("one", "other")
+) -> str | None:
+    """``None`` when two channel specs (``Channel.spec()``) describe the same channel, else the
+    first difference as a phrase: name, interface version, then each parameter in sorted order.
+
+    ``labels`` name the two sides in the phrase, e.g. ``("the RUN", "the observations")`` gives
+    ``"parameter 'sigma' is 0.01 in the RUN but 0.5 in the observations"``. A missing
+    ``api_version`` counts as 1; a parameter given on one side only is a difference.
+    """
+    a, b = _plain(dict(spec_a or {})), _plain(dict(spec_b or {}))
+    la, lb = labels
+
+    def differ(what: str, va: Any, vb: Any) -> str:
+        return f"{what} is {json.dumps(va)} in {la} but {json.dumps(vb)} in {lb}"
+
+    if a.get("name") != b.get("name"):
+        return differ("the channel", a.get("name"), b.get("name"))
+    if a.get("api_version", 1) != b.get("api_version", 1):
+        return differ("the channel interface version", a.get("api_version", 1), b.get("api_version", 1))
+    pa, pb = a.get("params") or {}, b.get("params") or {}
+    if not isinstance(pa, dict) or not isinstance(pb, dict):
+        return None if pa == pb else differ("the parameter set", pa, pb)
+    for key in sorted(set(pa) | set(pb)):
+        if key not in pa:
+            return f"parameter {key!r} is set to {json.dumps(pb[key])} in {lb} but absent in {la}"
+        if key not in pb:
+            return f"parameter {key!r} is set to {json.dumps(pa[key])} in {la} but absent in {lb}"
+        if pa[key] != pb[key]:
+            return differ(f"parameter {key!r}", pa[key], pb[key])
+    for key in sorted((set(a) | set(b)) - {"name", "api_version", "params"}):
+        if a.get(key) != b.get(key):
+            return differ(f"the spec entry {key!r}", a.get(key), b.get(key))
+    return None
 
 
 def parse_assignments(items: list[str] | None) -> dict[str, str]:
