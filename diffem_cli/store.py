@@ -62,25 +62,30 @@ def atomic_path(out: Path, force: bool = False) -> Iterator[Path]:
     where the file system allows it (Linux ``renameat2``); elsewhere through two renames, the old
     copy parked as ``.NAME.old-PID`` in between and put back by :func:`recover` if the writer
     dies there. Either way a kill at any moment leaves the old or the new ``out`` under its name.
-    Temporaries of dead writers of the same ``out`` are removed first.
+    Temporaries of dead writers of the same ``out`` are removed first. The lock of ``out``
+    (``diffem_cli.lock``) is held throughout: a second process writing the same ``out`` is refused
+    with one line while this one lives (nesting inside the caller's own lock is fine).
     """
+    from diffem_cli.lock import lock_output
+
     out = Path(out)
-    check_output(out, force)
-    clean_stale(out.parent, only=out.name, recursive=False)
-    tmp = temp_dir(out)
-    target = tmp / "payload"
-    try:
-        yield target
-        if not out.exists():
-            os.replace(target, out)
-        elif not _exchange(target, out):
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(target, out)
-            _remove(old)
-        # after an exchange the old copy is ``target``, removed with ``tmp`` below
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with lock_output(out, "writing"):
+        check_output(out, force)
+        clean_stale(out.parent, only=out.name, recursive=False)
+        tmp = temp_dir(out)
+        target = tmp / "payload"
+        try:
+            yield target
+            if not out.exists():
+                os.replace(target, out)
+            elif not _exchange(target, out):
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+                os.replace(target, out)
+                _remove(old)
+            # after an exchange the old copy is ``target``, removed with ``tmp`` below
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -378,3 +378,27 @@ def test_written_bytes_are_unchanged_by_the_temporaries_scheme(tmp_path: Path) -
     a = file_bytes(_data(tmp_path / "a"))
     b = file_bytes(_data(tmp_path / "b"))
     assert a == b and "diffem.json" in a
+
+
+def test_a_second_writer_of_the_same_out_is_refused(tmp_path: Path) -> None:
+    hold = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from diffem_cli.lock import lock_output\n"
+        "with lock_output(Path(sys.argv[1]), 'corrupt'):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    out = tmp_path / "obs"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        with pytest.raises(DiffemError) as err:
+            _data(out)
+        assert str(err.value).startswith(f"{out} is in use by diffem process {proc.pid} (started ")
+        assert not out.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    _data(out)  # the holder was killed: its lock is taken over, and removed after the write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["obs"]
