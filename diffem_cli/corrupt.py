@@ -18,7 +18,7 @@ import torch
 from diffem_channels.base import Channel, ChannelError, sample_seeds
 from diffem_cli.errors import DiffemError
 from diffem_cli.sources import Source
-from diffem_cli.store import check_output, columns, read_dataset, read_manifest, write_dataset
+from diffem_cli.store import check_apart, check_output, columns, read_dataset, read_manifest, write_dataset
 
 PREVIEW_IMAGES = 16
 PREVIEW_POINTS = 4096
@@ -46,15 +46,19 @@ def recorrupt(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _check_outputs(out: Path, clean_out: Path | None, preview: Path | None, force: bool) -> None:
+def _check_outputs(
+    out: Path, clean_out: Path | None, preview: Path | None, force: bool, source: Path | None = None
+) -> None:
     paths = [Path(p).resolve() for p in (out, clean_out, preview) if p is not None]
     if len(set(paths)) != len(paths):
         raise DiffemError("the output, --clean-out and --preview paths must all differ")
-    check_output(out, force)
+    check_output(out, force, [source])
     if clean_out is not None:
-        check_output(clean_out, force)
+        check_output(clean_out, force, [source])
+        check_apart(clean_out, [out], "output")
     if preview is not None:
-        check_output(preview, force)
+        check_output(preview, force, [source])
+        check_apart(preview, [out, clean_out], "output")
         if Path(preview).suffix.lower() != ".png":
             raise DiffemError(f"preview {preview} must be a .png file")
         if Path(preview).is_dir():
@@ -131,7 +135,7 @@ def corrupt_dataset(
     if chunk_size < 1:
         raise DiffemError(f"chunk size must be >= 1, got {chunk_size}")
     channel.check_data(tuple(source.shape))
-    _check_outputs(out, clean_out, preview, force)
+    _check_outputs(out, clean_out, preview, force, getattr(source, "path", None))
     if len(source) == 0:
         raise DiffemError(f"source {source.spec!r} holds no samples")
     trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail here, not mid-way

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffem_cli.em import Run, load_recon
 from diffem_cli.errors import DiffemError
+from diffem_cli.observations import load_recon
+from diffem_cli.runs import Run
 from diffem_cli.store import write_text_atomic
 
 COLUMNS = (("init_s", "start s"), ("mstep_s", "M-step s"), ("estep_s", "E-step s"), ("loss", "loss"))
@@ -73,26 +74,40 @@ def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
     """Write ``report.json`` and ``report.png`` (and ``metrics.png`` when laps were evaluated)."""
     from diffem_cli import plots
 
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise DiffemError(f"RUN {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise DiffemError(f"RUN {run_dir} is a file, not an em-train RUN folder")
+    if clean is not None and not Path(clean).is_dir():
+        raise DiffemError(f"--clean {clean} is not a folder")
     run = Run(run_dir)
     records = lap_records(run_dir)
     last = records[-1]["lap"]
     total = sum(r.get(k, 0.0) for r in records for k in ("init_s", "mstep_s", "estep_s", "corrupt_s"))
     summary = {"laps": records, "last_lap": last, "train_seconds": total}
-    write_text_atomic(run.root / "report.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    # Read everything (and check the clean reference's shape) before writing anything.
     start, _ = load_recon(run.recon(0))
     end, _ = load_recon(run.recon(last))
+    reference = load_recon(clean)[0] if clean is not None else None
+    if reference is not None and tuple(reference.shape[1:]) != tuple(start.shape[1:]):
+        raise DiffemError(
+            f"--clean {clean} holds samples of shape {list(reference.shape[1:])}, but the RUN's "
+            f"reconstructions have shape {list(start.shape[1:])}"
+        )
+    write_text_atomic(run.root / "report.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if start.ndim == 2:
         sets = {}
-        if clean is not None:
-            sets["clean"] = load_recon(clean)[0]
+        if reference is not None:
+            sets["clean"] = reference
         sets["lap 0 (start)"] = start
         sets[f"lap {last}"] = end
         plots.save_pairwise_scatter(sets, run.root / "report.png")
     else:
         k = min(16, len(start))
         rows, labels = [start[:k], end[:k]], ["lap 0 (start)", f"lap {last}"]
-        if clean is not None:
-            rows.insert(0, load_recon(clean)[0][:k])
+        if reference is not None:
+            rows.insert(0, reference[:k])
             labels.insert(0, "clean")
         plots.save_image_grid(rows, run.root / "report.png", labels=labels)
     save_metric_curves(run.root / "metrics.png", records)

@@ -8,6 +8,8 @@ a source once to write observations; evaluation reads one for the clean referenc
 from __future__ import annotations
 
 import math
+import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ MANIFOLD_RANGE = (-2.0, 2.0)
 MANIFOLD_DEFAULTS = {"samples": 16384, "n": 5, "seed": 0}
 MANIFOLD_TERMS = 10
 MANIFOLD_GRID = 10_001
+HUB_ENDPOINT = "https://huggingface.co"
+HUB_TIMEOUT_S = 3.0  # one connection attempt before any download: offline fails in seconds, not minutes
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
@@ -32,6 +36,7 @@ class Source:
     spec: str = ""
     shape: tuple[int, ...] = ()
     value_range: tuple[float, float] = IMAGE_RANGE
+    path: Path | None = None  # the local folder it reads, if any (outputs must stay clear of it)
 
     @property
     def kind(self) -> str:
@@ -321,6 +326,7 @@ class LimitedSource(Source):
         self.spec = base.spec
         self.shape = base.shape
         self.value_range = base.value_range
+        self.path = base.path
 
     def __len__(self) -> int:
         return self.limit
@@ -336,7 +342,39 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hub host (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    True without trying when a proxy is configured (the proxy decides) or when offline mode is set
+    (``datasets`` then reads its local cache and fails fast by itself).
+    """
+    from urllib.parse import urlparse
+
+    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _hub(name: str, split: str) -> DatasetSource:
+    if not hub_reachable():
+        host = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
+        raise DiffemError(
+            f"could not load hf:{name}: no connection to the Hugging Face Hub ({host}); set HF_HUB_OFFLINE=1 "
+            "to read it from the local cache, or save_to_disk it on a connected machine and pass that folder"
+        )
     import datasets
 
     try:
@@ -382,4 +420,5 @@ def load_source(spec: str, *, limit: int | None = None) -> Source:
             source = DatasetSource(ds, str(path), manifest)
         else:
             source = ImageFolderSource(path, str(path), limit)
+        source.path = path
     return LimitedSource(source, limit) if limit is not None and limit < len(source) else source

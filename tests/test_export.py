@@ -70,6 +70,39 @@ def test_unconditional_image_export_runs_in_ddpm_pipeline(d):
     assert len(pil) == 2 and pil[0].size == (8, 8)
     card = (folder / "README.md").read_text()
     assert "DDPMPipeline.from_pretrained" in card and "library_name: diffusers" in card
+    # trailing spacing: a 50-step pipeline starts from the last training timestep, t = 999
+    assert pipe.scheduler.config.timestep_spacing == "trailing"
+    pipe.scheduler.set_timesteps(50)
+    assert int(pipe.scheduler.timesteps[0]) == 999 and int(pipe.scheduler.timesteps[-1]) == 19
+
+
+def test_model_cards_carry_provenance(d):
+    cond = (d / "d_cond_exp" / "README.md").read_text()
+    assert "corruption channel: mask with parameters" in cond and "EM laps: lap 1" in cond
+    fingerprint = load_checkpoint(d / "d_cond.safetensors").meta["data"]["fingerprint"]
+    assert f"data fingerprint: {fingerprint}" in cond and "data source: digits (32 samples)" in cond
+    # a vector model is not tagged as a diffusers image model
+    vec = (d / "m_cond_exp" / "README.md").read_text()
+    assert (
+        "library_name: diffusers" not in vec and "vector-data" in vec and "image" not in vec.split("---")[1]
+    )
+    assert "corruption channel: projection" in vec and "None" not in vec
+    meta = json.loads((d / "m_cond_exp" / "diffem.json").read_text())
+    assert meta["provenance"]["channel"]["name"] == "projection" and meta["provenance"]["laps"] == 1
+
+
+def test_exported_files_follow_the_umask(d):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for folder in ("d_uncond_exp", "m_cond_exp"):
+        files = [p for p in (d / folder).rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files)
+        for p in files:
+            assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
+    assert (d / "d_uncond.safetensors").stat().st_mode & 0o777 == want
 
 
 def test_exported_image_models_load_back(d, cli, tmp_path):
@@ -112,6 +145,7 @@ def test_export_refusals(d, cli, tmp_path):
 
     save_file({"w": torch.ones(2)}, str(tmp_path / "foreign.safetensors"))
     out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
     cases = [
         (("export", tmp_path / "half.safetensors", out), "not a readable safetensors file"),
         (("export", tmp_path / "noise.safetensors", out), "not a readable safetensors file"),
@@ -119,10 +153,11 @@ def test_export_refusals(d, cli, tmp_path):
         (("export", tmp_path / "missing.safetensors", out), "does not exist"),
         (("export", d / "m_cond_exp", out), "is a folder"),
         (("export", good, tmp_path / "no" / "out"), "does not exist"),
-        (("reconstruct", d / "d_uncond_exp", d / "dobs", out), "unconditional"),
         (("sample", d / "m_cond_exp", out), "conditional model"),
         (("sample", d / "mobs", out), "not a model folder written by 'diffem export'"),
-        (("sample", tmp_path, out), "without diffem.json"),
+        (("sample", tmp_path / "empty", out), "without diffem.json"),
+        (("export", good, good), "is the input"),
+        (("sample", d / "m_uncond_exp", d / "m_uncond_exp" / "samples"), "lies inside the input"),
     ]
     for argv, match in cases:
         code, _, err = cli(*argv)

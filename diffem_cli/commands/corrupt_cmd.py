@@ -34,6 +34,12 @@ def corrupt(
         raise DiffemError(f"--chunk-size must be >= 1, got {chunk_size}")
     if limit is not None and limit < 1:
         raise DiffemError(f"--limit must be >= 1, got {limit}")
+    from diffem_cli.store import check_apart
+
+    check_apart(out, [source])  # before loading: the source may be large, the mistake is plain
+    for extra in (clean_out, preview):
+        if extra is not None:
+            check_apart(extra, [source])
     started = time.perf_counter()
     chan = registry.make_channel(channel, registry.parse_assignments(param))
     src = load_source(source, limit=limit)

@@ -42,11 +42,18 @@ def em_train_command(
     reconstructions, fine-tunes the conditional model (M-step) and resamples every observation
     (E-step). Re-running on an existing RUN resumes from where it stopped.
     """
+    from diffem_cli.commands._checks import at_least, check_run_folder, need_existing
     from diffem_cli.config import load_config
     from diffem_cli.em import em_train
-    from diffem_cli.store import read_manifest
+    from diffem_cli.store import check_manifest_columns, read_dataset
 
-    manifest = read_manifest(data) if data.exists() else {}
+    need_existing(data, "observations folder", folder=True)
+    ds, manifest = read_dataset(data)
+    check_manifest_columns(ds, manifest, data)
+    at_least("--laps", laps)
+    need_existing(warm_start, "--warm-start checkpoint")
+    need_existing(eval_clean, "--eval-clean folder", folder=True)
+    check_run_folder(run, [data, warm_start, eval_clean])
     default = "manifold" if len(manifest.get("data_shape", [0, 0, 0])) == 1 else "digits"
     cfg = load_config(config, sets or [], default_preset=default)
     records = em_train(

@@ -47,7 +47,9 @@ def evaluate_command(
         if not path.exists():
             raise DiffemError(f"{what} folder {path} does not exist")
     if json_out is not None:
-        check_output(json_out, force)
+        if json_out.is_dir():
+            raise DiffemError(f"--json {json_out} is a folder; give a file name")
+        check_output(json_out, force, [samples, reference])
     if n_points < 1:
         raise DiffemError(f"--n-points must be >= 1, got {n_points}")
     names = None if metrics is None else [m for m in metrics.split(",") if m.strip()]

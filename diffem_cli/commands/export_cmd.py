@@ -17,7 +17,12 @@ def export_command(
 ) -> None:
     """Export: unconditional image model -> DDPMPipeline folder; conditional -> diffusers UNet +
     conditioning description (reconstruct accepts it); vector models -> safetensors + config."""
+    from diffem_cli.commands._checks import need_existing
     from diffem_cli.export import export_checkpoint
+    from diffem_cli.store import check_output
+
+    need_existing(ckpt, "checkpoint", folder=False)
+    check_output(out, force, [ckpt])
 
     meta = export_checkpoint(ckpt, out, force=force)
     console.print(f"exported {meta['kind']} {meta['network']['type']} model to {out}")

@@ -31,8 +31,21 @@ def reconstruct_command(
     force: Annotated[bool, typer.Option(help="Overwrite OUT (and --png) if they exist.")] = False,
 ) -> None:
     """Sample clean reconstructions x ~ q(x|y) for every observation."""
+    from diffem_cli.commands._checks import at_least, check_sample_options, need_existing
     from diffem_cli.config import SampleConfig
     from diffem_cli.reconstruct import reconstruct
+    from diffem_cli.store import check_apart, check_manifest_columns, check_output, read_dataset
+
+    check_sample_options(sampler, steps, batch_size)
+    at_least("--per-observation", per_observation)
+    need_existing(ckpt, "checkpoint")
+    need_existing(data, "observations folder", folder=True)
+    ds, manifest = read_dataset(data)
+    check_manifest_columns(ds, manifest, data)
+    check_output(out, force, [ckpt, data])
+    if png is not None:
+        check_output(png, force, [ckpt, data])
+        check_apart(png, [out], "output")
 
     info = reconstruct(
         ckpt,

@@ -29,20 +29,21 @@ def train_uncond_command(
     force: Annotated[bool, typer.Option(help="Start RUN over if it holds another run.")] = False,
 ) -> None:
     """Train an unconditional diffusion model on reconstructions."""
-    from diffem_cli.config import load_config
-    from diffem_cli.store import read_manifest
+    from diffem_cli.commands._checks import check_run_folder, need_existing
+    from diffem_cli.config import check_config_for_data, load_config
+    from diffem_cli.errors import DiffemError
+    from diffem_cli.store import check_manifest_columns, columns, read_dataset
     from diffem_cli.uncond import train_uncond
 
-    manifest = read_manifest(recon) if recon.exists() else {}
-    shape = manifest.get("data_shape") or (
-        [0] if manifest.get("source", {}).get("kind") == "vector" else None
-    )
-    default = "manifold" if shape is not None and len(shape) == 1 else "digits"
-    if shape is None and recon.exists():
-        from diffem_cli.em import load_recon
-
-        default = "manifold" if load_recon(recon)[0].ndim == 2 else "digits"
-    cfg = load_config(config, sets or [], default_preset=default)
+    need_existing(recon, "reconstructions folder", folder=True)
+    ds, manifest = read_dataset(recon)
+    check_manifest_columns(ds, manifest, recon)
+    check_run_folder(run, [recon])
+    if "x" not in ds.column_names:
+        raise DiffemError(f"{recon} has no column 'x' (columns: {', '.join(ds.column_names)})")
+    shape = tuple(columns(ds, ["x"], 0, 1)["x"].shape[1:])
+    cfg = load_config(config, sets or [], default_preset="manifold" if len(shape) == 1 else "digits")
+    check_config_for_data(cfg, None, shape)
     ckpt = train_uncond(
         recon, run, cfg, device=device, force=force, log=lambda s: console.print(s, soft_wrap=True)
     )
@@ -62,8 +63,18 @@ def sample_command(
     force: Annotated[bool, typer.Option(help="Overwrite OUT (and --png) if they exist.")] = False,
 ) -> None:
     """Draw samples from an unconditional model."""
+    from diffem_cli.commands._checks import at_least, check_sample_options, need_existing
     from diffem_cli.config import SampleConfig
+    from diffem_cli.store import check_apart, check_output
     from diffem_cli.uncond import sample_unconditional
+
+    at_least("-n", n)
+    check_sample_options(sampler, steps, batch_size)
+    need_existing(ckpt, "checkpoint")
+    check_output(out, force, [ckpt])
+    if png is not None:
+        check_output(png, force, [ckpt])
+        check_apart(png, [out], "output")
 
     sample_unconditional(
         ckpt,
