@@ -63,6 +63,22 @@ def tensors_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | No
     return f"sha256:{h.hexdigest()}"
 
 
+def umask_mode() -> int:
+    """The mode a new plain file gets under the process umask (``0o644`` under umask 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the umask's mode: safetensors and
+    ``tempfile`` create files 0600 whatever the umask, and checkpoints are meant to be shared."""
+    path = Path(path)
+    mode = umask_mode()
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(f, mode)
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors and JSON metadata (plus their checksum) atomically: temporary file, rename.
 
@@ -85,6 +101,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
                 raise
             n = int(code.group(1))
             raise OSError(n, os.strerror(n), str(path)) from None
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

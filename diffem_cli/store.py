@@ -34,9 +34,32 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, 
 """Errors of the file system (full disk, quota, read-only, permissions) reported as one line."""
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Refuse to touch an existing output unless ``force``; refuse a missing parent folder."""
+def check_apart(out: Path, inputs: Iterable[Path | str | None], what: str = "input") -> None:
+    """Refuse an output ``out`` equal to, inside, or containing any of ``inputs`` (with or without
+    ``--force``): writing it would replace or delete data the command reads. ``None`` entries and,
+    for ``what="input"``, inputs that are not existing local paths (``hf:NAME``, ``manifold``) are
+    skipped; other outputs (``what="output"``) are compared whether they exist yet or not."""
+    target = Path(out).expanduser().resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser()
+        if what == "input" and not src.exists():
+            continue
+        src = src.resolve()
+        if target == src:
+            raise DiffemError(f"output {out} is the {what} {item} itself; write somewhere else")
+        if src in target.parents:
+            raise DiffemError(f"output {out} lies inside the {what} {item}; write somewhere else")
+        if target in src.parents:
+            raise DiffemError(f"output {out} contains the {what} {item}; write somewhere else")
+
+
+def check_output(out: Path, force: bool, inputs: Iterable[Path | str | None] = ()) -> None:
+    """Refuse to touch an existing output unless ``force``; refuse a missing parent folder, and an
+    output that overlaps one of ``inputs`` (see ``check_apart``)."""
     out = Path(out)
+    check_apart(out, inputs)
     recover(out)
     if out.exists() and not force:
         raise DiffemError(f"{out} already exists (use --force to overwrite)")
@@ -497,3 +520,69 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str, start: int = 0) ->
             f"{what}: column {name!r} holds {count} non-finite value{'s' if count > 1 else ''} "
             f"(NaN or infinity), the first in row {start + row}; fix or drop those rows"
         )
+
+
+def check_manifest_columns(ds: Any, manifest: dict[str, Any], path: Path, channel: Any = None) -> None:
+    """Refuse a data folder whose manifest disagrees with its columns (one line).
+
+    ``data_shape`` must be a vector ``(n,)`` or image ``(C, H, W)`` shape; a folder of clean data,
+    reconstructions or samples must hold an ``x`` column of rows of that shape; an observations
+    folder must hold exactly the columns, of the per-row shapes, that its channel (``channel``, or
+    the manifest's channel spec) draws from data of that shape. Plain folders (no manifest) pass.
+    """
+    if not manifest:
+        return
+    where = f"{path}/{MANIFEST}"
+    shape = manifest.get("data_shape")
+    if shape is None:
+        if manifest.get("kind") == "observations":
+            raise DiffemError(f"{where} has no data_shape")
+        return
+    if (
+        not isinstance(shape, list)
+        or len(shape) not in (1, 3)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+    ):
+        raise DiffemError(f"{where}: data_shape {shape!r} is neither a vector (n,) nor an image (C, H, W)")
+    kind = manifest.get("data_kind")
+    if kind is not None and kind != ("vector" if len(shape) == 1 else "image"):
+        raise DiffemError(f"{where}: data_kind {kind!r} disagrees with data_shape {shape}")
+    if len(ds) == 0:
+        raise DiffemError(f"{path} holds no rows")
+    if manifest.get("num_rows") is not None and manifest["num_rows"] != len(ds):
+        raise DiffemError(f"{where} says {manifest['num_rows']} rows but the data hold {len(ds)}")
+    names = [c for c in ds.column_names if c != "index"]
+    first = columns(ds, names, 0, 1)
+    if manifest.get("kind") != "observations":
+        if "x" in first and tuple(first["x"].shape[1:]) != tuple(shape):
+            raise DiffemError(
+                f"{where}: data_shape {shape} disagrees with the column x (rows of shape "
+                f"{list(first['x'].shape[1:])})"
+            )
+        return
+    if "index" not in ds.column_names:
+        raise DiffemError(f"{path} has no 'index' column: not an observations folder from 'diffem corrupt'")
+    from diffem_channels.base import ChannelError, sample_seeds
+
+    try:
+        if channel is None:
+            from diffem_cli.registry import channel_from_spec
+
+            channel = channel_from_spec(manifest.get("channel") or {})
+        channel.check_data(tuple(shape))
+        trial = channel.corrupt(torch.zeros(1, *shape), sample_seeds(0, [0]))
+    except ChannelError as e:
+        raise DiffemError(f"{where}: data_shape {shape} does not fit its channel ({e})") from None
+    expected = {k: tuple(v.shape[1:]) for k, v in trial.items()}
+    got = {k: tuple(v.shape[1:]) for k, v in first.items()}
+    if set(expected) != set(got):
+        raise DiffemError(
+            f"{where}: channel {channel.name!r} observes columns {sorted(expected)}, "
+            f"but the data hold {sorted(got)}"
+        )
+    for k, want in expected.items():
+        if got[k] != want:
+            raise DiffemError(
+                f"{where}: data_shape {shape} with channel {channel.name!r} gives {k!r} rows of shape "
+                f"{list(want)}, but the data hold rows of shape {list(got[k])}"
+            )
