@@ -9,10 +9,12 @@ import torch
 
 from diffem_cli.checkpoint import build_model
 from diffem_cli.config import SampleConfig
-from diffem_cli.em import Observations, _check_compatible, pick_device, save_recon
+from diffem_cli.em import check_checkpoint_for
 from diffem_cli.errors import DiffemError
-from diffem_cli.estep import clip_range_for, posterior_samples
 from diffem_cli.export import load_model_source
+from diffem_cli.methods import method_for_checkpoint
+from diffem_cli.observations import Observations, save_recon
+from diffem_cli.runtime import Context, pick_device
 from diffem_cli.store import check_output
 
 
@@ -27,8 +29,13 @@ def reconstruct(
     png_dir: Path | None = None,
     device: str | None = None,
     force: bool = False,
+    ctx: Context | None = None,
 ) -> dict[str, Any]:
-    """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index, sample)."""
+    """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index, sample).
+
+    The checkpoint's own method draws them: a conditional model (DiffEM, oracle) samples
+    ``q(x | y)`` directly; a prior (EM-MMPS, naive, train-uncond) samples by MMPS guidance.
+    """
     if per_observation < 1:
         raise DiffemError(f"--per-observation must be >= 1, got {per_observation}")
     check_output(out, force)
@@ -36,26 +43,24 @@ def reconstruct(
         check_output(png_dir, force)
     ckpt = load_model_source(ckpt_path)
     data = Observations(data_path)
-    _check_compatible(ckpt.meta, data, ckpt_path)
+    check_checkpoint_for(ckpt.meta, data, ckpt_path)
+    method = method_for_checkpoint(ckpt.meta)
+    method.check(data)
     if png_dir is not None:
         check_png(data.kind)
     cfg = sample or SampleConfig()
-    dev = pick_device(device)
+    ctx = ctx or Context(0, 1, pick_device(device))
     model = build_model(ckpt)
-    clip = clip_range_for(data.kind, data.value_range)
     xs, idx, rep = [], [], []
     for r in range(per_observation):
-        x = posterior_samples(
+        x = method.posterior(
             model,
-            data.channel,
-            data.obs,
-            data.shape,
+            data,
             cfg,
-            seed=seed,
-            tag=1000 + r,
-            device=dev,
-            clip_range=clip,
+            seed_parts=(seed, 1000 + r),
+            device=ctx.device,
             label=f"reconstruct {r + 1}/{per_observation}",
+            ctx=ctx,
         )
         xs.append(x)
         idx.append(data.index)
@@ -72,7 +77,10 @@ def reconstruct(
         "data_kind": data.kind,
         "value_range": data.value_range,
         "channel": data.channel.spec(),
+        "method": method.name,
     }
+    if not ctx.is_main:
+        return {"rows": len(x_all), **meta}
     save_recon(out, x_all, torch.cat(idx), meta, force=force, extra={"sample": torch.cat(rep)})
     if png_dir is not None:
         names = [

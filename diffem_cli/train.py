@@ -21,9 +21,11 @@ from torch import nn
 
 from diffem_cli.checkpoint import load_tensors, save_tensors
 from diffem_cli.config import TrainConfig
-from diffem_cli.diffusion import ddpm_scheduler, training_loss
+from diffem_cli.diffusion import ddpm_scheduler
 from diffem_cli.errors import DiffemError
+from diffem_cli.losses import Loss, VLoss
 from diffem_cli.progress import progress
+from diffem_cli.runtime import autocast, generator
 
 
 class EMA:
@@ -54,12 +56,22 @@ class TrainResult:
     seconds: float
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr_min`` at ``total`` steps."""
-    if cfg.warmup > 0 and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, total - cfg.warmup)
-    frac = min(1.0, (step - cfg.warmup) / span)
+WARMUP_FRACTION = 0.05
+
+
+def effective_warmup(total: int, cfg: TrainConfig) -> int:
+    """``cfg.warmup`` capped at 5% of the phase's ``total`` steps, so a short run is not all warm-up."""
+    return min(cfg.warmup, int(WARMUP_FRACTION * total))
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig, warmup: int | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps (default ``cfg.warmup``), then cosine decay
+    to ``lr_min`` at ``total`` steps."""
+    warmup = cfg.warmup if warmup is None else warmup
+    if warmup > 0 and step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    frac = min(1.0, (step - warmup) / span)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
 
 
@@ -81,15 +93,18 @@ def _restore(
     ema: EMA,
     opt: torch.optim.Optimizer,
     gen: torch.Generator,
+    log: Callable[[str], None],
 ) -> tuple[int, int, float] | None:
     """Load a saved training state whose tag matches; returns (epoch, step, last loss) or None."""
     if not path.exists():
         return None
     try:
         tensors, meta = load_tensors(path)
-    except DiffemError:
+    except DiffemError as e:
+        log(f"training state {path} is unreadable ({e}); this phase restarts from epoch 0")
         return None
     if meta.get("tag") != tag:
+        log(f"training state {path} belongs to another phase; this phase starts from epoch 0")
         return None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -105,47 +120,54 @@ def _restore(
 
 def train_denoiser(
     model: nn.Module,
-    x: torch.Tensor,
-    cond: torch.Tensor | None,
+    data: dict[str, torch.Tensor],
     cfg: TrainConfig,
     *,
+    loss: Loss | None = None,
     seed: int,
     device: torch.device,
     state_path: Path | None = None,
     tag: dict[str, Any] | None = None,
     label: str = "M-step",
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    refresh: Callable[[int], torch.Tensor] | None = None,
+    refresh: Callable[[int], dict[str, torch.Tensor]] | None = None,
     refresh_every: int = 0,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` on clean-space samples ``x`` (with conditioning ``cond``) for ``cfg.epochs``.
+    """Train ``model`` for ``cfg.epochs`` on the rows of ``data`` (aligned tensors, e.g. ``x`` and
+    ``cond``), each batch scored by ``loss`` (default :class:`~diffem_cli.losses.VLoss`).
 
-    With ``refresh`` and ``refresh_every > 0``, the conditioning is replaced by ``refresh(r)`` at
-    the start of every ``refresh_every``-th epoch (round ``r``): fresh corruptions within a lap.
+    The data stay on ``device`` for the whole phase, and every random draw (permutations,
+    timesteps, noise) comes from one generator on ``device`` seeded by ``seed``. With
+    ``refresh`` and ``refresh_every > 0``, columns are replaced by ``refresh(r)`` at the start of
+    every ``refresh_every``-th epoch (round ``r``): fresh corruptions within a lap.
 
     Resumes from ``state_path`` when it holds a state with the same ``tag``. Returns the EMA
     model; raises DiffemError on a non-finite loss (nothing is saved from a diverged step).
     """
-    n = x.shape[0]
+    log = log or (lambda _msg: None)
+    loss_fn = loss if loss is not None else VLoss(cfg.t_sampling)
+    n = len(next(iter(data.values())))
     if n == 0:
         raise DiffemError("no training samples")
     model = model.to(device).train()
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(device, seed)
     sched = ddpm_scheduler()
     bs = min(cfg.batch_size, n)
     per_epoch = n // bs
     total = per_epoch * cfg.epochs
+    warmup = effective_warmup(total, cfg)
+    if warmup < cfg.warmup:
+        log(f"{label}: warm-up capped at {warmup} of {total} steps (train.warmup={cfg.warmup})")
     tag = tag or {}
     start_epoch, step, loss_value = 0, 0, float("nan")
     if state_path is not None:
-        restored = _restore(state_path, tag, model, ema, opt, gen)
+        restored = _restore(state_path, tag, model, ema, opt, gen, log)
         if restored:
             start_epoch, step, loss_value = restored
-    x_dev = x.to(device)
-    c_dev = cond.to(device) if cond is not None else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    on_dev = {k: v.to(device) for k, v in data.items()}
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(label, total=total, completed=step, info="")
@@ -156,28 +178,21 @@ def train_denoiser(
                 and epoch // refresh_every > 0
                 and (epoch % refresh_every == 0 or epoch == start_epoch)
             ):
-                c_dev = refresh(epoch // refresh_every).to(device)
-            perm = torch.randperm(n, generator=gen)[: per_epoch * bs].view(per_epoch, bs).to(device)
-            running = 0.0
+                on_dev.update({k: v.to(device) for k, v in refresh(epoch // refresh_every).items()})
+            perm = torch.randperm(n, generator=gen, device=device)[: per_epoch * bs].view(per_epoch, bs)
+            running = torch.zeros((), device=device)
             for idx in perm:
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, cfg)
-                with autocast:
-                    loss = training_loss(
-                        model,
-                        x_dev[idx],
-                        c_dev[idx] if c_dev is not None else None,
-                        sched,
-                        gen,
-                        cfg.t_sampling,
-                    )
+                    group["lr"] = lr_at(step, total, cfg, warmup)
+                with autocast(device):
+                    value = loss_fn(model, {k: v[idx] for k, v in on_dev.items()}, sched, gen)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 ema.update(model)
-                running += loss.detach()
+                running += value.detach()
                 step += 1
             loss_value = float(running) / per_epoch
             if not math.isfinite(loss_value):
@@ -202,11 +217,3 @@ def train_denoiser(
                     }
                 )
     return TrainResult(ema.model.cpu(), step, loss_value, time.perf_counter() - t0)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -171,7 +171,6 @@ def _bad_files(src: Path, root: Path) -> dict[str, Path]:
         ("foreign", "not a diffem checkpoint"),
         ("missing", "does not exist"),
         ("missing_data", "does not exist"),
-        ("unconditional", "unconditional"),
         ("data_folder_as_checkpoint", "export"),
         ("checkpoint_as_data", "not a dataset folder"),
         ("zero_per_observation", "--per-observation"),
@@ -192,8 +191,6 @@ def test_bad_input(d, cli, tmp_path, case, match):
         ckpt = tmp_path / "nope.safetensors"
     elif case == "missing_data":
         data = tmp_path / "nope"
-    elif case == "unconditional":
-        ckpt, data = d / "urun/checkpoints/uncond.safetensors", d / "mask"
     elif case == "data_folder_as_checkpoint":
         ckpt = d / "m5"
     elif case == "checkpoint_as_data":
@@ -211,6 +208,16 @@ def test_bad_input(d, cli, tmp_path, case, match):
     assert match in error_line(err), err
     assert not out.exists() and not (tmp_path / "png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_an_unconditional_prior_reconstructs_by_mmps(d, cli, tmp_path):
+    code, _, err = cli(
+        "reconstruct", d / "urun/checkpoints/uncond.safetensors", d / "mask", tmp_path / "r", "--steps", 3
+    )
+    assert code == 0, err
+    x = read_x(tmp_path / "r")
+    assert x.shape == (40, 1, 8, 8) and torch.isfinite(x).all()
+    assert read_manifest(tmp_path / "r")["method"] == "em-mmps"
 
 
 @pytest.mark.parametrize("existing", ["out", "png"])

@@ -37,8 +37,7 @@ def _train_from_state(
     epochs: list[int] = []
     result = train_denoiser(
         _net(),
-        x,
-        c,
+        {"x": x, "cond": c},
         cfg,
         seed=0,
         device=CPU,
@@ -54,7 +53,7 @@ def test_loss_decreases():
     cfg = TrainConfig(batch_size=64, epochs=12, lr=3e-3, lr_min=1e-4, warmup=5, ema_decay=0.9)
     losses = []
     result = train_denoiser(
-        _net(), x, c, cfg, seed=0, device=CPU, on_epoch=lambda r: losses.append(r["loss"])
+        _net(), {"x": x, "cond": c}, cfg, seed=0, device=CPU, on_epoch=lambda r: losses.append(r["loss"])
     )
     assert len(losses) == 12 and result.steps == 12 * 8
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
@@ -71,7 +70,7 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
     state = tmp_path / "state.safetensors"
     tag = {"lap": 1, "fingerprint": "abc"}
 
-    full = train_denoiser(_net(), x, c, cfg, seed=7, device=CPU)
+    full = train_denoiser(_net(), {"x": x, "cond": c}, cfg, seed=7, device=CPU)
 
     seen: list[dict] = []
 
@@ -82,14 +81,28 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path):
 
     with pytest.raises(_Stop):
         train_denoiser(
-            _net(), x, c, cfg, seed=7, device=CPU, state_path=state, tag=tag, on_epoch=stop_after_two
+            _net(),
+            {"x": x, "cond": c},
+            cfg,
+            seed=7,
+            device=CPU,
+            state_path=state,
+            tag=tag,
+            on_epoch=stop_after_two,
         )
     _, meta = load_tensors(state)
     assert meta["epoch"] == 2 and meta["step"] == 2 * (256 // 32) and meta["tag"] == tag
 
     resumed_epochs: list[dict] = []
     resumed = train_denoiser(
-        _net(), x, c, cfg, seed=7, device=CPU, state_path=state, tag=tag, on_epoch=resumed_epochs.append
+        _net(),
+        {"x": x, "cond": c},
+        cfg,
+        seed=7,
+        device=CPU,
+        state_path=state,
+        tag=tag,
+        on_epoch=resumed_epochs.append,
     )
     assert [r["epoch"] for r in resumed_epochs] == [3, 4]
     assert resumed_epochs[0]["step"] == 3 * 8 and resumed.steps == full.steps == 4 * 8
@@ -115,7 +128,16 @@ def test_resume_after_the_last_epoch_keeps_its_loss(tmp_path):
             raise _Stop
 
     with pytest.raises(_Stop):
-        train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={}, on_epoch=stop_at_end)
+        train_denoiser(
+            _net(),
+            {"x": x, "cond": c},
+            cfg,
+            seed=0,
+            device=CPU,
+            state_path=state,
+            tag={},
+            on_epoch=stop_at_end,
+        )
     result, epochs = _train_from_state(x, c, cfg, state, {})
     assert epochs == [] and result.steps == 4
     assert result.last_loss == losses[-1]
@@ -125,7 +147,7 @@ def test_state_with_another_tag_is_ignored(tmp_path):
     x, c = _data(64)
     cfg = TrainConfig(batch_size=32, epochs=2, warmup=0)
     state = tmp_path / "state.safetensors"
-    train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 1})
+    train_denoiser(_net(), {"x": x, "cond": c}, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 1})
     assert _train_from_state(x, c, cfg, state, {"lap": 2})[1] == [1, 2]
     # a corrupt state file is ignored too (training starts over instead of failing)
     state.write_bytes(b"garbage")
@@ -135,11 +157,11 @@ def test_state_with_another_tag_is_ignored(tmp_path):
 def test_unconditional_training_and_small_data():
     x, _ = _data(20)
     result = train_denoiser(
-        _net(0), x, None, TrainConfig(batch_size=64, epochs=2, warmup=0), seed=0, device=CPU
+        _net(0), {"x": x}, TrainConfig(batch_size=64, epochs=2, warmup=0), seed=0, device=CPU
     )
     assert result.steps == 2  # batch shrinks to the data size: one step per epoch
     with pytest.raises(DiffemError, match="no training samples"):
-        train_denoiser(_net(0), x[:0], None, TrainConfig(), seed=0, device=CPU)
+        train_denoiser(_net(0), {"x": x[:0]}, TrainConfig(), seed=0, device=CPU)
 
 
 def test_ema_matches_closed_form():
@@ -162,7 +184,7 @@ def test_ema_decay_zero_is_the_model_itself():
     x, c = _data(64)
     net = _net()
     result = train_denoiser(
-        net, x, c, TrainConfig(batch_size=32, epochs=1, ema_decay=0.0), seed=0, device=CPU
+        net, {"x": x, "cond": c}, TrainConfig(batch_size=32, epochs=1, ema_decay=0.0), seed=0, device=CPU
     )
     for a, b in zip(result.ema_model.parameters(), net.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -187,6 +209,6 @@ def test_diverging_loss_is_an_error_and_saves_no_state(tmp_path):
     state = tmp_path / "state.safetensors"
     cfg = TrainConfig(batch_size=32, epochs=3, lr=1e30, warmup=0, grad_clip=0.0)
     with pytest.raises(DiffemError) as info:
-        train_denoiser(_net(), x, c, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 1})
+        train_denoiser(_net(), {"x": x, "cond": c}, cfg, seed=0, device=CPU, state_path=state, tag={"lap": 1})
     assert "loss became" in str(info.value) and "\n" not in str(info.value)
     assert not state.exists()

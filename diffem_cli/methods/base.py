@@ -1,0 +1,171 @@
+"""The method protocol: what a learning-from-corrupted-data method brings to the lap driver.
+
+A method says what model it trains (:meth:`Method.build`, with :attr:`Method.kind` recorded in
+its checkpoints), what its M-step trains on (:meth:`Method.training_data`, a dict of aligned
+tensors for the one training loop, and :meth:`Method.loss`), how its E-step draws posterior
+samples for the observations (:meth:`Method.posterior`, through the one sampling loop), and what
+its checkpoints record (:meth:`Method.meta`). The lap driver (:mod:`diffem_cli.em`) knows laps,
+resume, evaluation and logging only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from diffem_cli.config import RunConfig, SampleConfig
+from diffem_cli.denoise import Denoiser, NetworkDenoiser
+from diffem_cli.errors import DiffemError
+from diffem_cli.losses import Loss, VLoss
+from diffem_cli.nets import build_network
+from diffem_cli.observations import Observations
+from diffem_cli.runtime import Context
+from diffem_cli.sampling import clip_range_for, draw
+
+Refresh = Callable[[int], dict[str, torch.Tensor]]
+
+
+class Method:
+    """Base class of every method; subclasses set the class attributes and override hooks."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    kind: ClassVar[str] = "unconditional"
+    needs_clean: ClassVar[bool] = False
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def check(self, data: Observations) -> None:
+        """Refuse observations this method cannot serve, with a one-line DiffemError."""
+
+    def cond_size(self, data: Observations) -> int:
+        """Conditioning channels (images) or features (vectors) the network takes."""
+        return 0
+
+    def build(self, data: Observations) -> nn.Module:
+        """A fresh network, seeded by the run's seed (so lap 1 starts the same everywhere)."""
+        torch.manual_seed(self.cfg.seed)
+        return build_network(self.cfg.network, data.shape, self.cond_size(data))
+
+    def fine_tunes(self, lap: int, laps: int) -> bool:
+        """Whether lap ``lap``'s M-step starts from the previous lap's weights (else fresh)."""
+        return True
+
+    def training_data(
+        self, data: Observations, prev: torch.Tensor, lap: int, clean: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], Refresh | None]:
+        """What lap ``lap``'s M-step trains on, given the previous lap's reconstructions."""
+        return {"x": prev}, None
+
+    def loss(self) -> Loss:
+        """The M-step's objective."""
+        return VLoss(self.cfg.train.t_sampling)
+
+    def posterior(
+        self,
+        model: nn.Module,
+        data: Observations,
+        sample: SampleConfig,
+        *,
+        seed_parts: tuple[int, ...],
+        device: torch.device,
+        label: str,
+        ctx: Context | None = None,
+    ) -> torch.Tensor:
+        """One posterior sample per observation (CPU tensor, rows aligned with ``data``)."""
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """What this method's checkpoints record besides weights, data and channel."""
+        return {"method": self.name, "method_config": self.settings()}
+
+    def settings(self) -> dict[str, Any]:
+        """The configuration sections this method reads (stored in checkpoints)."""
+        return {}
+
+
+def draw_posterior(
+    make: Callable[[dict[str, torch.Tensor]], Denoiser],
+    data: Observations,
+    sample: SampleConfig,
+    *,
+    seed_parts: tuple[int, ...],
+    device: torch.device,
+    label: str,
+    ctx: Context | None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
+    """Run the sampling loop over every observation; ``make(obs_batch_on_device)`` gives the
+    denoiser of one batch."""
+
+    def for_rows(start: int, stop: int) -> Denoiser:
+        return make({k: v[start:stop].to(device) for k, v in data.obs.items()})
+
+    return draw(
+        for_rows,
+        len(data),
+        data.shape,
+        sampler=sample.sampler,
+        steps=sample.steps,
+        batch_size=batch_size or sample.batch_size,
+        seed_parts=seed_parts,
+        device=device,
+        clip_range=clip_range_for(data.kind, data.value_range),
+        label=label,
+        ctx=ctx,
+    )
+
+
+class ConditionalMethod(Method):
+    """A method whose model is a conditional denoiser of ``x`` given the channel's conditioning."""
+
+    kind = "conditional"
+
+    def cond_size(self, data: Observations) -> int:
+        return data.channel.cond_size(data.shape)
+
+    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
+        model = model.to(device).eval()
+        shape = data.shape
+
+        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
+            return NetworkDenoiser(model, data.channel.condition(obs, shape).to(device))
+
+        return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
+
+
+class PriorMethod(Method):
+    """A method whose model is an unconditional prior, with posterior samples by guidance."""
+
+    kind = "unconditional"
+
+    def check(self, data: Observations) -> None:
+        require_linear(self.name, data)
+
+    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
+        from diffem_cli.guidance import MMPSDenoiser
+
+        model = model.to(device).eval()
+        prior = NetworkDenoiser(model)
+        iters = self.cfg.mmps.cg_iters
+
+        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
+            return MMPSDenoiser(prior, data.channel, obs, iters)
+
+        return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
+
+    def settings(self) -> dict[str, Any]:
+        return {"mmps": {"cg_iters": self.cfg.mmps.cg_iters}}
+
+
+def require_linear(method: str, data: Observations) -> None:
+    """MMPS needs the channel's linear form ``A``, ``A^T`` and noise level."""
+    if not data.channel.linear:
+        raise DiffemError(
+            f"method {method!r} samples posteriors by MMPS, which needs a linear channel; "
+            f"{data.channel.name!r} has no linear form (use --method dps-em or diffem)"
+        )
