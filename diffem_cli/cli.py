@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "report_cmd",
     "evaluate_cmd",
     "config_cmd",
+    "compare_cmd",
 )
 
 DEBUG_ENV = "DIFFEM_DEBUG"

@@ -165,3 +165,30 @@ def save_curves(
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def save_curve_panels(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: Path, xlabel: str
+) -> Path:
+    """One panel per metric, one line per name in each (e.g. every method's metric per lap)."""
+    if not panels:
+        raise ValueError("save_curve_panels needs at least one panel")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, (title, curves) in enumerate(panels.items()):
+        ax = axes[k // cols][k % cols]
+        for name, points in curves.items():
+            pts = sorted((float(x), float(y)) for x, y in points)
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for k in range(len(panels), rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -23,9 +23,24 @@ def em_train_command(
     sets: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")
     ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help="diffem (default), em-mmps, naive, oracle, dps-em, ambient, ambient-tweedie (em.method).",
+        ),
+    ] = None,
     warm_start: Annotated[
         Path | None,
-        typer.Option(help="Start from this conditional checkpoint instead of the Gaussian start."),
+        typer.Option(
+            help="Start from this checkpoint instead of the Gaussian start: a conditional one of the same "
+            "channel, or an unconditional prior (lap 0 is then guided posterior sampling with it)."
+        ),
+    ] = None,
+    clean: Annotated[
+        Path | None,
+        typer.Option(help="Clean data folder the oracle method trains on (reference only)."),
     ] = None,
     eval_clean: Annotated[
         Path | None,
@@ -36,15 +51,17 @@ def em_train_command(
     ] = None,
     force: Annotated[bool, typer.Option(help="Start RUN over even if it holds another run.")] = False,
 ) -> None:
-    """Learn a conditional diffusion model q(x|y) from observations alone (DiffEM).
+    """Learn a diffusion model from observations alone (DiffEM, or a peer with --method).
 
-    Lap 0 fits a Gaussian prior (exact posterior for linear channels); each lap re-corrupts the
-    reconstructions, fine-tunes the conditional model (M-step) and resamples every observation
-    (E-step). Re-running on an existing RUN resumes from where it stopped.
+    Lap 0 fits a Gaussian prior (exact posterior for linear channels); each DiffEM lap re-corrupts
+    the reconstructions, fine-tunes the conditional model (M-step) and resamples every observation
+    (E-step). EM-MMPS and DPS-EM train an unconditional prior and sample posteriors by guidance.
+    Re-running on an existing RUN resumes from where it stopped.
     """
     from diffem_cli.commands._checks import at_least, check_run_folder, need_existing
     from diffem_cli.config import load_config
     from diffem_cli.em import em_train
+    from diffem_cli.runtime import launch
     from diffem_cli.store import check_manifest_columns, read_dataset
 
     need_existing(data, "observations folder", folder=True)
@@ -53,24 +70,29 @@ def em_train_command(
     at_least("--laps", laps)
     need_existing(warm_start, "--warm-start checkpoint")
     need_existing(eval_clean, "--eval-clean folder", folder=True)
-    check_run_folder(run, [data, warm_start, eval_clean])
+    need_existing(clean, "--clean folder", folder=True)
+    check_run_folder(run, [data, warm_start, eval_clean, clean])
     default = "manifold" if len(manifest.get("data_shape", [0, 0, 0])) == 1 else "digits"
     cfg = load_config(config, sets or [], default_preset=default)
-    records = em_train(
-        data,
-        run,
-        cfg,
-        laps=laps,
-        warm_start=warm_start,
-        eval_clean=eval_clean,
-        device=device,
-        force=force,
-        log=lambda s: console.print(s, soft_wrap=True),
-    )
-    console.print(
-        f"[green]done[/green]: {len(records) - 1} laps in {run}; "
-        f"last checkpoint {run / 'checkpoints' / f'lap_{len(records) - 1:03d}.safetensors'}"
-    )
+    with launch(device) as ctx:  # one process, or one of several under torchrun / accelerate launch
+        records = em_train(
+            data,
+            run,
+            cfg,
+            laps=laps,
+            method=method,
+            warm_start=warm_start,
+            eval_clean=eval_clean,
+            clean=clean,
+            device=device,
+            force=force,
+            log=lambda s: console.print(s, soft_wrap=True),
+            ctx=ctx,
+        )
+        console.print(
+            f"[green]done[/green]: {len(records) - 1} laps in {run}; "
+            f"last checkpoint {run / 'checkpoints' / f'lap_{len(records) - 1:03d}.safetensors'}"
+        )
 
 
 def register(app: typer.Typer) -> None:
