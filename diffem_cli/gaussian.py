@@ -1,17 +1,23 @@
 """Lap 0 of DiffEM: a Gaussian prior fitted to corrupted observations by EM on moments, and
-exact Gaussian posterior samples that start the EM loop.
+Gaussian posterior samples that start the EM loop.
 
 Works for any linear channel ``y = A x + s * eps`` (the channel offers ``A``, ``A^T`` and
 ``s``) and data of any shape, flattened to dimension ``D``. Two regimes:
 
-* ``D <= full_max_dim``: a full covariance. Each sample's ``A`` is read off the channel
-  (its diagonal when ``A`` is diagonal, as for masks; else materialised on basis vectors), the
-  posterior is solved exactly with batched Cholesky in float64 on the informative rows only,
-  and EM is exact (posterior means and covariances). Cost per observation ~ k^3 for k
-  informative rows (plus k D^2 when ``A`` is dense).
-* larger ``D``: a low-rank-plus-diagonal covariance. Posterior samples come from
-  perturb-then-correct (Matheron's rule) with a preconditioned conjugate-gradient solve that
-  only calls ``A`` and ``A^T``; EM is stochastic with a PCA M-step.
+* ``D <= full_max_dim`` (128: the manifold, 8x8 digits): a full covariance and exact EM. Each
+  sample's ``A`` is read off the channel (its diagonal when ``A`` is diagonal, as for masks;
+  else materialised on basis vectors) and the posterior solved by batched float64 Cholesky on
+  the informative rows only.
+* larger ``D`` (images): ``Sigma = D + F F^T`` with ``F`` of rank ``r``, fitted as in the
+  official code by stochastic EM on posterior samples (Matheron's rule) with a PCA M-step, on
+  an evenly strided subset of the observations. All float32 and batched. The posterior solve
+  depends on the operator, found by probing the channel: a diagonal ``A`` (masks, noise) is
+  exact by Woodbury (one ``r x r`` Cholesky per sample, its matrix from one matrix product for
+  the whole batch); an ``A`` shared by all samples (blur) is exact through one dense ``m x m``
+  Cholesky of ``A Sigma A^T + s^2 I`` per prior, then matrix products; anything else is solved
+  matrix-free by a fixed number of Woodbury-preconditioned CG iterations.
+
+Every entry point takes ``device``: the linear algebra runs there, results come back on the CPU.
 """
 
 from __future__ import annotations
@@ -37,20 +43,23 @@ _F64 = torch.float64
 
 @dataclass(eq=False)
 class GaussianPrior:
-    """``N(mean, Sigma)`` on flattened data: ``Sigma = cov`` (full) or ``diag(diag) + factor factor^T``."""
+    """``N(mean, Sigma)`` on flattened data: ``Sigma = cov`` (full), or ``B diag(diag) B^T + factor
+    factor^T`` with ``B`` the orthonormal ``basis`` ``(D, D)`` when given (an operator's eigenbasis,
+    in which the residual is diagonal), else the identity."""
 
     mean: Tensor
     cov: Tensor | None = None
     diag: Tensor | None = None
     factor: Tensor | None = None
+    basis: Tensor | None = None
     _root: Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.mean = torch.as_tensor(self.mean).flatten()
         d = self.mean.numel()
         if self.cov is not None:
-            if self.diag is not None or self.factor is not None:
-                raise ValueError("give either cov or diag (+ factor), not both")
+            if self.diag is not None or self.factor is not None or self.basis is not None:
+                raise ValueError("give either cov or diag (+ factor, basis), not both")
             if tuple(self.cov.shape) != (d, d):
                 raise ValueError(f"cov must have shape ({d}, {d}), got {tuple(self.cov.shape)}")
             return
@@ -62,6 +71,8 @@ class GaussianPrior:
             self.factor = self.mean.new_zeros(d, 0)
         if self.factor.dim() != 2 or self.factor.shape[0] != d:
             raise ValueError(f"factor must have shape ({d}, r), got {tuple(self.factor.shape)}")
+        if self.basis is not None and tuple(self.basis.shape) != (d, d):
+            raise ValueError(f"basis must have shape ({d}, {d}), got {tuple(self.basis.shape)}")
 
     @property
     def dim(self) -> int:
@@ -87,7 +98,20 @@ class GaussianPrior:
         if self.cov is not None:
             return self.cov.to(_F64)
         f = self.factor.to(_F64)
+        if self.basis is not None:
+            v = self.basis.to(_F64)
+            return (v * self.diag.to(_F64)) @ v.T + f @ f.T
         return torch.diag(self.diag.to(_F64)) + f @ f.T
+
+    def matvec(self, u: Tensor) -> Tensor:
+        """``Sigma u`` for rows ``u`` ``(B, D)`` of a low-rank-plus-diagonal prior, in ``u``'s dtype."""
+        dvec, fac = self.diag.to(u), self.factor.to(u)
+        if self.basis is not None:
+            v = self.basis.to(u)
+            out = ((u @ v) * dvec) @ v.T
+        else:
+            out = dvec * u
+        return out + (u @ fac) @ fac.T if fac.shape[1] else out
 
     def root(self) -> Tensor:
         """A float64 ``L`` with ``L L^T = cov`` (full covariance only), from a clipped eigh; cached."""
@@ -104,7 +128,10 @@ class GaussianPrior:
         if self.cov is not None:
             return self.mean.to(z.dtype) + z @ self.root().to(z.dtype).T
         d = self.dim
-        out = self.mean.to(z.dtype) + z[:, :d] * self.diag.to(z.dtype).clamp_min(0).sqrt()
+        white = z[:, :d] * self.diag.to(z.dtype).clamp_min(0).sqrt()
+        if self.basis is not None:
+            white = white @ self.basis.to(z.dtype).T
+        out = self.mean.to(z.dtype) + white
         if self.factor.shape[1]:
             out = out + z[:, d:] @ self.factor.to(z.dtype).T
         return out
@@ -116,7 +143,13 @@ class GaussianPrior:
 
     def to_tensors(self) -> dict[str, Tensor]:
         """Named contiguous tensors for safetensors storage."""
-        named = {"mean": self.mean, "cov": self.cov, "diag": self.diag, "factor": self.factor}
+        named = {
+            "mean": self.mean,
+            "cov": self.cov,
+            "diag": self.diag,
+            "factor": self.factor,
+            "basis": self.basis,
+        }
         return {k: v.contiguous() for k, v in named.items() if v is not None}
 
     @classmethod
@@ -129,6 +162,7 @@ class GaussianPrior:
             cov=tensors.get("cov"),
             diag=tensors.get("diag"),
             factor=tensors.get("factor"),
+            basis=tensors.get("basis"),
         )
 
 
@@ -310,9 +344,9 @@ class _Rows:
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
-def _diagonal(channel: Channel, obs: Obs, shape: tuple[int, ...]) -> Tensor | None:
-    """``diag(A)`` ``(B, D)`` when ``A`` is diagonal (masks, noise), tested on a random probe
-    through both ``A`` and ``A^T``; ``None`` otherwise. Saves materialising ``A``."""
+def _diagonal(channel: Channel, obs: Obs, shape: tuple[int, ...], dtype: torch.dtype = _F64) -> Tensor | None:
+    """``diag(A)`` ``(B, D)`` in ``dtype`` when ``A`` is diagonal (masks, noise), tested on a random
+    probe through both ``A`` and ``A^T``; ``None`` otherwise. Saves materialising ``A``."""
     b, d = _batch(obs), math.prod(shape)
     if _ydim(obs) != d:
         return None
@@ -324,7 +358,7 @@ def _diagonal(channel: Channel, obs: Obs, shape: tuple[int, ...]) -> Tensor | No
     for image in (_apply_a(channel, obs, z, shape), _apply_at(channel, obs, z, shape)):
         if float((image - diag * z).abs().max()) > tol:
             return None
-    return diag.to(_F64)
+    return diag.to(dtype)
 
 
 def _rows(channel: Channel, obs: Obs, shape: tuple[int, ...]) -> _Rows:
@@ -421,6 +455,289 @@ def posterior_moments(
     return torch.cat(means).view(-1, *shape), torch.cat(covs)
 
 
+# ---------------------------------------------------------------- low-rank-plus-diagonal posterior
+
+
+@dataclass(eq=False)
+class _Operator:
+    """How ``A`` acts on a set of observations, found by probing the channel once:
+
+    * ``"diagonal"``: ``A`` is diagonal per sample (masks, noise), read off per batch;
+    * ``"shared"``: every sample has the same ``A``, held densely as its rows ``(m, D)``;
+    * ``"symmetric"``: the same, and ``A = A^T`` (blur): diagonal in its eigenbasis;
+    * ``"general"``: anything else, applied matrix-free (conjugate gradients).
+    """
+
+    kind: str
+    rows: Tensor | None = None  # (m, D) rows of a shared A
+    one: Obs | None = None  # one observation, to call the channel on basis vectors
+    probe: Tensor | None = None  # (D,) a random x ...
+    image: Tensor | None = None  # (m,) ... and A x, to check that a later batch shares A
+
+
+def _slice(obs: Obs, lo: int, hi: int) -> Obs:
+    b = _batch(obs)
+    return {k: v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v for k, v in obs.items()}
+
+
+def _to(obs: Obs, device: torch.device) -> Obs:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in obs.items()}
+
+
+def _probe(n: int, dev: torch.device, dt: torch.dtype, seed: int) -> Tensor:
+    return torch.rand(n, generator=torch.Generator(device=dev).manual_seed(seed), device=dev, dtype=dt) + 0.5
+
+
+def _on_rows(channel: Channel, one: Obs, x: Tensor, shape: tuple[int, ...], adjoint: bool) -> Tensor:
+    """``A`` (or ``A^T``) applied to each row of ``x`` under the single observation ``one``."""
+    out = []
+    width = x.shape[1] + (_ydim(one) if not adjoint else math.prod(shape))
+    step = max(1, _BUDGET // (16 * width))
+    for j in range(0, x.shape[0], step):
+        part = x[j : j + step]
+        fn = _apply_at if adjoint else _apply_a
+        out.append(fn(channel, _repeat(one, part.shape[0]), part, shape).float())
+    return torch.cat(out)
+
+
+def _classify(channel: Channel, obs: Obs, shape: tuple[int, ...], shared_max_dim: int) -> _Operator:
+    """Probe the channel on ``obs`` (a batch of observations) to choose how to apply ``A``."""
+    if _diagonal(channel, obs, shape, torch.float32) is not None:
+        return _Operator("diagonal")
+    b, m, d = _batch(obs), _ydim(obs), math.prod(shape)
+    if max(m, d) > shared_max_dim:
+        return _Operator("general")
+    dev, dt = obs["y"].device, _dtype(obs)
+    x, v = _probe(d, dev, dt, 2), _probe(m, dev, dt, 3)
+    ax = _apply_a(channel, obs, x.expand(b, d), shape)
+    atv = _apply_at(channel, obs, v.expand(b, m), shape)
+    for img in (ax, atv):
+        if float((img - img[:1]).abs().max()) > 1e-5 * float(img.abs().max()) + 1e-30:
+            return _Operator("general")
+    one = _slice(obs, 0, 1)
+    rows = _on_rows(channel, one, torch.eye(m, dtype=dt, device=dev), shape, adjoint=True)
+    # rows must reproduce A as well as A^T (a channel whose A and At disagree gets CG instead)
+    if float((rows @ x.float() - ax[0].float()).abs().max()) > 1e-4 * float(ax.abs().max()) + 1e-30:
+        return _Operator("general")
+    sym = m == d and float((rows - rows.T).abs().max()) <= 1e-5 * float(rows.abs().max())
+    return _Operator("symmetric" if sym else "shared", rows=rows, one=one, probe=x, image=ax[0])
+
+
+def _shares(op: _Operator, channel: Channel, obs: Obs, shape: tuple[int, ...]) -> bool:
+    """Whether every sample of ``obs`` has the shared ``A`` held in ``op`` (one probe)."""
+    b = _batch(obs)
+    if op.image is None or _ydim(obs) != op.image.numel() or obs["y"].device != op.image.device:
+        return False
+    ax = _apply_a(channel, obs, op.probe.expand(b, -1), shape)
+    return float((ax - op.image).abs().max()) <= 1e-5 * float(op.image.abs().max()) + 1e-30
+
+
+def _packed_pairs(factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Products ``F_i * F_j`` ``(D, p)`` over the upper triangle ``i <= j`` of ``r x r``, and for each
+    of the ``r * r`` entries its column there: then ``F^T diag(w) F`` for a whole batch of ``w`` is
+    one matrix product and one gather."""
+    r = factor.shape[1]
+    iu = torch.triu_indices(r, r, device=factor.device)
+    where = torch.empty(r, r, dtype=torch.long, device=factor.device)
+    k = torch.arange(iu.shape[1], device=factor.device)
+    where[iu[0], iu[1]] = k
+    where[iu[1], iu[0]] = k
+    return factor[:, iu[0]] * factor[:, iu[1]], where.flatten()
+
+
+def _woodbury(
+    mean: Tensor,
+    dvec: Tensor,
+    fac: Tensor,
+    pairs: tuple[Tensor, Tensor] | None,
+    a: Tensor,
+    y: Tensor,
+    z: Tensor,
+    s: float,
+    rz: int,
+) -> Tensor:
+    """Matheron's rule under ``N(mean, diag(dvec) + F F^T)`` for a diagonal ``A = diag(a)``, exact by
+    Woodbury: ``S = diag(a^2 dvec + s^2) + (aF)(aF)^T``, so each sample solves one ``r x r`` system
+    (one for the whole batch when ``a`` is ``(1, D)``). ``z``: normals ``(B, D + rz + D)`` for the
+    prior draw (``rz >= r`` factor normals, the first ``r`` used) and the noise. Entries with
+    ``a = 0`` carry no information (their weight is 0)."""
+    d, r = mean.numel(), fac.shape[1]
+    x0 = mean + z[:, :d] * dvec.sqrt()
+    if r:
+        x0 = x0 + z[:, d : d + r] @ fac.T
+    eps = z[:, d + rz :]
+    den = a * a * dvec + s * s
+    p = torch.where((a != 0) & (den > 0), 1.0 / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    pr = p * (y - a * x0 - s * eps)
+    if r:
+        prods, where = pairs if pairs is not None else _packed_pairs(fac)
+        core = ((a * a * p) @ prods)[:, where].view(-1, r, r)  # F^T diag(a^2 p) F, (B or 1, r, r)
+        core.diagonal(dim1=1, dim2=2).add_(1.0)
+        chol, _ = torch.linalg.cholesky_ex(core)  # I + (PSD): always positive definite
+        t = torch.cholesky_solve(((a * pr) @ fac)[..., None], chol)[..., 0]
+        pr = pr - p * a * (t @ fac.T)
+    u = a * pr
+    out = x0 + dvec * u
+    return out + (u @ fac) @ fac.T if r else out
+
+
+class _Spectral:
+    """A symmetric shared operator in its eigenbasis ``A = V diag(lam) V^T`` (float32 ``eigh``): in
+    the coordinates ``w = V^T x`` a prior ``V diag(g) V^T + F F^T`` sees a diagonal ``A`` and white
+    noise, so posterior samples are exact Woodbury solves with one ``r x r`` system per prior."""
+
+    def __init__(self, basis: Tensor, lam: Tensor, s: float, jitter: float) -> None:
+        self.basis, self.lam, self.s, self.jitter = basis, lam, s, jitter
+
+    @classmethod
+    def of_rows(cls, rows: Tensor, s: float, jitter: float) -> _Spectral:
+        lam, vec = torch.linalg.eigh(0.5 * (rows + rows.T))
+        return cls(vec.contiguous(), lam, s, jitter)
+
+    @classmethod
+    def of_basis(
+        cls, basis: Tensor, channel: Channel, op: _Operator, shape: tuple[int, ...], jitter: float
+    ) -> _Spectral | None:
+        """The eigenvalues of ``A`` on a given orthonormal ``basis`` (a stored prior's), or ``None``
+        when the basis does not diagonalise this channel's ``A``."""
+        av = _on_rows(channel, op.one, basis.T.contiguous(), shape, adjoint=False)  # row k: A v_k
+        lam = (av * basis.T).sum(1)
+        off = float((av - lam[:, None] * basis.T).abs().max())
+        if off > 1e-3 * float(lam.abs().max()) + 1e-30:
+            return None
+        return cls(basis, lam, float(channel.noise_std(op.one)), jitter)
+
+    def coords(self, v: Tensor) -> Tensor:
+        """``V^T v`` for rows ``v`` ``(B, D)``."""
+        return v.float() @ self.basis
+
+    def noise(self, gamma: Tensor) -> float:
+        """The noise std used: ``s``, floored at ``jitter`` times the mean of ``lam^2 g``."""
+        floor = self.jitter * float((self.lam.square() * gamma).mean())
+        return math.sqrt(max(self.s**2, floor))
+
+    def sample_coords(
+        self,
+        mean: Tensor,
+        gamma: Tensor,
+        fac: Tensor,
+        pairs: tuple[Tensor, Tensor] | None,
+        yc: Tensor,
+        z: Tensor,
+        rz: int,
+    ) -> Tensor:
+        """Posterior samples in eigen-coordinates under ``N(mean, diag(gamma) + fac fac^T)`` (all in
+        those coordinates) given ``yc = V^T y``."""
+        return _woodbury(mean, gamma, fac, pairs, self.lam[None], yc, z, self.noise(gamma), rz)
+
+
+class _LowRankPosterior:
+    """Posterior samples under a low-rank-plus-diagonal prior by Matheron's rule, all in float32:
+    ``x = x0 + Sigma A^T (A Sigma A^T + s^2 I)^-1 (y - A x0 - s eps)`` with ``x0`` a prior draw.
+
+    Exact by Woodbury when ``A`` is diagonal and the residual too (``r x r`` systems per sample);
+    exact in the eigenbasis when ``A`` is symmetric, shared and the prior's basis is that
+    eigenbasis; exact through one dense ``m x m`` Cholesky of ``A Sigma A^T + s^2 I`` when ``A`` is
+    shared; otherwise a fixed number of preconditioned CG iterations.
+    """
+
+    def __init__(
+        self,
+        prior: GaussianPrior,
+        channel: Channel,
+        shape: tuple[int, ...],
+        op: _Operator,
+        *,
+        jitter: float,
+        cg_iters: int,
+        cg_tol: float,
+    ) -> None:
+        dev = prior.mean.device
+        self.prior, self.channel, self.shape, self.op = prior, channel, shape, op
+        self.jitter, self.cg_iters, self.cg_tol = jitter, cg_iters, cg_tol
+        self.mean = prior.mean.to(dev, torch.float32)
+        self.diag = prior.diag.to(dev, torch.float32).clamp_min(0)
+        fac = prior.factor.to(dev, torch.float32)
+        self.factor = fac if bool(fac.any()) else fac[:, :0]
+        self.kind = op.kind
+        self.spectral: _Spectral | None = None
+        if prior.basis is not None:
+            if op.kind == "symmetric":
+                self.spectral = _Spectral.of_basis(
+                    prior.basis.to(dev, torch.float32), channel, op, shape, jitter
+                )
+            self.kind = (
+                "spectral" if self.spectral is not None else "shared" if op.rows is not None else "general"
+            )
+        elif op.kind == "symmetric":
+            self.kind = "shared"
+        self.pairs = _packed_pairs(self.factor) if self.factor.shape[1] else None
+        self.s_inv: Tensor | None = None
+        self.gain: Tensor | None = None
+        self.rows_done = 0
+        if self.kind == "spectral":
+            v = self.spectral.basis
+            self.cmean, self.cfac = self.mean @ v, v.T @ self.factor
+            self.cpairs = _packed_pairs(self.cfac) if self.cfac.shape[1] else None
+        if self.kind == "shared":
+            self._factor_shared()
+
+    def _factor_shared(self) -> None:
+        """``S^-1`` for the shared ``S = A Sigma A^T + s^2 I`` (float32 Cholesky; ``jitter`` relative
+        to the mean of ``diag(S)`` sets a floor under ``s^2``, raised x10 on failure)."""
+        op = self.op
+        self.sig_at = self.prior.matvec(op.rows)  # (m, D): row k is Sigma A^T e_k
+        m = op.rows.shape[0]
+        s_mat = _on_rows(self.channel, op.one, self.sig_at, self.shape, adjoint=False)
+        s_mat = 0.5 * (s_mat + s_mat.T)
+        s2 = float(self.channel.noise_std(op.one)) ** 2
+        scale = float(s_mat.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny))
+        eye = torch.eye(m, device=s_mat.device)
+        for attempt in range(6):
+            chol, info = torch.linalg.cholesky_ex(s_mat + max(s2, self.jitter * 10.0**attempt * scale) * eye)
+            if int(info) == 0:
+                break
+        else:
+            raise DiffemError(
+                "Gaussian posterior: A Sigma A^T + s^2 I is not positive definite (NaN in the data?)"
+            )
+        self.s_inv = torch.cholesky_inverse(chol)
+
+    def sample(self, obs: Obs, z: Tensor, diag_a: Tensor | None = None) -> Tensor:
+        """Posterior samples ``(B, D)`` float32 from standard normals ``z`` ``(B, D + r + m)``;
+        ``diag_a``: the batch's ``diag(A)`` when already known (a diagonal operator)."""
+        z = z.to(self.mean.device, torch.float32)
+        s = float(self.channel.noise_std(obs))
+        y = _flat_y(obs).float()
+        if self.kind == "diagonal":
+            a = diag_a if diag_a is not None else _diagonal(self.channel, obs, self.shape, torch.float32)
+            if a is not None:
+                rz = self.prior.factor.shape[1]
+                return _woodbury(self.mean, self.diag, self.factor, self.pairs, a, y, z, s, rz)
+        elif self.kind == "spectral" and _shares(self.op, self.channel, obs, self.shape):
+            sp = self.spectral
+            rz = self.prior.factor.shape[1]
+            w = sp.sample_coords(self.cmean, self.diag, self.cfac, self.cpairs, sp.coords(y), z, rz)
+            return w @ sp.basis.T
+        elif self.kind == "shared" and _shares(self.op, self.channel, obs, self.shape):
+            return self._shared(obs, y, z, s)
+        return _cg_sample(
+            self.prior, self.channel, obs, self.shape, z, self.cg_iters, self.cg_tol, max(self.jitter, 1e-6)
+        ).float()
+
+    def _shared(self, obs: Obs, y: Tensor, z: Tensor, s: float) -> Tensor:
+        """``x0 + (S^-1 r)^T (A Sigma)`` with the shared ``S^-1``; once more rows than ``m`` went
+        through, the gain ``S^-1 A Sigma`` is formed so that each further batch is one product."""
+        x0 = self.prior.draw(z[:, : self.prior.noise_dim])
+        res = y - _apply_a(self.channel, obs, x0, self.shape).float() - s * z[:, self.prior.noise_dim :]
+        self.rows_done += x0.shape[0]
+        if self.gain is None and self.rows_done > self.s_inv.shape[0]:
+            self.gain = self.s_inv @ self.sig_at
+        if self.gain is not None:
+            return x0 + res @ self.gain
+        return x0 + (res @ self.s_inv) @ self.sig_at
+
+
 # ---------------------------------------------------------------- matrix-free posterior samples
 
 
@@ -473,6 +790,8 @@ def _cg_sample(
     s = float(channel.noise_std(obs))
 
     def sigma(u: Tensor) -> Tensor:
+        if prior.basis is not None:
+            return prior.to(dev).matvec(u) if prior.mean.device != dev else prior.matvec(u)
         return dvec * u + (u @ fac) @ fac.T if fac.shape[1] else dvec * u
 
     z = z.to(dev, dt)
@@ -520,6 +839,9 @@ def _cg_sample(
     return x0 + sigma(_apply_at(channel, obs, v, shape))
 
 
+_METHODS = ("auto", "dense", "diagonal", "spectral", "shared", "cg")
+
+
 def _sample_from_noise(
     prior: GaussianPrior,
     channel: Channel,
@@ -530,43 +852,56 @@ def _sample_from_noise(
     cg_iters: int,
     cg_tol: float,
     jitter: float,
+    shared_max_dim: int = 4096,
 ) -> Tensor:
-    """Posterior samples ``(B, *shape)`` (obs dtype) from standard normals ``z`` ``(B, noise_dim + m)``."""
+    """Posterior samples ``(B, *shape)`` (obs dtype, obs device) from standard normals ``z``
+    ``(B, noise_dim + m)``; ``prior`` must be on the observations' device."""
     _check_linear(channel)
+    if method not in _METHODS:
+        raise ValueError(f"unknown method {method!r} ({', '.join(_METHODS)})")
     if method == "auto":
-        method = "dense" if prior.full else "cg"
+        method = "dense" if prior.full else "lowrank"
     b, m, d = _batch(obs), _ydim(obs), math.prod(shape)
     if prior.dim != d:
         raise DiffemError(f"Gaussian prior has dimension {prior.dim}, data {shape} has {d}")
     dev, nd = obs["y"].device, prior.noise_dim
     out = []
     if method == "dense":
-        pr = prior if prior.mean.device == dev else prior.to(dev)
-        cov = pr.covariance()
+        cov = prior.covariance()
         start = 0
         for part in _chunks(obs, 8 * 3 * m * d):
             n = _batch(part)
             zz = z[start : start + n].to(dev, _F64)
             start += n
-            x0 = pr.draw(zz[:, :nd])
+            x0 = prior.draw(zz[:, :nd])
             rw = _rows(channel, part, shape)
             r = rw.y - rw.apply(x0) - rw.take(rw.s * zz[:, nd:])
             _, _, sr, a_cov = _solve(rw, cov, r, jitter)
             out.append(x0 + rw.gain(cov, sr, a_cov))
-    elif method == "cg":
-        if prior.full:
-            raise ValueError("method 'cg' needs a low-rank-plus-diagonal prior")
-        rank = prior.factor.shape[1]
-        start = 0
-        for part in _chunks(obs, 4 * (m * (rank + 8) + 8 * d)):
-            n = _batch(part)
-            out.append(
-                _cg_sample(prior, channel, part, shape, z[start : start + n], cg_iters, cg_tol, jitter)
-            )
-            start += n
-    else:
-        raise ValueError(f"unknown method {method!r} (auto, dense, cg)")
-    return torch.cat(out).to(_dtype(obs)).view(b, *shape)
+        return torch.cat(out).to(_dtype(obs)).view(b, *shape)
+    if prior.full:
+        raise ValueError(f"method {method!r} needs a low-rank-plus-diagonal prior")
+    op = _Operator("general") if method == "cg" else _classify(channel, obs, shape, shared_max_dim)
+    post = _LowRankPosterior(prior, channel, shape, op, jitter=jitter, cg_iters=cg_iters, cg_tol=cg_tol)
+    if method not in ("lowrank", "cg") and post.kind != method:
+        raise ValueError(f"method {method!r}: channel {channel.name!r} with this prior needs {post.kind!r}")
+    return _lowrank_pass(post, obs, z, m).to(_dtype(obs)).view(b, *shape)
+
+
+def _lowrank_pass(
+    post: _LowRankPosterior, obs: Obs, z: Tensor, m: int, diag_a: Tensor | None = None
+) -> Tensor:
+    """``post.sample`` over ``obs`` in sub-batches that fit the memory budget (``diag_a``: the
+    observations' ``diag(A)``, when known)."""
+    d, r = post.mean.numel(), post.prior.factor.shape[1]
+    per = 4 * (m * (r + 8) + 8 * d) if post.kind == "general" else 4 * (8 * (d + m) + r * (r + 2))
+    out, start = [], 0
+    for part in _chunks(obs, per):
+        n = _batch(part)
+        a = None if diag_a is None else diag_a[start : start + n]
+        out.append(post.sample(part, z[start : start + n], a))
+        start += n
+    return torch.cat(out)
 
 
 def posterior_sample(
@@ -580,25 +915,58 @@ def posterior_sample(
     cg_iters: int = 64,
     cg_tol: float = 1e-5,
     jitter: float | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """Exact posterior samples ``(B, *shape)`` by perturb-then-correct (Matheron's rule).
+    """Posterior samples ``(B, *shape)`` by perturb-then-correct (Matheron's rule), on the CPU.
 
-    ``method``: ``"dense"`` materialises ``A`` and solves by Cholesky (float64), ``"cg"`` solves
-    matrix-free with conjugate gradients (low-rank priors), ``"auto"`` picks dense for a full
-    covariance and cg otherwise. Both consume the same normals, so they agree up to CG tolerance.
+    ``method``: ``"dense"`` materialises ``A`` and solves by Cholesky (float64, exact); the others
+    need a low-rank-plus-diagonal prior and work in float32: ``"diagonal"`` (diagonal ``A`` and
+    residual: Woodbury), ``"spectral"`` (symmetric ``A`` shared by all samples, prior basis = its
+    eigenbasis: Woodbury there), ``"shared"`` (one ``A`` for all samples: a dense Cholesky of
+    ``A Sigma A^T + s^2 I``), ``"cg"`` (matrix-free conjugate gradients); ``"auto"`` picks dense
+    for a full covariance and the best of the others by probing the channel. All consume the
+    same normals (drawn on ``generator``'s device), so they agree up to float32 / CG accuracy.
+    ``device`` runs the linear algebra there (default: the observations' device).
     """
-    dev = generator.device if generator is not None else obs["y"].device
-    z = torch.randn(_batch(obs), prior.noise_dim + _ydim(obs), generator=generator, device=dev)
+    dev = torch.device(device) if device is not None else obs["y"].device
+    gdev = generator.device if generator is not None else dev
+    z = torch.randn(_batch(obs), prior.noise_dim + _ydim(obs), generator=generator, device=gdev)
+    pr = prior.to(dev)
+    jit = _jit(method, pr, jitter)
     return _sample_from_noise(
-        prior, channel, obs, shape, z, method, cg_iters, cg_tol, _jit(method, prior, jitter)
-    )
+        pr, channel, _to(obs, dev), shape, z.to(dev), method, cg_iters, cg_tol, jit
+    ).cpu()
+
+
+def posterior_mean(
+    prior: GaussianPrior,
+    channel: Channel,
+    obs: Obs,
+    shape: tuple[int, ...],
+    *,
+    method: str = "auto",
+    cg_iters: int = 64,
+    cg_tol: float = 1e-5,
+    jitter: float | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """Posterior means ``(B, *shape)`` on the CPU: Matheron's rule with all normals zero (then the
+    prior draw is the prior mean and the correction is ``Sigma A^T S^-1 (y - A mu)``)."""
+    dev = torch.device(device) if device is not None else obs["y"].device
+    z = torch.zeros(_batch(obs), prior.noise_dim + _ydim(obs), device=dev)
+    pr = prior.to(dev)
+    jit = _jit(method, pr, jitter)
+    return _sample_from_noise(pr, channel, _to(obs, dev), shape, z, method, cg_iters, cg_tol, jit).cpu()
 
 
 def _jit(method: str, prior: GaussianPrior, jitter: float | None) -> float:
+    """Default jitter: 1e-8 (dense, float64), 1e-6 (CG), 1e-5 (float32 factorisations: a floor under
+    ``s^2`` only), each relative to the mean of ``diag(A Sigma A^T)``."""
     if jitter is not None:
         return jitter
-    cg = method == "cg" or (method == "auto" and not prior.full)
-    return 1e-6 if cg else 1e-8
+    if method == "dense" or (method == "auto" and prior.full):
+        return 1e-8
+    return 1e-6 if method == "cg" else 1e-5
 
 
 def gaussian_start(
@@ -608,24 +976,44 @@ def gaussian_start(
     shape: tuple[int, ...],
     seed: int,
     *,
-    cg_iters: int = 64,
-    cg_tol: float = 1e-5,
+    cg_iters: int = 32,
+    cg_tol: float = 1e-4,
+    device: torch.device | None = None,
+    shared_max_dim: int = 4096,
 ) -> Iterator[Tensor]:
-    """One posterior sample per observation, in order, one ``(B, *shape)`` tensor per batch.
+    """One posterior sample per observation, in order, one CPU ``(B, *shape)`` tensor per batch.
 
     Sample ``i`` draws its normals from its own seed ``(seed, START_TAG, i)``, so the result
-    does not depend on the batch size (up to the CG tolerance on the matrix-free path).
+    does not depend on the batch size (up to float32 rounding, or the CG tolerance on the
+    matrix-free path). ``device`` runs the linear algebra there (batches are moved to it).
     """
+    _check_linear(channel)
+    shape = tuple(shape)
     batches = obs_batches() if callable(obs_batches) else obs_batches
     start = 0
+    post: _LowRankPosterior | None = None
+    pr: GaussianPrior | None = None
     for obs in batches:
         b = _batch(obs)
+        dev = torch.device(device) if device is not None else obs["y"].device
+        obs = _to(obs, dev)
+        if pr is None:
+            pr = prior.to(dev)
         seeds = sample_seeds(seed, range(start, start + b), START_TAG)
-        z = per_sample(seeds, (prior.noise_dim + _ydim(obs),)).to(obs["y"].device)
+        z = per_sample(seeds, (prior.noise_dim + _ydim(obs),)).to(dev)
         start += b
-        yield _sample_from_noise(
-            prior, channel, obs, shape, z, "auto", cg_iters, cg_tol, _jit("auto", prior, None)
-        )
+        if pr.full:
+            x = _sample_from_noise(
+                pr, channel, obs, shape, z, "dense", cg_iters, cg_tol, _jit("dense", pr, None)
+            )
+        else:
+            if post is None:
+                op = _classify(channel, obs, shape, shared_max_dim)
+                post = _LowRankPosterior(
+                    pr, channel, shape, op, jitter=1e-5, cg_iters=cg_iters, cg_tol=cg_tol
+                )
+            x = _lowrank_pass(post, obs, z, _ydim(obs)).to(_dtype(obs)).view(b, *shape)
+        yield x.cpu()
 
 
 # ---------------------------------------------------------------- EM on moments
@@ -723,54 +1111,132 @@ def _em_full_step(
     return GaussianPrior(mean=mu + shift, cov=new), {"loglik": loglik}
 
 
-def _em_lowrank_step(
-    prior: GaussianPrior,
-    channel: Channel,
-    obs_batches: ObsBatches,
-    shape: tuple[int, ...],
-    rank: int,
-    n_total: int,
-    generator: torch.Generator,
-    max_pca_samples: int,
-    cg_iters: int,
-    cg_tol: float,
-) -> tuple[GaussianPrior, dict[str, float]]:
-    """One stochastic EM step: posterior samples, then mean, per-pixel variance, and a rank-r PCA
-    (``torch.pca_lowrank`` on an evenly strided subset) with the diagonal taking the rest."""
-    d = math.prod(shape)
-    stride = max(1, -(-n_total // max_pca_samples))
-    total = sq = None
-    kept: list[Tensor] = []
-    n = 0
-    for obs in obs_batches():
-        b = _batch(obs)
-        z = torch.randn(b, prior.noise_dim + _ydim(obs), generator=generator, device=generator.device)
-        x = _sample_from_noise(
-            prior, channel, obs, shape, z.to(obs["y"].device), "cg", cg_iters, cg_tol, 1e-6
-        )
-        x = x.reshape(b, d).float()
-        x64 = x.to(_F64)
-        total = x64.sum(0) if total is None else total + x64.sum(0)
-        sq = x64.square().sum(0) if sq is None else sq + x64.square().sum(0)
-        idx = torch.arange(n, n + b, device=x.device)
-        kept.append(x[(idx % stride) == 0])
-        n += b
-    mean = total / n
-    var = (sq / n - mean.square()).clamp_min(0)
-    centred = torch.cat(kept) - mean.float()
-    q = min(rank + 10, *centred.shape)
-    with torch.random.fork_rng(devices=[centred.device] if centred.is_cuda else []):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
-        _, sv, vec = torch.pca_lowrank(centred, q=q, center=False, niter=4)
+def _ppca(
+    x: Tensor, rank: int, previous: Tensor | None, generator: torch.Generator, niter: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The M-step on posterior samples ``x`` ``(n, D)`` (any orthonormal coordinates): their mean,
+    and their covariance's top-``rank`` eigenpairs as the factor (randomised subspace iteration on
+    the centred samples, started from the previous factor's span plus random directions, then
+    Rayleigh-Ritz), with a per-coordinate diagonal taking the rest of each variance.
+    Returns ``(mean, diag, factor)``."""
+    n, d = x.shape
+    mean = x.sum(0, dtype=_F64).div(n).float()
+    xc = x - mean
+    var = xc.square().mean(0)
+    q = min(rank + 8, d, n)
+    guess = torch.randn(d, q, generator=generator, device=generator.device).to(xc)
+    if previous is not None and previous.shape[1] and bool(previous.any()):
+        keep = min(previous.shape[1], q)
+        guess[:, :keep] = previous[:, :keep].to(xc)
+    basis = torch.linalg.qr(guess).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(xc.T @ (xc @ basis)).Q
+    proj = xc @ basis
+    vals, vecs = torch.linalg.eigh(proj.T @ proj / n)  # ascending
     r = min(rank, q)
-    factor = vec[:, :r] * (sv[:r] / math.sqrt(centred.shape[0]))
+    factor = (basis @ vecs[:, -r:].flip(1)) * vals[-r:].flip(0).clamp_min(0).sqrt()
     if r < rank:
         factor = torch.cat([factor, factor.new_zeros(d, rank - r)], 1)
     floor = 1e-3 * float(var.mean().clamp_min(1e-12))
-    diag = (var - factor.to(_F64).square().sum(1)).clamp_min(floor)
-    return GaussianPrior(mean=mean.float(), diag=diag.float(), factor=factor.float()), {
-        "var": float(var.mean())
+    diag = (var - factor.square().sum(1)).clamp_min(floor)
+    return mean, diag, factor
+
+
+def _subset(obs_batches: ObsBatches, n_total: int, max_fit: int, device: torch.device) -> Obs:
+    """An evenly strided subset of at most ``max_fit`` observations, gathered on ``device``."""
+    stride = max(1, -(-n_total // max_fit))
+    parts: list[Obs] = []
+    start = 0
+    for obs in obs_batches():
+        b = _batch(obs)
+        first = (-start) % stride
+        if first < b:
+            sel = torch.arange(first, b, stride)
+            parts.append(
+                {
+                    k: v[sel.to(v.device)] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v
+                    for k, v in obs.items()
+                }
+            )
+        start += b
+    if not parts:
+        raise DiffemError("no observations to fit the Gaussian start to")
+    first_part = parts[0]
+    return {
+        k: torch.cat([p[k].to(device) for p in parts]) if torch.is_tensor(v) and v.dim() else v
+        for k, v in first_part.items()
     }
+
+
+def _em_lowrank(
+    prior: GaussianPrior,
+    channel: Channel,
+    obs: Obs,
+    shape: tuple[int, ...],
+    op: _Operator,
+    iters: int,
+    rank: int,
+    generator: torch.Generator,
+    progress: ProgressFn | None,
+    *,
+    cg_iters: int,
+    cg_tol: float,
+) -> GaussianPrior:
+    """Stochastic EM on ``obs`` (one batch, on the working device) in pixel coordinates: each
+    iteration draws one posterior sample per observation under the current prior and refits the
+    prior to them."""
+    n, m = _batch(obs), _ydim(obs)
+    # A does not change across iterations: read a diagonal operator off the channel once
+    diag_a = _diagonal(channel, obs, shape, torch.float32) if op.kind == "diagonal" else None
+    for i in range(iters):
+        post = _LowRankPosterior(prior, channel, shape, op, jitter=1e-5, cg_iters=cg_iters, cg_tol=cg_tol)
+        z = torch.randn(n, prior.noise_dim + m, generator=generator, device=generator.device)
+        x = _lowrank_pass(post, obs, z.to(prior.mean.device), m, diag_a)
+        warm = bool(prior.factor.any())
+        mean, diag, factor = _ppca(x, rank, prior.factor, generator, niter=2 if warm else 4)
+        prior = GaussianPrior(mean=mean, diag=diag, factor=factor)
+        if progress is not None:
+            progress(i + 1, iters, {"var": float(x.var(0).mean())})
+    return prior
+
+
+def _em_spectral(
+    prior: GaussianPrior,
+    channel: Channel,
+    obs: Obs,
+    shape: tuple[int, ...],
+    op: _Operator,
+    iters: int,
+    rank: int,
+    generator: torch.Generator,
+    progress: ProgressFn | None,
+) -> GaussianPrior:
+    """Stochastic EM for a symmetric ``A`` shared by all samples, entirely in its eigen-coordinates
+    ``w = V^T x``: there ``A`` is diagonal and the residual covariance ``diag(g)`` is a spectrum
+    (a stationary-like prior for blur), so each iteration costs ``O(n D r)``. The prior comes back
+    as ``V diag(g) V^T + F F^T`` with ``basis = V``."""
+    sp = _Spectral.of_rows(op.rows, float(channel.noise_std(op.one)), 1e-5)
+    v = sp.basis
+    yc = torch.cat([sp.coords(_flat_y(part)) for part in _chunks(obs, 64 * _ydim(obs))])
+    n, d = yc.shape
+    mean = prior.mean.float() @ v
+    gamma = ((v.square() * prior.diag.float()[:, None]).sum(0)).clamp_min(0)  # diag of V^T D V
+    fac = v.T @ prior.factor.float()
+    r = fac.shape[1]
+    for i in range(iters):
+        live = fac if bool(fac.any()) else fac[:, :0]
+        pairs = _packed_pairs(live) if live.shape[1] else None
+        z = torch.randn(n, d + r + d, generator=generator, device=generator.device).to(yc.device)
+        w = torch.cat(
+            [
+                sp.sample_coords(mean, gamma, live, pairs, yc[j : j + 4096], z[j : j + 4096], r)
+                for j in range(0, n, 4096)
+            ]
+        )
+        mean, gamma, fac = _ppca(w, rank, fac, generator, niter=2 if bool(fac.any()) else 4)
+        if progress is not None:
+            progress(i + 1, iters, {"var": float(w.var(0).mean())})
+    return GaussianPrior(mean=mean @ v.T, diag=gamma, factor=v @ fac, basis=v)
 
 
 def _as_form(prior: GaussianPrior, full: bool, rank: int) -> GaussianPrior:
@@ -794,56 +1260,73 @@ def fit_gaussian(
     obs_batches: ObsBatches,
     shape: tuple[int, ...],
     iters: int = 16,
-    full_max_dim: int = 1024,
+    full_max_dim: int = 128,
     rank: int = 32,
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
     init: GaussianPrior | None = None,
     *,
     jitter: float = 1e-8,
-    cg_iters: int = 64,
-    cg_tol: float = 1e-5,
-    max_pca_samples: int = 8192,
+    cg_iters: int = 32,
+    cg_tol: float = 1e-4,
+    max_fit: int = 8192,
     cache_bytes: int = 2**29,
+    shared_max_dim: int = 4096,
+    device: torch.device | None = None,
 ) -> GaussianPrior:
-    """Fit ``N(mu, Sigma)`` to observations of a linear channel by ``iters`` EM iterations.
+    """Fit ``N(mu, Sigma)`` to observations of a linear channel by ``iters`` EM iterations; the
+    prior comes back on the CPU.
 
-    ``obs_batches()`` returns a fresh iterable of observation dicts each call (one pass per
-    iteration). Up to ``full_max_dim`` dimensions the covariance is full and EM exact; beyond,
-    it is ``rank`` factors plus a diagonal, fitted by stochastic EM (posterior samples drawn
-    with ``generator``, default seed 0). ``progress(i, iters, stats)`` is called after each
-    iteration; ``stats`` holds ``loglik`` (mean log-likelihood per observation, exact EM, under
-    the prior before the step) or ``var`` (mean per-dimension variance, stochastic EM).
+    ``obs_batches()`` returns a fresh iterable of observation dicts each call. Up to
+    ``full_max_dim`` dimensions the covariance is full and EM exact (float64, every observation,
+    one pass per iteration). Beyond, ``Sigma`` is ``rank`` factors plus a diagonal (in pixel
+    coordinates, or, for a symmetric ``A`` shared by all samples such as blur, in ``A``'s
+    eigenbasis, stored as ``basis``), fitted by stochastic EM on an evenly strided subset of at
+    most ``max_fit`` observations held on the device: posterior samples (normals from
+    ``generator``, default seed 0), then the mean and a top-``rank`` PCA of the samples.
+    ``progress(i, iters, stats)`` is called after each iteration; ``stats`` holds ``loglik``
+    (exact EM: mean log-likelihood per observation under the prior before the step) or ``var``
+    (stochastic EM: mean per-dimension variance of the samples). ``device`` runs the linear
+    algebra there (default: the observations' device); ``init`` restarts from a prior.
     """
     _check_linear(channel)
     shape = tuple(shape)
     full = math.prod(shape) <= full_max_dim
-    if init is None:
-        prior, n_total = _initial_prior(channel, obs_batches, shape, full, rank)
-    else:
-        prior = _as_form(init, full, rank)
-        n_total = 0 if full else sum(_batch(o) for o in obs_batches())
-    if not full:
-        if generator is None:
-            generator = torch.Generator(device=prior.mean.device).manual_seed(0)
+    first = next(iter(obs_batches()), None)
+    if first is None:
+        raise DiffemError("no observations to fit the Gaussian start to")
+    dev = torch.device(device) if device is not None else first["y"].device
     if full:
-        row_batches = _row_batches(channel, obs_batches, shape, cache_bytes)
-    for i in range(iters):
-        if full:
-            prior, stats = _em_full_step(prior, row_batches, jitter)
+
+        def moved() -> Iterator[Obs]:
+            return (_to(o, dev) for o in obs_batches())
+
+        if init is None:
+            prior, _ = _initial_prior(channel, moved, shape, True, rank)
         else:
-            prior, stats = _em_lowrank_step(
-                prior,
-                channel,
-                obs_batches,
-                shape,
-                rank,
-                n_total,
-                generator,
-                max_pca_samples,
-                cg_iters,
-                cg_tol,
-            )
-        if progress is not None:
-            progress(i + 1, iters, stats)
-    return prior
+            prior = _as_form(init.to(dev), True, rank)
+        row_batches = _row_batches(channel, moved, shape, cache_bytes)
+        for i in range(iters):
+            prior, stats = _em_full_step(prior, row_batches, jitter)
+            if progress is not None:
+                progress(i + 1, iters, stats)
+        return prior.to("cpu")
+    n_total = sum(_batch(o) for o in obs_batches())
+    obs = _subset(obs_batches, n_total, max_fit, dev)
+    if init is None:
+        prior, _ = _initial_prior(channel, lambda: [obs], shape, False, rank)
+    else:
+        prior = _as_form(init, False, rank).to(dev)
+    if generator is None:
+        generator = torch.Generator(device=dev).manual_seed(0)
+    elif generator.device != dev:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        generator = torch.Generator(device=dev).manual_seed(seed)
+    op = _classify(channel, obs, shape, shared_max_dim)
+    if op.kind == "symmetric":
+        prior = _em_spectral(prior, channel, obs, shape, op, iters, rank, generator, progress)
+    else:
+        prior = _em_lowrank(
+            prior, channel, obs, shape, op, iters, rank, generator, progress, cg_iters=cg_iters, cg_tol=cg_tol
+        )
+    return prior.to("cpu")
