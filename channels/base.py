@@ -7,7 +7,16 @@ conditional network takes (``condition``), and, where the channel is linear
 guidance-based baselines.
 
 Interface version: ``API_VERSION``. A plugin sets ``api_version`` to the version it was written
-for; the registry refuses a plugin written for a newer interface than this one.
+for (1 when it does not say); the registry refuses a plugin written for a newer interface than
+this one. Version 2 added two optional capabilities, both off by default, so version-1 plugins
+keep working unchanged:
+
+- ``differentiable`` / :meth:`Channel.forward`: the noiseless measurement ``F(x)`` as a
+  differentiable function of ``x`` (linear channels: ``A x``; ``jpeg``: kornia's differentiable
+  codec), used by diffusion posterior sampling (``--method dps-em``);
+- ``masked_observation`` / :meth:`Channel.observation_mask`: the observation is the data with
+  some entries hidden, and the channel says which (``mask``, ``box``), used by
+  Ambient-Diffusion (``--method ambient``).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-API_VERSION = 1
+API_VERSION = 2
 
 Observation = dict[str, torch.Tensor]
 
@@ -143,14 +152,16 @@ def per_sample(
     """Draw one tensor of ``shape`` per sample, each from its own generator seeded by ``seeds[i]``.
 
     ``stream`` separates independent draws of one sample (mask vs noise). The result for sample
-    ``i`` depends only on ``seeds[i]`` and ``stream``, never on the batch it sits in.
+    ``i`` depends only on ``seeds[i]`` and ``stream``, never on the batch it sits in, nor on the
+    CPU: normal draws are made in float64 and rounded to float32, because torch's float32 normal
+    sampler has a vectorised (AVX2) path whose bits differ from its plain path (ARM, older x86).
     """
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     gen = torch.Generator()
     for i, s in enumerate(seeds.tolist()):
         gen.manual_seed(mix_seed(s, stream))
         if kind == "randn":
-            out[i] = torch.randn(shape, generator=gen)
+            out[i] = torch.randn(shape, generator=gen, dtype=torch.float64)
         elif kind == "rand":
             out[i] = torch.rand(shape, generator=gen)
         else:
@@ -178,7 +189,11 @@ class Channel:
     params: ClassVar[tuple[Param, ...]] = ()
     data_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
     linear: ClassVar[bool] = False
-    api_version: ClassVar[int] = API_VERSION
+    api_version: ClassVar[int] = 1
+    differentiable: ClassVar[bool] = False
+    """(v2) :meth:`forward` is differentiable in ``x`` for a non-linear channel (linear ones always are)."""
+    masked_observation: ClassVar[bool] = False
+    """(v2) ``y`` is the data with entries hidden, and :meth:`observation_mask` says which."""
 
     def __init__(self, **values: Any) -> None:
         known = {p.name: p for p in self.params}
@@ -244,6 +259,19 @@ class Channel:
     def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
         """Linear channels: the observation noise level ``s``."""
         raise ChannelError(f"channel {self.name!r} has no linear form")
+
+    def forward(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """(v2) The noiseless measurement ``F(x)`` of each sample, shaped like ``y`` and
+        differentiable in ``x``. Default: ``A x`` for linear channels; a non-linear channel that
+        sets ``differentiable = True`` overrides it."""
+        if self.linear:
+            return self.A(obs, x)
+        raise ChannelError(f"channel {self.name!r} has no differentiable forward model")
+
+    def observation_mask(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(v2) For ``masked_observation`` channels: a 0/1 float tensor shaped like the clean data
+        batch (1 = the entry is observed in ``y``)."""
+        raise ChannelError(f"channel {self.name!r} does not observe a masked image")
 
     def start(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """A crude clean-space estimate from the observation, used to start EM when the channel

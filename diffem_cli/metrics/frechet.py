@@ -63,9 +63,20 @@ class Moments:
         return self.pivot + shift, cov
 
 
+def _noise_free(evals: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a PSD matrix with those within rounding noise of zero set to zero.
+
+    ``eigh`` returns the zero eigenvalues of a rank-deficient covariance (fewer samples than
+    features) as +-(d * 2^-53 * lambda_max) noise, whose square roots (~1e-8 relative each) would
+    otherwise change with the order of the sums (chunk size, threads, CPU).
+    """
+    tol = len(evals) * torch.finfo(evals.dtype).eps * evals.abs().max().clamp_min(0)
+    return torch.where(evals > tol, evals, torch.zeros_like(evals))
+
+
 def _sqrt_psd(s: torch.Tensor) -> torch.Tensor:
     evals, evecs = torch.linalg.eigh((s + s.T) / 2)
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return (evecs * _noise_free(evals).sqrt()) @ evecs.T
 
 
 def frechet_from_moments(
@@ -77,7 +88,7 @@ def frechet_from_moments(
         raise DiffemError(f"feature dimensions differ: {tuple(mu_a.shape)} vs {tuple(mu_b.shape)}")
     root = _sqrt_psd(cov_a)
     middle = root @ cov_b @ root
-    tr_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    tr_sqrt = _noise_free(torch.linalg.eigvalsh((middle + middle.T) / 2)).sqrt().sum()
     value = ((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * tr_sqrt
     return max(float(value), 0.0)
 

@@ -72,8 +72,11 @@ def ssim_per_image(
     if window > min(x.shape[-2:]):
         raise DiffemError(f"SSIM window {window} is larger than the {x.shape[-2]}x{x.shape[-1]} images")
     lo = float(value_range[0])
-    ssim_map = kornia.metrics.ssim(x.float() - lo, ref.float() - lo, window, max_val=span, padding="valid")
-    return ssim_map.flatten(1).mean(1).double()
+    # float64: SSIM takes variances as E[x^2] - E[x]^2 over the window, a cancellation that turns
+    # float32 rounding (which depends on the batch and the CPU's kernels) into errors up to
+    # ~ window^2 * 2^-24 * (range^2 / C2) ~ 1e-2; in float64 the same bound is ~ 1e-11.
+    ssim_map = kornia.metrics.ssim(x.double() - lo, ref.double() - lo, window, max_val=span, padding="valid")
+    return ssim_map.flatten(1).mean(1)
 
 
 def ssim(
