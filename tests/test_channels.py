@@ -17,6 +17,7 @@ from diffem_channels.jpeg import JpegChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.noise import NoiseChannel
 from diffem_channels.projection import ProjectionChannel
+from diffem_channels.testing import check_channel
 
 IMAGE = (3, 12, 12)
 VECTOR = (5,)
@@ -65,7 +66,9 @@ def test_sample_depends_only_on_its_seed(channel: Channel, shape: tuple[int, ...
 
 
 @pytest.mark.parametrize(("channel", "shape"), CASES, ids=IDS)
-def test_condition_has_cond_size_features(channel: Channel, shape: tuple[int, ...]) -> None:
+def test_channel_contract(channel: Channel, shape: tuple[int, ...]) -> None:
+    """What plugin authors run: seeding per sample, cond_size, exact adjoint, spec round trip."""
+    check_channel(channel, shape)
     x = data(shape, batch=4)
     obs = channel.corrupt(x, sample_seeds(0, range(4)))
     cond = channel.condition(obs, shape)
@@ -87,10 +90,14 @@ def test_adjoint_and_measurement(channel: Channel, shape: tuple[int, ...]) -> No
     assert aty.shape == x.shape
     lhs = (ax * y).flatten(1).sum(1)
     rhs = (x * aty).flatten(1).sum(1)
+    # float64 throughout: each side is a sum of at most 3 * 12 * 12 products of size <= 1, so the
+    # two agree to ~432 * 2^-53 ~ 5e-14; 1e-9 (relative and absolute) leaves a wide margin.
     assert_close(lhs, rhs, 1e-9)
     # y = A x + s * eps: the residual is at most noise of the declared level
     resid = obs["y"].double() - ax
     s = channel.noise_std(obs)
+    # |noise| <= 6 s for all 3456 Gaussian draws (P(|z| > 6) ~ 2e-9 each); 1e-5 covers y's float32
+    # rounding (|y| <= ~2, half an ulp ~ 1.2e-7) and A's float64 arithmetic.
     assert resid.abs().max() <= 6 * s + 1e-5
 
 
@@ -148,6 +155,7 @@ def test_blur_matches_an_explicit_gaussian_convolution() -> None:
     x = data((3, 16, 16), 4, dtype=torch.float64)
     expected = F.conv2d(x, kernel, padding=k // 2, groups=3)  # zero padding
     got = channel.corrupt(x, sample_seeds(0, range(4)))["y"]
+    # float64 data give float64 blurs: sums of k^2 = 81 terms of size <= 1, equal to ~1e-14
     assert_close(got, expected)
     by_kornia = kornia.filters.gaussian_blur2d(x, (k, k), (sigma, sigma), border_type="constant")
     assert_close(got, by_kornia)
@@ -180,6 +188,8 @@ def test_projection_rows_and_noise_level() -> None:
     obs = ProjectionChannel(m=m, sigma=sigma).corrupt(x, sample_seeds(0, range(b)))
     a, y = obs["A"], obs["y"]
     assert a.shape == (b, m, n) and y.shape == (b, m)
+    # rows normalised in float64, then rounded to float32 (2^-24 relative each) and their norm
+    # summed in float32 over n = 5 terms: |norm - 1| <= ~(n + 2) 2^-24 ~ 4e-7 < 1e-6
     assert_close(a.norm(dim=-1), torch.ones(b, m))
     resid = y - torch.einsum("bmn,bn->bm", a, x)
     assert abs(resid.std().item() - sigma) < 0.003
@@ -193,6 +203,9 @@ def test_projection_rows_and_noise_level() -> None:
     assert_close(cond[:, : m + m * n], torch.cat([y, a.reshape(b, -1)], 1))
     x_ls, proj = cond[:, m + m * n : m + m * n + n], cond[:, m + m * n + n :].reshape(b, n, n)
     # A^+ y reproduces the measurements, and A^+ A is the orthogonal projector onto A's row space.
+    # A^+ is computed in float64 and rounded to float32, then used in float32 sums of n = 5 terms:
+    # errors ~ (n + 2) 2^-24 kappa(A) |y| with kappa(A) <= 21 for these seeded A (float64 draws,
+    # the same on every CPU) and |y| <= 1.7, i.e. <= 1.5e-5 < 1e-4.
     assert_close(torch.einsum("bmn,bn->bm", a, x_ls), y, tol=1e-4)
     assert_close(proj @ proj, proj, tol=1e-4)
     assert_close(proj, proj.transpose(1, 2), tol=1e-4)
@@ -247,7 +260,7 @@ def test_string_parameters_and_spec_round_trip() -> None:
     channel = MaskChannel(rho="0.5", sigma="0.01", per_channel="true")
     assert channel.values == {"rho": 0.5, "sigma": 0.01, "per_channel": True}
     spec = channel.spec()
-    assert spec == {"name": "mask", "api_version": 1, "params": channel.values}
+    assert spec == {"name": "mask", "api_version": 2, "params": channel.values}
     assert MaskChannel(**spec["params"]).values == channel.values
     assert JpegChannel(quality="40").quality == 40
 

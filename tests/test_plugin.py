@@ -67,7 +67,11 @@ def test_plugin_is_discovered_with_its_distribution(
 
 
 def test_downsample_channel_is_a_correct_linear_channel(downsample: Path) -> None:
+    from diffem_channels.testing import check_channel
+
     channel = registry.make_channel("downsample", {"factor": "2", "sigma": "0.05"})
+    check_channel(channel, (3, 8, 12))  # the contract, spec round trip through the registry included
+    check_channel(registry.make_channel("downsample", {"factor": 4, "sigma": 0}), (1, 16, 16))
     x = images(8)
     seeds = sample_seeds(1, range(8))
     obs = channel.corrupt(x, seeds)
@@ -80,7 +84,7 @@ def test_downsample_channel_is_a_correct_linear_channel(downsample: Path) -> Non
     ax = channel.A(obs, x)
     assert_close(ax, F.avg_pool2d(x, 2))
     assert abs((y - ax).std().item() - 0.05) < 0.01
-    # exact adjoint
+    # exact adjoint: float64 sums of 288 (and 72) products of size <= 4, equal to ~1e-13
     v = torch.randn(ax.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     assert_close((ax * v).sum(), (x * channel.At(obs, v)).sum(), 1e-10)
     cond = channel.condition(obs, (3, 8, 12))

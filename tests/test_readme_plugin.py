@@ -26,6 +26,10 @@ def test_readme_plugin_example_is_discovered_and_corrupts(site, monkeypatch, cli
     code, out, err = cli("channels", name)
     assert code == 0, err
     assert pyproject["project"]["name"] in out
+    from diffem_channels.testing import check_channel
+    from diffem_cli import registry
+
+    check_channel(registry.make_channel(name), (1, 8, 8))  # what the README tells plugin authors to run
 
     obs = tmp_path / "obs"
     code, out, err = cli("corrupt", "digits", obs, "--channel", name, "--limit", "16", "--seed", "0")

@@ -1,0 +1,108 @@
+"""``diffem_channels.testing.check_channel`` catches each broken promise with a one-line reason."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+from diffem_channels import Channel, Observation, Param, per_sample
+from diffem_channels.noise import NoiseChannel
+from diffem_channels.testing import check_channel
+
+
+class Scale(Channel):
+    """A correct linear channel, ``y = c x + s eps`` on vectors; subclasses break one promise each."""
+
+    name = "scale-test"
+    description = "Scales vectors (test channel)."
+    data_kinds = frozenset({"vector"})
+    linear = True
+    params = (Param("c", float, 0.5), Param("s", float, 0.0))
+
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        y = self.c * x
+        if self.s > 0:
+            y = y + self.s * per_sample(seeds, tuple(x.shape[1:]))
+        return {"y": y}
+
+    def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        return obs["y"]
+
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        return shape[0]
+
+    def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return self.c * x
+
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return self.c * y
+
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        return float(self.s)
+
+
+class BatchNoise(Scale):
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        g = torch.Generator().manual_seed(int(seeds[0]))  # one generator per batch: batch-dependent
+        return {"y": self.c * x + 0.1 * torch.randn(x.shape, generator=g)}
+
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        return 0.1
+
+
+class WrongAdjoint(Scale):
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return self.c * y.flip(-1)
+
+
+class WrongCondSize(Scale):
+    def cond_size(self, shape: tuple[int, ...]) -> int:
+        return shape[0] + 1
+
+
+class WrongMeasurement(Scale):
+    def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.c * x  # a fine linear operator, but not the one corrupt applies
+
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return 2 * self.c * y
+
+
+class LeaksIndex(Scale):
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        return {"y": self.c * x, "index": torch.arange(len(x))}
+
+
+class BadSpec(Scale):
+    def spec(self) -> dict:
+        return {"name": self.name, "api_version": 2, "params": {"c": torch.tensor(0.5)}}
+
+
+def test_a_correct_channel_passes() -> None:
+    check_channel(Scale(c=0.5), (7,))
+    check_channel(Scale(c=2.0, s=0.1), (7,))
+    check_channel(NoiseChannel(sigma=0.1), (1, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("channel", "match"),
+    [
+        (BatchNoise(), "changes when the batch is cut"),
+        (WrongAdjoint(), "not the adjoint"),
+        (WrongCondSize(), "cond_size"),
+        (WrongMeasurement(), "y differs from A x"),
+        (LeaksIndex(), "'index'"),
+        (BadSpec(), "JSON-able"),
+    ],
+)
+def test_broken_channels_are_caught(channel: Channel, match: str) -> None:
+    with pytest.raises(AssertionError, match=match) as info:
+        check_channel(channel, (7,))
+    assert "\n" not in str(info.value)
+
+
+def test_wrong_data_kind_is_reported() -> None:
+    with pytest.raises(AssertionError, match="data kinds"):
+        check_channel(Scale(), (1, 4, 4))
