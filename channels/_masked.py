@@ -23,6 +23,8 @@ class MaskedChannel(Channel):
     """
 
     linear = True
+    api_version = 2
+    masked_observation = True
 
     def draw_mask(self, shape: tuple[int, ...], seeds: torch.Tensor) -> torch.Tensor:
         """Float 0/1 mask (1 = observed) for data ``shape``, one per seed: ``(B, 1 or C, H, W)`` for
@@ -59,3 +61,8 @@ class MaskedChannel(Channel):
 
     def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
         return float(self.sigma)
+
+    def observation_mask(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mask broadcast to the data's shape (a mask shared by colour channels is repeated)."""
+        y = obs["y"]
+        return obs["mask"].to(y).expand_as(y).contiguous()

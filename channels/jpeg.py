@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import kornia
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,8 @@ class JpegChannel(SameShapeChannel):
     description = "JPEG compression at a fixed quality (deterministic, not linear)."
     data_kinds = frozenset({"image"})
     params = (Param("quality", int, 25, "JPEG quality, 1 (worst) to 100 (best)", in_range(1, 100)),)
+    api_version = 2
+    differentiable = True
 
     def check_data(self, shape: tuple[int, ...]) -> None:
         super().check_data(shape)
@@ -47,3 +51,7 @@ class JpegChannel(SameShapeChannel):
     def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
         self.check_data(tuple(x.shape[1:]))
         return {"y": self.compress(x)}
+
+    def forward(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The JPEG round trip of ``x``, differentiable (kornia's codec rounds with a smooth proxy)."""
+        return self.compress(x)

@@ -262,7 +262,8 @@ class _Driver:
         manifest = self._recon_manifest(lap)
         if manifest is None:
             manifest = self.estep(lap)
-        rec.update({k: manifest[k] for k in ("estep_s", "nfe", "estep_samples_per_s") if k in manifest})
+        keys = ("estep_s", "nfe", "estep_samples_per_s", "dps_scale")
+        rec.update({k: manifest[k] for k in keys if k in manifest})
         return rec
 
     def _initial_model(self, lap: int, laps: int) -> nn.Module:
@@ -340,6 +341,7 @@ class _Driver:
         }
         if self.ctx.is_main:
             save_recon(self.run.recon(lap), x, self.data.index, manifest)
+            **self.m.estep_record(),
         self.ctx.barrier()
         return manifest
 

@@ -178,7 +178,7 @@ def sample_unconditional(
     if png_dir is not None:
         check_output(png_dir, force)
     ckpt = load_model_source(ckpt_path)
-    if ckpt.meta["kind"] != "unconditional":
+    if ckpt.meta["kind"] == "conditional":
         raise DiffemError(
             f"{ckpt_path} is a {ckpt.meta['kind']} model; use 'diffem reconstruct' with observations"
         )
@@ -188,7 +188,11 @@ def sample_unconditional(
         check_png(ckpt.meta["data"]["kind"])
     ctx = ctx or Context(0, 1, pick_device(device))
     cfg = sample_cfg or SampleConfig()
-    x = sample_tensors(build_model(ckpt), ckpt.meta, n, cfg, seed=seed, device=ctx.device, ctx=ctx)
+    from diffem_cli.methods import method_for_checkpoint
+
+    method = method_for_checkpoint(ckpt.meta)  # Ambient draws through its fixed-mask sampler
+    model = build_model(ckpt)
+    x = method.unconditional_samples(model, ckpt.meta, n, cfg, seed=seed, device=ctx.device, ctx=ctx)
     data = ckpt.meta["data"]
     manifest = {
         "kind": "samples",

@@ -7,13 +7,18 @@ from typing import Any
 
 from diffem_cli.config import METHODS, RunConfig
 from diffem_cli.errors import DiffemError
+from diffem_cli.methods.ambient import Ambient
+from diffem_cli.methods.ambient_tweedie import AmbientTweedie
 from diffem_cli.methods.base import Method
 from diffem_cli.methods.diffem import DiffEM
+from diffem_cli.methods.dps_em import DPSEM
 from diffem_cli.methods.em_mmps import EMMMPS
 from diffem_cli.methods.naive import Naive
 from diffem_cli.methods.oracle import Oracle
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (DiffEM, EMMMPS, Naive, Oracle)}
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (DiffEM, EMMMPS, Naive, Oracle, DPSEM, Ambient, AmbientTweedie)
+}
 
 
 def get_method(name: str, cfg: RunConfig) -> Method:

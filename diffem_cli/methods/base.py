@@ -79,6 +79,28 @@ class Method:
         """One posterior sample per observation (CPU tensor, rows aligned with ``data``)."""
         raise NotImplementedError
 
+    def estep_record(self) -> dict[str, Any]:
+        """Extra JSON-able facts about the last :meth:`posterior` call (e.g. a chosen step size),
+        stored in the lap's reconstruction manifest."""
+        return {}
+
+    def unconditional_samples(
+        self,
+        model: nn.Module,
+        meta: dict[str, Any],
+        n: int,
+        sample: SampleConfig,
+        *,
+        seed: int,
+        device: torch.device,
+        ctx: Context | None = None,
+    ) -> torch.Tensor:
+        """``n`` unconditional samples of this method's model (``diffem sample``); default: the
+        plain sampler on the network as an unconditional denoiser."""
+        from diffem_cli.uncond import sample_tensors
+
+        return sample_tensors(model, meta, n, sample, seed=seed, device=device, ctx=ctx)
+
     def meta(self) -> dict[str, Any]:
         """What this method's checkpoints record besides weights, data and channel."""
         return {"method": self.name, "method_config": self.settings()}

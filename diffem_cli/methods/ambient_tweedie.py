@@ -1,0 +1,158 @@
+"""Ambient-Tweedie (ambient-laws, Daras et al.): the exact, EM-free prior for Gaussian noise.
+
+For the ``noise`` channel, ``y = x + sigma_n eps`` with ``sigma_n`` known. In diffem's VP
+schedule ``x_t = alpha_t x + sigma_t z`` the VE noise level is ``s_t = sigma_t / alpha_t``; at
+levels ``s_t > sigma_n`` a noisy sample can be built from the observation alone:
+
+    x_t = alpha_t y + sqrt(sigma_t^2 - alpha_t^2 sigma_n^2) eps'
+
+(variance ``alpha_t^2 sigma_n^2 + sigma_t^2 - alpha_t^2 sigma_n^2 = sigma_t^2``, as for a clean
+``x``). Along the Gaussian chain ``x -> y -> x_t / alpha_t``, ``E[y | x, x_t] = x + c (x_t/alpha_t
+- x)`` with ``c = sigma_n^2 / s_t^2 = sigma_n^2 alpha_t^2 / sigma_t^2``, so the network's clean
+estimate ``x0_hat`` is mapped to a prediction of the noisy observation
+
+    y_hat = (1 - c) x0_hat + c x_t / alpha_t,
+
+scored by ``||y_hat - y||^2 / sigma_t^2`` (the weight of diffem's v-loss on x0 errors). Its
+minimiser is ``y_hat = E[y | x_t]``, i.e. ``x0_hat = E[x | x_t]``: exact, no EM. Training only
+uses timesteps ``t >= t_min``, the first with ``s_t > sigma_n`` (the training distribution of
+``t`` is squeezed onto ``[t_min, 1000)``).
+
+Sampling is the plain sampler (``diffem sample``) and MMPS for posteriors (a prior, like naive).
+Below ``t_min`` the network was never trained: there it is evaluated at ``t_min`` on the input
+rescaled to ``alpha_{t_min} x_t / alpha_t`` (the VE input ``x_t / alpha_t`` read as if at noise
+level ``sigma_n``), a slight over-smoothing of the last steps instead of an extrapolation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from diffem_cli.denoise import Denoiser, NetworkDenoiser, alpha_sigma
+from diffem_cli.errors import DiffemError
+from diffem_cli.losses import draw_timesteps
+from diffem_cli.methods.base import PriorMethod, draw_posterior
+from diffem_cli.sampling import clip_range_for, draw
+
+
+def first_timestep_above(sigma_n: float, scheduler: Any | None = None) -> int:
+    """The first timestep whose VE noise level ``sigma_t / alpha_t`` exceeds ``sigma_n``."""
+    if scheduler is None:
+        from diffem_cli.diffusion import ddpm_scheduler
+
+        scheduler = ddpm_scheduler()
+    abar = scheduler.alphas_cumprod.double()
+    ve = ((1 - abar) / abar).sqrt()
+    above = torch.nonzero(ve > sigma_n).flatten()
+    if len(above) == 0:
+        raise DiffemError(f"noise level {sigma_n:g} is above every diffusion noise level of the schedule")
+    return int(above[0])
+
+
+def y_prediction(x0: torch.Tensor, x_t: torch.Tensor, a, s, sigma_n: float) -> torch.Tensor:
+    """``E[y | x_t]`` from ``E[x | x_t] = x0`` at a VP level ``(a, s)`` above ``sigma_n``."""
+    c = (sigma_n * a / s) ** 2
+    return (1 - c) * x0 + c * x_t / a
+
+
+class TweedieLoss:
+    """Ambient-Tweedie's loss on the noisy observations ``batch["y"]``."""
+
+    def __init__(self, sigma_n: float, t_sampling: str = "uniform"):
+        self.sigma_n = float(sigma_n)
+        self.t_sampling = t_sampling
+
+    def __call__(self, model, batch, scheduler, generator):  # noqa: D102
+        y = batch["y"]
+        steps = scheduler.config.num_train_timesteps
+        t_min = first_timestep_above(self.sigma_n, scheduler)
+        t = draw_timesteps(len(y), scheduler, self.t_sampling, generator, y.device)
+        t = t_min + (t * (steps - t_min)) // steps
+        abar = scheduler.alphas_cumprod.to(y.device)[t].float().view(-1, *([1] * (y.dim() - 1)))
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        extra = (s * s - (a * self.sigma_n) ** 2).clamp_min(0).sqrt()
+        x_t = a * y + extra * torch.randn(y.shape, generator=generator, device=y.device)
+        x0 = a * x_t - s * model(x_t, t, None).float()
+        err = (y_prediction(x0, x_t, a, s, self.sigma_n) - y) ** 2 / (s * s)
+        return err.mean()
+
+
+class FlooredDenoiser(Denoiser):
+    """A denoiser evaluated at ``max(t, t_min)``: below ``t_min`` at ``t_min`` on the rescaled
+    input ``alpha_{t_min} x_t / alpha_t``."""
+
+    def __init__(self, inner: Denoiser, t_min: int):
+        self.inner, self.t_min = inner, int(t_min)
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        if int(t) >= self.t_min:
+            return self.inner(x_t, t)
+        a, _ = alpha_sigma(t)
+        a_min, _ = alpha_sigma(self.t_min)
+        return self.inner(x_t * (a_min / a), self.t_min)
+
+
+class AmbientTweedie(PriorMethod):
+    name = "ambient-tweedie"
+    description = "Ambient-Tweedie: a prior from noisy data trained only above its noise level, no EM"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._sigma: float | None = None
+
+    def check(self, data):  # noqa: D102
+        if data.channel.name != "noise":
+            raise DiffemError(
+                f"method 'ambient-tweedie' is for the 'noise' channel (known Gaussian noise); "
+                f"{data.channel.name!r} is not it"
+            )
+        self._sigma = float(data.channel.sigma)
+
+    def cond_size(self, data) -> int:  # noqa: D102
+        self._sigma = float(data.channel.sigma)  # the driver asks for cond_size before training
+        return 0
+
+    def training_data(self, data, prev, lap, clean):  # noqa: D102
+        self._sigma = float(data.channel.sigma)
+        return {"y": data.obs["y"].float()}, None
+
+    def loss(self):  # noqa: D102
+        if self._sigma is None:
+            raise DiffemError("method 'ambient-tweedie' was not given its observations' noise level")
+        return TweedieLoss(self._sigma, self.cfg.train.t_sampling)
+
+    def prior(self, model, sigma_n: float) -> Denoiser:
+        """The trained network as a denoiser at every timestep (floored at ``t_min``)."""
+        return FlooredDenoiser(NetworkDenoiser(model), first_timestep_above(sigma_n))
+
+    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
+        from diffem_cli.guidance import MMPSDenoiser
+
+        model = model.to(device).eval()
+        prior = self.prior(model, float(data.channel.sigma))
+        iters = self.cfg.mmps.cg_iters
+
+        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
+            return MMPSDenoiser(prior, data.channel, obs, iters)
+
+        return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
+
+    def unconditional_samples(self, model, meta, n, sample, *, seed, device, ctx=None):  # noqa: D102
+        sigma_n = float(((meta.get("channel") or {}).get("params") or {})["sigma"])
+        data = meta["data"]
+        denoiser = self.prior(model.to(device).eval(), sigma_n)
+        return draw(
+            lambda _start, _stop: denoiser,
+            n,
+            tuple(data["shape"]),
+            sampler=sample.sampler,
+            steps=sample.steps,
+            batch_size=sample.batch_size,
+            seed_parts=(seed,),
+            device=device,
+            clip_range=clip_range_for(data["kind"], data.get("value_range")),
+            label="sample",
+            ctx=ctx,
+        )
