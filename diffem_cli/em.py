@@ -231,7 +231,8 @@ class _Driver:
     def lap0(self) -> dict[str, Any]:
         manifest = self._recon_manifest(0)
         if manifest is None:
-            if self.warm is not None:
+            start = None
+            if self.warm is not None:  # sharded posterior sampling: every rank takes part
                 t0 = time.perf_counter()
                 sampler = _warm_sampler(self.warm, self.m, self.data, self.cfg)
                 x = sampler.posterior(
@@ -244,13 +245,14 @@ class _Driver:
                     ctx=self.ctx,
                 )
                 start = {"x": x, "init": "warm-start", "seconds": time.perf_counter() - t0}
-            else:
+            elif self.ctx.is_main:  # the Gaussian fit runs once; the other ranks wait, then read it
                 start = initial_reconstructions(self.data, self.cfg, self.run, self.ctx.device)
-            manifest = {"lap": 0, "init": start["init"], "init_s": start["seconds"]}
             if self.ctx.is_main:
+                manifest = {"lap": 0, "init": start["init"], "init_s": start["seconds"]}
                 save_recon(self.run.recon(0), start["x"], self.data.index, manifest)
+                self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s")
             self.ctx.barrier()
-            self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s")
+            manifest = manifest or self._recon_manifest(0)
         return {"event": "lap", "lap": 0, "init": manifest.get("init"), "init_s": manifest.get("init_s")}
 
     def lap(self, lap: int, laps: int) -> dict[str, Any]:
@@ -294,13 +296,14 @@ class _Driver:
             loss=self.m.loss(),
             seed=self.cfg.seed + lap,
             device=self.ctx.device,
-            state_path=self.run.state if self.ctx.is_main else None,
+            state_path=self.run.state,  # read by every rank, written by the main one
             tag={"lap": lap, "fingerprint": self.data.fingerprint, "method": self.m.name},
             label=f"lap {lap} M-step",
             on_epoch=on_epoch,
             refresh=refresh,
             refresh_every=self.cfg.em.recorrupt_every,
             log=self.log,
+            ctx=self.ctx,
         )
         rows = len(next(iter(tensors.values())))
         summary = {"loss": result.last_loss, "steps": result.steps}
@@ -346,7 +349,7 @@ class _Driver:
         return manifest
 
     def _evaluate(self, lap: int) -> dict[str, float]:
-        if self.evaluation is None:
+        if self.evaluation is None or not self.ctx.is_main:  # the main rank alone logs the record
             return {}
         x, _ = load_recon(self.run.recon(lap))
         return evaluate_against(x, self.evaluation, self.data, self.cfg)

@@ -2,12 +2,16 @@
 
 Used by the EM loop's M-step (conditional model on fresh corruptions of the reconstructions)
 and by ``train-uncond``. The loop is flat and device-agnostic; training state (weights, EMA,
-optimiser moments, epoch, random state) is saved after every epoch to one safetensors file, so a
-killed run loses at most the epoch in progress.
+optimiser moments, epoch) is saved after every epoch to one safetensors file, so a killed run loses
+at most the epoch in progress. Random draws are re-seeded every epoch from ``(seed, epoch)``, so a
+resumed run needs no saved random state. Under several processes (a distributed
+:class:`~diffem_cli.runtime.Context`) the model is wrapped in ``DistributedDataParallel`` and each
+global batch is split across the processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -19,13 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffem_channels import mix_seed
 from diffem_cli.checkpoint import load_tensors, save_tensors
 from diffem_cli.config import TrainConfig
 from diffem_cli.diffusion import ddpm_scheduler
 from diffem_cli.errors import DiffemError
 from diffem_cli.losses import Loss, VLoss
 from diffem_cli.progress import progress
-from diffem_cli.runtime import autocast, generator
+from diffem_cli.runtime import Context, all_mean, autocast, generator, same_on_all
 
 
 class EMA:
@@ -75,14 +80,13 @@ def lr_at(step: int, total: int, cfg: TrainConfig, warmup: int | None = None) ->
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * frac))
 
 
-def _state_tensors(model: nn.Module, ema: EMA, opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+def _state_tensors(model: nn.Module, ema: EMA, opt: torch.optim.Optimizer) -> dict:
     out = {f"model.{k}": v for k, v in model.state_dict().items()}
     out.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
     for i, p in enumerate(model.parameters()):
         st = opt.state.get(p, {})
         for name, value in st.items():
             out[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    out["rng"] = gen.get_state()
     return out
 
 
@@ -92,7 +96,6 @@ def _restore(
     model: nn.Module,
     ema: EMA,
     opt: torch.optim.Optimizer,
-    gen: torch.Generator,
     log: Callable[[str], None],
 ) -> tuple[int, int, float] | None:
     """Load a saved training state whose tag matches; returns (epoch, step, last loss) or None."""
@@ -114,7 +117,6 @@ def _restore(
         if key.startswith("opt."):
             _, i, name = key.split(".", 2)
             opt.state[params[int(i)]][name] = value.to(params[int(i)].device)
-    gen.set_state(tensors["rng"])
     return int(meta["epoch"]), int(meta["step"]), float(meta.get("loss", "nan"))
 
 
@@ -133,19 +135,29 @@ def train_denoiser(
     refresh: Callable[[int], dict[str, torch.Tensor]] | None = None,
     refresh_every: int = 0,
     log: Callable[[str], None] | None = None,
+    ctx: Context | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` on the rows of ``data`` (aligned tensors, e.g. ``x`` and
     ``cond``), each batch scored by ``loss`` (default :class:`~diffem_cli.losses.VLoss`).
 
-    The data stay on ``device`` for the whole phase, and every random draw (permutations,
-    timesteps, noise) comes from one generator on ``device`` seeded by ``seed``. With
+    The data stay on ``device`` for the whole phase. Epoch ``e``'s permutation comes from a
+    generator seeded by ``(seed, e)`` and its timesteps and noise from one seeded by
+    ``(seed, e, rank)``. With
     ``refresh`` and ``refresh_every > 0``, columns are replaced by ``refresh(r)`` at the start of
     every ``refresh_every``-th epoch (round ``r``): fresh corruptions within a lap.
 
     Resumes from ``state_path`` when it holds a state with the same ``tag``. Returns the EMA
     model; raises DiffemError on a non-finite loss (nothing is saved from a diverged step).
+
+    Under a distributed ``ctx`` (pass the same ``state_path`` on every rank, on a shared file
+    system): every rank loads the same state, the model is wrapped in ``DistributedDataParallel``,
+    rank ``r`` trains on its slice of each global batch of ``cfg.batch_size`` rows (all ranks slice
+    the same permutation) with its own noise, the epoch loss is averaged over ranks, and only the
+    main rank saves the state, shows progress and calls ``on_epoch``.
     """
     log = log or (lambda _msg: None)
+    ctx = ctx or Context(0, 1, device)
+    main = ctx.is_main
     loss_fn = loss if loss is not None else VLoss(cfg.t_sampling)
     n = len(next(iter(data.values())))
     if n == 0:
@@ -153,24 +165,28 @@ def train_denoiser(
     model = model.to(device).train()
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = generator(device, seed)
     sched = ddpm_scheduler()
     bs = min(cfg.batch_size, n)
+    if bs < ctx.world:
+        raise DiffemError(f"{label}: a batch of {bs} rows cannot be split across {ctx.world} processes")
     per_epoch = n // bs
     total = per_epoch * cfg.epochs
     warmup = effective_warmup(total, cfg)
-    if warmup < cfg.warmup:
+    if warmup < cfg.warmup and main:
         log(f"{label}: warm-up capped at {warmup} of {total} steps (train.warmup={cfg.warmup})")
     tag = tag or {}
     start_epoch, step, loss_value = 0, 0, float("nan")
     if state_path is not None:
-        restored = _restore(state_path, tag, model, ema, opt, gen, log)
+        restored = _restore(state_path, tag, model, ema, opt, log if main else (lambda _msg: None))
         if restored:
             start_epoch, step, loss_value = restored
+    if not same_on_all(start_epoch, ctx):
+        raise DiffemError(f"{label}: the processes found different training states in {state_path}")
+    net, share = _data_parallel(model, ctx), _share(bs, ctx)
     on_dev = {k: v.to(device) for k, v in data.items()}
     t0 = time.perf_counter()
-    with progress() as bar:
-        task = bar.add_task(label, total=total, completed=step, info="")
+    with progress() if main else contextlib.nullcontext() as bar:
+        task = bar.add_task(label, total=total, completed=step, info="") if main else None
         for epoch in range(start_epoch, cfg.epochs):
             if (
                 refresh is not None
@@ -179,13 +195,18 @@ def train_denoiser(
                 and (epoch % refresh_every == 0 or epoch == start_epoch)
             ):
                 on_dev.update({k: v.to(device) for k, v in refresh(epoch // refresh_every).items()})
-            perm = torch.randperm(n, generator=gen, device=device)[: per_epoch * bs].view(per_epoch, bs)
+            order = generator(device, mix_seed(seed, epoch))
+            gen = generator(device, mix_seed(seed, epoch, ctx.rank))
+            perm = torch.randperm(n, generator=order, device=device)[: per_epoch * bs].view(per_epoch, bs)
+            perm = perm[:, share[0] : share[1]]
             running = torch.zeros((), device=device)
             for idx in perm:
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, cfg, warmup)
                 with autocast(device):
-                    value = loss_fn(model, {k: v[idx] for k, v in on_dev.items()}, sched, gen)
+                    value = loss_fn(net, {k: v[idx] for k, v in on_dev.items()}, sched, gen)
+                if share[2] != 1.0:  # DDP averages over ranks: weigh by rows so it is the batch mean
+                    value = value * share[2]
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 if cfg.grad_clip > 0:
@@ -194,11 +215,12 @@ def train_denoiser(
                 ema.update(model)
                 running += value.detach()
                 step += 1
-            loss_value = float(running) / per_epoch
+            loss_value = float(all_mean(running, ctx)) / per_epoch
             if not math.isfinite(loss_value):
                 raise DiffemError(f"{label}: loss became {loss_value} in epoch {epoch + 1}; lower train.lr")
-            bar.update(task, completed=step, info=f"loss {loss_value:.4f}")
-            if state_path is not None:
+            if main:
+                bar.update(task, completed=step, info=f"loss {loss_value:.4f}")
+            if state_path is not None and main:
                 meta = {
                     "tag": tag,
                     "epoch": epoch + 1,
@@ -206,8 +228,8 @@ def train_denoiser(
                     "ema_updates": ema.updates,
                     "loss": loss_value,
                 }
-                save_tensors(state_path, _state_tensors(model, ema, opt, gen), meta)
-            if on_epoch is not None:
+                save_tensors(state_path, _state_tensors(model, ema, opt), meta)
+            if on_epoch is not None and main:
                 on_epoch(
                     {
                         "epoch": epoch + 1,
@@ -217,3 +239,21 @@ def train_denoiser(
                     }
                 )
     return TrainResult(ema.model.cpu(), step, loss_value, time.perf_counter() - t0)
+
+
+def _data_parallel(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` itself for one process, else wrapped in DistributedDataParallel (which broadcasts
+    rank 0's weights and averages gradients in the backward pass)."""
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def _share(bs: int, ctx: Context) -> tuple[int, int, float]:
+    """This rank's columns ``[lo, hi)`` of a global batch of ``bs`` rows, and the factor that makes
+    DDP's average of per-rank means the mean over the whole batch (1 when ``bs`` divides evenly)."""
+    lo, hi = bs * ctx.rank // ctx.world, bs * (ctx.rank + 1) // ctx.world
+    return lo, hi, (hi - lo) * ctx.world / bs

@@ -81,11 +81,12 @@ def train_uncond(
                 cfg.train,
                 seed=cfg.seed,
                 device=ctx.device,
-                state_path=run.state if ctx.is_main else None,
+                state_path=run.state,  # read by every rank, written by the main one
                 tag={"uncond": data["fingerprint"]},
                 label="train-uncond",
                 on_epoch=(lambda info: run.log({"event": "epoch", **info})) if ctx.is_main else None,
                 log=log,
+                ctx=ctx,
             )
             summary = {"seconds": result.seconds, "loss": result.last_loss, "steps": result.steps}
             meta = {

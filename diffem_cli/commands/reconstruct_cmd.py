@@ -34,6 +34,7 @@ def reconstruct_command(
     from diffem_cli.commands._checks import at_least, check_sample_options, need_existing
     from diffem_cli.config import SampleConfig
     from diffem_cli.reconstruct import reconstruct
+    from diffem_cli.runtime import launch
     from diffem_cli.store import check_apart, check_manifest_columns, check_output, read_dataset
 
     check_sample_options(sampler, steps, batch_size)
@@ -47,18 +48,20 @@ def reconstruct_command(
         check_output(png, force, [ckpt, data])
         check_apart(png, [out], "output")
 
-    info = reconstruct(
-        ckpt,
-        data,
-        out,
-        sample=SampleConfig(sampler, steps, batch_size),
-        per_observation=per_observation,
-        seed=seed,
-        png_dir=png,
-        device=device,
-        force=force,
-    )
-    console.print(f"wrote {info['rows']} reconstructions to {out} ({sampler}, {steps} steps)")
+    with launch(device) as ctx:
+        info = reconstruct(
+            ckpt,
+            data,
+            out,
+            sample=SampleConfig(sampler, steps, batch_size),
+            per_observation=per_observation,
+            seed=seed,
+            png_dir=png,
+            device=device,
+            force=force,
+            ctx=ctx,
+        )
+        console.print(f"wrote {info['rows']} reconstructions to {out} ({sampler}, {steps} steps)")
 
 
 def register(app: typer.Typer) -> None:

@@ -32,6 +32,7 @@ def train_uncond_command(
     from diffem_cli.commands._checks import check_run_folder, need_existing
     from diffem_cli.config import check_config_for_data, load_config
     from diffem_cli.errors import DiffemError
+    from diffem_cli.runtime import launch
     from diffem_cli.store import check_manifest_columns, columns, read_dataset
     from diffem_cli.uncond import train_uncond
 
@@ -44,10 +45,10 @@ def train_uncond_command(
     shape = tuple(columns(ds, ["x"], 0, 1)["x"].shape[1:])
     cfg = load_config(config, sets or [], default_preset="manifold" if len(shape) == 1 else "digits")
     check_config_for_data(cfg, None, shape)
-    ckpt = train_uncond(
-        recon, run, cfg, device=device, force=force, log=lambda s: console.print(s, soft_wrap=True)
-    )
-    console.print(f"[green]done[/green]: {ckpt}")
+    with launch(device) as ctx:
+        log = lambda s: console.print(s, soft_wrap=True)  # noqa: E731
+        ckpt = train_uncond(recon, run, cfg, device=device, force=force, log=log, ctx=ctx)
+        console.print(f"[green]done[/green]: {ckpt}")
 
 
 def sample_command(
@@ -65,6 +66,7 @@ def sample_command(
     """Draw samples from an unconditional model."""
     from diffem_cli.commands._checks import at_least, check_sample_options, need_existing
     from diffem_cli.config import SampleConfig
+    from diffem_cli.runtime import launch
     from diffem_cli.store import check_apart, check_output
     from diffem_cli.uncond import sample_unconditional
 
@@ -76,17 +78,19 @@ def sample_command(
         check_output(png, force, [ckpt])
         check_apart(png, [out], "output")
 
-    sample_unconditional(
-        ckpt,
-        out,
-        n,
-        sample_cfg=SampleConfig(sampler, steps, batch_size),
-        seed=seed,
-        png_dir=png,
-        device=device,
-        force=force,
-    )
-    console.print(f"wrote {n} samples to {out}")
+    with launch(device) as ctx:
+        sample_unconditional(
+            ckpt,
+            out,
+            n,
+            sample_cfg=SampleConfig(sampler, steps, batch_size),
+            seed=seed,
+            png_dir=png,
+            device=device,
+            force=force,
+            ctx=ctx,
+        )
+        console.print(f"wrote {n} samples to {out}")
 
 
 def register(app: typer.Typer) -> None:
