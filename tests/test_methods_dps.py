@@ -120,7 +120,17 @@ def d(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dps")
     mask = ["--channel", "mask", "-p", "rho=0.5"]
     run_ok("corrupt", "digits", root / "obs", *mask, "--limit", 40, "--clean-out", root / "clean")
-    run_ok("corrupt", "digits", root / "clean50", "--channel", "noise", "--limit", 50, "--clean-out", root / "c50")
+    run_ok(
+        "corrupt",
+        "digits",
+        root / "clean50",
+        "--channel",
+        "noise",
+        "--limit",
+        50,
+        "--clean-out",
+        root / "c50",
+    )
     run_ok(
         "em-train",
         root / "obs",
@@ -171,7 +181,16 @@ def test_warm_start_from_a_prior_of_50_clean_images(d, tmp_path):
     run_ok("train-uncond", d / "c50", tmp_path / "prior", *TRAIN)
     prior = tmp_path / "prior/checkpoints/uncond.safetensors"
     run_ok(
-        "em-train", d / "obs", tmp_path / "run", "--laps", 1, "--method", "dps-em", "--warm-start", prior, *TRAIN
+        "em-train",
+        d / "obs",
+        tmp_path / "run",
+        "--laps",
+        1,
+        "--method",
+        "dps-em",
+        "--warm-start",
+        prior,
+        *TRAIN,
     )
     laps = _laps(tmp_path / "run")
     assert laps[0]["init"] == "warm-start"
@@ -183,5 +202,7 @@ def test_jpeg_observations_run_and_other_methods_are_refused(d, cli, tmp_path):
     run_ok("em-train", tmp_path / "jpeg", tmp_path / "run", "--laps", 1, "--method", "dps-em", *TRAIN)
     x = read_x(tmp_path / "run/recon/lap_001")
     assert x.shape == (12, 1, 8, 8) and torch.isfinite(x).all()
-    code, _, err = cli("em-train", tmp_path / "jpeg", tmp_path / "r2", "--laps", 1, "--method", "em-mmps", *TRAIN)
+    code, _, err = cli(
+        "em-train", tmp_path / "jpeg", tmp_path / "r2", "--laps", 1, "--method", "em-mmps", *TRAIN
+    )
     assert code != 0 and "linear" in error_line(err)

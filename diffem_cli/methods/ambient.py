@@ -46,6 +46,7 @@ from diffem_cli.runtime import autocast
 from diffem_cli.sampling import clip_range_for, draw
 
 FURTHER_TAG = 0xA3B1  # seeds of the further masks B_i: (tag, sample index), whatever the run's seed
+FURTHER_STREAM = 2  # apart from the channels' mask (0) and noise (1) streams of the same seeds
 SAMPLE_TAG = 0xA3B2  # seeds of the unconditional sampler's masks: (seed, tag, sample number)
 
 
@@ -54,13 +55,22 @@ def further_mask(shape: tuple[int, ...], seeds: torch.Tensor, delta: float) -> t
     probability ``1 - delta`` (one draw per pixel shared by colour channels); row ``i`` from
     ``seeds[i]`` alone."""
     draw_shape = (1, *shape[1:]) if len(shape) == 3 else tuple(shape)
-    keep = (per_sample(seeds, draw_shape, "rand") >= delta).float()
+    keep = (per_sample(seeds, draw_shape, "rand", FURTHER_STREAM) >= delta).float()
     return keep.expand(len(seeds), *shape).contiguous()
 
 
 def observed_mask(channel: Channel, obs: dict[str, torch.Tensor]) -> torch.Tensor:
     """``A``: the channel's observation mask as a float 0/1 tensor shaped like the data batch."""
     return channel.observation_mask(obs).float()
+
+
+def sampler_masks(
+    channel: Channel, shape: tuple[int, ...], seeds: torch.Tensor, delta: float
+) -> torch.Tensor:
+    """Ambient's fixed sampling masks, one per seed: a fresh observation mask of the channel times
+    a fresh further mask (survival ``(1 - rho)(1 - delta)`` for ``mask``)."""
+    fresh = channel.corrupt(torch.zeros((len(seeds), *shape)), seeds)
+    return observed_mask(channel, fresh) * further_mask(shape, seeds, delta)
 
 
 def ambient_x0(out: torch.Tensor, x_in: torch.Tensor, mask: torch.Tensor, a, s) -> torch.Tensor:
@@ -186,9 +196,7 @@ class Ambient(Method):
 
         def make(start: int, stop: int) -> Denoiser:
             seeds = sample_seeds(seed, range(start, stop), SAMPLE_TAG)
-            fresh = channel.corrupt(torch.zeros((stop - start, *shape)), seeds)
-            mask = observed_mask(channel, fresh) * further_mask(shape, seeds, delta)
-            return AmbientDenoiser(model, mask.to(device))
+            return AmbientDenoiser(model, sampler_masks(channel, shape, seeds, delta).to(device))
 
         data = meta["data"]
         return draw(
