@@ -23,10 +23,11 @@ from diffem_cli.checkpoint import build_model, load_checkpoint
 from diffem_cli.store import columns, read_dataset
 
 N = 256
-EPOCHS = 30
+EPOCHS = 12
+BATCH = 32
 TRAIN = [
     *TINY_MLP,
-    *sets("train.batch_size=16", f"train.epochs={EPOCHS}", "train.warmup=0"),
+    *sets(f"train.batch_size={BATCH}", f"train.epochs={EPOCHS}", "train.warmup=0"),
     *sets("sample.steps=4", "sample.batch_size=64", "em.gaussian_iters=2"),
 ]
 STEPS = 4
@@ -84,11 +85,11 @@ def job(tmp_path_factory) -> dict:
     run = root / "run"
     cmd = _torchrun("em-train", root / "obs", run, "--laps", 2, *TRAIN)
     first = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline, victim = time.monotonic() + 300, None
     while not [r for r in _records(run, "epoch") if r["lap"] == 1] and first.poll() is None:
         assert time.monotonic() < deadline, "lap 1 never started"
-        time.sleep(0.02)
-    victim = _worker(first.pid, 1)
+        victim = victim or _worker(first.pid, 1)
+        time.sleep(0.01)
     assert victim is not None and first.poll() is None, "the run ended before rank 1 could be killed"
     os.kill(victim, signal.SIGKILL)
     out1, err1 = first.communicate(timeout=300)
@@ -121,7 +122,7 @@ def test_two_processes_write_one_complete_run(job):
     assert not (job["run"] / "state" / "mstep.safetensors").exists()
     for lap in (1, 2):
         ckpt = load_checkpoint(job["run"] / "checkpoints" / f"lap_{lap:03d}.safetensors")
-        assert ckpt.meta["lap"] == lap and ckpt.meta["train"]["steps"] == EPOCHS * (N // 16)
+        assert ckpt.meta["lap"] == lap and ckpt.meta["train"]["steps"] == EPOCHS * (N // BATCH)
         build_model(ckpt)
     for lap in (0, 1, 2):
         x, index = _recon(job["run"] / "recon" / f"lap_{lap:03d}")
