@@ -416,7 +416,8 @@ def validate(cfg: RunConfig) -> None:
 
 def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) -> None:
     """The checks that need the data: the network against the data shape and the channel's
-    conditioning size, ``em.init`` against the channel (``gaussian`` needs a linear channel).
+    conditioning size, ``em.init`` against the channel (``gaussian`` needs a linear channel),
+    ``eval.metrics`` against the data kind.
 
     ``channel`` is a ``diffem_channels.base.Channel`` (or None for unconditional training);
     ``shape`` the clean data's shape. Raises a one-line DiffemError.
@@ -437,6 +438,15 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
             raise DiffemError(
                 f"image size {shape[1]} is not divisible by 2^{levels - 1} for the {levels}-level UNet "
                 "of network.block_out_channels"
+            )
+    from diffem_cli.evaluate import METRICS
+
+    kind = "vector" if len(shape) == 1 else "image"
+    for name in cfg.eval.metrics:
+        if name in METRICS and kind not in METRICS[name].kinds:
+            raise DiffemError(
+                f"eval.metrics: {name!r} needs {' or '.join(k + 's' for k in METRICS[name].kinds)}; "
+                f"the data are {kind}s of shape {shape}"
             )
     cond_size = 0
     if channel is not None:

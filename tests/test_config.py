@@ -43,3 +43,123 @@ def test_config_file(tmp_path):
         load_config(f)
     with pytest.raises(DiffemError, match="neither a preset"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("assignment", "match"),
+    [
+        ("train.epochs=0", "'train.epochs' must be an integer >= 1"),
+        ("train.batch_size=0", "'train.batch_size'"),
+        ("train.lr=-1", "'train.lr' must be > 0"),
+        ("train.lr=.nan", "'train.lr' must be a finite number"),
+        ("train.lr_min=1", "'train.lr_min'"),
+        ("train.ema_decay=2", "'train.ema_decay' must be in \\[0, 1\\)"),
+        ("train.ema_decay=1", "'train.ema_decay'"),
+        ("train.warmup=-1", "'train.warmup'"),
+        ("train.grad_clip=-1", "'train.grad_clip'"),
+        ("train.weight_decay=-0.1", "'train.weight_decay'"),
+        ("train.t_sampling=cosine", "'train.t_sampling' must be one of"),
+        ("sample.steps=0", "'sample.steps' must be an integer in \\[1, 1000\\]"),
+        ("sample.steps=1001", "'sample.steps'"),
+        ("sample.sampler=euler", "'sample.sampler' must be one of dpm\\+\\+, ddim, ddpm"),
+        ("sample.batch_size=0", "'sample.batch_size'"),
+        ("em.laps=0", "'em.laps'"),
+        ("em.method=magic", "'em.method' must be one of diffem, em-mmps"),
+        ("em.init=random", "'em.init' must be one of auto, gaussian, observation"),
+        ("em.gaussian_rank=0", "'em.gaussian_rank'"),
+        ("em.recorrupt_every=-1", "'em.recorrupt_every'"),
+        ("mmps.cg_iters=0", "'mmps.cg_iters'"),
+        ("dps.scale=0", "'dps.scale' must be > 0"),
+        ("dps.grid=[]", "'dps.grid' must be a non-empty list"),
+        ("dps.grid=[1, -2]", "'dps.grid'"),
+        ("dps.subset=0", "'dps.subset'"),
+        ("dps.reset_last=-1", "'dps.reset_last'"),
+        ("ambient.delta=1", "'ambient.delta' must be in \\[0, 1\\)"),
+        ("eval.metrics=psnr,fidd", "'eval.metrics' must be one of .*did you mean 'fid'"),
+        ("eval.n_points=0", "'eval.n_points'"),
+        ("seed=-1", "'seed'"),
+        ("network.type=transformer", "'network.type' must be one of mlp, unet"),
+        ("network.widht=3", "unknown config key 'network.widht' for a unet"),
+        ("network.sample_size=8", "set by diffem from the data"),
+        ("network.norm_num_groups=5", "must divide every block_out_channels"),
+        ("network.down_block_types=[DownBlock2D]", "lists 1 blocks"),
+        ("network.down_block_types=[Nope2D, DownBlock2D]", "not a valid unet"),
+        ("network.layers_per_block=0", "'network.layers_per_block'"),
+    ],
+)
+def test_every_value_is_checked_when_loaded(assignment, match):
+    with pytest.raises(DiffemError, match=match):
+        load_config("digits", [assignment])
+
+
+def test_mlp_network_against_its_constructor():
+    with pytest.raises(DiffemError, match="for an mlp .*did you mean 'width'"):
+        load_config("manifold", ["network.widht=3"])
+    with pytest.raises(DiffemError, match="'network.depth'"):
+        load_config("manifold", ["network.depth=0"])
+    cfg = load_config("manifold", ["network.width=16", "dps.grid=0.5,2", "em.method=dps-em"])
+    assert cfg.network["width"] == 16 and cfg.dps.grid == [0.5, 2.0] and cfg.em.method == "dps-em"
+
+
+def test_methods_tuple_and_valid_values_pass():
+    from diffem_cli.config import METHODS
+
+    assert METHODS == ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
+    for method in METHODS:
+        assert load_config("digits", [f"em.method={method}"]).em.method == method
+
+
+def test_config_from_dict_validates_too():
+    from diffem_cli.config import config_from_dict
+
+    data = load_config("digits").to_dict()
+    assert config_from_dict(data).to_dict() == data
+    data["train"]["epochs"] = 0
+    with pytest.raises(DiffemError, match="'train.epochs'"):
+        config_from_dict(data)
+
+
+def test_check_config_for_data():
+    from diffem_channels.jpeg import JpegChannel
+    from diffem_channels.mask import MaskChannel
+    from diffem_cli.config import check_config_for_data
+
+    digits = load_config("digits")
+    check_config_for_data(digits, MaskChannel(), (1, 8, 8))
+    with pytest.raises(DiffemError, match="em.init=gaussian needs a linear channel"):
+        check_config_for_data(load_config("digits", ["em.init=gaussian"]), JpegChannel(), (1, 8, 8))
+    with pytest.raises(DiffemError, match="network.type=unet needs images"):
+        check_config_for_data(digits, MaskChannel(), (5,))
+    with pytest.raises(DiffemError, match="not divisible"):
+        check_config_for_data(digits, MaskChannel(), (1, 9, 9))
+    with pytest.raises(DiffemError, match="mlp needs vector data"):
+        check_config_for_data(load_config("manifold"), MaskChannel(), (1, 8, 8))
+    check_config_for_data(load_config("manifold"), None, (5,))
+
+
+def test_config_show(cli, tmp_path):
+    import yaml
+
+    code, out, err = cli("config", "show", "manifold", "--set", "train.epochs=3")
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["train"]["epochs"] == 3 and shown["network"]["type"] == "mlp"
+    assert set(shown) == {"network", "train", "sample", "em", "mmps", "dps", "ambient", "eval", "seed"}
+    code, out, err = cli("config", "show")
+    assert code == 0 and yaml.safe_load(out)["network"]["type"] == "unet"  # digits by default
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(shown))
+    code, out, err = cli("config", "show", run)
+    assert code == 0 and yaml.safe_load(out) == shown
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("train:\n  lr: 0.01\n")
+    code, out, err = cli("config", "show", partial)
+    assert code == 0 and yaml.safe_load(out)["train"]["lr"] == 0.01
+    for argv, match in [
+        (("config", "show", "digits", "--set", "train.epochs=0"), "'train.epochs'"),
+        (("config", "show", tmp_path / "nope"), "neither a preset"),
+        (("config", "show", tmp_path), "without config.yaml"),
+    ]:
+        code, out, err = cli(*argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
