@@ -8,9 +8,13 @@ vector-Jacobian products), it returns
     x0 + Cov A^T (s^2 I + A Cov A^T)^-1 (y - A x0),
 
 the linear system solved by a fixed number of conjugate-gradient iterations per step (each one
-vector-Jacobian product). ``alpha_t`` is floored at ``ALPHA_MIN`` (a VE noise level of at most
-100, the official code's largest), so the first, nearly pure-noise steps do not amplify the
-network's Jacobian error by ``1 / alpha_t``.
+vector-Jacobian product). A learnt network's Jacobian need not be positive semi-definite: a CG
+direction of curvature below the noise variance (what a valid covariance guarantees) ends that
+sample's solve rather than taking a step that would throw the sample far off.
+
+``alpha_t`` is floored at ``ALPHA_MIN`` (a VE noise level of at most 100, the official code's
+largest), so the first, nearly pure-noise steps do not amplify the network's Jacobian error by
+``1 / alpha_t``.
 
 :class:`DPSDenoiser` is diffusion posterior sampling (Chung et al. 2023, as EMDiffusion uses it)
 in score form for any channel with a differentiable forward model ``F`` (``Channel.forward``):
@@ -32,6 +36,9 @@ from diffem_channels import Channel
 from diffem_cli.denoise import Denoiser, alpha_sigma
 
 ALPHA_MIN = 0.01
+# The smallest curvature accepted in the MMPS system for noise-free channels: the official code's
+# observation noise for masked CIFAR-10, (1e-3)^2.
+MIN_NOISE_VAR = 1e-6
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -41,9 +48,14 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def conjugate_gradient(
-    op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int
+    op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, min_curvature: float = 0.0
 ) -> torch.Tensor:
-    """``iters`` batched CG iterations for ``op(u) = b`` from ``u = 0`` (one system per sample)."""
+    """``iters`` batched CG iterations for ``op(u) = b`` from ``u = 0`` (one system per sample).
+
+    A system whose curvature ``p.op(p) / p.p`` along a search direction falls below
+    ``min_curvature`` (a learnt Jacobian need not be positive definite) stops there for that
+    sample instead of taking a huge step; so does one already solved.
+    """
     u = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
@@ -51,9 +63,7 @@ def conjugate_gradient(
     for _ in range(iters):
         ap = op(p)
         pap = _dot(p, ap)
-        # a system that is not positive along p (a learnt Jacobian need not be) or already
-        # solved (p = 0) stops there instead of dividing by a non-positive curvature
-        ok = (pap > 0) & (rs > 0)
+        ok = (pap > min_curvature * _dot(p, p)) & (pap > 0) & (rs > 0)
         alpha = torch.where(ok, rs / torch.where(ok, pap, 1.0), 0.0)
         u = u + alpha * p
         r = r - alpha * ap
@@ -91,7 +101,8 @@ class MMPSDenoiser(Denoiser):
         def op(u: torch.Tensor) -> torch.Tensor:
             return self.noise_var * u + self.channel.A(self.obs, cov_at(u))
 
-        u = conjugate_gradient(op, residual, self.cg_iters)
+        # for a positive semi-definite covariance, op's curvature is at least the noise variance
+        u = conjugate_gradient(op, residual, self.cg_iters, min_curvature=max(self.noise_var, MIN_NOISE_VAR))
         return (x0 + cov_at(u)).detach()
 
 

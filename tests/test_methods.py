@@ -1,0 +1,130 @@
+"""The method seam: every implemented method runs laps end to end and reconstructs from its
+checkpoint; refusals are one line; checkpoints record their method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import QUICK, TINY_MLP, TINY_UNET, error_line, read_x, run_ok, sets
+
+from diffem_cli.checkpoint import load_checkpoint
+from diffem_cli.config import RunConfig
+from diffem_cli.errors import DiffemError
+from diffem_cli.methods import REGISTRY, get_method, method_for_checkpoint
+
+TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=2"), *QUICK]
+
+
+@pytest.fixture(scope="module")
+def obs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("methods")
+    run_ok(
+        "corrupt",
+        "manifold:samples=256",
+        root / "obs",
+        "--channel",
+        "projection",
+        "--clean-out",
+        root / "clean",
+    )
+    return root
+
+
+@pytest.mark.parametrize("name", ["diffem", "em-mmps", "oracle"])
+def test_method_runs_two_laps_and_reconstructs(obs, tmp_path, cli, name):
+    extra = ["--clean", obs / "clean"] if name == "oracle" else []
+    run_ok(
+        "em-train",
+        obs / "obs",
+        tmp_path / "run",
+        "--laps",
+        2,
+        "--method",
+        name,
+        *TRAIN,
+        *extra,
+        "--eval-clean",
+        obs / "clean",
+    )
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    laps = [r for r in records if r["event"] == "lap"]
+    assert [r["lap"] for r in laps] == [0, 1, 2]
+    assert all("eval_sinkhorn" in r for r in laps)
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/lap_002.safetensors")
+    assert ckpt.meta["method"] == name
+    assert ckpt.meta["kind"] == ("unconditional" if name == "em-mmps" else "conditional")
+    assert ckpt.meta["cond_size"] == (0 if name == "em-mmps" else 2 + 10 + 5 + 25)
+    code, _, err = cli(
+        "reconstruct",
+        tmp_path / "run/checkpoints/lap_002.safetensors",
+        obs / "obs",
+        tmp_path / "rec",
+        "--steps",
+        3,
+    )
+    assert code == 0, err
+    x = read_x(tmp_path / "rec")
+    assert x.shape == (256, 5) and torch.isfinite(x).all()
+
+
+def test_em_mmps_lap_one_starts_fresh_then_fine_tunes(obs, tmp_path):
+    run_ok("em-train", obs / "obs", tmp_path / "run", "--laps", 2, "--method", "em-mmps", *TRAIN)
+    a = load_checkpoint(tmp_path / "run/checkpoints/lap_001.safetensors").tensors
+    b = load_checkpoint(tmp_path / "run/checkpoints/lap_002.safetensors").tensors
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_oracle_without_clean_data_is_refused(obs, tmp_path, cli):
+    code, _, err = cli("em-train", obs / "obs", tmp_path / "run", "--method", "oracle", *TRAIN)
+    assert code == 2 and "--clean" in error_line(err) and not (tmp_path / "run").exists()
+
+
+def test_unknown_and_unimplemented_methods_are_one_line(obs, tmp_path, cli):
+    code, _, err = cli("em-train", obs / "obs", tmp_path / "run", "--method", "magic", *TRAIN)
+    assert code == 2 and "magic" in error_line(err) and "diffem" in error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_naive_needs_observations_of_the_data_shape(obs, tmp_path, cli):
+    code, _, err = cli("em-train", obs / "obs", tmp_path / "run", "--method", "naive", *TRAIN)
+    assert code == 2 and "naive" in error_line(err) and not (tmp_path / "run").exists()
+
+
+def test_naive_trains_on_the_observations(tmp_path):
+    run_ok("corrupt", "digits", tmp_path / "obs", "--channel", "mask", "--limit", 32)
+    run_ok(
+        "em-train",
+        tmp_path / "obs",
+        tmp_path / "run",
+        "--laps",
+        1,
+        "--method",
+        "naive",
+        *TINY_UNET,
+        *sets("train.batch_size=16", "train.epochs=1"),
+        *QUICK,
+    )
+    assert load_checkpoint(tmp_path / "run/checkpoints/lap_001.safetensors").meta["method"] == "naive"
+
+
+def test_mmps_methods_refuse_a_non_linear_channel(tmp_path, cli):
+    run_ok("corrupt", "digits", tmp_path / "obs", "--channel", "jpeg", "--limit", 16)
+    code, _, err = cli(
+        "em-train", tmp_path / "obs", tmp_path / "run", "--method", "em-mmps", *TINY_UNET, *QUICK
+    )
+    assert code == 2 and "linear" in error_line(err) and not (tmp_path / "run").exists()
+
+
+def test_method_for_checkpoint_restores_its_settings():
+    cfg = RunConfig()
+    cfg.mmps.cg_iters = 5
+    meta = {"kind": "unconditional", **get_method("em-mmps", cfg).meta()}
+    assert method_for_checkpoint(meta).cfg.mmps.cg_iters == 5
+    assert method_for_checkpoint({"kind": "conditional"}).name == "diffem"
+    assert method_for_checkpoint({"kind": "unconditional", "method": "uncond"}).name == "em-mmps"
+    with pytest.raises(DiffemError, match="known"):
+        get_method("nope", cfg)
+    assert {"diffem", "em-mmps", "naive", "oracle"} <= set(REGISTRY)
