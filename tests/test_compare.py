@@ -12,7 +12,7 @@ TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=1"), *QUICK]
 def test_compare_runs_every_method_and_resumes(tmp_path, cli):
     run_ok(
         "corrupt",
-        "manifold:samples=256",
+        "manifold:samples=128",
         tmp_path / "obs",
         "--channel",
         "projection",
