@@ -1,8 +1,8 @@
 """Run every benchmark in order, each in its own process, and summarise (``make bench``).
 
-Order: bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits, bench_speed
-(scripts that do not exist are skipped). Each runs as ``python -m bench.NAME`` from the repository
-root with the root on ``PYTHONPATH``, so ``import bench.common`` works however this script is
+Order: bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits, bench_speed,
+bench_scaling (scripts that do not exist are skipped). Each runs as ``python -m bench.NAME`` from
+the repository root with the root on ``PYTHONPATH``, so ``import bench.common`` works however this script is
 started. ``--quick`` is passed to the scripts that take it; bench_corrupt gets a smaller ``--n``
 and bench_gaussian a smaller image case instead, both writing under ``bench/results/quick/``, and
 bench_manifold works in ``bench/work/manifold-quick/``, so that a smoke run never overwrites
@@ -29,6 +29,7 @@ BENCHES = (
     "bench_manifold",
     "bench_digits",
     "bench_speed",
+    "bench_scaling",
 )
 QUICK_RESULTS = "bench/results/quick"
 QUICK_ARGS = {
