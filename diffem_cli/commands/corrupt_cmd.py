@@ -12,9 +12,12 @@ from diffem_cli.errors import DiffemError
 
 def corrupt(
     source: str = typer.Argument(
-        ..., help="Clean data: manifold[:samples=..,n=..,seed=..], digits, a folder, or hf:NAME[:SPLIT]."
+        ...,
+        metavar="SOURCE",
+        help="Clean data: manifold[:samples=16384,n=5,seed=0,draw_seed=1] (seed fixes the curve, "
+        "draw_seed, default seed + 1, the points on it), digits, a folder, or hf:NAME[:SPLIT].",
     ),
-    out: Path = typer.Argument(..., help="Observations folder to write (a datasets folder)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Observations folder to write (a datasets folder)."),
     channel: str = typer.Option(..., "--channel", "-c", help="Channel name (see `diffem channels`)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Channel parameter KEY=VALUE (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Corruption seed; the same seed gives identical output."),

@@ -1,6 +1,6 @@
 """Opt-in metrics that need extra packages and downloaded weights: FID, IS and FD-DINOv2.
 
-They are the field's standard numbers (algorithm.md) but depend on networks fetched at run time
+They are the field's standard numbers but depend on networks fetched at run time
 (Inception via torchmetrics/torch-fidelity, DINOv2 via transformers), which cannot happen on a
 machine without internet. They are never defaults; asking for one without its package or weights
 raises a one-line ``DiffemError`` saying what to install.

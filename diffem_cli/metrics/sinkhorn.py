@@ -1,6 +1,6 @@
 """Sinkhorn divergence of the manifold benchmark, computed fast but iterate for iterate as POT does.
 
-The benchmark's score (algorithm.md) is POT's ``ot.sinkhorn2(a, b, M, reg, method="sinkhorn_log")``
+The benchmark's score (see the README) is POT's ``ot.sinkhorn2(a, b, M, reg, method="sinkhorn_log")``
 with uniform weights, squared Euclidean cost, ``reg = 1e-3`` and at most 1,024 iterations (stopping
 early when the marginal error, checked every 10 iterations, falls below 1e-9), between the samples
 and one half of the reference, minus the same between the two halves of the reference.
