@@ -201,6 +201,8 @@ class _Driver:
         done = self.run_records()
         for lap in range(0, laps + 1):
             if lap in done and self._complete(lap):
+                if self.ctx.is_main and not self.run.picture(lap).exists():
+                    self._picture(lap)
                 continue
             rec = self.lap0() if lap == 0 else self.lap(lap, laps)
             rec.update(self._evaluate(lap))
@@ -221,8 +223,9 @@ class _Driver:
         return self.run.lap_records()
 
     def _complete(self, lap: int) -> bool:
+        """A lap with a record, reconstructions and (laps >= 1) a checkpoint needs no work."""
         recon = (self.run.recon(lap) / "diffem.json").exists()
-        return recon and (lap == 0 or self.run.checkpoint(lap).exists()) and self.run.picture(lap).exists()
+        return recon and (lap == 0 or self.run.checkpoint(lap).exists())
 
     def _recon_manifest(self, lap: int) -> dict[str, Any] | None:
         path = self.run.recon(lap)
@@ -341,10 +344,10 @@ class _Driver:
             "estep_s": seconds,
             "nfe": self.cfg.sample.steps,
             "estep_samples_per_s": len(x) / max(seconds, 1e-9),
+            **self.m.estep_record(),
         }
         if self.ctx.is_main:
             save_recon(self.run.recon(lap), x, self.data.index, manifest)
-            **self.m.estep_record(),
         self.ctx.barrier()
         return manifest
 

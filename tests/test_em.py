@@ -148,6 +148,23 @@ def test_missing_estep_is_redone_from_its_checkpoint(base, run_copy, cli):
     assert not [r for r in _records(run_copy, "epoch") if r["lap"] == 2][2:]  # no retraining
 
 
+def test_a_lost_lap_record_and_picture_are_rewritten_from_disk(base, run_copy, cli):
+    """A kill after a lap's reconstructions but before its record: the rerun writes the record
+    and picture from what is on disk, without training or sampling again."""
+    lines = (run_copy / "metrics.jsonl").read_text().splitlines()
+    kept = [ln for ln in lines if not (json.loads(ln)["event"] == "lap" and json.loads(ln)["lap"] == 2)]
+    (run_copy / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (run_copy / "samples/lap_001.png").unlink()
+    recon = snapshot(run_copy / "recon")
+    ckpts = snapshot(run_copy / "checkpoints")
+    code, _, err = cli("em-train", base / "obs", run_copy, "--laps", 2, *TRAIN)
+    assert code == 0, err
+    assert [r["lap"] for r in _records(run_copy)] == [0, 1, 2]
+    assert (run_copy / "samples/lap_001.png").exists() and (run_copy / "samples/lap_002.png").exists()
+    assert snapshot(run_copy / "recon") == recon and snapshot(run_copy / "checkpoints") == ckpts
+    assert "done: 2 laps" in err.replace("\n", " ")
+
+
 def test_nan_loss_is_an_error_and_keeps_earlier_laps(base, run_copy, cli):
     # a fresh RUN diverging in lap 1: lap 0 is kept, no lap-1 checkpoint
     fresh = run_copy.parent / "fresh"
