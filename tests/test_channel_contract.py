@@ -106,3 +106,42 @@ def test_broken_channels_are_caught(channel: Channel, match: str) -> None:
 def test_wrong_data_kind_is_reported() -> None:
     with pytest.raises(AssertionError, match="data kinds"):
         check_channel(Scale(), (1, 4, 4))
+
+
+OBSERVE = """
+import hashlib, sys, torch
+from diffem_channels.base import sample_seeds
+from diffem_cli import registry
+from diffem_cli.sources import load_source
+
+img, vec = load_source("digits").read(0, 24), load_source("manifold:samples=24").read(0, 24)
+out = []
+for name, params, x in [("mask", {"sigma": 0.1}, img), ("box", {"sigma": 0.1}, img),
+                        ("blur", {"noise_sigma": 0.05}, img), ("jpeg", {}, img),
+                        ("noise", {"sigma": 0.2}, vec), ("projection", {"sigma": 0.01}, vec)]:
+    obs = registry.make_channel(name, params).corrupt(x, sample_seeds(3, range(len(x))))
+    out.append(hashlib.sha256(b"".join(obs[k].numpy().tobytes() for k in sorted(obs))).hexdigest())
+print(" ".join(out))
+"""
+
+
+def test_observations_do_not_depend_on_the_cpu_kernels() -> None:
+    """The same observations, bit for bit, with torch's plain (non-vectorised) CPU kernels as with
+    the AVX2/AVX-512 ones this machine picks, and with 1 or 2 threads: what makes corrupted data
+    sets identical on Intel and AMD CI machines (and on CPUs without AVX2)."""
+    import os
+    import subprocess
+    import sys
+
+    results = set()
+    for env in ({"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "2"}):
+        proc = subprocess.run(
+            [sys.executable, "-c", OBSERVE],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env},
+        )
+        assert proc.returncode == 0, proc.stderr
+        results.add(proc.stdout.strip())
+    assert len(results) == 1
