@@ -94,7 +94,7 @@ def _detail(console: Console, info: ChannelInfo) -> None:
 
 
 def channels(
-    name: Annotated[str | None, typer.Argument(help="Show this channel in full.")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Show this channel in full.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """List the installed corruption channels (built-in and plugins), or show one in full."""

@@ -11,8 +11,12 @@ from diffem_cli.progress import console
 
 
 def em_train_command(
-    data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
-    run: Annotated[Path, typer.Argument(help="RUN folder: created, or resumed when it exists.")],
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="Observations folder written by 'diffem corrupt'.")
+    ],
+    run: Annotated[
+        Path, typer.Argument(metavar="RUN", help="RUN folder: created, or resumed when it exists.")
+    ],
     laps: Annotated[
         int | None, typer.Option("--laps", "-k", help="Number of EM laps (default: the config's).")
     ] = None,
@@ -59,7 +63,7 @@ def em_train_command(
     Re-running on an existing RUN resumes from where it stopped.
     """
     from diffem_cli.commands._checks import at_least, check_run_folder, need_existing
-    from diffem_cli.config import load_config
+    from diffem_cli.config import default_preset, load_config
     from diffem_cli.em import em_train
     from diffem_cli.runtime import launch
     from diffem_cli.store import check_manifest_columns, read_dataset
@@ -72,7 +76,7 @@ def em_train_command(
     need_existing(eval_clean, "--eval-clean folder", folder=True)
     need_existing(clean, "--clean folder", folder=True)
     check_run_folder(run, [data, warm_start, eval_clean, clean])
-    default = "manifold" if len(manifest.get("data_shape", [0, 0, 0])) == 1 else "digits"
+    default = default_preset(manifest.get("data_shape", [0, 0, 0]))
     cfg = load_config(config, sets or [], default_preset=default)
     with launch(device) as ctx:  # one process, or one of several under torchrun / accelerate launch
         records = em_train(

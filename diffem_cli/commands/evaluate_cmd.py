@@ -14,7 +14,10 @@ from diffem_cli.progress import console
 
 def evaluate_command(
     samples: Annotated[
-        Path, typer.Argument(help="Samples or reconstructions folder (column x; index to pair).")
+        Path,
+        typer.Argument(
+            metavar="SAMPLES", help="Samples or reconstructions folder (column x; index to pair)."
+        ),
     ],
     reference: Annotated[
         Path, typer.Option("--reference", help="Clean data folder (from corrupt --clean-out).")

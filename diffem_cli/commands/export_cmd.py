@@ -11,8 +11,8 @@ from diffem_cli.progress import console
 
 
 def export_command(
-    ckpt: Annotated[Path, typer.Argument(help="A diffem checkpoint (.safetensors).")],
-    out: Annotated[Path, typer.Argument(help="Output folder.")],
+    ckpt: Annotated[Path, typer.Argument(metavar="CKPT", help="A diffem checkpoint (.safetensors).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder.")],
     force: Annotated[bool, typer.Option(help="Overwrite OUT if it exists.")] = False,
 ) -> None:
     """Export: unconditional image model -> DDPMPipeline folder; conditional -> diffusers UNet +

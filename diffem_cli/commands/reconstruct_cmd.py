@@ -13,10 +13,15 @@ from diffem_cli.progress import console
 
 def reconstruct_command(
     ckpt: Annotated[
-        Path, typer.Argument(help="Conditional checkpoint (lap_NNN.safetensors) or exported folder.")
+        Path,
+        typer.Argument(
+            metavar="CKPT", help="Conditional checkpoint (lap_NNN.safetensors) or exported folder."
+        ),
     ],
-    data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
-    out: Annotated[Path, typer.Argument(help="Output datasets folder (columns x, index).")],
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="Observations folder written by 'diffem corrupt'.")
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output datasets folder (columns x, index).")],
     sampler: Annotated[
         str, typer.Option(help="dpm++ (default), ddim or ddpm (ancestral).")
     ] = DEFAULT_SAMPLER,

@@ -11,7 +11,7 @@ from diffem_cli.progress import console
 
 
 def report_command(
-    run: Annotated[Path, typer.Argument(help="An em-train RUN folder.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="An em-train RUN folder.")],
     clean: Annotated[
         Path | None, typer.Option(help="Clean data folder to draw beside the reconstructions.")
     ] = None,

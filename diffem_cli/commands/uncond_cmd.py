@@ -13,10 +13,12 @@ from diffem_cli.progress import console
 
 def train_uncond_command(
     recon: Annotated[
-        Path, typer.Argument(help="Reconstructions: a 'reconstruct' output or RUN/recon/lap_NNN.")
+        Path,
+        typer.Argument(metavar="RECON", help="Reconstructions: a 'reconstruct' output or RUN/recon/lap_NNN."),
     ],
     run: Annotated[
-        Path, typer.Argument(help="RUN folder for the unconditional model (resumed if it exists).")
+        Path,
+        typer.Argument(metavar="RUN", help="RUN folder for the unconditional model (resumed if it exists)."),
     ],
     config: Annotated[
         str | None,
@@ -30,7 +32,7 @@ def train_uncond_command(
 ) -> None:
     """Train an unconditional diffusion model on reconstructions."""
     from diffem_cli.commands._checks import check_run_folder, need_existing
-    from diffem_cli.config import check_config_for_data, load_config
+    from diffem_cli.config import check_config_for_data, default_preset, load_config
     from diffem_cli.errors import DiffemError
     from diffem_cli.runtime import launch
     from diffem_cli.store import check_manifest_columns, columns, read_dataset
@@ -43,7 +45,7 @@ def train_uncond_command(
     if "x" not in ds.column_names:
         raise DiffemError(f"{recon} has no column 'x' (columns: {', '.join(ds.column_names)})")
     shape = tuple(columns(ds, ["x"], 0, 1)["x"].shape[1:])
-    cfg = load_config(config, sets or [], default_preset="manifold" if len(shape) == 1 else "digits")
+    cfg = load_config(config, sets or [], default_preset=default_preset(shape))
     check_config_for_data(cfg, None, shape)
     with launch(device) as ctx:
         log = lambda s: console.print(s, soft_wrap=True)  # noqa: E731
@@ -52,8 +54,10 @@ def train_uncond_command(
 
 
 def sample_command(
-    ckpt: Annotated[Path, typer.Argument(help="Unconditional checkpoint or exported folder.")],
-    out: Annotated[Path, typer.Argument(help="Output datasets folder (column x).")],
+    ckpt: Annotated[
+        Path, typer.Argument(metavar="CKPT", help="Unconditional checkpoint or exported folder.")
+    ],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output datasets folder (column x).")],
     n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 64,
     sampler: Annotated[str, typer.Option(help="dpm++ (default), ddim or ddpm.")] = DEFAULT_SAMPLER,
     steps: Annotated[int, typer.Option(help="Sampler steps = network evaluations.")] = DEFAULT_STEPS,
