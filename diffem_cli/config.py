@@ -110,7 +110,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS = ("manifold", "digits", "cifar10", "celeba")
+PRESETS = ("manifold", "digits", "img16", "img32", "cifar10", "celeba")
+
+
+def default_preset(shape: tuple[int, ...] | list[int]) -> str:
+    """The preset used when no ``--config`` is given, from the clean data's shape: ``manifold`` for
+    vectors, ``img16`` / ``img32`` for 16x16 / 32x32 images, ``digits`` for other images."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 1:
+        return "manifold"
+    return {16: "img16", 32: "img32"}.get(shape[-1], "digits") if shape[-1] == shape[-2] else "digits"
 
 METHODS: tuple[str, ...] = ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
 INITS: tuple[str, ...] = ("auto", "gaussian", "observation")
