@@ -29,7 +29,7 @@ from diffem_cli.methods.base import Method
 from diffem_cli.observations import Observations, load_clean, load_recon, save_recon
 from diffem_cli.runs import Run
 from diffem_cli.runtime import Context, pick_device
-from diffem_cli.store import read_manifest
+from diffem_cli.store import clean_stale, read_manifest
 
 Logger = Callable[[str], None]
 
@@ -80,19 +80,14 @@ def check_checkpoint_for(meta: dict[str, Any], data: Observations, path: Path | 
         )
     if meta["kind"] != "conditional":
         return
-    theirs, ours = meta.get("channel") or {}, data.channel.spec()
-    if theirs.get("name") != ours["name"]:
-        raise DiffemError(
-            f"{path} was trained for channel {theirs.get('name')!r}, "
-            f"these observations come from {ours['name']!r}"
-        )
-    params, now = theirs.get("params") or {}, ours["params"]
-    for key in sorted(set(params) | set(now)):
-        if params.get(key) != now.get(key):
-            raise DiffemError(
-                f"{path} was trained for channel {ours['name']!r} with {key}={params.get(key)!r}; "
-                f"these observations have {key}={now.get(key)!r}"
-            )
+    from diffem_cli.registry import same_channel
+
+    diff = same_channel(
+        meta.get("channel") or {}, data.channel.spec(), ("the checkpoint", "the observations")
+    )
+    if diff:
+        raise DiffemError(f"{path} was trained for another channel than these observations: {diff}")
+    ours = data.channel.spec()
     if data.channel.cond_size(data.shape) != int(meta.get("cond_size", -1)):
         raise DiffemError(f"{path} expects another conditioning size than channel {ours['name']!r} gives")
 
@@ -160,6 +155,8 @@ def em_train(
 
     with hold_lock(run.root, "em-train") if ctx.is_main else contextlib.nullcontext():
         if ctx.is_main:
+            if run.root.is_dir():
+                clean_stale(run.root, locked=True)
             info = {
                 "data": str(data.path.resolve()),
                 "fingerprint": data.fingerprint,

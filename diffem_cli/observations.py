@@ -15,7 +15,7 @@ import torch
 
 from diffem_channels import Channel
 from diffem_cli.errors import DiffemError
-from diffem_cli.store import columns, fingerprint_dataset, read_dataset, write_dataset
+from diffem_cli.store import check_finite, columns, fingerprint_dataset, read_dataset, write_dataset
 
 
 class Observations:
@@ -35,6 +35,7 @@ class Observations:
         self.value_range = manifest.get("value_range")
         names = [c for c in ds.column_names if c != "index"]
         self.obs = columns(ds, names)
+        check_finite(self.obs, f"observations {path}")
         self.index = columns(ds, ["index"])["index"] if "index" in ds.column_names else torch.arange(len(ds))
         self.fingerprint = fingerprint_dataset(path)
 
@@ -89,6 +90,7 @@ def load_recon(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
 def load_clean(path: Path, data: Observations, what: str = "--eval-clean") -> torch.Tensor:
     """Clean data of the observations' shape (for evaluation or the oracle)."""
     x, _ = load_recon(path)
+    check_finite({"x": x}, f"{what} {path}")
     if tuple(x.shape[1:]) != data.shape:
         raise DiffemError(
             f"{what} {path} holds data of shape {tuple(x.shape[1:])}, observations are {data.shape}"

@@ -27,7 +27,7 @@ from diffem_cli.observations import load_recon
 from diffem_cli.runs import Run
 from diffem_cli.runtime import Context, pick_device
 from diffem_cli.sampling import clip_range_for, draw
-from diffem_cli.store import check_output, fingerprint_dataset, write_dataset
+from diffem_cli.store import check_finite, check_output, clean_stale, fingerprint_dataset, write_dataset
 
 
 def _data_meta(x: torch.Tensor, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -59,12 +59,15 @@ def train_uncond(
 
     ctx = ctx or Context(0, 1, pick_device(device))
     x, manifest = load_recon(recon_path)
+    check_finite({"x": x}, f"reconstructions {recon_path}")
     data = _data_meta(x, manifest, recon_path)
     run = Run(run_path)
     ckpt = run.ckpt_dir / "uncond.safetensors"
     preview = run.samples_dir / "uncond.png"
     with hold_lock(run.root, "train-uncond") if ctx.is_main else contextlib.nullcontext():
         if ctx.is_main:
+            if run.root.is_dir():
+                clean_stale(run.root, locked=True)
             info = {"recon": str(Path(recon_path).resolve()), "fingerprint": data["fingerprint"]}
             run.prepare(cfg, info, force)
         ctx.barrier()

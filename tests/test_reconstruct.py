@@ -164,7 +164,7 @@ def _bad_files(src: Path, root: Path) -> dict[str, Path]:
 @pytest.mark.parametrize(
     ("case", "match"),
     [
-        ("other_channel", "channel 'mask'"),
+        ("other_channel", '"mask" in the checkpoint'),
         ("other_shape", "shape"),
         ("truncated", "not a readable safetensors file"),
         ("random", "not a readable safetensors file"),
