@@ -11,9 +11,10 @@ Cases (run one at a time with ``--cases``; rows merge into the results files):
 * ``manifold`` / ``digits``: the small-d exact full-covariance path (16,384 5-d points through
   2x5 random projections; the 1,797 8x8 digits behind mask rho 0.75).
 
-For ``mask16`` and ``blur32`` the E-step is ``diffem_cli.estep.posterior_samples`` of the default
-UNet (``nets.default_network``, untrained: the cost does not depend on the weights) with
-``SampleConfig()`` defaults (dpm++, 32 steps); ``ratio`` = lap-0 seconds / E-step seconds (target
+For ``mask16`` and ``blur32`` the E-step is DiffEM's sampling loop (``sampling.draw`` over
+``NetworkDenoiser`` batches, as ``ConditionalMethod.posterior`` runs it) of the default UNet
+(``nets.default_network``, untrained: the cost does not depend on the weights) with
+``SampleConfig()`` defaults; ``ratio`` = lap-0 seconds / E-step seconds (target
 <= 0.25). ``--busy K`` runs K single-thread matrix-product jobs beside the measurement ("another
 job beside it"). Each row records the 1-minute load average before and after. Quality: PSNR
 (peak-to-peak 2) of the starts and of the zero-filled observations against the clean images.
@@ -81,16 +82,36 @@ def load1() -> float:
 
 
 def estep_seconds(channel, obs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> float:
-    """Seconds of one E-step of the default UNet with ``SampleConfig()`` on ``obs``."""
+    """Seconds of one E-step of the default UNet with ``SampleConfig()`` on ``obs``: the sampling
+    loop the DiffEM method runs (``sampling.draw`` over ``NetworkDenoiser`` batches), on the CPU."""
     from diffem_cli.config import SampleConfig
-    from diffem_cli.estep import posterior_samples
+    from diffem_cli.denoise import NetworkDenoiser
     from diffem_cli.nets import build_network, default_network
+    from diffem_cli.sampling import clip_range_for, draw
 
     torch.manual_seed(0)
-    model = build_network(default_network(shape), shape, channel.cond_size(shape))
+    model = build_network(default_network(shape), shape, channel.cond_size(shape)).eval()
+    cfg = SampleConfig()
+    n = obs["y"].shape[0]
+
+    def make(start: int, stop: int) -> NetworkDenoiser:
+        part = {k: v[start:stop] for k, v in obs.items()}
+        return NetworkDenoiser(model, channel.condition(part, shape))
+
     t0 = time.perf_counter()
     with torch.no_grad():
-        posterior_samples(model, channel, obs, shape, SampleConfig(), seed=0, device=torch.device("cpu"))
+        draw(
+            make,
+            n,
+            shape,
+            sampler=cfg.sampler,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed_parts=(0, 1),
+            device=torch.device("cpu"),
+            clip_range=clip_range_for("image", [-1, 1]),
+            label="E-step",
+        )
     return time.perf_counter() - t0
 
 

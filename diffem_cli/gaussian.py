@@ -67,6 +67,9 @@ class GaussianPrior:
     factor: Tensor | None = None
     basis: Tensor | None = None
     _root: Tensor | None = field(default=None, init=False, repr=False)
+    _probed: tuple | None = field(
+        default=None, init=False, repr=False
+    )  # (channel, shape, _Operator) of the fit
 
     def __post_init__(self) -> None:
         self.mean = torch.as_tensor(self.mean).flatten()
@@ -998,6 +1001,21 @@ def _jit(method: str, prior: GaussianPrior, jitter: float | None) -> float:
     return 1e-6 if method == "cg" else 1e-5
 
 
+def _reuse(
+    prior: GaussianPrior, channel: Channel, shape: tuple[int, ...], dev: torch.device
+) -> _Operator | None:
+    """The operator ``fit_gaussian`` probed for this channel and shape, moved to ``dev``, if any."""
+    if prior._probed is None or prior._probed[0] is not channel or tuple(prior._probed[1]) != tuple(shape):
+        return None
+    op = prior._probed[2]
+
+    def move(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dev)
+
+    one = None if op.one is None else _to(op.one, dev)
+    return _Operator(op.kind, rows=move(op.rows), one=one, probe=move(op.probe), image=move(op.image))
+
+
 def gaussian_start(
     prior: GaussianPrior,
     channel: Channel,
@@ -1037,7 +1055,9 @@ def gaussian_start(
             )
         else:
             if post is None:
-                op = _classify(channel, obs, shape, shared_max_dim)
+                op = _reuse(prior, channel, shape, dev)
+                if op is None or (op.kind != "diagonal" and not _shares(op, channel, obs, shape)):
+                    op = _classify(channel, obs, shape, shared_max_dim)
                 post = _LowRankPosterior(
                     pr, channel, shape, op, jitter=1e-5, cg_iters=cg_iters, cg_tol=cg_tol
                 )
@@ -1364,4 +1384,6 @@ def fit_gaussian(
         prior = _em_lowrank(
             prior, channel, obs, shape, op, iters, rank, generator, progress, cg_iters=cg_iters, cg_tol=cg_tol
         )
-    return prior.to("cpu")
+    out = prior.to("cpu")
+    out._probed = (channel, shape, op)  # gaussian_start reuses the probed operator (checked per batch)
+    return out
