@@ -8,6 +8,7 @@ M-step's fresh corruption of reconstructions with per-lap seeds from the same ch
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,14 +136,6 @@ def corrupt_dataset(
     if chunk_size < 1:
         raise DiffemError(f"chunk size must be >= 1, got {chunk_size}")
     channel.check_data(tuple(source.shape))
-    _check_outputs(out, clean_out, preview, force, getattr(source, "path", None))
-    if len(source) == 0:
-        raise DiffemError(f"source {source.spec!r} holds no samples")
-    trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail here, not mid-way
-    if "y" not in trial or "index" in trial:
-        raise DiffemError(f"channel {channel.name!r} must return a 'y' and no 'index' observation")
-
-    n = len(source)
     common = {
         "seed": seed,
         "source": source.describe(),
@@ -150,13 +143,25 @@ def corrupt_dataset(
         "data_kind": source.kind,
         "value_range": list(source.value_range),
     }
+    # a rerun after a kill between the clean folder and the observations reuses the clean folder
+    reuse = clean_out is not None and not force and not out.exists() and _same_clean(clean_out, common)
+    _check_outputs(out, None if reuse else clean_out, preview, force, getattr(source, "path", None))
+    if len(source) == 0:
+        raise DiffemError(f"source {source.spec!r} holds no samples")
+    trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail here, not mid-way
+    if "y" not in trial or "index" in trial:
+        raise DiffemError(f"channel {channel.name!r} must return a 'y' and no 'index' observation")
+
+    n = len(source)
     keep = _Preview(source.kind) if preview is not None else None
     wrote_clean = False
     with progress_display(transient=True) as bar:
         show = progress and not bar.disable
         try:
             stream: Iterator[tuple[int, torch.Tensor]]
-            if clean_out is not None:
+            if reuse and clean_out is not None:
+                stream = _chunks_from_folder(clean_out, chunk_size)
+            elif clean_out is not None:
                 task = bar.add_task("clean data", total=n, info="") if show else None
 
                 def clean_chunks() -> Iterator[dict[str, torch.Tensor]]:
@@ -191,6 +196,18 @@ def corrupt_dataset(
     if keep is not None and preview is not None:
         keep.write(preview, channel, source)
     return read_manifest(out)
+
+
+def _same_clean(path: Path, common: dict[str, Any]) -> bool:
+    """Whether ``path`` is a complete clean folder that this very command wrote before."""
+    if not (Path(path) / "diffem.json").is_file():
+        return False
+    try:
+        manifest = read_manifest(path)
+    except DiffemError:
+        return False
+    wanted = json.loads(json.dumps({"kind": "clean", **common}, default=str))
+    return all(manifest.get(k) == v for k, v in wanted.items())
 
 
 def _write(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
 import datasets
 import pytest
 import torch
@@ -172,3 +173,18 @@ def test_channel_refusal_happens_before_writing(tmp_path):
     with pytest.raises(ChannelError, match="accepts vector data"):
         corrupt_dataset(load_source("digits"), _make("projection"), tmp_path / "o")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_after_a_kill_between_clean_and_observations_reuses_the_clean_folder(tmp_path, cli):
+    """A kill after --clean-out was written but before the observations: the identical rerun
+    completes (reusing the clean folder); a different command is still refused."""
+    args = ["corrupt", "digits", tmp_path / "obs", "--channel", "mask", "--limit", 20, "--clean-out"]
+    assert cli(*args, tmp_path / "clean")[0] == 0
+    first = (tmp_path / "obs" / "data-00000-of-00001.arrow").read_bytes()
+    shutil.rmtree(tmp_path / "obs")
+    code, _, err = cli(*args, tmp_path / "clean")
+    assert code == 0, err
+    assert (tmp_path / "obs" / "data-00000-of-00001.arrow").read_bytes() == first
+    shutil.rmtree(tmp_path / "obs")
+    code, _, err = cli(*args[:-2], 30, "--clean-out", tmp_path / "clean")
+    assert code == 2 and "already exists" in err and not (tmp_path / "obs").exists()
