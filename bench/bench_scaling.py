@@ -107,7 +107,7 @@ def _markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
         "",
         "The machine is shared with other agents' jobs: the load averages (1-minute) taken before and "
         "after each best run are beside its figure; with a busy neighbour two processes compete for "
-        "the two cores, so efficiency is a lower bound of what an idle machine gives.",
+        "the two cores; at a load well above 2 these figures say little about an idle machine.",
         "",
         "| case | global batch | 1 process (ex/s) | load | 2 processes (ex/s) | load | speed-up "
         "| efficiency |",

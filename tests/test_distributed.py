@@ -157,3 +157,45 @@ def test_sharded_reconstruct_equals_one_process(job, tmp_path):
     tol = STEPS * (DEPTH + 2) * (WIDTH + EMB) * 2.0**-24
     assert tol < 1e-4
     torch.testing.assert_close(x2, x1, rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_run_sets_up_nothing_distributed(monkeypatch):
+    import torch.distributed as dist
+
+    from diffem_cli.runtime import gather_rows, launch
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with launch("cpu") as ctx:
+        assert (ctx.rank, ctx.world, ctx.device.type) == (0, 1, "cpu") and ctx.is_main
+        assert not dist.is_initialized()
+        x = torch.arange(6.0).view(3, 2)
+        assert gather_rows(x, [0, 2], 2, ctx) is x
+
+
+def test_launcher_settings_are_checked(monkeypatch):
+    from diffem_cli.errors import DiffemError
+    from diffem_cli.runtime import launch, rank_device
+
+    assert rank_device("cpu", 1, 2) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(DiffemError, match="RANK"), launch("cpu"):
+        pass
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DiffemError, match="WORLD_SIZE"), launch("cpu"):
+        pass
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused():
+    from diffem_cli.config import TrainConfig
+    from diffem_cli.errors import DiffemError
+    from diffem_cli.nets import build_network
+    from diffem_cli.runtime import Context
+    from diffem_cli.train import train_denoiser
+
+    net = build_network({"type": "mlp", "width": 8, "depth": 1, "emb_dim": 4}, (2,), 0)
+    cpu = torch.device("cpu")
+    with pytest.raises(DiffemError, match="cannot be split across 4 processes"):
+        train_denoiser(net, {"x": torch.zeros(3, 2)}, TrainConfig(batch_size=3), seed=0, device=cpu,
+                       ctx=Context(0, 4, cpu))  # fmt: skip
