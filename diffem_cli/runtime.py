@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 import warnings
@@ -145,11 +146,14 @@ class _Stopped(Exception):
 
 
 def _peer_failure(rank: int, e: BaseException) -> DiffemError:
-    why = " ".join(str(e).split())[:300]
+    """One line for a collective that failed because a peer died or stalled: the backend's first
+    sentence, without its source location."""
+    why = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split()))
+    why = why.split(". ")[0][:160]
     why = why if isinstance(e, _Stopped) else f"{type(e).__name__}: {why}"
     return DiffemError(
-        f"process {rank}: another process of this job failed or timed out ({why}); "
-        "run the same command again to resume"
+        f"process {rank}: stopped, another process of this job failed or timed out ({why}); "
+        "see its error, then run the same command again to resume"
     )
 
 
