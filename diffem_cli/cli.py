@@ -87,8 +87,19 @@ def _root(
             "--version", "-V", help="Print the version and exit.", callback=_version_callback, is_eager=True
         ),
     ] = False,
+    threads: Annotated[
+        str | None,
+        typer.Option(
+            "--threads",
+            help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else 1 (see the README).",
+        ),
+    ] = None,
 ) -> None:
     """Learn clean diffusion models from corrupted data alone (DiffEM and its peers)."""
+    if threads is not None:
+        from diffem_cli.threads import set_threads
+
+        set_threads(threads)
 
 
 for _name in COMMAND_MODULES:
@@ -165,5 +176,12 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (sets torch's threads: DIFFEM_THREADS or the default, which
+    ``--threads`` overrides)."""
+    from diffem_cli.threads import set_threads
+
+    try:
+        set_threads()
+    except DiffemError as e:
+        sys.exit(_fail(str(e)))
     sys.exit(run())
