@@ -207,7 +207,7 @@ def write(results: Path, rows: list[dict[str, Any]]) -> None:
             old = []
 
     def key(r: dict[str, Any]) -> tuple:
-        return (r.get("case"), r.get("busy_jobs", 0), r.get("threads"), r.get("n"))
+        return (r.get("case"), r.get("busy_jobs", 0), r.get("threads"), r.get("n"), r.get("form"))
 
     new_keys = {key(r) for r in rows}
     merged = [r for r in old if "lap0_s" in r and key(r) not in new_keys] + rows

@@ -22,6 +22,7 @@ Every entry point takes ``device``: the linear algebra runs there, results come 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -188,6 +189,22 @@ class GaussianPrior:
 
 
 # ---------------------------------------------------------------- channel plumbing
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the small-matrix full-covariance path on one CPU thread: its many small LAPACK calls do
+    not gain from a second thread, and under load OpenMP threads spinning against other jobs made
+    it 13x slower (digits lap 0: 16 s with 2 threads against 1.2 s with 1, load average 4)."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _check_linear(channel: Channel) -> None:
@@ -1050,9 +1067,10 @@ def gaussian_start(
         z = per_sample(seeds, (prior.noise_dim + _ydim(obs),)).to(dev)
         start += b
         if pr.full:
-            x = _sample_from_noise(
-                pr, channel, obs, shape, z, "dense", cg_iters, cg_tol, _jit("dense", pr, None)
-            )
+            with _one_thread(dev):
+                x = _sample_from_noise(
+                    pr, channel, obs, shape, z, "dense", cg_iters, cg_tol, _jit("dense", pr, None)
+                )
         else:
             if post is None:
                 op = _reuse(prior, channel, shape, dev)
@@ -1356,15 +1374,16 @@ def fit_gaussian(
         def moved() -> Iterator[Obs]:
             return (_to(o, dev) for o in obs_batches())
 
-        if init is None:
-            prior, _ = _initial_prior(channel, moved, shape, True, rank)
-        else:
-            prior = _as_form(init.to(dev), True, rank)
-        row_batches = _row_batches(channel, moved, shape, cache_bytes)
-        for i in range(iters):
-            prior, stats = _em_full_step(prior, row_batches, jitter)
-            if progress is not None:
-                progress(i + 1, iters, stats)
+        with _one_thread(dev):
+            if init is None:
+                prior, _ = _initial_prior(channel, moved, shape, True, rank)
+            else:
+                prior = _as_form(init.to(dev), True, rank)
+            row_batches = _row_batches(channel, moved, shape, cache_bytes)
+            for i in range(iters):
+                prior, stats = _em_full_step(prior, row_batches, jitter)
+                if progress is not None:
+                    progress(i + 1, iters, stats)
         return prior.to("cpu")
     n_total = sum(_batch(o) for o in obs_batches())
     obs = _subset(obs_batches, n_total, max_fit, dev)
