@@ -72,7 +72,7 @@ def test_bad_values_are_refused_before_anything_is_written(cli, d: Path, tmp_pat
         (("train-uncond", d / "clean", new, "--config", "digits"), "needs images"),
         (("reconstruct", ckpt, obs, new, "--batch-size", "0"), "--batch-size must be >= 1"),
         (("reconstruct", ckpt, obs, new, "--steps", "0"), "--steps must lie in [1, 1000]"),
-        (("reconstruct", ckpt, obs, new, "--sampler", "euler"), "--sampler must be one of"),
+        (("reconstruct", ckpt, obs, new, "--sampler", "euler"), "unknown sampler"),
         (("reconstruct", ckpt, obs, new, "--per-observation", "0"), "--per-observation"),
         (("sample", ckpt, new, "-n", "0"), "-n must be >= 1"),
         (("sample", ckpt, new, "--steps", "2000"), "--steps"),

@@ -38,13 +38,22 @@ def at_least(option: str, value: int | None, lo: int = 1) -> None:
         raise DiffemError(f"{option} must be >= {lo}, got {value}")
 
 
+def check_observations(ds: object, manifest: dict, path: Path) -> None:
+    """An observations folder written by ``diffem corrupt`` whose manifest agrees with its columns."""
+    from diffem_cli.store import check_manifest_columns
+
+    if manifest.get("kind") != "observations" or "channel" not in manifest:
+        raise DiffemError(f"{path} is not an observations folder written by 'diffem corrupt'")
+    check_manifest_columns(ds, manifest, path)
+
+
 def check_sample_options(sampler: str, steps: int, batch_size: int) -> None:
     """``--sampler``, ``--steps`` in [1, 1000] and ``--batch-size`` >= 1, before any work."""
     from diffem_cli.config import MAX_STEPS
     from diffem_cli.diffusion import SAMPLERS
 
     if sampler not in SAMPLERS:
-        raise DiffemError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        raise DiffemError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     if not 1 <= steps <= MAX_STEPS:
         raise DiffemError(f"--steps must lie in [1, {MAX_STEPS}], got {steps}")
     at_least("--batch-size", batch_size)

@@ -62,15 +62,14 @@ def em_train_command(
     (E-step). EM-MMPS and DPS-EM train an unconditional prior and sample posteriors by guidance.
     Re-running on an existing RUN resumes from where it stopped.
     """
-    from diffem_cli.commands._checks import at_least, check_run_folder, need_existing
+    from diffem_cli.commands._checks import at_least, check_observations, check_run_folder, need_existing
     from diffem_cli.config import default_preset, load_config
     from diffem_cli.em import em_train
     from diffem_cli.runtime import launch
-    from diffem_cli.store import check_manifest_columns, read_dataset
+    from diffem_cli.store import read_dataset
 
-    need_existing(data, "observations folder", folder=True)
     ds, manifest = read_dataset(data)
-    check_manifest_columns(ds, manifest, data)
+    check_observations(ds, manifest, data)
     at_least("--laps", laps)
     need_existing(warm_start, "--warm-start checkpoint")
     need_existing(eval_clean, "--eval-clean folder", folder=True)

@@ -36,18 +36,22 @@ def reconstruct_command(
     force: Annotated[bool, typer.Option(help="Overwrite OUT (and --png) if they exist.")] = False,
 ) -> None:
     """Sample clean reconstructions x ~ q(x|y) for every observation."""
-    from diffem_cli.commands._checks import at_least, check_sample_options, need_existing
+    from diffem_cli.commands._checks import (
+        at_least,
+        check_observations,
+        check_sample_options,
+        need_existing,
+    )
     from diffem_cli.config import SampleConfig
     from diffem_cli.reconstruct import reconstruct
     from diffem_cli.runtime import launch
-    from diffem_cli.store import check_apart, check_manifest_columns, check_output, read_dataset
+    from diffem_cli.store import check_apart, check_output, read_dataset
 
     check_sample_options(sampler, steps, batch_size)
     at_least("--per-observation", per_observation)
     need_existing(ckpt, "checkpoint")
-    need_existing(data, "observations folder", folder=True)
     ds, manifest = read_dataset(data)
-    check_manifest_columns(ds, manifest, data)
+    check_observations(ds, manifest, data)
     check_output(out, force, [ckpt, data])
     if png is not None:
         check_output(png, force, [ckpt, data])

@@ -31,14 +31,13 @@ def train_uncond_command(
     force: Annotated[bool, typer.Option(help="Start RUN over if it holds another run.")] = False,
 ) -> None:
     """Train an unconditional diffusion model on reconstructions."""
-    from diffem_cli.commands._checks import check_run_folder, need_existing
+    from diffem_cli.commands._checks import check_run_folder
     from diffem_cli.config import check_config_for_data, default_preset, load_config
     from diffem_cli.errors import DiffemError
     from diffem_cli.runtime import launch
     from diffem_cli.store import check_manifest_columns, columns, read_dataset
     from diffem_cli.uncond import train_uncond
 
-    need_existing(recon, "reconstructions folder", folder=True)
     ds, manifest = read_dataset(recon)
     check_manifest_columns(ds, manifest, recon)
     check_run_folder(run, [recon])
