@@ -6,7 +6,7 @@ Cases (run one at a time with ``--cases``; rows merge into the results files):
 * ``mask16``: N smooth random 3x16x16 images (low-pass filtered noise in [-1, 1]) behind
   ``mask`` rho 0.5 (d = 768, rank-r plus diagonal, exact Woodbury posteriors);
 * ``blur32``: N smooth random 3x32x32 images behind ``blur`` (sigma 1, noiseless; d = 3,072,
-  one dense Cholesky of ``A Sigma A^T`` per EM iteration);
+  EM in the blur's eigenbasis: rank-r plus a diagonal spectrum there);
 * ``cifar``: CIFAR size, 50,000 x 3x32x32 behind ``mask`` rho 0.75 (lap 0 only);
 * ``manifold`` / ``digits``: the small-d exact full-covariance path (16,384 5-d points through
   2x5 random projections; the 1,797 8x8 digits behind mask rho 0.75).
@@ -171,7 +171,9 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     start = torch.cat(list(gaussian_start(prior, channel, batches(obs, 4096), shape, seed=1)))
     t2 = time.perf_counter()
     row.update(
-        form="full" if prior.full else f"rank {prior.factor.shape[1]} + diag",
+        form="full"
+        if prior.full
+        else f"rank {prior.factor.shape[1]} + " + ("spectrum" if prior.basis is not None else "diag"),
         n_fit=n if prior.full else min(n, args.max_fit),
         fit_s=round(t1 - t0, 2),
         start_s=round(t2 - t1, 2),
