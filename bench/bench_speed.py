@@ -1,28 +1,37 @@
-"""Speed benchmark: E-step samplers (speed against quality) and M-step training throughput.
+"""Throughput benchmark: diffem's M-step and E-step against the bare network on this machine.
 
-E-step: posterior reconstructions of every observation with the default sampler (DPM-Solver++
-2M, 32 steps) against ancestral DDPM at 256 steps (the official code's sampler), DDIM 32 and
-DPM-Solver++ 16/64. Each is timed (samples/s; network evaluations = steps) and scored:
+For each preset network (the ``digits`` UNet on 8x8x1, the default UNet of
+``diffem_cli.nets.default_network`` on 16x16x3 and 32x32x3, the ``img16``/``img32`` preset UNets,
+the ``manifold`` MLP; every one conditioned on ``mask``, the MLP on ``projection``):
 
-* manifold: the conditional model of ``bench/work/manifold/run/checkpoints/lap_006.safetensors``
-  (``bench_manifold``) when present, else one lap of the ``manifold`` preset trained here on
-  16,384 observations; Sinkhorn divergence against 4,096 held-out clean points of the curve;
-* digits: the last conditional checkpoint of ``bench_digits`` (``bench/work/digits/rho0.75``)
-  when present, else skipped; PSNR/SSIM against the paired clean digits, on the first
-  ``--digits-n`` observations.
+* bare forward: timed loops of ``net(x_t, t, cond)`` under ``no_grad`` at the E-step batch size;
+* bare training step: ``net`` forward, MSE, backward (``fb``) and the same plus an AdamW step
+  (``fbs``) at the M-step batch size;
+* M-step: ``train_denoiser`` on random data (examples/s; the whole loop: batches, timesteps,
+  noise, loss, clipping, AdamW, EMA, learning-rate schedule);
+* E-step: DiffEM's ``posterior`` over a few batches of observations (network evaluations/s,
+  counted by a wrapper around the network: rows times calls).
 
-M-step: training examples/s of the manifold MLP (batch 1,024) and the digits UNet (batch 128)
-over ``--train-steps`` steps of ``train_denoiser`` (after a short warm-up). Writes
-``bench/results/speed.json`` and ``.md``.
+The measurements alternate (bare, diffem, bare, diffem, ...) in one process so that the ratios
+compare figures taken under the same machine load; ``os.getloadavg()`` is recorded beside each
+figure. The target is a ratio of at least 0.8 to the bare rate. A thread study times the digits
+M-step in a fresh process per variant (1 thread, 2 threads, 2 threads with
+``OMP_WAIT_POLICY=PASSIVE``), as the machine is and with a busy job beside it (a second process
+multiplying matrices). Writes ``bench/results/speed.json`` and ``.md``; ``--cases`` with no name
+reruns only the thread study and keeps the last case figures.
 
-    python -m bench.bench_speed [--quick] [--digits-n 512]
+    python -m bench.bench_speed [--quick] [--cases digits unet16 ...] [--rounds 2] [--no-threads]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,263 +39,412 @@ from typing import Any
 import torch
 
 from bench.common import machine, write_results
-from diffem_cli.checkpoint import build_model, load_checkpoint
-from diffem_cli.config import SampleConfig, load_config
+from diffem_cli.config import SampleConfig, TrainConfig, load_config
 from diffem_cli.corrupt import corrupt_dataset
-from diffem_cli.em import Observations, em_train, load_recon, pick_device
-from diffem_cli.estep import clip_range_for, posterior_samples
-from diffem_cli.evaluate import evaluate_tensors
-from diffem_cli.nets import build_network
+from diffem_cli.methods import get_method
+from diffem_cli.nets import build_network, count_parameters, default_network
+from diffem_cli.observations import Observations
 from diffem_cli.registry import make_channel
-from diffem_cli.sources import load_source, sample_manifold
-from diffem_cli.store import columns, fingerprint_dataset, read_dataset
+from diffem_cli.sources import TensorSource
 from diffem_cli.train import train_denoiser
 
-SAMPLERS = [("dpm++", 32), ("ddpm", 256), ("ddim", 32), ("dpm++", 16), ("dpm++", 64)]
-QUICK_SAMPLERS = [("dpm++", 32), ("ddpm", 256)]
-MANIFOLD_CKPT = Path("bench/work/manifold/run/checkpoints/lap_006.safetensors")
+DEV = torch.device("cpu")
 
 
-def manifold_model(work: Path, ckpt_path: Path, quick: bool) -> tuple[Path, Path, str]:
-    """A conditional manifold checkpoint and its observations: bench_manifold's, or one lap trained here."""
-    obs = ckpt_path.parent.parent.parent / "obs"
-    if ckpt_path.exists() and (obs / "diffem.json").exists():
-        if load_checkpoint(ckpt_path).meta["data"]["fingerprint"] == fingerprint_dataset(obs):
-            return ckpt_path, obs, f"{ckpt_path} (bench_manifold)"
-    obs, run = work / "manifold-obs", work / ("manifold-run-quick" if quick else "manifold-run")
-    if not (obs / "diffem.json").exists():
-        corrupt_dataset(
-            load_source("manifold"), make_channel("projection", {}), obs, seed=0, force=True, progress=False
+@dataclasses.dataclass
+class Case:
+    """One network at one M-step and one E-step batch size; ``work`` scales the timed steps."""
+
+    name: str
+    network: dict[str, Any]
+    shape: tuple[int, ...]
+    channel: tuple[str, dict[str, Any]]
+    batch: int
+    sample_batch: int
+    train_cfg: TrainConfig
+    steps: int  # training steps (and forward calls) per timed measurement
+    e_steps: int  # sampler steps per E-step batch (two batches per measurement)
+
+
+def cases(quick: bool) -> dict[str, Case]:
+    """The benchmarked networks; ``quick`` cuts the timed steps to a smoke run."""
+    digits, manifold = load_config("digits"), load_config("manifold")
+    out = {
+        "digits": Case(
+            "digits", digits.network, (1, 8, 8), ("mask", {"rho": 0.5}), 128, 256, digits.train, 12, 6
+        ),
+        "unet16": Case(
+            "unet16",
+            default_network((3, 16, 16)),
+            (3, 16, 16),
+            ("mask", {"rho": 0.5}),
+            64,
+            128,
+            digits.train,
+            6,
+            3,
+        ),
+        "unet32": Case(
+            "unet32",
+            default_network((3, 32, 32)),
+            (3, 32, 32),
+            ("mask", {"rho": 0.5}),
+            32,
+            64,
+            digits.train,
+            4,
+            2,
+        ),
+        "mlp": Case("mlp", manifold.network, (5,), ("projection", {}), 1024, 4096, manifold.train, 60, 16),
+    }
+    for preset, shape in (("img16", (3, 16, 16)), ("img32", (3, 32, 32))):
+        try:
+            cfg = load_config(preset)
+        except Exception:  # a checkout without the image presets
+            continue
+        small = out["unet16" if shape[1] == 16 else "unet32"]
+        out[preset] = dataclasses.replace(
+            small, name=preset, network=cfg.network, batch=cfg.train.batch_size, train_cfg=cfg.train
         )
-    sets = ["train.epochs=12"] if quick else []
-    em_train(obs, run, load_config("manifold", sets), laps=1, log=lambda s: print(s, flush=True))
-    steps = "200" if quick else "2,000"
-    return run / "checkpoints" / "lap_001.safetensors", obs, f"one lap ({steps} steps) trained by bench_speed"
+    if quick:
+        for c in out.values():
+            c.steps, c.e_steps = max(2, c.steps // 4), 2
+    return out
 
 
 class CountCalls(torch.nn.Module):
-    """Wraps a network and counts its forward calls (network evaluations)."""
+    """Wraps a network and counts its forward calls and the rows they evaluated."""
 
     def __init__(self, inner: torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.calls = 0
+        self.rows = 0
 
-    def forward(self, *args: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         self.calls += 1
-        return self.inner(*args)
+        self.rows += x.shape[0]
+        return self.inner(x, *args)
 
 
-def digits_model(work: Path) -> tuple[Path, Path, Path] | None:
-    """bench_digits' last conditional checkpoint for rho 0.75, its observations and clean digits."""
-    ckpts = sorted((work / "run" / "checkpoints").glob("lap_*.safetensors"))
-    if (
-        not ckpts
-        or not (work / "obs" / "diffem.json").exists()
-        or not (work / "clean" / "diffem.json").exists()
-    ):
-        return None
-    return ckpts[-1], work / "obs", work / "clean"
+def load1() -> float:
+    """The 1-minute load average."""
+    return round(os.getloadavg()[0], 2)
 
 
-def time_samplers(
-    ckpt_path: Path,
-    obs_path: Path,
-    samplers: list[tuple[str, int]],
-    score: Any,
-    limit: int | None,
-    batch_size: int,
-) -> list[dict[str, Any]]:
-    """Posterior samples of (the first ``limit``) observations with each sampler: speed and ``score``.
+def _inputs(case: Case, model: torch.nn.Module, batch: int, gen: torch.Generator):
+    cond_size = model.cond_size
+    x = torch.randn((batch, *case.shape), generator=gen)
+    cond = torch.randn((batch, cond_size, *case.shape[1:]), generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    return x, t, cond
 
-    ``nfe`` counts the network evaluations per sample (calls per batch)."""
-    dev = pick_device(None)
-    data = Observations(obs_path)
-    obs = {k: v[:limit] for k, v in data.obs.items()}
-    index = data.index[:limit]
-    model = CountCalls(build_model(load_checkpoint(ckpt_path)))
-    clip = clip_range_for(data.kind, data.value_range)
-    warm = {k: v[:256] for k, v in obs.items()}  # first-call overheads stay out of the timings
-    posterior_samples(
-        model,
-        data.channel,
-        warm,
-        data.shape,
-        SampleConfig(steps=2),
-        seed=0,
-        device=dev,
-        clip_range=clip,
-        label="warm-up",
-    )
-    rows = []
-    for sampler, steps in samplers:
-        cfg = SampleConfig(sampler=sampler, steps=steps, batch_size=batch_size)
-        model.calls = 0
+
+def bare_forward(case: Case, model: torch.nn.Module, calls: int) -> dict[str, float]:
+    """Rows/s of ``calls`` plain forward passes at the E-step batch size (one timestep per call,
+    as the sampler calls the network)."""
+    model.eval()
+    x, _, cond = _inputs(case, model, case.sample_batch, torch.Generator().manual_seed(1))
+    t = torch.full((1,), 500, dtype=torch.long)
+    with torch.no_grad():
+        model(x, t, cond)
         t0 = time.perf_counter()
-        x = posterior_samples(
-            model,
-            data.channel,
-            obs,
-            data.shape,
-            cfg,
-            seed=0,
-            device=dev,
-            clip_range=clip,
-            label=f"{sampler} {steps}",
-        )
+        for _ in range(calls):
+            model(x, t, cond)
         seconds = time.perf_counter() - t0
-        row = {
-            "sampler": sampler,
-            "steps": steps,
-            "nfe": model.calls / -(-len(x) // batch_size),
-            "n": len(x),
-            "seconds": seconds,
-            "samples_per_s": len(x) / seconds,
-            **score(x, index),
-        }
-        print(row, flush=True)
-        rows.append(row)
+    return {"rate": calls * case.sample_batch / seconds, "seconds": seconds, "load": load1()}
+
+
+def bare_train(case: Case, model: torch.nn.Module, steps: int, with_step: bool) -> dict[str, float]:
+    """Examples/s of ``steps`` forward + MSE + backward passes (and AdamW steps if ``with_step``)."""
+    model.train()
+    x, t, cond = _inputs(case, model, case.batch, torch.Generator().manual_seed(2))
+    target = torch.randn_like(x)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)
+
+    def one() -> None:
+        loss = torch.mean((model(x, t, cond) - target) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if with_step:
+            opt.step()
+
+    one()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    seconds = time.perf_counter() - t0
+    return {"rate": steps * case.batch / seconds, "seconds": seconds, "load": load1()}
+
+
+def mstep(case: Case, model: torch.nn.Module, steps: int) -> dict[str, float]:
+    """Examples/s of ``train_denoiser`` over ``steps`` steps on random data (one epoch)."""
+    n = case.batch * steps
+    gen = torch.Generator().manual_seed(3)
+    data = {
+        "x": torch.randn((n, *case.shape), generator=gen).clamp(-1, 1),
+        "cond": torch.randn((n, model.cond_size, *case.shape[1:]), generator=gen),
+    }
+    cfg = dataclasses.replace(case.train_cfg, batch_size=case.batch, epochs=1)
+    result = train_denoiser(model, data, cfg, seed=0, device=DEV, label=f"{case.name} M-step")
+    return {"rate": result.steps * case.batch / result.seconds, "seconds": result.seconds, "load": load1()}
+
+
+def observations(case: Case, work: Path, n: int) -> Observations:
+    """An observations folder of ``n`` random clean samples through the case's channel."""
+    folder = work / f"obs-{case.name}-{n}"
+    if not (folder / "diffem.json").exists():
+        x = torch.randn((n, *case.shape), generator=torch.Generator().manual_seed(4)).clamp(-1, 1)
+        name, params = case.channel
+        channel = make_channel(name, params)
+        corrupt_dataset(TensorSource(x), channel, folder, seed=0, force=True, progress=False)
+    return Observations(folder)
+
+
+def estep(case: Case, model: CountCalls, data: Observations) -> dict[str, float]:
+    """Network evaluations/s (rows x calls) of DiffEM's posterior over ``data``."""
+    method = get_method("diffem", load_config("digits" if len(case.shape) == 3 else "manifold"))
+    sample = SampleConfig(sampler="dpm++", steps=case.e_steps, batch_size=case.sample_batch)
+    model.calls = model.rows = 0
+    t0 = time.perf_counter()
+    method.posterior(model, data, sample, seed_parts=(0, 1), device=DEV, label=f"{case.name} E-step")
+    seconds = time.perf_counter() - t0
+    return {"rate": model.rows / seconds, "seconds": seconds, "calls": model.calls, "load": load1()}
+
+
+def run_case(case: Case, rounds: int, work: Path) -> dict[str, Any]:
+    """Alternate bare and diffem measurements ``rounds`` times; ratios of the summed times."""
+    name, params = case.channel
+    cond_size = make_channel(name, params).cond_size(case.shape)
+    torch.manual_seed(0)
+    net = build_network(case.network, case.shape, cond_size)
+    counted = CountCalls(net)
+    data = observations(case, work, 2 * case.sample_batch)
+    estep(dataclasses.replace(case, e_steps=1), counted, data)  # warm-up: first-call overheads
+    mstep(dataclasses.replace(case), net, 2)
+    rows: dict[str, list[dict[str, float]]] = {"fwd": [], "estep": [], "fb": [], "fbs": [], "mstep": []}
+    calls = 2 * case.e_steps  # the E-step's calls: two batches of e_steps
+    for _ in range(rounds):
+        rows["fwd"].append(bare_forward(case, net, calls))
+        rows["estep"].append(estep(case, counted, data))
+        rows["fb"].append(bare_train(case, net, case.steps, with_step=False))
+        rows["fbs"].append(bare_train(case, net, case.steps, with_step=True))
+        rows["mstep"].append(mstep(case, net, case.steps))
+
+    def rate(key: str, per: int) -> float:
+        return sum(per for _ in rows[key]) / sum(r["seconds"] for r in rows[key])
+
+    e_rows = 2 * case.sample_batch * case.e_steps
+    t_rows = case.batch * case.steps
+    out = {
+        "network": case.network,
+        "parameters": count_parameters(net),
+        "shape": list(case.shape),
+        "channel": name,
+        "batch_size": case.batch,
+        "sample_batch_size": case.sample_batch,
+        "train_steps": case.steps,
+        "sampler_steps": case.e_steps,
+        "rounds": rows,
+        "fwd_rate": rate("fwd", e_rows),
+        "estep_rate": rate("estep", e_rows),
+        "fb_rate": rate("fb", t_rows),
+        "fbs_rate": rate("fbs", t_rows),
+        "mstep_rate": rate("mstep", t_rows),
+        "load": [r["load"] for key in rows for r in rows[key]],
+    }
+    out["estep_ratio"] = out["estep_rate"] / out["fwd_rate"]
+    out["mstep_ratio"] = out["mstep_rate"] / out["fb_rate"]
+    out["mstep_ratio_step"] = out["mstep_rate"] / out["fbs_rate"]
+    print(
+        f"{case.name}: E-step {out['estep_rate']:.0f} / fwd {out['fwd_rate']:.0f} "
+        f"= {out['estep_ratio']:.2f}; "
+        f"M-step {out['mstep_rate']:.0f} / fb {out['fb_rate']:.0f} = {out['mstep_ratio']:.2f} "
+        f"(/ fbs {out['fbs_rate']:.0f} = {out['mstep_ratio_step']:.2f}); load {out['load']}",
+        flush=True,
+    )
+    return out
+
+
+BUSY = (
+    "import torch, time\n"
+    "torch.set_num_threads(2)\n"
+    "a = torch.randn(512, 512)\n"
+    "end = time.time() + 3600\n"
+    "while time.time() < end:\n"
+    "    a = torch.tanh(a @ a)\n"
+)
+# (label, torch threads, extra environment): OMP_WAIT_POLICY=PASSIVE makes idle OpenMP threads
+# sleep instead of spinning (set before torch loads, as the diffem command does)
+THREAD_VARIANTS: tuple[tuple[str, int, dict[str, str]], ...] = (
+    ("1 thread", 1, {}),
+    ("2 threads", 2, {}),
+    ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+)
+
+
+def child_mstep(threads: int, steps: int) -> None:
+    """(In a child process) the digits M-step at ``threads`` torch threads; prints examples/s."""
+    torch.set_num_threads(threads)
+    case = cases(False)["digits"]
+    name, params = case.channel
+    torch.manual_seed(0)
+    net = build_network(case.network, case.shape, make_channel(name, params).cond_size(case.shape))
+    mstep(case, net, 2)
+    r = mstep(case, net, steps)
+    print(f"RATE {r['rate']} {r['seconds']}", flush=True)
+
+
+def thread_study(steps: int, repeats: int) -> list[dict[str, Any]]:
+    """The digits M-step (batch 128) in a fresh process per variant (threads, OpenMP wait policy),
+    alternating, as the machine is and with a busy job beside it (a second process multiplying
+    512x512 matrices on 2 threads)."""
+    rows = []
+    root = Path(__file__).resolve().parent.parent
+    for busy in (False, True):
+        proc = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
+        try:
+            if proc is not None:
+                time.sleep(2.0)
+            for rep in range(repeats):
+                for label, threads, extra in THREAD_VARIANTS:
+                    env = {
+                        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+                    }
+                    env.update(extra)
+                    env["PYTHONPATH"] = str(root)
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        "bench.bench_speed",
+                        "--child-mstep",
+                        str(threads),
+                        str(steps),
+                    ]
+                    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
+                    line = [x for x in out.stdout.splitlines() if x.startswith("RATE ")][-1].split()
+                    row = {
+                        "busy": busy,
+                        "variant": label,
+                        "threads": threads,
+                        "repeat": rep,
+                        "rate": float(line[1]),
+                        "seconds": float(line[2]),
+                        "load": load1(),
+                    }
+                    print(row, flush=True)
+                    rows.append(row)
+        finally:
+            if proc is not None:
+                proc.kill()
+                proc.wait()
     return rows
 
 
-def mstep_speed(preset: str, channel: str, shape: tuple[int, ...], batch: int, steps: int) -> dict[str, Any]:
-    """Training examples/s of ``preset``'s conditional network (for ``channel``) at ``batch`` over
-    ``steps`` steps of ``train_denoiser``, on random inputs (speed does not depend on them)."""
-    dev = pick_device(None)
-    cfg = load_config(preset)
-    cond_size = make_channel(channel, {}).cond_size(shape)
-    torch.manual_seed(0)
-    model = build_network(cfg.network, shape, cond_size)
-    gen = torch.Generator().manual_seed(0)
-    cond_shape = (cond_size, *shape[1:])
-    out: dict[str, Any] = {"preset": preset, "channel": channel, "batch_size": batch, "steps": steps}
-    for phase, n_steps in (("warmup", 3), ("timed", steps)):
-        n = batch * n_steps
-        x = torch.randn((n, *shape), generator=gen).clamp(-1, 1)
-        cond = torch.randn((n, *cond_shape), generator=gen)
-        train = dataclasses.replace(cfg.train, batch_size=batch, epochs=1)
-        result = train_denoiser(model, x, cond, train, seed=0, device=dev, label=f"{preset} M-step ({phase})")
-        if phase == "timed":
-            out.update(
-                {
-                    "seconds": result.seconds,
-                    "examples_per_s": result.steps * batch / result.seconds,
-                    "steps_per_s": result.steps / result.seconds,
-                }
-            )
-    print(out, flush=True)
+def summarise_threads(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean examples/s per (busy, variant) and the load averages seen."""
+    out = []
+    for busy in (False, True):
+        for label, threads, _ in THREAD_VARIANTS:
+            sel = [r for r in rows if r["busy"] == busy and r["variant"] == label]
+            if sel:
+                out.append(
+                    {
+                        "busy": busy,
+                        "variant": label,
+                        "threads": threads,
+                        "rate": sum(r["rate"] for r in sel) / len(sel),
+                        "min": min(r["rate"] for r in sel),
+                        "max": max(r["rate"] for r in sel),
+                        "load": [r["load"] for r in sel],
+                    }
+                )
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """Sampler tables (speed and quality) and M-step throughput."""
+    """The throughput table and the thread study."""
     lines = [
-        "# Speed benchmark: E-step samplers and M-step throughput",
+        "# Throughput: diffem's M-step and E-step against the bare network",
         "",
-        f"Machine: {result['machine']['summary']} "
-        f"({result['machine']['torch_threads']} torch thread(s), "
-        f"1-min load average {result['load_avg_1m']:.1f} at the end; "
-        "timings on a shared machine are upper bounds)",
+        f"Machine: {result['machine']['summary']}, {result['machine']['torch_threads']} torch thread(s). "
+        "The machine is shared with other jobs: absolute rates are whatever the load left; the ratios "
+        "compare measurements taken alternately in one process (bare, diffem, bare, diffem...), "
+        "with the 1-minute load average beside them; with other jobs competing for the two cores a "
+        "single figure can be off by tens of percent either way.",
         "",
-        f"## E-step on the manifold ({result['manifold']['n']:,} observations)",
+        "Bare forward: `net(x_t, t, cond)` under `no_grad` at the E-step batch; E-step: DiffEM's "
+        "`posterior` (DPM-Solver++, network evaluations = rows x calls). Bare fb: forward + MSE + "
+        "backward; fbs: the same + AdamW step; M-step: `train_denoiser` (examples/s). Target: ratio >= 0.8.",
         "",
-        f"Model: {result['manifold']['model']}. Sinkhorn divergence against 4,096 held-out clean points "
-        "(lower is better).",
-        "",
-        "| sampler | steps (NFE) | samples/s | seconds | Sinkhorn |",
-        "|---|---|---|---|---|",
+        "| network | params | shape | batch (M / E) | bare fwd /s | E-step evals/s | E ratio | "
+        "bare fb /s | bare fbs /s | M-step ex/s | M ratio (fb) | M ratio (fbs) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in result["manifold"]["rows"]:
-        lines.append(_speed_cells(r) + f"{r['sinkhorn']:.3f} |")
-    digits = result.get("digits")
-    lines += ["", "## E-step on digits", ""]
-    if digits is None:
-        lines.append("Skipped: no bench_digits conditional checkpoint under bench/work/digits.")
-    else:
-        lines += [
-            f"Model: {digits['model']} ({digits['n']:,} observations). PSNR/SSIM of one posterior sample "
-            "against its clean digit.",
-            "",
-            "| sampler | steps (NFE) | samples/s | seconds | PSNR (dB) | SSIM |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in digits["rows"]:
-            lines.append(_speed_cells(r) + f"{r['psnr']:.2f} | {r['ssim']:.3f} |")
-    lines += [
-        "",
-        "## M-step throughput",
-        "",
-        "| network | batch | steps | examples/s | steps/s |",
-        "|---|---|---|---|---|",
-    ]
-    for r in result["mstep"]:
+    for name, r in result["cases"].items():
+        load = r["load"]
         lines.append(
-            f"| {r['preset']} | {r['batch_size']} | {r['steps']} | {r['examples_per_s']:,.0f} | "
-            f"{r['steps_per_s']:.2f} |"
+            f"| {name} | {r['parameters'] / 1e6:.2f} M | {'x'.join(map(str, r['shape']))} | "
+            f"{r['batch_size']} / {r['sample_batch_size']} | {r['fwd_rate']:,.0f} | {r['estep_rate']:,.0f} | "
+            f"**{r['estep_ratio']:.2f}** | {r['fb_rate']:,.0f} | {r['fbs_rate']:,.0f} | "
+            f"{r['mstep_rate']:,.0f} | "
+            f"**{r['mstep_ratio']:.2f}** | {r['mstep_ratio_step']:.2f} | {min(load):.1f}-{max(load):.1f} |"
         )
+    threads = result.get("threads")
+    if threads:
+        lines += [
+            "",
+            "## Torch threads (digits UNet M-step, batch 128)",
+            "",
+            "One fresh process per variant, alternating, as the machine was and with a busy job beside "
+            "it (a second process multiplying 512x512 matrices on 2 threads).",
+            "",
+            "| beside it | variant | examples/s (mean) | min-max | load |",
+            "|---|---|---|---|---|",
+        ]
+        for r in threads["summary"]:
+            lines.append(
+                f"| {'busy job' if r['busy'] else 'as is'} | {r['variant']} | {r['rate']:,.0f} | "
+                f"{r['min']:,.0f}-{r['max']:,.0f} | {min(r['load']):.1f}-{max(r['load']):.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def _speed_cells(r: dict[str, Any]) -> str:
-    return f"| {r['sampler']} | {r['nfe']:.0f} | {r['samples_per_s']:,.0f} | {r['seconds']:.1f} | "
-
-
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child-mstep":
+        child_mstep(int(sys.argv[2]), int(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="a smoke run: two samplers, 4,096 manifold and 128 digits observations, 10 training steps",
+        "--quick", action="store_true", help="a smoke run: fewer steps, one round, no thread study"
     )
-    ap.add_argument("--manifold-ckpt", type=Path, default=MANIFOLD_CKPT)
-    ap.add_argument("--digits-work", type=Path, default=Path("bench/work/digits/rho0.75"))
-    ap.add_argument("--digits-n", type=int, default=512, help="digits observations per sampler")
-    ap.add_argument("--train-steps", type=int, default=50)
-    ap.add_argument("--work", type=Path, default=Path("bench/work/speed"))
+    ap.add_argument("--cases", nargs="*", help="networks to time (default: all; none: only the thread study)")
+    ap.add_argument("--rounds", type=int, default=2, help="alternations of bare and diffem measurements")
+    ap.add_argument("--no-threads", action="store_true", help="skip the thread study")
+    ap.add_argument("--thread-steps", type=int, default=8, help="digits M-step steps per thread measurement")
+    ap.add_argument("--thread-repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    samplers = QUICK_SAMPLERS if args.quick else SAMPLERS
-    train_steps = 10 if args.quick else args.train_steps
-    result: dict[str, Any] = {"machine": machine()}
-
-    ckpt, obs, desc = manifold_model(args.work, args.manifold_ckpt, args.quick)
-    curve_seed = int(Observations(obs).manifest.get("source", {}).get("curve_seed", 0))
-    heldout = sample_manifold(4096, 5, curve_seed, draw_seed=10_000 + curve_seed)
-    n = 4096 if args.quick else None
-    batch = load_config("manifold").sample.batch_size
-    rows = time_samplers(
-        ckpt, obs, samplers, lambda x, _: evaluate_tensors(x, heldout, ["sinkhorn"]), n, batch
-    )
-    result["manifold"] = {"model": desc, "checkpoint": str(ckpt), "n": rows[0]["n"], "rows": rows}
-
-    found = digits_model(args.digits_work)
-    if found is None and args.quick:
-        found = digits_model(Path("bench/work/digits-quick/rho0.75"))
-    if found is not None:
-        d_ckpt, d_obs, d_clean = found
-        clean, manifest = load_recon(d_clean)
-        clean_index = columns(read_dataset(d_clean)[0], ["index"])["index"]
-        vr = tuple(manifest.get("value_range") or (-1.0, 1.0))
-
-        def psnr(x: torch.Tensor, index: torch.Tensor) -> dict[str, float]:
-            return evaluate_tensors(
-                x, clean, ["psnr", "ssim"], sample_index=index, reference_index=clean_index, value_range=vr
-            )
-
-        d_batch = load_config("digits").sample.batch_size
-        d_n = min(128 if args.quick else args.digits_n, len(clean))
-        d_rows = time_samplers(d_ckpt, d_obs, samplers, psnr, d_n, d_batch)
-        result["digits"] = {"model": str(d_ckpt), "n": d_rows[0]["n"], "rows": d_rows}
-
-    result["mstep"] = [
-        mstep_speed("manifold", "projection", (5,), 1024, train_steps),
-        mstep_speed("digits", "mask", (1, 8, 8), 128, train_steps),
-    ]
-    result["load_avg_1m"] = os.getloadavg()[0]
+    all_cases = cases(args.quick)
+    chosen = list(all_cases) if args.cases is None else args.cases
+    unknown = [c for c in chosen if c not in all_cases]
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)} (known: {', '.join(all_cases)})")
+    name = "speed-quick" if args.quick else "speed"
+    result: dict[str, Any] = {"machine": machine(), "cases": {}, "load_start": load1()}
+    previous = args.out / f"{name}.json"
+    if not chosen and previous.exists():  # only the thread study: keep the last case figures
+        result["cases"] = json.loads(previous.read_text()).get("cases", {})
+    with tempfile.TemporaryDirectory(prefix="diffem-speed-") as tmp:
+        for case in chosen:
+            result["cases"][case] = run_case(all_cases[case], 1 if args.quick else args.rounds, Path(tmp))
+    if not (args.quick or args.no_threads):
+        rows = thread_study(args.thread_steps, args.thread_repeats)
+        result["threads"] = {"rows": rows, "summary": summarise_threads(rows), "steps": args.thread_steps}
+    result["load_end"] = load1()
     text = markdown(result)
-    write_results(args.out, "speed-quick" if args.quick else "speed", result, text)
+    write_results(args.out, name, result, text)
     print(text)
 
 
