@@ -47,8 +47,7 @@ def initial_reconstructions(
             raise DiffemError(
                 f"em.init=gaussian needs a linear channel; {data.channel.name!r} has no linear form"
             )
-        from safetensors.torch import save_file
-
+        from diffem_cli.checkpoint import save_tensors
         from diffem_cli.gaussian import fit_gaussian, gaussian_start
 
         prior = fit_gaussian(
@@ -60,9 +59,7 @@ def initial_reconstructions(
             generator=torch.Generator().manual_seed(cfg.seed),
         )
         x = torch.cat(list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed)))
-        tmp = run.root / ".gaussian.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in prior.to_tensors().items()}, str(tmp))
-        tmp.replace(run.root / "gaussian.safetensors")
+        save_tensors(run.root / "gaussian.safetensors", prior.to_tensors(), {"kind": "gaussian-prior"})
     elif init == "observation":
         x = torch.cat([data.channel.start(b, data.shape) for b in data.batches()()])
     else:
@@ -248,7 +245,7 @@ class _Driver:
             elif self.ctx.is_main:  # the Gaussian fit runs once; the other ranks wait, then read it
                 start = initial_reconstructions(self.data, self.cfg, self.run, self.ctx.device)
             if self.ctx.is_main:
-                manifest = {"lap": 0, "init": start["init"], "init_s": start["seconds"]}
+                manifest = {**self.recon_meta(0), "init": start["init"], "init_s": start["seconds"]}
                 save_recon(self.run.recon(0), start["x"], self.data.index, manifest)
                 self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s")
             self.ctx.barrier()
@@ -334,8 +331,7 @@ class _Driver:
         )
         seconds = time.perf_counter() - t0
         manifest = {
-            "lap": lap,
-            "method": self.m.name,
+            **self.recon_meta(lap),
             "sampler": self.cfg.sample.sampler,
             "steps": self.cfg.sample.steps,
             "estep_s": seconds,
@@ -347,6 +343,19 @@ class _Driver:
             save_recon(self.run.recon(lap), x, self.data.index, manifest)
         self.ctx.barrier()
         return manifest
+
+    def recon_meta(self, lap: int) -> dict[str, Any]:
+        """What a lap's reconstructions folder records of where it comes from."""
+        return {
+            "lap": lap,
+            "method": self.m.name,
+            "channel": self.data.channel.spec(),
+            "source": self.data.manifest.get("source"),
+            "observations_fingerprint": self.data.fingerprint,
+            "data_shape": list(self.data.shape),
+            "data_kind": self.data.kind,
+            "value_range": self.data.value_range,
+        }
 
     def _evaluate(self, lap: int) -> dict[str, float]:
         if self.evaluation is None or not self.ctx.is_main:  # the main rank alone logs the record

@@ -15,7 +15,14 @@ import torch
 
 from diffem_channels import Channel
 from diffem_cli.errors import DiffemError
-from diffem_cli.store import check_finite, columns, fingerprint_dataset, read_dataset, write_dataset
+from diffem_cli.store import (
+    check_finite,
+    check_manifest_columns,
+    columns,
+    fingerprint_dataset,
+    read_dataset,
+    write_dataset,
+)
 
 
 class Observations:
@@ -30,6 +37,7 @@ class Observations:
         self.path = Path(path)
         self.manifest = manifest
         self.channel: Channel = channel_from_spec(manifest["channel"])
+        check_manifest_columns(ds, manifest, self.path, channel=self.channel)
         self.shape = tuple(int(s) for s in manifest["data_shape"])
         self.kind = manifest.get("data_kind", "vector" if len(self.shape) == 1 else "image")
         self.value_range = manifest.get("value_range")

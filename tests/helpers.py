@@ -106,3 +106,20 @@ def forget_modules(*folders: Path) -> None:
     for name, module in list(sys.modules.items()):
         if str(getattr(module, "__file__", "") or "").startswith(prefixes):
             del sys.modules[name]
+
+
+class OracleV(torch.nn.Module):
+    """The exact v-prediction for data concentrated on one point ``mu``: sampling must return ``mu``."""
+
+    def __init__(self, mu: torch.Tensor):
+        super().__init__()
+        self.mu = mu
+        from diffem_cli.diffusion import ddpm_scheduler
+
+        self.sched = ddpm_scheduler()
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, cond=None):
+        ab = self.sched.alphas_cumprod[t.long()].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        eps = (x - ab.sqrt() * self.mu) / (1 - ab).sqrt()
+        return ab.sqrt() * eps - (1 - ab).sqrt() * self.mu

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import OracleV
 
 from diffem_cli.diffusion import ddpm_scheduler
 from diffem_cli.errors import DiffemError
 from diffem_cli.losses import VLoss, draw_timesteps
-from tests.test_sampling import OracleV
 
 
 def test_vloss_is_zero_for_the_oracle():

@@ -2,26 +2,12 @@
 
 import pytest
 import torch
+from helpers import OracleV
 
 from diffem_cli.denoise import NetworkDenoiser, alpha_sigma
-from diffem_cli.diffusion import SAMPLERS, ddpm_scheduler, sampler_scheduler
+from diffem_cli.diffusion import SAMPLERS, sampler_scheduler
 from diffem_cli.errors import DiffemError
 from diffem_cli.sampling import draw, sample_loop
-
-
-class OracleV(torch.nn.Module):
-    """The exact v-prediction for data concentrated on one point ``mu``: sampling must return ``mu``."""
-
-    def __init__(self, mu: torch.Tensor):
-        super().__init__()
-        self.mu = mu
-        self.sched = ddpm_scheduler()
-        self.dummy = torch.nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t, cond=None):
-        ab = self.sched.alphas_cumprod[t.long()].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        eps = (x - ab.sqrt() * self.mu) / (1 - ab).sqrt()
-        return ab.sqrt() * eps - (1 - ab).sqrt() * self.mu
 
 
 def _gen(seed: int = 0) -> torch.Generator:
