@@ -68,11 +68,14 @@ class MMPSConfig:
 
 @dataclass
 class DPSConfig:
-    """Diffusion posterior sampling (DPS-EM): likelihood step size and EMDiffusion's options."""
+    """Diffusion posterior sampling (DPS-EM): likelihood step size and EMDiffusion's options.
 
-    scale: float = 1.0
+    The default weight, 100, is what EMDiffusion's smallest-residual rule picked from
+    1-1,000 on masked digits (posterior PSNR 18.1 dB there, against 10.5 dB at 1)."""
+
+    scale: float = 100.0
     adaptive: bool = False
-    grid: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0, 10.0])
+    grid: list[float] = field(default_factory=lambda: [10.0, 30.0, 100.0, 300.0])
     subset: int = 256
     reset_last: int = 0
 
