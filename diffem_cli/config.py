@@ -55,7 +55,7 @@ class EMConfig:
     method: str = "diffem"
     init: str = "auto"
     gaussian_iters: int = 16
-    gaussian_rank: int = 32
+    gaussian_rank: int = 64
     recorrupt_every: int = 0
 
 

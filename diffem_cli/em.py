@@ -57,8 +57,11 @@ def initial_reconstructions(
             iters=cfg.em.gaussian_iters,
             rank=cfg.em.gaussian_rank,
             generator=torch.Generator().manual_seed(cfg.seed),
+            device=device,
         )
-        x = torch.cat(list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed)))
+        x = torch.cat(
+            list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed, device=device))
+        )
         save_tensors(run.root / "gaussian.safetensors", prior.to_tensors(), {"kind": "gaussian-prior"})
     elif init == "observation":
         x = torch.cat([data.channel.start(b, data.shape) for b in data.batches()()])

@@ -59,9 +59,13 @@ def test_method_runs_laps_and_reconstructs(obs, tmp_path, cli, name):
     assert ckpt.meta["method"] == name
     assert ckpt.meta["kind"] == ("unconditional" if name == "em-mmps" else "conditional")
     assert ckpt.meta["cond_size"] == (0 if name == "em-mmps" else 2 + 10 + 5 + 25)
+    if name == "em-mmps":  # lap 1 starts fresh, lap 2 fine-tunes it: both trained, both different
+        first = load_checkpoint(tmp_path / "run/checkpoints/lap_001.safetensors").tensors
+        assert first.keys() == ckpt.tensors.keys()
+        assert any(not torch.equal(first[k], ckpt.tensors[k]) for k in first)
     code, _, err = cli(
         "reconstruct",
-        tmp_path / "run/checkpoints/lap_002.safetensors",
+        last,
         obs / "obs",
         tmp_path / "rec",
         "--steps",
