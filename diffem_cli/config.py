@@ -57,6 +57,7 @@ class EMConfig:
     gaussian_iters: int = 16
     gaussian_rank: int = 64
     recorrupt_every: int = 0
+    drop_outside: float = 0.0
 
 
 @dataclass
@@ -123,6 +124,7 @@ def default_preset(shape: tuple[int, ...] | list[int]) -> str:
     if len(shape) == 1:
         return "manifold"
     return {16: "img16", 32: "img32"}.get(shape[-1], "digits") if shape[-1] == shape[-2] else "digits"
+
 
 METHODS: tuple[str, ...] = ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
 INITS: tuple[str, ...] = ("auto", "gaussian", "observation")
@@ -405,6 +407,8 @@ def validate(cfg: RunConfig) -> None:
     _int_at_least("em.gaussian_iters", em.gaussian_iters, 1)
     _int_at_least("em.gaussian_rank", em.gaussian_rank, 1)
     _int_at_least("em.recorrupt_every", em.recorrupt_every, 0)
+    if _finite("em.drop_outside", em.drop_outside) < 0:
+        raise _bad("em.drop_outside", em.drop_outside, ">= 0 (0 keeps every reconstruction)")
     _int_at_least("mmps.cg_iters", cfg.mmps.cg_iters, 1)
     if _finite("dps.scale", cfg.dps.scale) <= 0:
         raise _bad("dps.scale", cfg.dps.scale, "> 0")

@@ -127,3 +127,13 @@ def test_method_for_checkpoint_restores_its_settings():
     with pytest.raises(DiffemError, match="known"):
         get_method("nope", cfg)
     assert {"diffem", "em-mmps", "naive", "oracle"} <= set(REGISTRY)
+
+
+def test_prior_methods_drop_vectors_outside_the_box():
+    from diffem_cli.methods.base import inside_box
+
+    x = torch.tensor([[0.5, -2.9], [3.5, 0.0], [0.0, -3.01], [2.0, 2.0]])
+    assert torch.equal(inside_box(x, 3.0), x[[0, 3]])
+    assert torch.equal(inside_box(x, 0.0), x)  # 0 keeps everything
+    images = torch.full((2, 1, 2, 2), 9.0)
+    assert torch.equal(inside_box(images, 3.0), images)  # images are clipped by the sampler instead

@@ -165,6 +165,9 @@ class PriorMethod(Method):
 
     kind = "unconditional"
 
+    def training_data(self, data, prev, lap, clean):  # noqa: D102
+        return {"x": inside_box(prev, self.cfg.em.drop_outside)}, None
+
     def check(self, data: Observations) -> None:
         require_linear(self.name, data)
 
@@ -182,6 +185,16 @@ class PriorMethod(Method):
 
     def settings(self) -> dict[str, Any]:
         return {"mmps": {"cg_iters": self.cfg.mmps.cg_iters}}
+
+
+def inside_box(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """The rows of vector data ``x`` inside ``[-bound, bound]`` (all rows when ``bound`` is 0 or
+    the data are images, whose samples are clipped anyway): the official EM-MMPS manifold recipe
+    drops guided samples thrown outside the data's box before training the prior on them."""
+    if bound <= 0 or x.dim() != 2:
+        return x
+    keep = (x.abs() <= bound).all(dim=1)
+    return x[keep] if bool(keep.any()) else x
 
 
 def require_linear(method: str, data: Observations) -> None:
