@@ -295,10 +295,11 @@ def child_mstep(threads: int, steps: int) -> None:
     print(f"RATE {r['rate']} {r['seconds']}", flush=True)
 
 
-def thread_study(steps: int, repeats: int) -> list[dict[str, Any]]:
+def thread_study(steps: int, repeats: int, variants: list[int] | None = None) -> list[dict[str, Any]]:
     """The digits M-step (batch 128) in a fresh process per variant (threads, OpenMP wait policy),
     alternating, as the machine is and with a busy job beside it (a second process multiplying
     512x512 matrices on 2 threads)."""
+    variants = list(range(len(THREAD_VARIANTS))) if variants is None else variants
     rows = []
     root = Path(__file__).resolve().parent.parent
     for busy in (False, True):
@@ -307,7 +308,7 @@ def thread_study(steps: int, repeats: int) -> list[dict[str, Any]]:
             if proc is not None:
                 time.sleep(2.0)
             for rep in range(repeats):
-                for label, threads, extra in THREAD_VARIANTS:
+                for label, threads, extra in [THREAD_VARIANTS[i] for i in variants]:
                     env = {
                         k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
                     }
@@ -423,6 +424,9 @@ def main() -> None:
     ap.add_argument("--no-threads", action="store_true", help="skip the thread study")
     ap.add_argument("--thread-steps", type=int, default=8, help="digits M-step steps per thread measurement")
     ap.add_argument("--thread-repeats", type=int, default=2)
+    ap.add_argument(
+        "--thread-variants", type=int, nargs="+", help="indices into THREAD_VARIANTS (default: all)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
@@ -440,7 +444,7 @@ def main() -> None:
         for case in chosen:
             result["cases"][case] = run_case(all_cases[case], 1 if args.quick else args.rounds, Path(tmp))
     if not (args.quick or args.no_threads):
-        rows = thread_study(args.thread_steps, args.thread_repeats)
+        rows = thread_study(args.thread_steps, args.thread_repeats, args.thread_variants)
         result["threads"] = {"rows": rows, "summary": summarise_threads(rows), "steps": args.thread_steps}
     result["load_end"] = load1()
     text = markdown(result)

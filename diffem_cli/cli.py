@@ -16,9 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
-from diffem_channels.base import ChannelError
-from diffem_cli import __version__
-from diffem_cli.errors import DiffemError
+# Before torch loads OpenMP: waiting threads sleep instead of spinning (see diffem_cli.threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from diffem_channels.base import ChannelError  # noqa: E402
+from diffem_cli import __version__  # noqa: E402
+from diffem_cli.errors import DiffemError  # noqa: E402
 
 COMMAND_MODULES: tuple[str, ...] = (
     "channels_cmd",
@@ -91,7 +94,7 @@ def _root(
         str | None,
         typer.Option(
             "--threads",
-            help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else 1 (see the README).",
+            help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else every core (README).",
         ),
     ] = None,
 ) -> None:

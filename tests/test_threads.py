@@ -33,7 +33,12 @@ def test_parse_threads_refuses_bad_values(bad):
 
 
 def test_set_threads_order_option_env_default(monkeypatch):
-    assert set_threads() == DEFAULT_THREADS and torch.get_num_threads() == DEFAULT_THREADS
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    default = parse_threads(DEFAULT_THREADS)
+    assert set_threads() == default and torch.get_num_threads() == default
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torch already follows it: left alone
+    assert set_threads() == 1 and torch.get_num_threads() == 1
     monkeypatch.setenv(THREADS_ENV, "2")
     assert set_threads() == 2 and torch.get_num_threads() == 2
     assert set_threads("1") == 1 and torch.get_num_threads() == 1  # the option wins over the env
