@@ -1,6 +1,6 @@
 """Procedural RGB images for the image benchmarks: smooth gradients, soft blobs and shapes.
 
-Each image is a random linear colour gradient with two to four soft-edged shapes on it (Gaussian
+Each image is a random linear colour gradient with two to four shapes with soft or sharp edges on it (Gaussian
 blobs, discs and axis-aligned rectangles, each of one random colour), in [-1, 1]. Everything is
 drawn from one ``torch.Generator`` seeded by ``seed``, so a set is the same on every machine.
 :func:`write_png_folder` saves a set as PNG files (an image folder ``diffem corrupt`` reads).
@@ -43,7 +43,7 @@ def shapes_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
         cx, cy = u(n) * 0.8 + 0.1, u(n) * 0.8 + 0.1
         r = u(n) * 0.2 + 0.1
         w, h = u(n) * 0.3 + 0.1, u(n) * 0.3 + 0.1
-        soft = 0.04 + u(n) * 0.04
+        soft = 0.01 + u(n) * 0.03
         dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
         blob = torch.exp(-(dx**2 + dy**2) / (2 * r[:, None, None] ** 2))
         disc = torch.sigmoid((r[:, None, None] - (dx**2 + dy**2).sqrt()) / soft[:, None, None])
