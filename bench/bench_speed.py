@@ -437,7 +437,7 @@ def main() -> None:
         ap.error(f"unknown case(s) {', '.join(unknown)} (known: {', '.join(all_cases)})")
     name = "speed-quick" if args.quick else "speed"
     result: dict[str, Any] = {"machine": machine(), "cases": {}, "load_start": load1()}
-    previous = args.out / f"{name}.json"
+    previous = (args.out / "quick" if args.quick else args.out) / f"{name}.json"
     if not chosen and previous.exists():  # only the thread study: keep the last case figures
         result["cases"] = json.loads(previous.read_text()).get("cases", {})
     with tempfile.TemporaryDirectory(prefix="diffem-speed-") as tmp:
@@ -448,7 +448,7 @@ def main() -> None:
         result["threads"] = {"rows": rows, "summary": summarise_threads(rows), "steps": args.thread_steps}
     result["load_end"] = load1()
     text = markdown(result)
-    write_results(args.out, name, result, text)
+    write_results(args.out / "quick" if args.quick else args.out, name, result, text)
     print(text)
 
 
