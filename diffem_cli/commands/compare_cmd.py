@@ -45,7 +45,7 @@ def compare_command(
     """
     from diffem_cli.commands._checks import at_least, check_run_folder, need_existing
     from diffem_cli.compare import compare, markdown_table, parse_methods
-    from diffem_cli.config import load_config
+    from diffem_cli.config import default_preset, load_config
     from diffem_cli.store import read_manifest
 
     need_existing(data, "observations folder", folder=True)
@@ -54,7 +54,7 @@ def compare_command(
     check_run_folder(out, [data, eval_clean])
     names = parse_methods(methods)
     manifest = read_manifest(data)
-    default = "manifold" if len(manifest.get("data_shape", [0, 0, 0])) == 1 else "digits"
+    default = default_preset(manifest.get("data_shape", [0, 0, 0]))
     cfg = load_config(config, sets or [], default_preset=default)
     summary = compare(
         data,
