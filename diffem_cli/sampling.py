@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from diffem_cli.denoise import Denoiser
 from diffem_cli.diffusion import sampler_scheduler
 from diffem_cli.progress import progress
 from diffem_cli.runtime import Context
+
+if TYPE_CHECKING:
+    from diffem_cli.config import SampleConfig
 
 
 def clip_range_for(kind: str, value_range: tuple[float, float] | list[float] | None) -> float | None:
@@ -107,3 +111,31 @@ def draw(
 
         out = gather_rows(out, starts, batch_size, ctx)
     return out
+
+
+def draw_unconditional(
+    make_denoiser: Callable[[int, int], Denoiser],
+    data: dict,
+    n: int,
+    sample: SampleConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    label: str = "sample",
+    ctx: Context | None = None,
+) -> torch.Tensor:
+    """``n`` unconditional samples of a checkpoint's data (``meta["data"]``: shape, kind, value
+    range) with ``sample``'s sampler, batch ``b`` seeded by ``(seed, first index)``."""
+    return draw(
+        make_denoiser,
+        n,
+        tuple(data["shape"]),
+        sampler=sample.sampler,
+        steps=sample.steps,
+        batch_size=sample.batch_size,
+        seed_parts=(seed,),
+        device=device,
+        clip_range=clip_range_for(data["kind"], data.get("value_range")),
+        label=label,
+        ctx=ctx,
+    )

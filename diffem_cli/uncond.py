@@ -26,7 +26,7 @@ from diffem_cli.nets import build_network
 from diffem_cli.observations import load_recon
 from diffem_cli.runs import Run
 from diffem_cli.runtime import Context, pick_device
-from diffem_cli.sampling import clip_range_for, draw
+from diffem_cli.sampling import draw_unconditional
 from diffem_cli.store import check_finite, check_output, clean_stale, fingerprint_dataset, write_dataset
 
 
@@ -135,21 +135,9 @@ def sample_tensors(
     ctx: Context | None = None,
 ) -> torch.Tensor:
     """``n`` unconditional samples, in batches of ``cfg.batch_size``, seeded per batch."""
-    data = meta["data"]
-    model = model.to(device).eval()
-    denoiser = NetworkDenoiser(model)
-    return draw(
-        lambda _start, _stop: denoiser,
-        n,
-        tuple(data["shape"]),
-        sampler=cfg.sampler,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        seed_parts=(seed,),
-        device=device,
-        clip_range=clip_range_for(data["kind"], data.get("value_range")),
-        label="sample",
-        ctx=ctx,
+    denoiser = NetworkDenoiser(model.to(device).eval())
+    return draw_unconditional(
+        lambda _start, _stop: denoiser, meta["data"], n, cfg, seed=seed, device=device, ctx=ctx
     )
 
 

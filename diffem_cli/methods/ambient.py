@@ -43,7 +43,7 @@ from diffem_cli.losses import draw_timesteps
 from diffem_cli.methods.base import Method, draw_posterior
 from diffem_cli.methods.dps_em import Rows
 from diffem_cli.runtime import autocast
-from diffem_cli.sampling import clip_range_for, draw
+from diffem_cli.sampling import draw_unconditional
 
 FURTHER_TAG = 0xA3B1  # seeds of the further masks B_i: (tag, sample index), whatever the run's seed
 FURTHER_STREAM = 2  # apart from the channels' mask (0) and noise (1) streams of the same seeds
@@ -198,19 +198,8 @@ class Ambient(Method):
             seeds = sample_seeds(seed, range(start, stop), SAMPLE_TAG)
             return AmbientDenoiser(model, sampler_masks(channel, shape, seeds, delta).to(device))
 
-        data = meta["data"]
-        return draw(
-            make,
-            n,
-            shape,
-            sampler=sample.sampler,
-            steps=sample.steps,
-            batch_size=sample.batch_size,
-            seed_parts=(seed,),
-            device=device,
-            clip_range=clip_range_for(data["kind"], data.get("value_range")),
-            label="sample (ambient)",
-            ctx=ctx,
+        return draw_unconditional(
+            make, meta["data"], n, sample, seed=seed, device=device, label="sample (ambient)", ctx=ctx
         )
 
     def meta(self) -> dict[str, Any]:  # noqa: D102

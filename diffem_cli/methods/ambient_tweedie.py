@@ -34,7 +34,7 @@ from diffem_cli.denoise import Denoiser, NetworkDenoiser, alpha_sigma
 from diffem_cli.errors import DiffemError
 from diffem_cli.losses import draw_timesteps
 from diffem_cli.methods.base import PriorMethod, draw_posterior
-from diffem_cli.sampling import clip_range_for, draw
+from diffem_cli.sampling import draw_unconditional
 
 
 def first_timestep_above(sigma_n: float, scheduler: Any | None = None) -> int:
@@ -141,18 +141,7 @@ class AmbientTweedie(PriorMethod):
 
     def unconditional_samples(self, model, meta, n, sample, *, seed, device, ctx=None):  # noqa: D102
         sigma_n = float(((meta.get("channel") or {}).get("params") or {})["sigma"])
-        data = meta["data"]
         denoiser = self.prior(model.to(device).eval(), sigma_n)
-        return draw(
-            lambda _start, _stop: denoiser,
-            n,
-            tuple(data["shape"]),
-            sampler=sample.sampler,
-            steps=sample.steps,
-            batch_size=sample.batch_size,
-            seed_parts=(seed,),
-            device=device,
-            clip_range=clip_range_for(data["kind"], data.get("value_range")),
-            label="sample",
-            ctx=ctx,
+        return draw_unconditional(
+            lambda _start, _stop: denoiser, meta["data"], n, sample, seed=seed, device=device, ctx=ctx
         )
