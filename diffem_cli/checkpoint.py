@@ -4,6 +4,8 @@ Metadata keys: ``format`` ("diffem-checkpoint"), ``diffem_version``, ``kind`` ("
 "unconditional"), ``network`` (network config), ``data`` (shape, kind, value range, fingerprint
 of the observations), ``channel`` (the channel spec, conditional models), ``schedule``, ``lap``,
 and any extra entries (``metrics``). A checkpoint file alone is enough to sample or reconstruct.
+Besides the network's weights it may hold a method's auxiliary tensors (names starting with
+``aux.``, e.g. the Gaussian moments of EM-MMPS's covariance heuristic), which are not weights.
 
 Every file written by :func:`save_tensors` also carries ``checksum`` ("sha256:...", over the other
 metadata entries and the tensor names, dtypes, shapes and bytes in sorted order), verified by
@@ -31,6 +33,7 @@ from diffem_cli import __version__
 from diffem_cli.errors import DiffemError
 
 FORMAT = "diffem-checkpoint"
+AUX_PREFIX = "aux."
 CHECKSUM_KEY = "checksum"
 
 
@@ -48,6 +51,17 @@ class Checkpoint:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.meta["data"]["shape"])
+
+    @property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The network's weights (every tensor but the auxiliary ones)."""
+        return {k: v for k, v in self.tensors.items() if not k.startswith(AUX_PREFIX)}
+
+    @property
+    def aux(self) -> dict[str, torch.Tensor]:
+        """The method's auxiliary tensors, named without their ``aux.`` prefix."""
+        n = len(AUX_PREFIX)
+        return {k[n:]: v for k, v in self.tensors.items() if k.startswith(AUX_PREFIX)}
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
@@ -137,10 +151,14 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Save a model's weights with diffem metadata."""
+def save_checkpoint(
+    path: Path, model: nn.Module, meta: dict[str, Any], aux: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Save a model's weights with diffem metadata (and a method's auxiliary tensors ``aux``)."""
     full = {"format": FORMAT, "diffem_version": __version__, **meta}
-    save_tensors(path, model.state_dict(), full)
+    tensors = dict(model.state_dict())
+    tensors.update({AUX_PREFIX + k: v.detach().cpu().contiguous() for k, v in (aux or {}).items()})
+    save_tensors(path, tensors, full)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -200,7 +218,7 @@ def check_shapes(ckpt: Checkpoint) -> None:
         first = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         raise DiffemError(f"invalid network config in checkpoint metadata ({first})") from None
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    stored = {k: tuple(v.shape) for k, v in ckpt.tensors.items()}
+    stored = {k: tuple(v.shape) for k, v in ckpt.weights.items()}
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     if missing:
@@ -231,7 +249,7 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     network, shape, cond_size = _network_spec(ckpt)
     model = build_network(network, shape, cond_size)
     try:
-        model.load_state_dict(ckpt.tensors)
+        model.load_state_dict(ckpt.weights)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise DiffemError(f"checkpoint weights do not match its network config ({first})") from None

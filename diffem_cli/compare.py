@@ -61,9 +61,14 @@ def compare(
     n_samples: int | None = None,
     device: str | None = None,
     force: bool = False,
+    skip_unfit: bool = False,
     log: Logger = print,
 ) -> dict[str, Any]:
-    """Run every method on ``data_path`` into ``out/METHOD`` and write the comparison files."""
+    """Run every method on ``data_path`` into ``out/METHOD`` and write the comparison files.
+
+    A method that cannot serve the observations (e.g. ``ambient`` on noisy data) is refused
+    before anything trains, or, with ``skip_unfit`` (``--methods all``), left out with a line
+    saying why."""
     from diffem_cli.em import em_train
 
     out = Path(out)
@@ -75,8 +80,17 @@ def compare(
     clean = load_clean(eval_clean, data)
     from diffem_cli.methods import get_method
 
+    fit = []
     for name in methods:  # every refusal before any training
-        get_method(name, cfg).check(data)
+        try:
+            get_method(name, cfg).check(data)
+        except DiffemError as e:
+            if not skip_unfit:
+                raise
+            log(f"skipping {name}: {e}")
+            continue
+        fit.append(name)
+    methods = fit
     out.mkdir(exist_ok=True)
     summary: dict[str, Any] = {"methods": {}, "laps": {}, "config": cfg.to_dict(), "data": str(data_path)}
     pictures: dict[str, dict[str, torch.Tensor]] = {}

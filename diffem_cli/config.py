@@ -62,9 +62,13 @@ class EMConfig:
 
 @dataclass
 class MMPSConfig:
-    """Moment-matching posterior sampling (EM-MMPS, naive): conjugate-gradient iterations per step."""
+    """Moment-matching posterior sampling (EM-MMPS, naive): conjugate-gradient iterations per step,
+    and the covariance inside the solve: ``tweedie`` (the network's Jacobian, one vector-Jacobian
+    product per iteration) or ``gaussian`` (a Gaussian fitted to the prior's training data: no
+    network work in the solve; the official EM-MMPS manifold recipe)."""
 
     cg_iters: int = 1
+    covariance: str = "tweedie"
 
 
 @dataclass
@@ -126,6 +130,7 @@ def default_preset(shape: tuple[int, ...] | list[int]) -> str:
     return {16: "img16", 32: "img32"}.get(shape[-1], "digits") if shape[-1] == shape[-2] else "digits"
 
 
+COVARIANCES: tuple[str, ...] = ("tweedie", "gaussian")
 METHODS: tuple[str, ...] = ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
 INITS: tuple[str, ...] = ("auto", "gaussian", "observation")
 NETWORK_TYPES: tuple[str, ...] = ("mlp", "unet")
@@ -410,6 +415,7 @@ def validate(cfg: RunConfig) -> None:
     if _finite("em.drop_outside", em.drop_outside) < 0:
         raise _bad("em.drop_outside", em.drop_outside, ">= 0 (0 keeps every reconstruction)")
     _int_at_least("mmps.cg_iters", cfg.mmps.cg_iters, 1)
+    _choice("mmps.covariance", cfg.mmps.covariance, COVARIANCES)
     if _finite("dps.scale", cfg.dps.scale) <= 0:
         raise _bad("dps.scale", cfg.dps.scale, "> 0")
     if not cfg.dps.grid:

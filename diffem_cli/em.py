@@ -235,6 +235,7 @@ class _Driver:
             if self.warm is not None:  # sharded posterior sampling: every rank takes part
                 t0 = time.perf_counter()
                 sampler = _warm_sampler(self.warm, self.m, self.data, self.cfg)
+                sampler.load_aux(self.warm.aux)
                 x = sampler.posterior(
                     build_model(self.warm),
                     self.data,
@@ -309,7 +310,10 @@ class _Driver:
         summary = {"loss": result.last_loss, "steps": result.steps}
         if self.ctx.is_main:
             save_checkpoint(
-                self.run.checkpoint(lap), result.ema_model, {**self.base_meta, "lap": lap, "train": summary}
+                self.run.checkpoint(lap),
+                result.ema_model,
+                {**self.base_meta, "lap": lap, "train": summary},
+                aux=self.m.aux_tensors(),
             )
             self.run.state.unlink(missing_ok=True)
         self.ctx.barrier()
@@ -321,7 +325,9 @@ class _Driver:
         }
 
     def estep(self, lap: int) -> dict[str, Any]:
-        model = build_model(load_checkpoint(self.run.checkpoint(lap)))
+        ckpt = load_checkpoint(self.run.checkpoint(lap))
+        self.m.load_aux(ckpt.aux)
+        model = build_model(ckpt)
         t0 = time.perf_counter()
         x = self.m.posterior(
             model,

@@ -8,9 +8,13 @@ vector-Jacobian products), it returns
     x0 + Cov A^T (s^2 I + A Cov A^T)^-1 (y - A x0),
 
 the linear system solved by a fixed number of conjugate-gradient iterations per step (each one
-vector-Jacobian product). A learnt network's Jacobian need not be positive semi-definite: a CG
-direction of curvature below the noise variance (what a valid covariance guarantees) ends that
-sample's solve rather than taking a step that would throw the sample far off.
+vector-Jacobian product). With a Gaussian covariance heuristic (``covariance``, a
+:class:`~diffem_cli.moments.GaussianCovariance`, the official EM-MMPS manifold recipe), ``Cov``
+inside the solve is the Gaussian posterior covariance at the step's noise level instead: the
+solve costs no network work, and the step one forward pass and one vector-Jacobian product.
+A learnt network's Jacobian need not be positive semi-definite: a CG direction of curvature
+below the noise variance (what a valid covariance guarantees) ends that sample's solve
+rather than taking a step that would throw the sample far off.
 
 ``alpha_t`` is floored at ``ALPHA_MIN`` (a VE noise level of at most 100, the official code's
 largest), so the first, nearly pure-noise steps do not amplify the network's Jacobian error by
@@ -34,6 +38,7 @@ import torch
 
 from diffem_channels import Channel
 from diffem_cli.denoise import Denoiser, alpha_sigma
+from diffem_cli.moments import GaussianCovariance
 
 ALPHA_MIN = 0.01
 # The smallest curvature accepted in the MMPS system for noise-free channels: the official code's
@@ -79,11 +84,19 @@ class MMPSDenoiser(Denoiser):
 
     needs_grad = True
 
-    def __init__(self, prior: Denoiser, channel: Channel, obs: Mapping[str, torch.Tensor], cg_iters: int = 1):
+    def __init__(
+        self,
+        prior: Denoiser,
+        channel: Channel,
+        obs: Mapping[str, torch.Tensor],
+        cg_iters: int = 1,
+        covariance: GaussianCovariance | None = None,
+    ):
         self.prior = prior
         self.channel = channel
         self.obs = dict(obs)
         self.cg_iters = int(cg_iters)
+        self.covariance = covariance
         self.noise_var = float(channel.noise_std(self.obs)) ** 2
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
@@ -98,8 +111,15 @@ class MMPSDenoiser(Denoiser):
             (g,) = torch.autograd.grad(x0, x_t, w, retain_graph=True)
             return scale * g
 
+        inner = cov_at
+        if self.covariance is not None:
+            var = (s / max(a, ALPHA_MIN)) ** 2
+
+            def inner(u: torch.Tensor) -> torch.Tensor:
+                return self.covariance(self.channel.At(self.obs, u), var)
+
         def op(u: torch.Tensor) -> torch.Tensor:
-            return self.noise_var * u + self.channel.A(self.obs, cov_at(u))
+            return self.noise_var * u + self.channel.A(self.obs, inner(u))
 
         # for a positive semi-definite covariance, op's curvature is at least the noise variance
         u = conjugate_gradient(op, residual, self.cg_iters, min_curvature=max(self.noise_var, MIN_NOISE_VAR))

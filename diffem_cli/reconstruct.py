@@ -46,6 +46,7 @@ def reconstruct(
     check_checkpoint_for(ckpt.meta, data, ckpt_path)
     method = method_for_checkpoint(ckpt.meta)
     method.check(data)
+    method.load_aux(ckpt.aux)
     if png_dir is not None:
         check_png(data.kind)
     cfg = sample or SampleConfig()

@@ -78,3 +78,34 @@ def test_compare_refuses_unknown_methods_before_training(tmp_path, cli):
         *TRAIN,
     )
     assert code == 2 and "naive" in error_line(err) and not (tmp_path / "cmp").exists()
+
+
+def test_compare_all_runs_the_methods_that_fit_the_channel(tmp_path, cli):
+    run_ok(
+        "corrupt",
+        "manifold:samples=64",
+        tmp_path / "obs",
+        "--channel",
+        "projection",
+        "--clean-out",
+        tmp_path / "clean",
+    )
+    code, out, err = cli(
+        "compare",
+        tmp_path / "obs",
+        tmp_path / "cmp",
+        "--methods",
+        "all",
+        "--eval-clean",
+        tmp_path / "clean",
+        "--laps",
+        1,
+        "--no-uncond",
+        *TRAIN,
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cmp/compare.json").read_text())
+    # projections: no observation of the data's shape (naive), no mask (ambient), no noise channel
+    assert set(summary["methods"]) == {"diffem", "em-mmps", "oracle", "dps-em"}
+    for skipped in ("naive", "ambient", "ambient-tweedie"):
+        assert f"skipping {skipped}" in out + err

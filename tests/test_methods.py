@@ -137,3 +137,42 @@ def test_prior_methods_drop_vectors_outside_the_box():
     assert torch.equal(inside_box(x, 0.0), x)  # 0 keeps everything
     images = torch.full((2, 1, 2, 2), 9.0)
     assert torch.equal(inside_box(images, 3.0), images)  # images are clipped by the sampler instead
+
+
+def test_gaussian_covariance_moments_travel_in_the_checkpoint(obs, tmp_path, cli):
+    """mmps.covariance=gaussian: the M-step's moments are the training data's, stored as aux
+    tensors that reconstruct reads back; the weights alone still build the network."""
+    from diffem_cli.checkpoint import build_model
+    from diffem_cli.observations import load_recon
+
+    run_ok(
+        "em-train",
+        obs / "obs",
+        tmp_path / "run",
+        "--laps",
+        1,
+        "--method",
+        "em-mmps",
+        *TRAIN,
+        *sets("mmps.covariance=gaussian", "em.drop_outside=0"),
+    )
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/lap_001.safetensors")
+    assert ckpt.meta["method_config"]["mmps"]["covariance"] == "gaussian"
+    x0, _ = load_recon(tmp_path / "run/recon/lap_000")
+    x0 = x0.double()
+    # float64 sums of 128 rows of magnitude <~ 10: rounding ~1e-13
+    assert torch.allclose(ckpt.aux["moments.mean"], x0.mean(0), atol=1e-10)
+    assert torch.allclose(ckpt.aux["moments.cov"], torch.cov(x0.T), atol=1e-10)
+    assert not any(k.startswith("aux.") for k in build_model(ckpt).state_dict())
+    code, _, err = cli(
+        "reconstruct",
+        tmp_path / "run/checkpoints/lap_001.safetensors",
+        obs / "obs",
+        tmp_path / "rec",
+        "--steps",
+        3,
+    )
+    assert code == 0, err
+    method = method_for_checkpoint(ckpt.meta)
+    method.load_aux(ckpt.aux)
+    assert method.moments is not None and method.moments.full

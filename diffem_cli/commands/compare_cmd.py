@@ -15,7 +15,10 @@ def compare_command(
     out: Annotated[Path, typer.Argument(help="Folder for one RUN per method and the comparison files.")],
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated methods (diffem, em-mmps, naive, oracle, ...), or 'all'."),
+        typer.Option(
+            help="Comma-separated methods (diffem, em-mmps, naive, oracle, ...), or 'all' (every "
+            "method that can serve the channel)."
+        ),
     ] = "diffem,em-mmps,naive,oracle",
     eval_clean: Annotated[
         Path, typer.Option(help="Clean data folder (corrupt --clean-out): evaluation, and the oracle's data.")
@@ -66,6 +69,7 @@ def compare_command(
         uncond=uncond,
         device=device,
         force=force,
+        skip_unfit=methods.strip() == "all",
         log=lambda s: console.print(s, soft_wrap=True),
     )
     console.print(markdown_table(summary), soft_wrap=True)

@@ -128,15 +128,7 @@ class AmbientTweedie(PriorMethod):
         return FlooredDenoiser(NetworkDenoiser(model), first_timestep_above(sigma_n))
 
     def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        from diffem_cli.guidance import MMPSDenoiser
-
-        model = model.to(device).eval()
-        prior = self.prior(model, float(data.channel.sigma))
-        iters = self.cfg.mmps.cg_iters
-
-        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
-            return MMPSDenoiser(prior, data.channel, obs, iters)
-
+        make = self.mmps(self.prior(model.to(device).eval(), float(data.channel.sigma)), data, device)
         return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
 
     def unconditional_samples(self, model, meta, n, sample, *, seed, device, ctx=None):  # noqa: D102

@@ -19,6 +19,7 @@ from torch import nn
 from diffem_cli.config import RunConfig, SampleConfig
 from diffem_cli.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.errors import DiffemError
+from diffem_cli.gaussian import GaussianPrior
 from diffem_cli.losses import Loss, VLoss
 from diffem_cli.nets import build_network
 from diffem_cli.observations import Observations
@@ -109,6 +110,13 @@ class Method:
         """The configuration sections this method reads (stored in checkpoints)."""
         return {}
 
+    def aux_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the last M-step produced besides the weights, saved in its checkpoint."""
+        return {}
+
+    def load_aux(self, aux: dict[str, torch.Tensor]) -> None:
+        """Take back a checkpoint's :meth:`aux_tensors` before drawing posterior samples with it."""
+
 
 def draw_posterior(
     make: Callable[[dict[str, torch.Tensor]], Denoiser],
@@ -161,30 +169,64 @@ class ConditionalMethod(Method):
 
 
 class PriorMethod(Method):
-    """A method whose model is an unconditional prior, with posterior samples by guidance."""
+    """A method whose model is an unconditional prior, with posterior samples by MMPS guidance.
+
+    With ``mmps.covariance: gaussian`` each M-step also fits Gaussian moments to its training
+    data (:func:`~diffem_cli.moments.fit_moments`), kept in the checkpoint as auxiliary tensors
+    ``moments.*`` and used as MMPS's covariance by the E-step and ``reconstruct``; a checkpoint
+    without them (``train-uncond``) falls back to the Tweedie covariance."""
 
     kind = "unconditional"
+    uses_mmps: ClassVar[bool] = True
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.moments: GaussianPrior | None = None
 
     def training_data(self, data, prev, lap, clean):  # noqa: D102
-        return {"x": inside_box(prev, self.cfg.em.drop_outside)}, None
+        return self.prior_data(inside_box(prev, self.cfg.em.drop_outside), lap), None
+
+    def prior_data(self, x: torch.Tensor, lap: int) -> dict[str, torch.Tensor]:
+        """The M-step's data ``{"x": x}``; fits the moments of ``x`` when MMPS will use them."""
+        if self.uses_mmps and self.cfg.mmps.covariance == "gaussian":
+            from diffem_cli.moments import fit_moments
+
+            self.moments = fit_moments(x, self.cfg.em.gaussian_rank, seed=self.cfg.seed + lap)
+        return {"x": x}
+
+    def aux_tensors(self) -> dict[str, torch.Tensor]:  # noqa: D102
+        if self.moments is None:
+            return {}
+        return {f"moments.{k}": v for k, v in self.moments.to_tensors().items()}
+
+    def load_aux(self, aux: dict[str, torch.Tensor]) -> None:  # noqa: D102
+        found = {k[len("moments.") :]: v for k, v in aux.items() if k.startswith("moments.")}
+        self.moments = GaussianPrior.from_tensors(found) if found else None
 
     def check(self, data: Observations) -> None:
         require_linear(self.name, data)
 
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
+    def mmps(self, prior: Denoiser, data: Observations, device: torch.device) -> Callable[[dict], Denoiser]:
+        """``obs -> MMPS denoiser`` for batches of ``data`` with the prior denoiser ``prior``."""
         from diffem_cli.guidance import MMPSDenoiser
+        from diffem_cli.moments import GaussianCovariance
 
-        model = model.to(device).eval()
-        prior = NetworkDenoiser(model)
         iters = self.cfg.mmps.cg_iters
+        cov = None
+        if self.cfg.mmps.covariance == "gaussian" and self.moments is not None:
+            cov = GaussianCovariance(self.moments.to(device))
 
         def make(obs: dict[str, torch.Tensor]) -> Denoiser:
-            return MMPSDenoiser(prior, data.channel, obs, iters)
+            return MMPSDenoiser(prior, data.channel, obs, iters, covariance=cov)
 
+        return make
+
+    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
+        make = self.mmps(NetworkDenoiser(model.to(device).eval()), data, device)
         return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
 
     def settings(self) -> dict[str, Any]:
-        return {"mmps": {"cg_iters": self.cfg.mmps.cg_iters}}
+        return {"mmps": {"cg_iters": self.cfg.mmps.cg_iters, "covariance": self.cfg.mmps.covariance}}
 
 
 def inside_box(x: torch.Tensor, bound: float) -> torch.Tensor:

@@ -60,6 +60,7 @@ def mean_residual(channel: Any, obs: dict[str, torch.Tensor], x: torch.Tensor) -
 class DPSEM(PriorMethod):
     name = "dps-em"
     description = "DPS-EM (EMDiffusion): unconditional prior, E-step by diffusion posterior sampling"
+    uses_mmps = False
 
     def __init__(self, cfg):
         super().__init__(cfg)

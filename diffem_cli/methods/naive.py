@@ -25,4 +25,4 @@ class Naive(PriorMethod):
         super().check(data)
 
     def training_data(self, data, prev, lap, clean):  # noqa: D102
-        return {"x": data.obs["y"]}, None
+        return self.prior_data(data.obs["y"], lap), None
