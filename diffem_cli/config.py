@@ -40,11 +40,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """How reconstructions and samples are drawn."""
+    """How reconstructions and samples are drawn: ``corrections`` Langevin corrections of step
+    ``corrector_tau`` after each step make it a predictor-corrector sampler."""
 
     sampler: str = "dpm++"
     steps: int = 32
     batch_size: int = 4096
+    corrections: int = 0
+    corrector_tau: float = 0.1
 
 
 @dataclass
@@ -315,6 +318,9 @@ def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:
     _choice(prefix + "sampler", s.sampler, tuple(SAMPLERS))
     _int_at_least(prefix + "steps", s.steps, 1, MAX_STEPS)
     _int_at_least(prefix + "batch_size", s.batch_size, 1)
+    _int_at_least(prefix + "corrections", s.corrections, 0, 16)
+    if not 0 < _finite(prefix + "corrector_tau", s.corrector_tau) <= 1:
+        raise _bad(prefix + "corrector_tau", s.corrector_tau, "in (0, 1]")
 
 
 def _metric_names() -> tuple[str, ...]:

@@ -344,7 +344,7 @@ class _Driver:
             "sampler": self.cfg.sample.sampler,
             "steps": self.cfg.sample.steps,
             "estep_s": seconds,
-            "nfe": self.cfg.sample.steps,
+            "nfe": self.cfg.sample.steps * (1 + self.cfg.sample.corrections),
             "estep_samples_per_s": len(x) / max(seconds, 1e-9),
             **self.m.estep_record(),
         }

@@ -3,7 +3,11 @@
 :func:`sample_loop` runs a diffusers scheduler (DPM-Solver++ 2M, DDIM or ancestral DDPM) on a
 :class:`~diffem_cli.denoise.Denoiser`: the scheduler is given x0 estimates
 (``prediction_type="sample"``), clipped to the data range when ``clip_range`` is set, the same
-way for every sampler. :func:`draw` runs it over many samples in batches: batch ``b`` draws its
+way for every sampler. With ``corrections > 0`` every step is followed by that many Langevin
+corrections at the new noise level (a predictor-corrector sampler, as the official EM-MMPS manifold
+run uses): ``x <- x + tau (alpha x0(x) - x) + sigma sqrt(2 tau) eps``, a Langevin step of size
+``tau sigma^2`` on the (guided) score ``(alpha x0 - x) / sigma^2``, one more denoiser evaluation
+each. :func:`draw` runs it over many samples in batches: batch ``b`` draws its
 noise from a generator seeded by ``(seed parts..., first index of the batch)``, so results do
 not depend on which process draws which batch.
 """
@@ -41,8 +45,11 @@ def sample_loop(
     steps: int,
     generator: torch.Generator | None = None,
     clip_range: float | None = None,
+    corrections: int = 0,
+    corrector_tau: float = 0.1,
 ) -> torch.Tensor:
-    """Integrate from pure noise ``noise`` to samples with ``steps`` denoiser evaluations.
+    """Integrate from pure noise ``noise`` to samples with ``steps * (1 + corrections)``
+    denoiser evaluations (no correction after the last step).
 
     Autograd is enabled only when ``denoiser.needs_grad``; the samples carry no graph.
     """
@@ -50,15 +57,39 @@ def sample_loop(
     x = noise * sched.init_noise_sigma
     extra = {"generator": generator} if sampler == "ddpm" else {}
     grad = torch.enable_grad() if denoiser.needs_grad else torch.no_grad()
-    for t in sched.timesteps:
+
+    def estimate(x: torch.Tensor, t: int) -> torch.Tensor:
         with grad:
-            x0 = denoiser(x.detach(), int(t))
+            x0 = denoiser(x.detach(), t)
         x0 = x0.detach().float()
-        if clip_range is not None:
-            x0 = x0.clamp(-clip_range, clip_range)
+        return x0 if clip_range is None else x0.clamp(-clip_range, clip_range)
+
+    timesteps = [int(t) for t in sched.timesteps]
+    for i, t in enumerate(sched.timesteps):
+        x0 = estimate(x, int(t))
         with torch.no_grad():
             x = sched.step(x0, t, x, **extra).prev_sample
+        if i + 1 < len(timesteps):
+            x = _correct(estimate, x, timesteps[i + 1], corrections, corrector_tau, generator)
     return x.detach()
+
+
+def _correct(
+    estimate: Callable[[torch.Tensor, int], torch.Tensor],
+    x: torch.Tensor,
+    t: int,
+    corrections: int,
+    tau: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``corrections`` Langevin steps at timestep ``t`` (module docstring)."""
+    from diffem_cli.denoise import alpha_sigma
+
+    a, s = alpha_sigma(t)
+    for _ in range(corrections):
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + tau * (a * estimate(x, t) - x) + s * (2.0 * tau) ** 0.5 * eps
+    return x
 
 
 def draw(
@@ -74,6 +105,8 @@ def draw(
     clip_range: float | None = None,
     label: str = "sample",
     ctx: Context | None = None,
+    corrections: int = 0,
+    corrector_tau: float = 0.1,
 ) -> torch.Tensor:
     """``n`` samples (CPU tensor), ``batch_size`` at a time; ``make_denoiser(start, stop)`` gives
     the denoiser of rows ``start:stop`` (their conditioning or observations).
@@ -89,7 +122,8 @@ def draw(
     world = 1 if ctx is None else ctx.world
     done = 0
     with progress() if show else contextlib.nullcontext() as bar:
-        task = bar.add_task(label, total=n, info=f"{sampler}, {steps} steps") if show else None
+        info = f"{sampler}, {steps} steps" + (f" x {1 + corrections} (corrector)" if corrections else "")
+        task = bar.add_task(label, total=n, info=info) if show else None
         for start in mine:
             stop = min(start + batch_size, n)
             gen = torch.Generator(device=device).manual_seed(mix_seed(*seed_parts, start))
@@ -101,6 +135,8 @@ def draw(
                 steps=steps,
                 generator=gen,
                 clip_range=clip_range,
+                corrections=corrections,
+                corrector_tau=corrector_tau,
             )
             out[start:stop] = x.float().cpu()
             if show:  # the main process shows everyone's progress, assuming equal speed
@@ -138,4 +174,6 @@ def draw_unconditional(
         clip_range=clip_range_for(data["kind"], data.get("value_range")),
         label=label,
         ctx=ctx,
+        corrections=sample.corrections,
+        corrector_tau=sample.corrector_tau,
     )

@@ -39,7 +39,11 @@ def test_gaussian_covariance_matches_the_closed_form_full_and_low_rank():
             got = GaussianCovariance(prior)(u, var)
             want = u @ _dense_posterior_cov(dense, var).T
             # float64 throughout; condition numbers below 1e6: relative error ~1e-10
-            assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), (prior.full, prior.basis is not None, var)
+            assert torch.allclose(got, want, rtol=1e-8, atol=1e-10), (
+                prior.full,
+                prior.basis is not None,
+                var,
+            )
 
 
 def test_large_data_get_a_low_rank_fit_of_the_requested_rank():

@@ -60,6 +60,11 @@ def test_steps_are_network_evaluations():
     sample_loop(NetworkDenoiser(Counting(torch.zeros(2))), torch.randn(2, 2), sampler="dpm++", steps=12)
     assert len(calls) == 12
     assert calls[0] == 999
+    calls.clear()  # one Langevin correction after every step but the last, at the new timestep
+    sample_loop(
+        NetworkDenoiser(Counting(torch.zeros(2))), torch.randn(2, 2), sampler="ddim", steps=12, corrections=1
+    )
+    assert len(calls) == 12 + 11 and calls[1] == calls[2] < calls[0]
 
 
 def test_gradients_only_when_the_denoiser_asks():

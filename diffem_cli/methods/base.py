@@ -147,6 +147,8 @@ def draw_posterior(
         clip_range=clip_range_for(data.kind, data.value_range),
         label=label,
         ctx=ctx,
+        corrections=sample.corrections,
+        corrector_tau=sample.corrector_tau,
     )
 
 
