@@ -15,6 +15,7 @@ samples of every method) per case; a rerun resumes what a killed one left in ``-
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -110,12 +111,16 @@ def main() -> None:
         laps = 1
     elif args.epochs:
         sets.append(f"train.epochs={args.epochs}")
-    result: dict[str, Any] = {
-        "machine": machine(),
-        "budget": f"{laps} laps, overrides {' '.join(sets) or 'none'}",
-        "cases": {},
-        "seconds": {},
-    }
+    name = "digits-quick" if args.quick else "digits"
+    out = args.out / ("quick" if args.quick else "")
+    budget = f"{laps} laps, overrides {' '.join(sets) or 'none'}"
+    result: dict[str, Any] = {"machine": machine(), "budget": budget, "cases": {}, "seconds": {}}
+    previous = out / f"{name}.json"
+    if previous.exists() and not args.fresh:  # cases run one at a time accumulate in one file
+        old = json.loads(previous.read_text())
+        if old.get("budget") == budget:
+            result["cases"].update(old.get("cases", {}))
+            result["seconds"].update(old.get("seconds", {}))
     for case in args.cases:
         t0 = time.perf_counter()
         summary = run_case(
@@ -126,8 +131,7 @@ def main() -> None:
         if not args.quick:
             args.out.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(work / case / "cmp" / "compare-samples.png", args.out / f"digits-{case}.png")
-    name = "digits-quick" if args.quick else "digits"
-    write_results(args.out / ("quick" if args.quick else ""), name, result, markdown(result))
+        write_results(out, name, result, markdown(result))
     print(markdown(result))
 
 

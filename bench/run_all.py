@@ -1,6 +1,6 @@
 """Run every benchmark in order, each in its own process, and summarise (``make bench``).
 
-Order: bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits, bench_oracle,
+Order: bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits, bench_estep, bench_oracle,
 bench_speed, bench_scaling (scripts that do not exist are skipped). Each runs as ``python -m bench.NAME`` from
 the repository root with the root on ``PYTHONPATH``, so ``import bench.common`` works however this script is
 started. ``--quick`` is passed to the scripts that take it; bench_corrupt gets a smaller ``--n``
@@ -28,6 +28,7 @@ BENCHES = (
     "bench_gaussian",
     "bench_manifold",
     "bench_digits",
+    "bench_estep",
     "bench_oracle",
     "bench_speed",
     "bench_scaling",
