@@ -29,6 +29,7 @@ from diffem_cli.methods.base import Method
 from diffem_cli.observations import Observations, load_clean, load_recon, save_recon
 from diffem_cli.runs import Run
 from diffem_cli.runtime import Context, pick_device
+from diffem_cli.sampling import sample_nfe
 from diffem_cli.store import clean_stale, read_manifest
 
 Logger = Callable[[str], None]
@@ -344,7 +345,7 @@ class _Driver:
             "sampler": self.cfg.sample.sampler,
             "steps": self.cfg.sample.steps,
             "estep_s": seconds,
-            "nfe": self.cfg.sample.steps * (1 + self.cfg.sample.corrections),
+            "nfe": sample_nfe(self.cfg.sample.steps, self.cfg.sample.corrections),
             "estep_samples_per_s": len(x) / max(seconds, 1e-9),
             **self.m.estep_record(),
         }

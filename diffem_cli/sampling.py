@@ -37,6 +37,12 @@ def clip_range_for(kind: str, value_range: tuple[float, float] | list[float] | N
     return float(max(abs(value_range[0]), abs(value_range[1])))
 
 
+def sample_nfe(steps: int, corrections: int = 0) -> int:
+    """Denoiser evaluations per sample of :func:`sample_loop`: every step, plus the corrections
+    after all but the last."""
+    return steps + corrections * (steps - 1)
+
+
 def sample_loop(
     denoiser: Denoiser,
     noise: torch.Tensor,
