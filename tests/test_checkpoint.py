@@ -240,3 +240,19 @@ def test_full_disk_while_saving_leaves_no_temporary(tmp_path, monkeypatch):
         save_tensors(path, {"a": torch.zeros(2)}, {})
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_auxiliary_tensors_round_trip_apart_from_the_weights(tmp_path):
+    net = build_network(MLP, (5,), 0)
+    path = tmp_path / "m.safetensors"
+    moments = {"moments.mean": torch.arange(5.0, dtype=torch.float64), "moments.cov": torch.eye(5)}
+    save_checkpoint(path, net, _meta(MLP, (5,), 0, kind="unconditional"), aux=moments)
+    ckpt = load_checkpoint(path)
+    assert set(ckpt.aux) == set(moments) and all(torch.equal(ckpt.aux[k], v) for k, v in moments.items())
+    assert set(ckpt.weights) == set(net.state_dict())
+    build_model(ckpt)  # the auxiliary tensors are not taken for unexpected weights
+    # a stray tensor outside the aux. namespace still is
+    tensors = {**net.state_dict(), "extra": torch.zeros(1)}
+    save_tensors(path, tensors, {"format": FORMAT, **_meta(MLP, (5,), 0, kind="unconditional")})
+    with pytest.raises(DiffemError, match="unexpected weight 'extra'"):
+        build_model(load_checkpoint(path))
