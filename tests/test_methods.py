@@ -115,6 +115,21 @@ def test_mmps_methods_refuse_a_non_linear_channel(tmp_path, cli):
         "em-train", tmp_path / "obs", tmp_path / "run", "--method", "em-mmps", *TINY_UNET, *QUICK
     )
     assert code == 2 and "linear" in error_line(err) and not (tmp_path / "run").exists()
+    # naive serves JPEG through DPS (its differentiable codec) instead of MMPS
+    run_ok(
+        "em-train",
+        tmp_path / "obs",
+        tmp_path / "naive",
+        "--laps",
+        1,
+        "--method",
+        "naive",
+        *TINY_UNET,
+        *sets("train.batch_size=16", "train.epochs=1"),
+        *QUICK,
+    )
+    manifest = json.loads((tmp_path / "naive/recon/lap_001/diffem.json").read_text())
+    assert manifest["dps_scale"] == RunConfig().dps.scale
 
 
 def test_method_for_checkpoint_restores_its_settings():
