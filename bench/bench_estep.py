@@ -77,6 +77,7 @@ def observations(case: str, work: Path, n: int) -> Observations:
     """``n`` observations of ``case`` (made once under ``work``)."""
     source, channel, params = CASES[case]
     folder = work / case.replace(" ", "-")
+    work.mkdir(parents=True, exist_ok=True)
     if not (folder / "diffem.json").exists():
         corrupt_dataset(
             load_source(source, limit=n),
@@ -135,7 +136,8 @@ def markdown(result: dict) -> str:
         "# E-step cost per method",
         "",
         f"Machine: {result['machine']['summary']}; {result['n']} observations, {result['steps']} sampler "
-        f"steps, median of {result['repeats']} runs; untrained networks of each preset.",
+        f"steps, median of {result['repeats']} runs; untrained networks of each preset, its sampler "
+        "without Langevin corrections (each correction costs one more step).",
         "",
         "| data | method | settings | network forwards / step | VJPs / step | samples/s |",
         "|---|---|---|---|---|---|",
