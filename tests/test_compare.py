@@ -9,16 +9,21 @@ from helpers import QUICK, TINY_MLP, error_line, run_ok, sets
 TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=1"), *QUICK]
 
 
-def test_compare_runs_every_method_and_resumes(tmp_path, cli):
+def _projections(root, n: int) -> None:
+    """``n`` manifold vectors through random projections in ``root/obs``, clean ones in ``root/clean``."""
     run_ok(
         "corrupt",
-        "manifold:samples=128",
-        tmp_path / "obs",
+        f"manifold:samples={n}",
+        root / "obs",
         "--channel",
         "projection",
         "--clean-out",
-        tmp_path / "clean",
+        root / "clean",
     )
+
+
+def test_compare_runs_every_method_and_resumes(tmp_path, cli):
+    _projections(tmp_path, 128)
     argv = [
         "compare",
         tmp_path / "obs",
@@ -47,15 +52,7 @@ def test_compare_runs_every_method_and_resumes(tmp_path, cli):
 
 
 def test_compare_refuses_unknown_methods_before_training(tmp_path, cli):
-    run_ok(
-        "corrupt",
-        "manifold:samples=64",
-        tmp_path / "obs",
-        "--channel",
-        "projection",
-        "--clean-out",
-        tmp_path / "clean",
-    )
+    _projections(tmp_path, 64)
     code, _, err = cli(
         "compare",
         tmp_path / "obs",
@@ -81,15 +78,7 @@ def test_compare_refuses_unknown_methods_before_training(tmp_path, cli):
 
 
 def test_compare_all_runs_the_methods_that_fit_the_channel(tmp_path, cli):
-    run_ok(
-        "corrupt",
-        "manifold:samples=64",
-        tmp_path / "obs",
-        "--channel",
-        "projection",
-        "--clean-out",
-        tmp_path / "clean",
-    )
+    _projections(tmp_path, 64)
     code, out, err = cli(
         "compare",
         tmp_path / "obs",

@@ -11,7 +11,7 @@ resume, evaluation and logging only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,12 +19,14 @@ from torch import nn
 from diffem_cli.config import RunConfig, SampleConfig
 from diffem_cli.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.errors import DiffemError
-from diffem_cli.gaussian import GaussianPrior
 from diffem_cli.losses import Loss, VLoss
 from diffem_cli.nets import build_network
 from diffem_cli.observations import Observations
 from diffem_cli.runtime import Context
 from diffem_cli.sampling import clip_range_for, draw
+
+if TYPE_CHECKING:
+    from diffem_cli.gaussian import GaussianPrior
 
 Refresh = Callable[[int], dict[str, torch.Tensor]]
 
@@ -202,6 +204,8 @@ class PriorMethod(Method):
         return {f"moments.{k}": v for k, v in self.moments.to_tensors().items()}
 
     def load_aux(self, aux: dict[str, torch.Tensor]) -> None:  # noqa: D102
+        from diffem_cli.gaussian import GaussianPrior
+
         found = {k[len("moments.") :]: v for k, v in aux.items() if k.startswith("moments.")}
         self.moments = GaussianPrior.from_tensors(found) if found else None
 
