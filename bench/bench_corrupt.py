@@ -31,7 +31,7 @@ def make_images(path: Path, n: int, chunk: int = 1000) -> None:
     import torch
     import torch.nn.functional as F
 
-    from diffem_cli.store import read_manifest, write_dataset
+    from diffem_cli.io.store import read_manifest, write_dataset
 
     if read_manifest(path).get("num_rows") == n:
         return
@@ -89,9 +89,9 @@ def child(channel: str, source: str, out: Path, chunk_size: int) -> None:
     started = time.perf_counter()
     import datasets  # noqa: F401  (imported lazily by the store; timed as import, not as work)
 
-    from diffem_cli.corrupt import corrupt_dataset
-    from diffem_cli.registry import make_channel
-    from diffem_cli.sources import load_source
+    from diffem_cli.io.registry import make_channel
+    from diffem_cli.io.sources import load_source
+    from diffem_cli.pipeline.corrupt import corrupt_dataset
 
     if channel == "baseline":  # imports only: the floor under every other row's RSS
         print(

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, write_results
-from diffem_cli.compare import compare
-from diffem_cli.config import load_config
-from diffem_cli.corrupt import corrupt_dataset
-from diffem_cli.registry import make_channel
-from diffem_cli.sources import load_source
+from diffem_cli.config.run import load_config
+from diffem_cli.io.registry import make_channel
+from diffem_cli.io.sources import load_source
+from diffem_cli.pipeline.compare import compare
+from diffem_cli.pipeline.corrupt import corrupt_dataset
 
 CASES: dict[str, tuple[str, dict[str, Any], str]] = {
     "mask0.5": ("mask", {"rho": 0.5}, "diffem,em-mmps,dps-em,ambient,naive,oracle"),

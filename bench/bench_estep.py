@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from bench.common import machine, write_results
-from diffem_cli.config import SampleConfig, load_config
-from diffem_cli.corrupt import corrupt_dataset
+from diffem_cli.config.run import load_config
+from diffem_cli.diffusion.sampling import SampleConfig
+from diffem_cli.io.observations import Observations
+from diffem_cli.io.registry import make_channel
+from diffem_cli.io.sources import load_source
 from diffem_cli.methods import get_method
-from diffem_cli.observations import Observations
-from diffem_cli.registry import make_channel
-from diffem_cli.sources import load_source
+from diffem_cli.pipeline.corrupt import corrupt_dataset
 
 # (data case, preset, method, overrides)
 ROWS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (

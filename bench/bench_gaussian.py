@@ -43,7 +43,7 @@ from diffem_channels.base import sample_seeds
 from diffem_channels.blur import BlurChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.projection import ProjectionChannel
-from diffem_cli.gaussian import fit_gaussian, gaussian_start
+from diffem_cli.gaussian.model import fit_gaussian, gaussian_start
 
 HERE = Path(__file__).resolve().parent
 CASES = ("mask16", "blur32", "cifar", "manifold", "digits")
@@ -84,10 +84,9 @@ def load1() -> float:
 def estep_seconds(channel, obs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> float:
     """Seconds of one E-step of the default UNet with ``SampleConfig()`` on ``obs``: the sampling
     loop the DiffEM method runs (``sampling.draw`` over ``NetworkDenoiser`` batches), on the CPU."""
-    from diffem_cli.config import SampleConfig
-    from diffem_cli.denoise import NetworkDenoiser
-    from diffem_cli.nets import build_network, default_network
-    from diffem_cli.sampling import clip_range_for, draw
+    from diffem_cli.diffusion.denoise import NetworkDenoiser
+    from diffem_cli.diffusion.nets import build_network, default_network
+    from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw
 
     torch.manual_seed(0)
     model = build_network(default_network(shape), shape, channel.cond_size(shape)).eval()
@@ -129,12 +128,12 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
         clean, channel, shape = smooth_images(args.cifar_n, 32), MaskChannel(rho=0.75), (3, 32, 32)
         n_label = "mask rho 0.75"
     elif case == "manifold":
-        from diffem_cli.sources import sample_manifold
+        from diffem_cli.io.sources import sample_manifold
 
         clean, channel, shape = sample_manifold(16384), ProjectionChannel(m=2, sigma=0.01), (5,)
         n_label = "projection 2x5, sigma 0.01"
     elif case == "digits":
-        from diffem_cli.sources import load_source
+        from diffem_cli.io.sources import load_source
 
         clean, channel, shape, n_label = (
             load_source("digits").read(0, 1797),

@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from bench.common import machine, write_results
-from diffem_cli.config import load_config
-from diffem_cli.corrupt import corrupt_dataset
-from diffem_cli.em import em_train
-from diffem_cli.registry import make_channel
-from diffem_cli.sources import load_source, sample_manifold
-from diffem_cli.store import write_dataset
+from diffem_cli.config.run import load_config
+from diffem_cli.io.registry import make_channel
+from diffem_cli.io.sources import load_source, sample_manifold
+from diffem_cli.io.store import write_dataset
+from diffem_cli.pipeline.corrupt import corrupt_dataset
+from diffem_cli.pipeline.em import em_train
 
 OFFICIAL = {
     "official DiffEM": {"sinkhorn": [1.320, 1.189, 0.920, 0.784, 0.680, 0.563, 0.491], "seconds": 476},

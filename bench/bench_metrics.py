@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from bench.common import machine, write_results
+from diffem_cli.io.sources import sample_manifold
 from diffem_cli.metrics import sinkhorn as sk
-from diffem_cli.sources import sample_manifold
 
 HERE = Path(__file__).resolve().parent
 REG, ITERS = 1e-3, 1024

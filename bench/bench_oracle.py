@@ -2,7 +2,7 @@
 
 The oracle (``--method oracle``) trains DiffEM's conditional network on fresh corruptions of the
 clean data, lap after lap, with the same network, steps per lap, laps and sampler; it bounds what
-the observations allow at that budget. Both run through ``diffem_cli.compare.compare`` (no
+the observations allow at that budget. Both run through ``diffem_cli.pipeline.compare.compare`` (no
 unconditional models), evaluated every lap on one posterior sample per observation against its
 clean image. Cases (``--cases``):
 
@@ -30,11 +30,11 @@ from typing import Any
 
 from bench.common import machine, write_results
 from bench.images import shapes_images
-from diffem_cli.compare import compare
-from diffem_cli.config import load_config
-from diffem_cli.corrupt import corrupt_dataset
-from diffem_cli.registry import make_channel
-from diffem_cli.sources import LimitedSource, TensorSource, load_source
+from diffem_cli.config.run import load_config
+from diffem_cli.io.registry import make_channel
+from diffem_cli.io.sources import LimitedSource, TensorSource, load_source
+from diffem_cli.pipeline.compare import compare
+from diffem_cli.pipeline.corrupt import corrupt_dataset
 
 CASES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "shapes16-mask0.5": ("shapes16", "mask", {"rho": 0.5}, "img16"),
@@ -189,7 +189,7 @@ def main() -> None:
 
 def write(out: Path, name: str, result: dict[str, Any]) -> None:
     """The JSON, the Markdown and the PSNR-per-lap panels (rewritten after every case)."""
-    from diffem_cli import plots
+    from diffem_cli.pipeline import plots
 
     write_results(out, name, result, markdown(result).replace("oracle.png", f"{name}.png"))
     panels = {

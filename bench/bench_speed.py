@@ -1,7 +1,7 @@
 """Throughput benchmark: diffem's M-step and E-step against the bare network on this machine.
 
 For each preset network (the ``digits`` UNet on 8x8x1, the default UNet of
-``diffem_cli.nets.default_network`` on 16x16x3 and 32x32x3, the ``img16``/``img32`` preset UNets,
+``diffem_cli.diffusion.nets.default_network`` on 16x16x3 and 32x32x3, the ``img16``/``img32`` preset UNets,
 the ``manifold`` MLP; every one conditioned on ``mask``, the MLP on ``projection``):
 
 * bare forward: timed loops of ``net(x_t, t, cond)`` under ``no_grad`` at the E-step batch size;
@@ -39,14 +39,15 @@ from typing import Any
 import torch
 
 from bench.common import machine, write_results
-from diffem_cli.config import SampleConfig, TrainConfig, load_config
-from diffem_cli.corrupt import corrupt_dataset
+from diffem_cli.config.run import load_config
+from diffem_cli.diffusion.nets import build_network, count_parameters, default_network
+from diffem_cli.diffusion.sampling import SampleConfig
+from diffem_cli.diffusion.train import TrainConfig, train_denoiser
+from diffem_cli.io.observations import Observations
+from diffem_cli.io.registry import make_channel
+from diffem_cli.io.sources import TensorSource
 from diffem_cli.methods import get_method
-from diffem_cli.nets import build_network, count_parameters, default_network
-from diffem_cli.observations import Observations
-from diffem_cli.registry import make_channel
-from diffem_cli.sources import TensorSource
-from diffem_cli.train import train_denoiser
+from diffem_cli.pipeline.corrupt import corrupt_dataset
 
 DEV = torch.device("cpu")
 

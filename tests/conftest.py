@@ -27,7 +27,7 @@ torch.set_num_threads(int(os.environ.get("DIFFEM_TEST_THREADS") or 1))
 @pytest.fixture
 def cli(capsys):
     """Run the diffem CLI in-process; returns (exit code, stdout, stderr)."""
-    from diffem_cli.cli import run
+    from diffem_cli.cli.app import run
 
     def call(*args: str) -> tuple[int, str, str]:
         code = run([str(a) for a in args])

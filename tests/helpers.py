@@ -33,7 +33,7 @@ FAST = [*sets("train.epochs=1", "train.batch_size=16"), *QUICK]
 
 def run_ok(*argv: object) -> None:
     """Run ``diffem *argv`` in-process and require exit code 0."""
-    from diffem_cli.cli import run
+    from diffem_cli.cli.app import run
 
     code = run([str(a) for a in argv])
     assert code == 0, f"diffem {' '.join(map(str, argv))} exited with {code}"
@@ -61,7 +61,7 @@ def read_x(folder: Path) -> torch.Tensor:
     """Column ``x`` of the datasets folder ``folder``."""
     import datasets
 
-    from diffem_cli.store import columns
+    from diffem_cli.io.store import columns
 
     return columns(datasets.load_from_disk(str(folder)), ["x"])["x"]
 
@@ -114,7 +114,7 @@ class OracleV(torch.nn.Module):
     def __init__(self, mu: torch.Tensor):
         super().__init__()
         self.mu = mu
-        from diffem_cli.diffusion import ddpm_scheduler
+        from diffem_cli.diffusion.schedule import ddpm_scheduler
 
         self.sched = ddpm_scheduler()
         self.dummy = torch.nn.Parameter(torch.zeros(()))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import FAST, TINY_MLP, error_line, file_bytes, run_ok, snapshot
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +128,7 @@ def test_manifest_disagreeing_with_its_data(cli, d: Path, tmp_path: Path) -> Non
 
 
 def test_check_manifest_columns_directly(d: Path) -> None:
-    from diffem_cli.store import check_manifest_columns, read_dataset
+    from diffem_cli.io.store import check_manifest_columns, read_dataset
 
     for folder in ("obs", "clean", "dobs", "dclean"):
         ds, manifest = read_dataset(d / folder)
@@ -157,7 +156,7 @@ def test_report_with_a_reference_of_another_shape_writes_nothing(cli, d: Path) -
 def test_hub_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
-    from diffem_cli import sources
+    from diffem_cli.io import sources
 
     for var in (
         "HF_HUB_OFFLINE",
@@ -175,17 +174,17 @@ def test_hub_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", refuse)
-    started = time.perf_counter()
     with pytest.raises(DiffemError, match="no connection to the Hugging Face Hub"):
         sources.load_source("hf:someone/something")
-    assert time.perf_counter() - started < 2 and tried == [(("huggingface.co", 443), sources.HUB_TIMEOUT_S)]
+    # one probe, bounded by the short timeout: no retries, no library-level download attempt
+    assert tried == [(("huggingface.co", 443), sources.HUB_TIMEOUT_S)]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline mode: datasets reads its cache, no probe
     assert sources.hub_reachable() and len(tried) == 1
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_safetensors_follow_the_umask(tmp_path: Path, mask: int) -> None:
-    from diffem_cli.checkpoint import save_tensors
+    from diffem_cli.diffusion.checkpoint import save_tensors
 
     old = os.umask(mask)
     try:

@@ -12,8 +12,8 @@ import torch
 from helpers import QUICK, TINY_MLP, TINY_UNET, run_ok, sets
 from PIL import Image
 
-from diffem_cli.checkpoint import build_model, load_checkpoint
-from diffem_cli.store import columns, read_manifest
+from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
+from diffem_cli.io.store import columns, read_manifest
 
 
 def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[str], batch: int) -> Path:

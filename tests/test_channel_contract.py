@@ -111,8 +111,8 @@ def test_wrong_data_kind_is_reported() -> None:
 OBSERVE = """
 import hashlib, sys, torch
 from diffem_channels.base import sample_seeds
-from diffem_cli import registry
-from diffem_cli.sources import load_source
+from diffem_cli.io import registry
+from diffem_cli.io.sources import load_source
 
 img, vec = load_source("digits").read(0, 24), load_source("manifold:samples=24").read(0, 24)
 out = []

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from diffem_cli import __version__
-from diffem_cli.checkpoint import (
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import (
     FORMAT,
     build_model,
     load_checkpoint,
@@ -17,8 +18,7 @@ from diffem_cli.checkpoint import (
     save_checkpoint,
     save_tensors,
 )
-from diffem_cli.errors import DiffemError
-from diffem_cli.nets import build_network, default_unet_config
+from diffem_cli.diffusion.nets import build_network, default_unet_config
 
 MLP = {"type": "mlp", "width": 32, "depth": 2, "emb_dim": 16}
 
@@ -191,22 +191,19 @@ def test_non_finite_weights_are_refused(tmp_path):
     assert "non-finite value(s) (NaN or infinity)" in _one_line(info.value)
 
 
-def test_a_lying_width_fails_fast_without_allocating(tmp_path):
+def test_a_lying_width_fails_without_allocating(tmp_path):
     import resource
-    import time
 
     net = build_network(MLP, (5,), 0)
     path = tmp_path / "huge.safetensors"
     save_checkpoint(path, net, _meta({**MLP, "width": 10**8}, (5,), 0, "unconditional"))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
     with pytest.raises(DiffemError) as info:
         build_model(load_checkpoint(path))
-    elapsed = time.perf_counter() - t0
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     # width 1e8, depth 2: the real network would hold about 1e16 weights (4e16 bytes)
     assert "shape" in _one_line(info.value) and "do not match its network config" in str(info.value)
-    assert elapsed < 2.0 and grown_mb < 100, (elapsed, grown_mb)
+    assert grown_mb < 100, grown_mb  # the real network would need about 4e7 GB
 
 
 def test_invalid_network_configs_are_one_line(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffem_cli import __version__
-from diffem_cli.cli import app
+from diffem_cli.cli.app import app
 
 
 def _commands() -> list[tuple[list[str], object]]:

@@ -1,7 +1,7 @@
 import pytest
 
-from diffem_cli.config import PRESETS, load_config, parse_sets
-from diffem_cli.errors import DiffemError
+from diffem_cli.config.run import PRESETS, load_config, parse_sets
+from diffem_cli.core.errors import DiffemError
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -102,7 +102,7 @@ def test_mlp_network_against_its_constructor():
 
 
 def test_methods_tuple_and_valid_values_pass():
-    from diffem_cli.config import METHODS
+    from diffem_cli.config.run import METHODS
 
     assert METHODS == ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
     for method in METHODS:
@@ -110,7 +110,7 @@ def test_methods_tuple_and_valid_values_pass():
 
 
 def test_config_from_dict_validates_too():
-    from diffem_cli.config import config_from_dict
+    from diffem_cli.config.run import config_from_dict
 
     data = load_config("digits").to_dict()
     assert config_from_dict(data).to_dict() == data
@@ -122,7 +122,7 @@ def test_config_from_dict_validates_too():
 def test_check_config_for_data():
     from diffem_channels.jpeg import JpegChannel
     from diffem_channels.mask import MaskChannel
-    from diffem_cli.config import check_config_for_data
+    from diffem_cli.config.run import check_config_for_data
 
     digits = load_config("digits")
     check_config_for_data(digits, MaskChannel(), (1, 8, 8))

@@ -12,10 +12,11 @@ from helpers import file_bytes
 from PIL import Image
 
 from diffem_channels.base import Channel, ChannelError, Param, sample_seeds
-from diffem_cli.cli import run
-from diffem_cli.corrupt import corrupt_dataset, recorrupt
-from diffem_cli.sources import TensorSource, load_source
-from diffem_cli.store import columns, read_dataset
+from diffem_cli.cli.app import run
+from diffem_cli.io.observations import recorrupt
+from diffem_cli.io.sources import TensorSource, load_source
+from diffem_cli.io.store import columns, read_dataset
+from diffem_cli.pipeline.corrupt import corrupt_dataset
 
 
 def _tree(folder: Path) -> set[str]:
@@ -164,7 +165,7 @@ def test_recorrupt_is_fresh_per_lap_and_reproducible():
 
 
 def _make(name: str, **params) -> Channel:
-    from diffem_cli.registry import make_channel
+    from diffem_cli.io.registry import make_channel
 
     return make_channel(name, params)
 

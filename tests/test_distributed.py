@@ -19,8 +19,8 @@ import pytest
 import torch
 from helpers import TINY_MLP, run_ok, sets
 
-from diffem_cli.checkpoint import build_model, load_checkpoint
-from diffem_cli.store import columns, read_dataset
+from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
+from diffem_cli.io.store import columns, read_dataset
 
 N = 256
 EPOCHS = 12
@@ -162,7 +162,7 @@ def test_sharded_reconstruct_equals_one_process(job, tmp_path):
 def test_a_plain_run_sets_up_nothing_distributed(monkeypatch):
     import torch.distributed as dist
 
-    from diffem_cli.runtime import gather_rows, launch
+    from diffem_cli.core.runtime import gather_rows, launch
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -174,8 +174,8 @@ def test_a_plain_run_sets_up_nothing_distributed(monkeypatch):
 
 
 def test_launcher_settings_are_checked(monkeypatch):
-    from diffem_cli.errors import DiffemError
-    from diffem_cli.runtime import launch, rank_device
+    from diffem_cli.core.errors import DiffemError
+    from diffem_cli.core.runtime import launch, rank_device
 
     assert rank_device("cpu", 1, 2) == torch.device("cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -188,11 +188,10 @@ def test_launcher_settings_are_checked(monkeypatch):
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused():
-    from diffem_cli.config import TrainConfig
-    from diffem_cli.errors import DiffemError
-    from diffem_cli.nets import build_network
-    from diffem_cli.runtime import Context
-    from diffem_cli.train import train_denoiser
+    from diffem_cli.core.errors import DiffemError
+    from diffem_cli.core.runtime import Context
+    from diffem_cli.diffusion.nets import build_network
+    from diffem_cli.diffusion.train import TrainConfig, train_denoiser
 
     net = build_network({"type": "mlp", "width": 8, "depth": 1, "emb_dim": 4}, (2,), 0)
     cpu = torch.device("cpu")

@@ -16,8 +16,8 @@ import torch
 import yaml
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
 
-from diffem_cli.checkpoint import build_model, load_checkpoint, load_tensors
-from diffem_cli.observations import load_recon
+from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, load_tensors
+from diffem_cli.io.observations import load_recon
 
 TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=2"), *QUICK]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffem_cli.errors import DiffemError
-from diffem_cli.evaluate import METRICS, evaluate_folders, evaluate_tensors
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.sources import sample_manifold
+from diffem_cli.io.store import write_dataset
+from diffem_cli.metrics.evaluate import METRICS, evaluate_folders, evaluate_tensors
 from diffem_cli.metrics.images import psnr_per_image
-from diffem_cli.sources import sample_manifold
-from diffem_cli.store import write_dataset
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -95,7 +95,7 @@ def test_bad_requests_raise_one_line_errors() -> None:
 def test_metric_names_listed_in_the_cli_help() -> None:
     import inspect
 
-    from diffem_cli.commands import evaluate_cmd
+    from diffem_cli.cli.commands import evaluate_cmd
 
     source = inspect.getsource(evaluate_cmd)
     assert all(name in source for name in METRICS)
@@ -133,9 +133,9 @@ def test_evaluate_folders_equals_evaluate_tensors(folders: dict[str, Path]) -> N
     assert vec == pytest.approx(expected, rel=1e-9)
     img = evaluate_folders(folders["recon"], folders["clean_img"], chunk_size=16)  # chunks cut through pairs
     assert list(img) == ["psnr", "ssim", "fd_rand", "fd_pixels"]
+    from diffem_cli.io.store import columns, read_dataset
     from diffem_cli.metrics.features import random_features
     from diffem_cli.metrics.frechet import moments
-    from diffem_cli.store import columns, read_dataset
 
     ds, _ = read_dataset(folders["recon"])
     cols = columns(ds, ["x", "index"])

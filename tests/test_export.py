@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, read_x, run_ok
 
-from diffem_cli.checkpoint import load_checkpoint
+from diffem_cli.diffusion.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")

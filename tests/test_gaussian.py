@@ -14,8 +14,8 @@ from diffem_channels.blur import BlurChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.noise import NoiseChannel
 from diffem_channels.projection import ProjectionChannel
-from diffem_cli.errors import DiffemError
-from diffem_cli.gaussian import (
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.gaussian.model import (
     GaussianPrior,
     fit_gaussian,
     gaussian_start,
@@ -358,7 +358,7 @@ class SharedProj(Channel):
 def _linear_map(prior, ch, obs, shape, method):
     """Posterior samples are affine in the normals z: mean + L z. Returns (mean, L L^T) exactly,
     from the samples at z = 0 and z = e_j (one observation)."""
-    from diffem_cli.gaussian import _sample_from_noise
+    from diffem_cli.gaussian.model import _sample_from_noise
 
     nz = prior.noise_dim + obs["y"][0].numel()
     z = torch.cat([torch.zeros(1, nz), torch.eye(nz)])

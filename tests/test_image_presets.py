@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffem_cli.config import PRESETS, default_preset, load_config
-from diffem_cli.nets import build_network
+from diffem_cli.config.run import PRESETS, default_preset, load_config
+from diffem_cli.diffusion.nets import build_network
 
 
 @pytest.mark.parametrize(
@@ -37,9 +37,9 @@ def test_image_presets_build_for_their_size(preset, size):
 
 
 def test_em_train_picks_img16_for_16x16_images(tmp_path, cli):
-    from diffem_cli.corrupt import corrupt_dataset
-    from diffem_cli.registry import make_channel
-    from diffem_cli.sources import TensorSource
+    from diffem_cli.io.registry import make_channel
+    from diffem_cli.io.sources import TensorSource
+    from diffem_cli.pipeline.corrupt import corrupt_dataset
 
     x = torch.rand(8, 3, 16, 16) * 2 - 1
     corrupt_dataset(TensorSource(x), make_channel("mask", {"rho": 0.5}), tmp_path / "obs", progress=False)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from diffem_cli.errors import DiffemError
-from diffem_cli.lock import hold_lock, holder, lock_output, lock_path
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.lock import hold_lock, holder, lock_output, lock_path
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from diffem_cli.lock import hold_lock
+from diffem_cli.io.lock import hold_lock
 with hold_lock(Path(sys.argv[1]), "em-train"):
     print("locked", flush=True)
     time.sleep(60)
@@ -139,7 +139,7 @@ def test_missing_parent_is_one_line(tmp_path: Path) -> None:
 def test_unwritable_parent_locks_inside_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from diffem_cli import lock
+    from diffem_cli.io import lock
 
     run = tmp_path / "run"
     run.mkdir()

@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import OracleV
 
-from diffem_cli.diffusion import ddpm_scheduler
-from diffem_cli.errors import DiffemError
-from diffem_cli.losses import VLoss, draw_timesteps
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.losses import VLoss, draw_timesteps
+from diffem_cli.diffusion.schedule import ddpm_scheduler
 
 
 def test_vloss_is_zero_for_the_oracle():

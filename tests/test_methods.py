@@ -10,9 +10,9 @@ import pytest
 import torch
 from helpers import QUICK, TINY_MLP, TINY_UNET, error_line, read_x, run_ok, sets
 
-from diffem_cli.checkpoint import load_checkpoint
-from diffem_cli.config import RunConfig
-from diffem_cli.errors import DiffemError
+from diffem_cli.config.run import RunConfig
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import load_checkpoint
 from diffem_cli.methods import REGISTRY, get_method, method_for_checkpoint
 
 TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=2"), *QUICK]
@@ -157,8 +157,8 @@ def test_prior_methods_drop_vectors_outside_the_box():
 def test_gaussian_covariance_moments_travel_in_the_checkpoint(obs, tmp_path, cli):
     """mmps.covariance=gaussian: the M-step's moments are the training data's, stored as aux
     tensors that reconstruct reads back; the weights alone still build the network."""
-    from diffem_cli.checkpoint import build_model
-    from diffem_cli.observations import load_recon
+    from diffem_cli.diffusion.checkpoint import build_model
+    from diffem_cli.io.observations import load_recon
 
     run_ok(
         "em-train",

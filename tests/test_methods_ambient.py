@@ -14,13 +14,13 @@ from diffem_channels import sample_seeds
 from diffem_channels.box import BoxChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.noise import NoiseChannel
-from diffem_cli.checkpoint import build_model, load_checkpoint
-from diffem_cli.config import RunConfig
-from diffem_cli.diffusion import ddpm_scheduler
-from diffem_cli.errors import DiffemError
+from diffem_cli.config.run import RunConfig
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
+from diffem_cli.diffusion.schedule import ddpm_scheduler
+from diffem_cli.io.observations import load_recon
 from diffem_cli.methods import get_method
 from diffem_cli.methods.ambient import AmbientLoss, ambient_x0, further_mask, sampler_masks
-from diffem_cli.observations import load_recon
 
 
 def _se(p: float, n: int) -> float:
@@ -170,7 +170,7 @@ def test_ambient_run_checkpoint_sample_and_reconstruct(d, cli, tmp_path):
     assert code == 0, err
     x, manifest = load_recon(tmp_path / "rec")
     assert manifest["method"] == "ambient"
-    from diffem_cli.observations import Observations
+    from diffem_cli.io.observations import Observations
 
     obs = Observations(d / "obs")
     a = obs.obs["mask"].bool()

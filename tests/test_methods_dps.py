@@ -15,14 +15,14 @@ from diffem_channels import Channel, sample_seeds
 from diffem_channels.jpeg import JpegChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.projection import ProjectionChannel
-from diffem_cli.checkpoint import build_model, load_checkpoint
-from diffem_cli.config import RunConfig
-from diffem_cli.denoise import alpha_sigma
-from diffem_cli.errors import DiffemError
-from diffem_cli.guidance import ALPHA_MIN, DPSDenoiser, residual_norm
+from diffem_cli.config.run import RunConfig
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
+from diffem_cli.diffusion.denoise import alpha_sigma
+from diffem_cli.io.observations import load_recon
+from diffem_cli.io.store import read_manifest
 from diffem_cli.methods import get_method
-from diffem_cli.observations import load_recon
-from diffem_cli.store import read_manifest
+from diffem_cli.methods.guidance import ALPHA_MIN, DPSDenoiser, residual_norm
 
 
 def test_dps_step_is_the_scaled_gradient_of_the_residual_norm():

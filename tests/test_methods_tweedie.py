@@ -10,11 +10,12 @@ import pytest
 import torch
 from helpers import FAST, TINY_UNET, error_line, read_x, run_ok
 
-from diffem_cli.checkpoint import load_checkpoint
-from diffem_cli.config import RunConfig
-from diffem_cli.denoise import Denoiser, alpha_sigma
-from diffem_cli.diffusion import ddpm_scheduler
-from diffem_cli.errors import DiffemError
+from diffem_cli.config.run import RunConfig
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import load_checkpoint
+from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
+from diffem_cli.diffusion.schedule import ddpm_scheduler
+from diffem_cli.io.observations import load_recon
 from diffem_cli.methods import get_method
 from diffem_cli.methods.ambient_tweedie import (
     FlooredDenoiser,
@@ -22,7 +23,6 @@ from diffem_cli.methods.ambient_tweedie import (
     first_timestep_above,
     y_prediction,
 )
-from diffem_cli.observations import load_recon
 
 SIGMA_N = 0.2
 

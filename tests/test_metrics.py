@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.sources import sample_manifold
 from diffem_cli.metrics import (
     fd_pixels,
     fd_rand,
@@ -22,7 +23,6 @@ from diffem_cli.metrics import (
 )
 from diffem_cli.metrics.frechet import Moments, moments
 from diffem_cli.metrics.sliced import projections
-from diffem_cli.sources import sample_manifold
 
 
 def _gen(seed: int) -> torch.Generator:

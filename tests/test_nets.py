@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffem_cli.errors import DiffemError
-from diffem_cli.nets import (
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.nets import (
     ImageUNet,
     VectorMLP,
     build_network,

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffem_cli.plots import save_curves, save_image_grid, save_pairwise_scatter
+from diffem_cli.pipeline.plots import save_curves, save_image_grid, save_pairwise_scatter
 
 
 def _png(path) -> Image.Image:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from helpers import assert_close, fake_dist, forget_modules
 
 from diffem_channels import Channel, ChannelError, sample_seeds
-from diffem_cli import registry
-from diffem_cli.cli import run
-from diffem_cli.errors import DiffemError
+from diffem_cli.cli.app import run
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io import registry
 
 PLUGIN_SRC = Path(__file__).resolve().parents[1] / "plugins" / "diffem-downsample" / "src"
 
@@ -99,9 +99,9 @@ def test_downsample_channel_is_a_correct_linear_channel(downsample: Path) -> Non
 def test_cli_corrupt_with_the_plugin(
     downsample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if importlib.util.find_spec("diffem_cli.commands.corrupt_cmd") is None:
+    if importlib.util.find_spec("diffem_cli.cli.commands.corrupt_cmd") is None:
         pytest.skip("the corrupt command is not written yet")
-    from diffem_cli.store import read_dataset
+    from diffem_cli.io.store import read_dataset
 
     out = tmp_path / "obs"
     argv = [
@@ -143,7 +143,7 @@ def test_broken_plugin_does_not_break_the_rest(
     assert "broken" in out and "libmissing" in out and "projection" in out
     assert run(["channels", "broken"]) == 0
     assert "libmissing" in capsys.readouterr().out
-    if importlib.util.find_spec("diffem_cli.commands.corrupt_cmd") is not None:
+    if importlib.util.find_spec("diffem_cli.cli.commands.corrupt_cmd") is not None:
         argv = ["corrupt", "digits", str(tmp_path / "obs"), "-c", "mask", "--limit", "4"]
         assert run(argv) == 0, capsys.readouterr().err
 

@@ -27,7 +27,7 @@ def test_readme_plugin_example_is_discovered_and_corrupts(site, monkeypatch, cli
     assert code == 0, err
     assert pyproject["project"]["name"] in out
     from diffem_channels.testing import check_channel
-    from diffem_cli import registry
+    from diffem_cli.io import registry
 
     check_channel(registry.make_channel(name), (1, 8, 8))  # what the README tells plugin authors to run
 

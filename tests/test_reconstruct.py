@@ -12,7 +12,7 @@ import torch
 from helpers import TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, file_bytes, read_x, run_ok
 from safetensors.torch import save_file
 
-from diffem_cli.store import columns, read_manifest
+from diffem_cli.io.store import columns, read_manifest
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import pytest
 from helpers import fake_dist
 
 from diffem_channels import API_VERSION, ChannelError
-from diffem_cli import registry
-from diffem_cli.cli import run
-from diffem_cli.errors import DiffemError
+from diffem_cli.cli.app import run
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io import registry
 
 BUILTINS = {"mask", "box", "blur", "jpeg", "noise", "projection"}
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import OracleV
 
-from diffem_cli.denoise import NetworkDenoiser, alpha_sigma
-from diffem_cli.diffusion import SAMPLERS, sampler_scheduler
-from diffem_cli.errors import DiffemError
-from diffem_cli.sampling import draw, sample_loop
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.denoise import NetworkDenoiser, alpha_sigma
+from diffem_cli.diffusion.sampling import draw, sample_loop
+from diffem_cli.diffusion.schedule import SAMPLERS, sampler_scheduler
 
 
 def _gen(seed: int = 0) -> torch.Generator:

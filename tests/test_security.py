@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import fake_dist
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("diffem_cli", "channels", "plugins", "bench")
@@ -160,7 +160,7 @@ def test_distributions_in_the_current_directory_are_ignored(tmp_path: Path) -> N
 
 
 def test_untrusted_dirs_follows_sys_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffem_cli import registry
+    from diffem_cli.io import registry
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path[1:]])  # what `python -m` does
@@ -174,7 +174,7 @@ def test_untrusted_dirs_follows_sys_path(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_same_channel_names_the_first_difference() -> None:
-    from diffem_cli.registry import same_channel
+    from diffem_cli.io.registry import same_channel
 
     a = {"name": "noise", "api_version": 1, "params": {"sigma": 0.01, "shape": (2, 2)}}
     assert same_channel(a, {"name": "noise", "params": {"sigma": 0.01, "shape": [2, 2]}}) is None
@@ -208,9 +208,9 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_export_folder_without_weights_is_one_line_and_offline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from diffem_cli.checkpoint import FORMAT
-    from diffem_cli.export import load_model_source
-    from diffem_cli.nets import default_unet_config
+    from diffem_cli.diffusion.checkpoint import FORMAT
+    from diffem_cli.diffusion.nets import default_unet_config
+    from diffem_cli.pipeline.export import load_model_source
 
     _no_network(monkeypatch)
     folder = tmp_path / "google" / "ddpm-cifar10-32"  # looks like a Hub repo id

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffem_cli.errors import DiffemError
-from diffem_cli.sources import load_source, manifold_curve, sample_manifold
-from diffem_cli.store import write_dataset
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.sources import load_source, manifold_curve, sample_manifold
+from diffem_cli.io.store import write_dataset
 
 
 def _all(source) -> torch.Tensor:

@@ -15,9 +15,9 @@ import pytest
 import torch
 from helpers import error_line, file_bytes
 
-from diffem_cli import store
-from diffem_cli.errors import DiffemError
-from diffem_cli.store import (
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io import store
+from diffem_cli.io.store import (
     atomic_path,
     check_finite,
     clean_stale,
@@ -53,7 +53,7 @@ def _data(out: Path, y: torch.Tensor | None = None, manifest: dict | None = None
 KILL_IN_OVERWRITE = """
 import os, signal, sys
 from pathlib import Path
-from diffem_cli import store
+from diffem_cli.io import store
 out = Path(sys.argv[1])
 if sys.argv[2] == "two-renames":
     store._exchange = lambda a, b: False
@@ -384,7 +384,7 @@ def test_a_second_writer_of_the_same_out_is_refused(tmp_path: Path) -> None:
     hold = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from diffem_cli.lock import lock_output\n"
+        "from diffem_cli.io.lock import lock_output\n"
         "with lock_output(Path(sys.argv[1]), 'corrupt'):\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(60)\n"

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from diffem_cli.errors import DiffemError
-from diffem_cli.threads import DEFAULT_THREADS, THREADS_ENV, parse_threads, set_threads
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.threads import DEFAULT_THREADS, THREADS_ENV, parse_threads, set_threads
 
 
 @pytest.fixture(autouse=True)

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffem_cli.checkpoint import load_tensors
-from diffem_cli.config import TrainConfig
-from diffem_cli.errors import DiffemError
-from diffem_cli.nets import build_network
-from diffem_cli.train import EMA, TrainResult, lr_at, train_denoiser
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import load_tensors
+from diffem_cli.diffusion.nets import build_network
+from diffem_cli.diffusion.train import EMA, TrainConfig, TrainResult, lr_at, train_denoiser
 
 CPU = torch.device("cpu")
 MLP = {"type": "mlp", "width": 32, "depth": 2, "emb_dim": 16}

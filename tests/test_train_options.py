@@ -2,9 +2,8 @@
 
 import torch
 
-from diffem_cli.config import TrainConfig
-from diffem_cli.nets import VectorMLP
-from diffem_cli.train import train_denoiser
+from diffem_cli.diffusion.nets import VectorMLP
+from diffem_cli.diffusion.train import TrainConfig, train_denoiser
 
 
 def test_refresh_replaces_the_conditioning_every_k_epochs():

@@ -11,8 +11,8 @@ import pytest
 import torch
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
 
-from diffem_cli.checkpoint import load_checkpoint
-from diffem_cli.store import columns, read_manifest
+from diffem_cli.diffusion.checkpoint import load_checkpoint
+from diffem_cli.io.store import columns, read_manifest
 
 TRAIN = [*TINY_MLP, *sets("train.epochs=2", "train.batch_size=32"), *QUICK]
 

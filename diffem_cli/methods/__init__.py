@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from diffem_cli.config import METHODS, RunConfig
-from diffem_cli.errors import DiffemError
+from diffem_cli.config.run import METHODS, RunConfig
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.methods.ambient import Ambient
 from diffem_cli.methods.ambient_tweedie import AmbientTweedie
 from diffem_cli.methods.base import Method

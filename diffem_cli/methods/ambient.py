@@ -37,13 +37,13 @@ import torch
 from torch import nn
 
 from diffem_channels import Channel, per_sample, sample_seeds
-from diffem_cli.denoise import Denoiser, alpha_sigma
-from diffem_cli.errors import DiffemError
-from diffem_cli.losses import draw_timesteps
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.runtime import autocast
+from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
+from diffem_cli.diffusion.losses import draw_timesteps
+from diffem_cli.diffusion.sampling import draw_unconditional
 from diffem_cli.methods.base import Method, draw_posterior
 from diffem_cli.methods.dps_em import Rows
-from diffem_cli.runtime import autocast
-from diffem_cli.sampling import draw_unconditional
 
 FURTHER_TAG = 0xA3B1  # seeds of the further masks B_i: (tag, sample index), whatever the run's seed
 FURTHER_STREAM = 2  # apart from the channels' mask (0) and noise (1) streams of the same seeds
@@ -187,7 +187,7 @@ class Ambient(Method):
         return draw_posterior(make, rows, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
 
     def unconditional_samples(self, model, meta, n, sample, *, seed, device, ctx=None):  # noqa: D102
-        from diffem_cli.registry import channel_from_spec
+        from diffem_cli.io.registry import channel_from_spec
 
         channel = channel_from_spec(meta["channel"])
         shape = tuple(meta["data"]["shape"])

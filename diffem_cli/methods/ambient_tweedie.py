@@ -30,17 +30,17 @@ from typing import Any
 
 import torch
 
-from diffem_cli.denoise import Denoiser, NetworkDenoiser, alpha_sigma
-from diffem_cli.errors import DiffemError
-from diffem_cli.losses import draw_timesteps
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser, alpha_sigma
+from diffem_cli.diffusion.losses import draw_timesteps
+from diffem_cli.diffusion.sampling import draw_unconditional
 from diffem_cli.methods.base import PriorMethod, draw_posterior
-from diffem_cli.sampling import draw_unconditional
 
 
 def first_timestep_above(sigma_n: float, scheduler: Any | None = None) -> int:
     """The first timestep whose VE noise level ``sigma_t / alpha_t`` exceeds ``sigma_n``."""
     if scheduler is None:
-        from diffem_cli.diffusion import ddpm_scheduler
+        from diffem_cli.diffusion.schedule import ddpm_scheduler
 
         scheduler = ddpm_scheduler()
     abar = scheduler.alphas_cumprod.double()

@@ -4,7 +4,7 @@ A method says what model it trains (:meth:`Method.build`, with :attr:`Method.kin
 its checkpoints), what its M-step trains on (:meth:`Method.training_data`, a dict of aligned
 tensors for the one training loop, and :meth:`Method.loss`), how its E-step draws posterior
 samples for the observations (:meth:`Method.posterior`, through the one sampling loop), and what
-its checkpoints record (:meth:`Method.meta`). The lap driver (:mod:`diffem_cli.em`) knows laps,
+its checkpoints record (:meth:`Method.meta`). The lap driver (:mod:`diffem_cli.pipeline.em`) knows laps,
 resume, evaluation and logging only.
 """
 
@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from diffem_cli.config import RunConfig, SampleConfig
-from diffem_cli.denoise import Denoiser, NetworkDenoiser
-from diffem_cli.errors import DiffemError
-from diffem_cli.losses import Loss, VLoss
-from diffem_cli.nets import build_network
-from diffem_cli.observations import Observations
-from diffem_cli.runtime import Context
-from diffem_cli.sampling import clip_range_for, draw
+from diffem_cli.config.run import RunConfig
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.runtime import Context
+from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
+from diffem_cli.diffusion.losses import Loss, VLoss
+from diffem_cli.diffusion.nets import build_network
+from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw
+from diffem_cli.io.observations import Observations
 
 if TYPE_CHECKING:
-    from diffem_cli.gaussian import GaussianPrior
+    from diffem_cli.gaussian.model import GaussianPrior
 
 Refresh = Callable[[int], dict[str, torch.Tensor]]
 
@@ -100,7 +100,7 @@ class Method:
     ) -> torch.Tensor:
         """``n`` unconditional samples of this method's model (``diffem sample``); default: the
         plain sampler on the network as an unconditional denoiser."""
-        from diffem_cli.uncond import sample_tensors
+        from diffem_cli.diffusion.sampling import sample_tensors
 
         return sample_tensors(model, meta, n, sample, seed=seed, device=device, ctx=ctx)
 
@@ -176,7 +176,7 @@ class PriorMethod(Method):
     """A method whose model is an unconditional prior, with posterior samples by MMPS guidance.
 
     With ``mmps.covariance: gaussian`` each M-step also fits Gaussian moments to its training
-    data (:func:`~diffem_cli.moments.fit_moments`), kept in the checkpoint as auxiliary tensors
+    data (:func:`~diffem_cli.gaussian.moments.fit_moments`), kept in the checkpoint as auxiliary tensors
     ``moments.*`` and used as MMPS's covariance by the E-step and ``reconstruct``; a checkpoint
     without them (``train-uncond``) falls back to the Tweedie covariance."""
 
@@ -193,7 +193,7 @@ class PriorMethod(Method):
     def prior_data(self, x: torch.Tensor, lap: int) -> dict[str, torch.Tensor]:
         """The M-step's data ``{"x": x}``; fits the moments of ``x`` when MMPS will use them."""
         if self.uses_mmps and self.cfg.mmps.covariance == "gaussian":
-            from diffem_cli.moments import fit_moments
+            from diffem_cli.gaussian.moments import fit_moments
 
             self.moments = fit_moments(x, self.cfg.em.gaussian_rank, seed=self.cfg.seed + lap)
         return {"x": x}
@@ -204,7 +204,7 @@ class PriorMethod(Method):
         return {f"moments.{k}": v for k, v in self.moments.to_tensors().items()}
 
     def load_aux(self, aux: dict[str, torch.Tensor]) -> None:  # noqa: D102
-        from diffem_cli.gaussian import GaussianPrior
+        from diffem_cli.gaussian.model import GaussianPrior
 
         found = {k[len("moments.") :]: v for k, v in aux.items() if k.startswith("moments.")}
         self.moments = GaussianPrior.from_tensors(found) if found else None
@@ -214,8 +214,8 @@ class PriorMethod(Method):
 
     def mmps(self, prior: Denoiser, data: Observations, device: torch.device) -> Callable[[dict], Denoiser]:
         """``obs -> MMPS denoiser`` for batches of ``data`` with the prior denoiser ``prior``."""
-        from diffem_cli.guidance import MMPSDenoiser
-        from diffem_cli.moments import GaussianCovariance
+        from diffem_cli.gaussian.moments import GaussianCovariance
+        from diffem_cli.methods.guidance import MMPSDenoiser
 
         iters = self.cfg.mmps.cg_iters
         cov = None

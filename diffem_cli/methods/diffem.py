@@ -12,15 +12,15 @@ from typing import Any
 import torch
 
 from diffem_channels import sample_seeds
+from diffem_cli.io.observations import Observations
 from diffem_cli.methods.base import ConditionalMethod, Refresh
-from diffem_cli.observations import Observations
 
 
 def fresh_conditioning(
     data: Observations, x: torch.Tensor, seed: int, lap: int, index: torch.Tensor
 ) -> torch.Tensor:
     """The conditioning tensor of a fresh corruption of ``x`` (rows ``index``) for lap ``lap``."""
-    from diffem_cli.corrupt import recorrupt
+    from diffem_cli.io.observations import recorrupt
 
     return data.channel.condition(recorrupt(data.channel, x, seed, lap, index), data.shape)
 

@@ -2,7 +2,7 @@
 
 M-step: the prior fine-tuned on the previous lap's reconstructions; with ``dps.reset_last = N``
 the last N laps retrain from fresh weights instead (the paper's phase 2). E-step: diffusion
-posterior sampling (:class:`~diffem_cli.guidance.DPSDenoiser`): a gradient step on the data
+posterior sampling (:class:`~diffem_cli.methods.guidance.DPSDenoiser`): a gradient step on the data
 residual ``||y - F(x0)||`` through the denoiser at every sampler step, with likelihood weight
 ``dps.scale``. With ``dps.adaptive`` the weight is chosen afresh at every E-step, as in the
 paper: each value of ``dps.grid`` samples the first ``dps.subset`` observations (same noise for
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from diffem_cli.denoise import Denoiser, NetworkDenoiser
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.methods.base import PriorMethod, draw_posterior
 
 
@@ -51,7 +51,7 @@ def first_rows(data: Any, k: int) -> Rows:
 
 def mean_residual(channel: Any, obs: dict[str, torch.Tensor], x: torch.Tensor) -> float:
     """Mean over samples of ``||y - F(x)||_2``."""
-    from diffem_cli.guidance import residual_norm
+    from diffem_cli.methods.guidance import residual_norm
 
     with torch.no_grad():
         return float(residual_norm(channel, obs, x.float()).mean())
@@ -83,7 +83,7 @@ class DPSEM(PriorMethod):
         dps = self.cfg.dps
 
         def draw_with(scale: float, rows: Any, what: str) -> torch.Tensor:
-            from diffem_cli.guidance import DPSDenoiser
+            from diffem_cli.methods.guidance import DPSDenoiser
 
             def make(obs: dict[str, torch.Tensor]) -> Denoiser:
                 return DPSDenoiser(prior, data.channel, obs, scale)

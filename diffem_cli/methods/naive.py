@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.methods.base import PriorMethod
 from diffem_cli.methods.dps_em import DPSEM
 

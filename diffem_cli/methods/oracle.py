@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.methods.base import ConditionalMethod
 from diffem_cli.methods.diffem import fresh_conditioning
 

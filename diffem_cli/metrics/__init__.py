@@ -6,7 +6,7 @@
 - ``frechet_distance``, ``fd_rand``, ``fd_pixels``: Frechet distances in offline feature spaces.
 - ``diffem_cli.metrics.online``: opt-in FID, IS and FD-DINOv2 (extra packages, downloaded weights).
 
-``diffem_cli.evaluate`` picks and runs them by name.
+``diffem_cli.metrics.evaluate`` picks and runs them by name.
 """
 
 from diffem_cli.metrics.features import fd_pixels, fd_rand, pixel_features, random_features

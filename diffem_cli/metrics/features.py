@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.metrics.frechet import frechet_distance
 
 WIDTHS = (32, 64, 128)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 
 
 def moments(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

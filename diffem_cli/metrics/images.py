@@ -1,14 +1,14 @@
 """PSNR and SSIM of reconstructions against the clean images they should recover (paired metrics).
 
 Both compare image ``i`` of ``x`` with image ``i`` of ``ref`` (same shape, (B, C, H, W)) and
-average the per-pair values; callers pair rows by observation index (``diffem_cli.evaluate``).
+average the per-pair values; callers pair rows by observation index (``diffem_cli.metrics.evaluate``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 
 MAX_PSNR = 100.0  # dB: identical images score this instead of infinity (keeps JSON finite)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.metrics.frechet import frechet_distance
 
 DINOV2_MODEL = "facebook/dinov2-base"

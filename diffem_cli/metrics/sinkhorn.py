@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse as sps
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 
 REG = 1e-3
 MAX_ITER = 1024

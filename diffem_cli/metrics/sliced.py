@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from diffem_cli.errors import DiffemError
+from diffem_cli.core.errors import DiffemError
 
 
 def projections(dim: int, n_projections: int = 256, seed: int = 0) -> torch.Tensor:

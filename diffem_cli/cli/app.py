@@ -1,0 +1,190 @@
+"""The ``diffem`` command: a thin Typer layer over the library's functions.
+
+Each subcommand lives in ``diffem_cli.cli.commands.<module>`` and registers itself through that
+module's ``register(app)``. Errors the user can fix are printed as one line on stderr with exit
+code 2, never as a traceback. Usage mistakes (unknown option, missing argument, bad value,
+unknown command) are one line too, exit 2. Typer 0.29 and later bundle their own copy of click
+(``typer._click``), older ones use the standalone ``click``: both kinds of exception are caught.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+
+# Before torch loads OpenMP: waiting threads sleep instead of spinning (see diffem_cli.core.threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from diffem_channels.base import ChannelError  # noqa: E402
+from diffem_cli import __version__  # noqa: E402
+from diffem_cli.core.errors import DiffemError  # noqa: E402
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "channels_cmd",
+    "corrupt_cmd",
+    "em_cmd",
+    "reconstruct_cmd",
+    "uncond_cmd",
+    "export_cmd",
+    "report_cmd",
+    "evaluate_cmd",
+    "config_cmd",
+    "compare_cmd",
+)
+
+DEBUG_ENV = "DIFFEM_DEBUG"
+
+
+def _click_modules() -> list[Any]:
+    """The exception modules of every click copy typer may be using (bundled and standalone)."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return mods
+
+
+_MODS = _click_modules()
+USAGE_ERRORS: tuple[type[BaseException], ...] = tuple(m.UsageError for m in _MODS)
+CLICK_ERRORS: tuple[type[BaseException], ...] = tuple(m.ClickException for m in _MODS)
+
+
+def _classes(name: str) -> tuple[type[BaseException], ...]:
+    found = [getattr(m, name, None) for m in _MODS] + [getattr(typer, name, None)]
+    return tuple(dict.fromkeys(c for c in found if isinstance(c, type)))
+
+
+EXITS = _classes("Exit")
+ABORTS = _classes("Abort")
+NO_ARGS_HELP: tuple[type[BaseException], ...] = tuple(
+    m.NoArgsIsHelpError for m in _MODS if hasattr(m, "NoArgsIsHelpError")
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"diffem {__version__}")
+        raise typer.Exit(0)
+
+
+app = typer.Typer(
+    name="diffem",
+    help="Learn clean diffusion models from corrupted data alone (DiffEM and its peers).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", help="Print the version and exit.", callback=_version_callback, is_eager=True
+        ),
+    ] = False,
+    threads: Annotated[
+        str | None,
+        typer.Option(
+            "--threads",
+            help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else every core (README).",
+        ),
+    ] = None,
+) -> None:
+    """Learn clean diffusion models from corrupted data alone (DiffEM and its peers)."""
+    if threads is not None:
+        from diffem_cli.core.threads import set_threads
+
+        set_threads(threads)
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"diffem_cli.cli.commands.{_name}").register(app)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fail(message: str, code: int = 2) -> int:
+    sys.stderr.write(f"error: {_one_line(message)}\n")
+    sys.stderr.flush()
+    return code
+
+
+def _usage_error(e: BaseException) -> int:
+    """Click's message and the command's usage line, on one line of stderr; exit 2."""
+    message = e.format_message() if hasattr(e, "format_message") else str(e)
+    ctx = getattr(e, "ctx", None)
+    usage = ""
+    if ctx is not None:
+        try:
+            usage = _one_line(ctx.get_usage())
+            usage = f" ({usage}; see '{ctx.command_path} --help')"
+        except Exception:  # a context without a command: the message alone is enough
+            usage = ""
+    return _fail(f"{_one_line(message)}{usage}", int(getattr(e, "exit_code", 2) or 2))
+
+
+def os_error_message(e: OSError) -> str:
+    """``PATH: reason`` for a file-system error (e.g. ``out/x.arrow: No space left on device``)."""
+    if e.filename is not None and e.strerror:
+        target = f" -> {e.filename2}" if e.filename2 is not None else ""
+        return f"{e.filename}{target}: {e.strerror}"
+    return f"{type(e).__name__}: {e}"
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` and return its exit code (what ``main`` exits with)."""
+    try:
+        result = app(args=argv, prog_name="diffem", standalone_mode=False)
+    except NO_ARGS_HELP as e:
+        sys.stdout.write(e.format_message().rstrip("\n") + "\n")  # bare ``diffem``: the help
+        return 0
+    except EXITS as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except ABORTS:
+        return _fail("aborted", 130)
+    except USAGE_ERRORS as e:
+        return _usage_error(e)
+    except CLICK_ERRORS as e:
+        return _fail(e.format_message(), int(getattr(e, "exit_code", 1) or 1))
+    except (DiffemError, ChannelError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command again to resume where supported", 130)
+    except MemoryError:
+        return _fail("out of memory; try a smaller --batch-size or chunk size", 1)
+    except OSError as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        return _fail(os_error_message(e), 1)
+    except Exception as e:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        from diffem_cli.io.store import os_error
+
+        wrapped = os_error(e)  # a full disk reported through a library's own exception type
+        if wrapped is not None:
+            return _fail(os_error_message(wrapped), 1)
+        return _fail(f"internal error ({type(e).__name__}: {e}); set {DEBUG_ENV}=1 for the traceback", 1)
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    """Console-script entry point (sets torch's threads: DIFFEM_THREADS or the default, which
+    ``--threads`` overrides)."""
+    from diffem_cli.core.threads import set_threads
+
+    try:
+        set_threads()
+    except DiffemError as e:
+        sys.exit(_fail(str(e)))
+    sys.exit(run())

@@ -1,0 +1,59 @@
+"""Checks the command layer makes before calling the library: one-line errors, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffem_cli.core.errors import DiffemError
+
+
+def need_existing(path: Path | None, what: str, *, folder: bool | None = None) -> None:
+    """Refuse a missing input (``folder=True``: it must be a folder; ``False``: a file)."""
+    if path is None:
+        return
+    path = Path(path)
+    if not path.exists():
+        raise DiffemError(f"{what} {path} does not exist")
+    if folder is True and not path.is_dir():
+        raise DiffemError(f"{what} {path} is a file, not a folder")
+    if folder is False and path.is_dir():
+        raise DiffemError(f"{what} {path} is a folder, not a file")
+
+
+def check_run_folder(run: Path, inputs: list[Path | None], what: str = "RUN") -> None:
+    """A RUN must be a folder (or not exist yet, with an existing parent) clear of every input."""
+    from diffem_cli.io.store import check_apart
+
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise DiffemError(f"{what} {run} is a file, not a folder; give a new or existing RUN folder")
+    if not run.exists() and not run.parent.exists():
+        raise DiffemError(f"folder {run.parent} does not exist")
+    check_apart(run, inputs)
+
+
+def at_least(option: str, value: int | None, lo: int = 1) -> None:
+    """Refuse an integer option below ``lo``."""
+    if value is not None and value < lo:
+        raise DiffemError(f"{option} must be >= {lo}, got {value}")
+
+
+def check_observations(ds: object, manifest: dict, path: Path) -> None:
+    """An observations folder written by ``diffem corrupt`` whose manifest agrees with its columns."""
+    from diffem_cli.io.store import check_manifest_columns
+
+    if manifest.get("kind") != "observations" or "channel" not in manifest:
+        raise DiffemError(f"{path} is not an observations folder written by 'diffem corrupt'")
+    check_manifest_columns(ds, manifest, path)
+
+
+def check_sample_options(sampler: str, steps: int, batch_size: int) -> None:
+    """``--sampler``, ``--steps`` in [1, 1000] and ``--batch-size`` >= 1, before any work."""
+    from diffem_cli.diffusion.schedule import SAMPLERS, SCHEDULE
+
+    if sampler not in SAMPLERS:
+        raise DiffemError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    most = SCHEDULE["num_train_timesteps"]
+    if not 1 <= steps <= most:
+        raise DiffemError(f"--steps must lie in [1, {most}], got {steps}")
+    at_least("--batch-size", batch_size)

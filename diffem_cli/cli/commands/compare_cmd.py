@@ -1,0 +1,80 @@
+"""``diffem compare``: run several methods on the same observations and budget, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffem_cli.core.progress import console
+
+
+def compare_command(
+    data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
+    out: Annotated[Path, typer.Argument(help="Folder for one RUN per method and the comparison files.")],
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods (diffem, em-mmps, naive, oracle, ...), or 'all' (every "
+            "method that can serve the channel)."
+        ),
+    ] = "diffem,em-mmps,naive,oracle",
+    eval_clean: Annotated[
+        Path, typer.Option(help="Clean data folder (corrupt --clean-out): evaluation, and the oracle's data.")
+    ] = ...,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file."),
+    ] = None,
+    laps: Annotated[
+        int | None, typer.Option("--laps", "-k", help="Laps per method (default: the config's).")
+    ] = None,
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")
+    ] = None,
+    uncond: Annotated[
+        bool, typer.Option(help="Also sample each method's unconditional model and score it.")
+    ] = True,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Start every method's RUN over.")] = False,
+) -> None:
+    """Run each method on the same observations at the same budget and compare them.
+
+    Every method is a resumable RUN in OUT/METHOD (a killed compare resumes where it stopped);
+    OUT/compare.json, compare.md, compare.png and compare-samples.png hold the comparison.
+    """
+    from diffem_cli.cli.commands._checks import at_least, check_run_folder, need_existing
+    from diffem_cli.config.run import default_preset, load_config
+    from diffem_cli.io.store import read_manifest
+    from diffem_cli.pipeline.compare import compare, markdown_table, parse_methods
+
+    need_existing(data, "observations folder", folder=True)
+    need_existing(eval_clean, "--eval-clean folder", folder=True)
+    at_least("--laps", laps)
+    check_run_folder(out, [data, eval_clean])
+    names = parse_methods(methods)
+    manifest = read_manifest(data)
+    default = default_preset(manifest.get("data_shape", [0, 0, 0]))
+    cfg = load_config(config, sets or [], default_preset=default)
+    summary = compare(
+        data,
+        out,
+        names,
+        cfg,
+        eval_clean=eval_clean,
+        laps=laps,
+        uncond=uncond,
+        device=device,
+        force=force,
+        skip_unfit=methods.strip() == "all",
+        log=lambda s: console.print(s, soft_wrap=True),
+    )
+    console.print(markdown_table(summary), soft_wrap=True)
+    console.print(f"[green]done[/green]: {out / 'compare.json'}, {out / 'compare.png'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare_command)

@@ -1,0 +1,85 @@
+"""``diffem evaluate``: metrics of samples or reconstructions against a clean reference folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffem_cli.core.progress import console
+
+
+def evaluate_command(
+    samples: Annotated[
+        Path,
+        typer.Argument(
+            metavar="SAMPLES", help="Samples or reconstructions folder (column x; index to pair)."
+        ),
+    ],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="Clean data folder (from corrupt --clean-out).")
+    ],
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated metric names (default: sinkhorn,sliced_w2 for vectors; "
+            "psnr,ssim,fd_rand,fd_pixels for images). All: sinkhorn, sliced_w2, psnr, ssim, "
+            "fd_rand, fd_pixels, and opt-in fid, is, fd_dinov2."
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+    ] = None,
+    n_points: Annotated[int, typer.Option(help="Points per set for the Sinkhorn divergence.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the subsets and projections.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --json file.")] = False,
+) -> None:
+    """Compare SAMPLES with the clean REFERENCE and print a table of metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffem_cli import __version__
+    from diffem_cli.core.errors import DiffemError
+    from diffem_cli.io.store import check_output, write_text_atomic
+    from diffem_cli.metrics.evaluate import METRICS, evaluate_folders
+
+    for path, what in ((samples, "samples"), (reference, "reference")):
+        if not path.exists():
+            raise DiffemError(f"{what} folder {path} does not exist")
+    if json_out is not None:
+        if json_out.is_dir():
+            raise DiffemError(f"--json {json_out} is a folder; give a file name")
+        check_output(json_out, force, [samples, reference])
+    if n_points < 1:
+        raise DiffemError(f"--n-points must be >= 1, got {n_points}")
+    names = None if metrics is None else [m for m in metrics.split(",") if m.strip()]
+    t0 = time.perf_counter()
+    results = evaluate_folders(samples, reference, names, n_points=n_points, seed=seed)
+    seconds = time.perf_counter() - t0
+
+    table = Table(title=f"{samples} vs {reference}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("better", justify="center")
+    for name, value in results.items():
+        table.add_row(name, f"{value:.6g}", "lower" if METRICS[name].lower_is_better else "higher")
+    Console().print(table)
+    if json_out is not None:
+        record = {
+            "samples": str(samples),
+            "reference": str(reference),
+            "metrics": results,
+            "n_points": n_points,
+            "seed": seed,
+            "seconds": round(seconds, 3),
+            "diffem_version": __version__,
+        }
+        write_text_atomic(json_out, json.dumps(record, indent=2) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate_command)

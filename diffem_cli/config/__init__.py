@@ -1,0 +1,1 @@
+"""Run configuration: typed sections, presets, ``--set`` overrides and their validation."""

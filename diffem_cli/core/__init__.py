@@ -1,0 +1,1 @@
+"""The lowest layer: errors, progress display, threads and the runtime (device, processes)."""

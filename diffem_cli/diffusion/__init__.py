@@ -1,0 +1,1 @@
+"""The diffusion model: schedule, networks, denoisers, losses, the sampling and training loops."""

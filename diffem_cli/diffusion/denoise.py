@@ -1,0 +1,68 @@
+"""Denoisers: what every sampler and every guidance talks to.
+
+A denoiser maps a noisy sample ``x_t`` at timestep ``t`` of diffem's VP schedule
+(``x_t = alpha_t x + sigma_t z``) to an estimate of the clean ``x`` (the Tweedie mean).
+:class:`NetworkDenoiser` wraps a trained network (which predicts ``v``); a posterior guidance
+(MMPS, DPS, see :mod:`diffem_cli.methods.guidance`) is a denoiser wrapping a denoiser, so every sampler
+works with every guidance and with none.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from diffem_cli.core.runtime import autocast
+from diffem_cli.diffusion.schedule import SCHEDULE
+
+
+@lru_cache(maxsize=1)
+def _alphas_cumprod() -> torch.Tensor:
+    from diffem_cli.diffusion.schedule import ddpm_scheduler
+
+    return ddpm_scheduler().alphas_cumprod.double()
+
+
+def alpha_sigma(t: int) -> tuple[float, float]:
+    """``(alpha_t, sigma_t)`` of the schedule at integer timestep ``t`` in [0, 1000)."""
+    abar = float(_alphas_cumprod()[int(t)])
+    return abar**0.5, (1.0 - abar) ** 0.5
+
+
+class Denoiser:
+    """Base class: ``denoiser(x_t, t) -> x0`` estimate. ``needs_grad`` asks the sampling loop to
+    run with autograd enabled (guidances that differentiate through the network)."""
+
+    needs_grad: bool = False
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def v(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The ``v`` target matching this denoiser's x0 estimate: ``v = (alpha x_t - x0) / sigma``."""
+        a, s = alpha_sigma(t)
+        return (a * x_t - self(x_t, t)) / s
+
+
+class NetworkDenoiser(Denoiser):
+    """A v-prediction network (``net(x_t, t, cond) -> v``) as a denoiser, with an optional
+    conditioning tensor for the whole batch: ``x0 = alpha_t x_t - sigma_t v``."""
+
+    def __init__(self, net: nn.Module, cond: torch.Tensor | None = None):
+        self.net = net
+        self.cond = cond
+        self.device = next(net.parameters()).device
+
+    def v(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.full((1,), int(t), device=x_t.device, dtype=torch.long)
+        with autocast(x_t.device):
+            return self.net(x_t, tt, self.cond).float()
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        a, s = alpha_sigma(t)
+        return a * x_t - s * self.v(x_t, t)
+
+
+__all__ = ["SCHEDULE", "Denoiser", "NetworkDenoiser", "alpha_sigma"]

@@ -1,0 +1,1 @@
+"""Files on disk: data sets, safetensors files, locks, data sources, observations, channels."""

@@ -1,0 +1,128 @@
+"""Observations and reconstructions on disk, loaded as tensors.
+
+:class:`Observations` is an observations folder (written by ``diffem corrupt``) in memory: its
+channel, clean-data shape and observation tensors. :func:`save_recon` / :func:`load_recon`
+write and read reconstruction (or clean data) folders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffem_channels import Channel, sample_seeds
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.store import (
+    check_finite,
+    check_manifest_columns,
+    columns,
+    fingerprint_dataset,
+    read_dataset,
+    write_dataset,
+)
+
+
+class Observations:
+    """An observations folder loaded in memory: its channel, data shape and tensors."""
+
+    def __init__(self, path: Path):
+        from diffem_cli.io.registry import channel_from_spec
+
+        ds, manifest = read_dataset(path)
+        if manifest.get("kind") != "observations" or "channel" not in manifest:
+            raise DiffemError(f"{path} is not an observations folder written by 'diffem corrupt'")
+        self.path = Path(path)
+        self.manifest = manifest
+        self.channel: Channel = channel_from_spec(manifest["channel"])
+        check_manifest_columns(ds, manifest, self.path, channel=self.channel)
+        self.shape = tuple(int(s) for s in manifest["data_shape"])
+        self.kind = manifest.get("data_kind", "vector" if len(self.shape) == 1 else "image")
+        self.value_range = manifest.get("value_range")
+        names = [c for c in ds.column_names if c != "index"]
+        self.obs = columns(ds, names)
+        check_finite(self.obs, f"observations {path}")
+        self.index = columns(ds, ["index"])["index"] if "index" in ds.column_names else torch.arange(len(ds))
+        self.fingerprint = fingerprint_dataset(path)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def data_meta(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on."""
+        return {
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "value_range": self.value_range,
+            "fingerprint": self.fingerprint,
+            "source": self.manifest.get("source"),
+        }
+
+    def batches(self, size: int = 4096) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+        """A re-iterable over the observations, ``size`` rows at a time (for the Gaussian fit)."""
+
+        def gen() -> Iterator[dict[str, torch.Tensor]]:
+            for s in range(0, len(self), size):
+                yield {k: v[s : s + size] for k, v in self.obs.items()}
+
+        return gen
+
+
+def save_recon(
+    path: Path,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    meta: dict[str, Any],
+    force: bool = True,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write reconstructions (columns ``x``, ``index`` and any ``extra``) as a datasets folder."""
+    chunk = 8192
+    cols = {"x": x, "index": index, **(extra or {})}
+
+    def chunks() -> Iterator[dict[str, torch.Tensor]]:
+        for s in range(0, len(x), chunk):
+            yield {k: v[s : s + chunk] for k, v in cols.items()}
+
+    write_dataset(path, chunks(), {"kind": "reconstructions", **meta}, force=force)
+
+
+def load_recon(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read the ``x`` column of a reconstructions (or clean data) folder."""
+    ds, manifest = read_dataset(path)
+    return columns(ds, ["x"])["x"], manifest
+
+
+def load_clean(path: Path, data: Observations, what: str = "--eval-clean") -> torch.Tensor:
+    """Clean data of the observations' shape (for evaluation or the oracle)."""
+    x, _ = load_recon(path)
+    check_finite({"x": x}, f"{what} {path}")
+    if tuple(x.shape[1:]) != data.shape:
+        raise DiffemError(
+            f"{what} {path} holds data of shape {tuple(x.shape[1:])}, observations are {data.shape}"
+        )
+    return x
+
+
+def recorrupt(
+    channel: Channel, x: torch.Tensor, seed: int, lap: int, indices: torch.Tensor, *, chunk_size: int = 1024
+) -> dict[str, torch.Tensor]:
+    """A fresh corruption of reconstructions ``x`` (samples ``indices``) for EM lap ``lap``.
+
+    Seeds are ``sample_seeds(seed, indices, lap)``: new observations every lap, the same ones
+    for the same (seed, lap, index), and never those of the observed data set. Works through
+    ``x`` ``chunk_size`` samples at a time (some channels need much scratch memory per sample);
+    the result does not depend on ``chunk_size``.
+    """
+    indices = torch.as_tensor(indices).reshape(-1)
+    if len(indices) != len(x):
+        raise ValueError(f"recorrupt got {len(x)} samples but {len(indices)} indices")
+    parts = [
+        channel.corrupt(x[i : i + chunk_size], sample_seeds(seed, indices[i : i + chunk_size], lap))
+        for i in range(0, len(x), chunk_size)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

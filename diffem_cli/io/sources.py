@@ -1,0 +1,424 @@
+"""Clean-data sources: built-in sets (manifold, digits), image folders, saved and Hub data sets.
+
+A source yields float32 batches in a fixed order with bounded memory, already on diffem's one
+scale: images ``(C, H, W)`` in [-1, 1], manifold vectors ``(n,)`` in [-2, 2]. ``corrupt`` reads
+a source once to write observations; evaluation reads one for the clean reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffem_cli.core.errors import DiffemError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_RANGE = (-1.0, 1.0)
+MANIFOLD_RANGE = (-2.0, 2.0)
+MANIFOLD_DEFAULTS = {"samples": 16384, "n": 5, "seed": 0}
+MANIFOLD_TERMS = 10
+MANIFOLD_GRID = 10_001
+HUB_ENDPOINT = "https://huggingface.co"
+HUB_TIMEOUT_S = 3.0  # one connection attempt before any download: offline fails in seconds, not minutes
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+class Source:
+    """Clean samples of one shape, read in order, a batch at a time."""
+
+    spec: str = ""
+    shape: tuple[int, ...] = ()
+    value_range: tuple[float, float] = IMAGE_RANGE
+    path: Path | None = None  # the local folder it reads, if any (outputs must stay clear of it)
+
+    @property
+    def kind(self) -> str:
+        """``"image"`` for ``(C, H, W)`` samples, ``"vector"`` for ``(n,)``."""
+        return "vector" if len(self.shape) == 1 else "image"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Samples ``start:stop`` as one float32 tensor ``(stop - start, *shape)``."""
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """All samples in order, ``batch_size`` at a time (the last batch may be smaller)."""
+        if batch_size < 1:
+            raise DiffemError(f"batch size must be >= 1, got {batch_size}")
+        for start in range(0, len(self), batch_size):
+            yield self.read(start, min(start + batch_size, len(self)))
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary recorded in manifests: spec, sample count, shape, kind, value range."""
+        return {
+            "spec": self.spec,
+            "n": len(self),
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "range": list(self.value_range),
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(spec={self.spec!r}, n={len(self)}, shape={self.shape})"
+
+
+class TensorSource(Source):
+    """A source over a tensor already in memory (tests, benchmarks, library use)."""
+
+    def __init__(
+        self, x: torch.Tensor, spec: str = "tensor", value_range: tuple[float, float] | None = None
+    ) -> None:
+        self.x = x.detach().float().cpu()
+        self.spec = spec
+        self.shape = tuple(self.x.shape[1:])
+        self.value_range = value_range or (MANIFOLD_RANGE if self.x.dim() == 2 else IMAGE_RANGE)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.x[start:stop].clone()
+
+
+# --- the manifold ------------------------------------------------------------------------------
+
+
+def manifold_curve(n: int = 5, seed: int = 0) -> Callable[[Any], torch.Tensor]:
+    """The random smooth curve ``z in [0, 1] -> x in [-2, 2]^n`` fixed by ``seed`` (randman style).
+
+    ``x_j(z) = sum_k a_jk / k^3 sin(2 pi (k b_jk z + c_jk))`` with ``a, b, c ~ U[0, 1]`` of shape
+    ``(n, 10)`` drawn once from ``seed``; each coordinate is min-max scaled to [-2, 2] using its
+    extremes on a grid of 10,001 values of ``z``, so the scaling does not depend on the samples.
+    """
+    if n < 1:
+        raise DiffemError(f"manifold dimension n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    a, b, c = (rng.random((n, MANIFOLD_TERMS)) for _ in range(3))
+    k = np.arange(1, MANIFOLD_TERMS + 1, dtype=np.float64)
+
+    def raw(z: np.ndarray) -> np.ndarray:
+        phase = 2 * math.pi * (k * b[None] * z[:, None, None] + c[None])
+        return (a[None] / k**3 * np.sin(phase)).sum(-1)
+
+    grid = raw(np.linspace(0.0, 1.0, MANIFOLD_GRID))
+    lo, hi = grid.min(0), grid.max(0)
+    scale = np.where(hi > lo, hi - lo, 1.0)
+
+    def curve(z: Any) -> torch.Tensor:
+        z = np.asarray(z.detach().cpu().numpy() if isinstance(z, torch.Tensor) else z, dtype=np.float64)
+        x = -2.0 + 4.0 * (raw(z.reshape(-1)) - lo) / scale
+        return torch.from_numpy(np.clip(x, -2.0, 2.0).astype(np.float32))
+
+    return curve
+
+
+def sample_manifold(samples: int, n: int = 5, seed: int = 0, draw_seed: int | None = None) -> torch.Tensor:
+    """``samples`` points of the curve fixed by ``seed``, at ``z ~ U[0, 1]`` drawn from ``draw_seed``.
+
+    ``draw_seed`` defaults to ``seed + 1``. Held-out clean points of the same curve: same ``seed``,
+    another ``draw_seed``. The first ``m`` points never depend on ``samples``.
+    """
+    draw_seed = seed + 1 if draw_seed is None else draw_seed
+    z = np.random.default_rng(draw_seed).random(samples)
+    return manifold_curve(n, seed)(z)
+
+
+class ManifoldSource(Source):
+    """The synthetic manifold benchmark's clean points, generated batch by batch."""
+
+    def __init__(self, samples: int, n: int, seed: int, draw_seed: int, spec: str) -> None:
+        self.samples, self.n, self.seed, self.draw_seed = samples, n, seed, draw_seed
+        self.spec = spec
+        self.shape = (n,)
+        self.value_range = MANIFOLD_RANGE
+        self._curve = manifold_curve(n, seed)
+        self._z = np.random.default_rng(draw_seed).random(samples)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self._curve(self._z[start:stop])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "curve_seed": self.seed, "draw_seed": self.draw_seed}
+
+
+def _parse_options(text: str, name: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise DiffemError(f"{name} option {item!r} must be written key=value")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise DiffemError(f"{name} option {key!r} must be an integer, got {value.strip()!r}") from None
+    return out
+
+
+def _manifold(options: str) -> ManifoldSource:
+    opts = _parse_options(options, "manifold")
+    known = {*MANIFOLD_DEFAULTS, "draw_seed"}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise DiffemError(f"manifold has no option {unknown[0]!r} (options: samples, n, seed, draw_seed)")
+    cfg = {**MANIFOLD_DEFAULTS, **opts}
+    cfg.setdefault("draw_seed", cfg["seed"] + 1)
+    if cfg["samples"] < 1 or cfg["n"] < 1:
+        raise DiffemError("manifold options samples and n must be >= 1")
+    if cfg["seed"] < 0 or cfg["draw_seed"] < 0:
+        raise DiffemError("manifold seeds must be >= 0")
+    spec = "manifold:" + ",".join(f"{k}={cfg[k]}" for k in ("samples", "n", "seed", "draw_seed"))
+    return ManifoldSource(cfg["samples"], cfg["n"], cfg["seed"], cfg["draw_seed"], spec)
+
+
+# --- digits ------------------------------------------------------------------------------------
+
+
+def _digits() -> TensorSource:
+    from sklearn.datasets import load_digits
+
+    pixels = torch.from_numpy(load_digits().data.astype(np.float32))  # 0..16
+    return TensorSource((pixels / 8.0 - 1.0).reshape(-1, 1, 8, 8), spec="digits", value_range=IMAGE_RANGE)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+def _to_tensor(
+    images: list[Any], mode: str, size: tuple[int, int], where: Callable[[int], str]
+) -> torch.Tensor:
+    """PIL images -> float32 ``(B, C, H, W)`` in [-1, 1]; every image must have ``size``."""
+    arrays = []
+    for i, img in enumerate(images):
+        if img.size != size:
+            raise DiffemError(
+                f"{where(i)} is {img.size[0]}x{img.size[1]}, not {size[0]}x{size[1]} like the first image; "
+                "resize all images to one size first"
+            )
+        arr = np.asarray(img.convert(mode) if img.mode != mode else img, dtype=np.uint8)
+        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return (x / 127.5 - 1.0).contiguous()
+
+
+class ImageFolderSource(Source):
+    """Every image file under a folder (sorted by relative path), decoded lazily per batch."""
+
+    def __init__(self, root: Path, spec: str, limit: int | None = None) -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        self.root = root
+        self.spec = spec
+        self.files = sorted(
+            (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+            key=lambda p: p.relative_to(root).as_posix(),
+        )
+        self.total = len(self.files)
+        self.files = self.files[:limit]  # only the images used need to agree in size
+        if not self.files:
+            raise DiffemError(f"folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        size, colour = None, False
+        for f in self.files:  # headers only: sizes and modes, no pixel decoding
+            try:
+                with Image.open(f) as img:
+                    if size is None:
+                        size = img.size
+                    elif img.size != size:
+                        raise DiffemError(
+                            f"image {f} is {img.size[0]}x{img.size[1]}, not {size[0]}x{size[1]} like "
+                            f"{self.files[0]}; resize all images to one size first"
+                        )
+                    colour = colour or img.mode not in _GRAY_MODES
+            except (UnidentifiedImageError, OSError) as e:
+                raise DiffemError(f"cannot read image {f} ({type(e).__name__})") from None
+        assert size is not None
+        self.size = size
+        self.mode = "RGB" if colour else "L"
+        self.shape = (3 if colour else 1, size[1], size[0])
+        self.value_range = IMAGE_RANGE
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        from PIL import Image
+
+        files = self.files[start:stop]
+        images = []
+        for f in files:
+            with Image.open(f) as img:
+                img.load()
+                images.append(img)
+        return _to_tensor(images, self.mode, self.size, lambda i: f"image {files[i]}")
+
+    def describe(self) -> dict[str, Any]:
+        extra = {"limit": len(self)} if len(self) < self.total else {}
+        return {**super().describe(), **extra}
+
+
+class DatasetSource(Source):
+    """A Hugging Face ``Dataset``: an image column, or an array column ``x`` (diffem's clean folders)."""
+
+    def __init__(self, ds: Any, spec: str, manifest: dict[str, Any] | None = None) -> None:
+        import datasets
+
+        self.ds = ds
+        self.spec = spec
+        if len(ds) == 0:
+            raise DiffemError(f"{spec} holds no rows")
+        feats = ds.features
+        image_cols = [c for c in ("image", "img") if c in feats and isinstance(feats[c], datasets.Image)]
+        image_cols += [c for c, f in feats.items() if isinstance(f, datasets.Image)]
+        if image_cols:
+            self.column = image_cols[0]
+            first = ds[0][self.column]
+            self.mode = "L" if first.mode in _GRAY_MODES else "RGB"
+            self.size = first.size
+            self.shape = (1 if self.mode == "L" else 3, first.size[1], first.size[0])
+            self.value_range = IMAGE_RANGE
+        elif "x" in feats:
+            self.column = "x"
+            self.mode = None
+            self.shape = tuple(np.asarray(ds.with_format("numpy", columns=["x"])[0]["x"]).shape)
+            if len(self.shape) not in (1, 3):
+                raise DiffemError(
+                    f"{spec}: column 'x' holds samples of shape {self.shape}, not (n,) or (C, H, W)"
+                )
+            recorded = (manifest or {}).get("value_range")
+            default = MANIFOLD_RANGE if len(self.shape) == 1 else IMAGE_RANGE
+            self.value_range = tuple(recorded) if recorded else default
+        else:
+            raise DiffemError(
+                f"{spec} has no image column ('image', 'img' or an Image feature) and no array column 'x' "
+                f"(columns: {', '.join(ds.column_names)})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        from diffem_cli.io.store import columns
+
+        if self.mode is None:
+            return columns(self.ds, ["x"], start, stop)["x"].float()
+        images = self.ds[start:stop][self.column]
+        return _to_tensor(images, self.mode, self.size, lambda i: f"{self.spec} row {start + i}")
+
+
+class LimitedSource(Source):
+    """The first ``limit`` samples of another source."""
+
+    def __init__(self, base: Source, limit: int) -> None:
+        self.base = base
+        self.limit = min(limit, len(base))
+        self.spec = base.spec
+        self.shape = base.shape
+        self.value_range = base.value_range
+        self.path = base.path
+
+    def __len__(self) -> int:
+        return self.limit
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.base.read(start, min(stop, self.limit))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.base.describe(), "n": self.limit, "limit": self.limit}
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the Hub host (``HF_ENDPOINT``) opens within ``timeout`` seconds.
+
+    True without trying when a proxy is configured (the proxy decides) or when offline mode is set
+    (``datasets`` then reads its local cache and fails fast by itself).
+    """
+    from urllib.parse import urlparse
+
+    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub(name: str, split: str) -> DatasetSource:
+    if not hub_reachable():
+        host = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
+        raise DiffemError(
+            f"could not load hf:{name}: no connection to the Hugging Face Hub ({host}); set HF_HUB_OFFLINE=1 "
+            "to read it from the local cache, or save_to_disk it on a connected machine and pass that folder"
+        )
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, missing split: all reported as one line
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DiffemError(
+            f"could not load hf:{name} split {split!r}: the Hugging Face Hub could not be reached or has no "
+            f"such data set ({detail}); save_to_disk it on a connected machine and pass that folder"
+        ) from None
+    return DatasetSource(ds, f"hf:{name}:{split}")
+
+
+def load_source(spec: str, *, limit: int | None = None) -> Source:
+    """Open a clean-data source by spec (see docs/data.md).
+
+    ``manifold[:samples=16384,n=5,seed=0,draw_seed=1]``, ``digits``, ``folder:PATH`` or a folder
+    path (images, or a ``save_to_disk`` folder), ``hf:NAME[:SPLIT]`` (online). ``limit`` keeps
+    the first ``limit`` samples.
+    """
+    from diffem_cli.io.store import read_dataset
+
+    spec = str(spec).strip()
+    if limit is not None and limit < 1:
+        raise DiffemError(f"limit must be >= 1, got {limit}")
+    head, _, rest = spec.partition(":")
+    source: Source
+    if head == "manifold":
+        source = _manifold(rest)
+    elif spec == "digits":
+        source = _digits()
+    elif head == "hf" and rest:
+        name, _, split = rest.partition(":")
+        source = _hub(name, split or "train")
+    else:
+        path = Path(rest if head == "folder" and rest else spec).expanduser()
+        if not spec or not path.is_dir():
+            raise DiffemError(
+                f"source {spec!r} not found: not a built-in (manifold, digits), a folder, or hf:NAME"
+            )
+        if _is_saved_dataset(path):
+            ds, manifest = read_dataset(path)
+            source = DatasetSource(ds, str(path), manifest)
+        else:
+            source = ImageFolderSource(path, str(path), limit)
+        source.path = path
+    return LimitedSource(source, limit) if limit is not None and limit < len(source) else source
