@@ -11,7 +11,7 @@ DEMO ?= demo_out
 DEMO_SET ?=
 STAMP := $(VENV)/.diffem-installed
 
-.PHONY: install test test-all demo demo-digits lint bench bench-quick clean
+.PHONY: install test test-all demo demo-digits lint docs bench bench-quick clean
 
 install: $(STAMP)
 
@@ -65,6 +65,12 @@ demo-digits: install
 	$(BIN)/diffem export $(DEMO)-digits/uncond/checkpoints/uncond.safetensors $(DEMO)-digits/exported
 	$(BIN)/diffem evaluate $(DEMO)-digits/samples --reference $(DEMO)-digits/clean \
 	  --json $(DEMO)-digits/uncond-eval.json
+
+# generated pages: docs/cli.md and docs/config.md from the code, bench/results/README.md from the
+# result files (tests/test_reference.py fails while any is stale)
+docs: install
+	$(BIN)/python -m diffem_cli.cli.reference
+	$(BIN)/python bench/results_index.py
 
 bench: install
 	$(BIN)/python bench/run_all.py

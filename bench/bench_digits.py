@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, write_results
-from diffem_cli.config.run import load_config
 from diffem_cli.io.registry import make_channel
 from diffem_cli.io.sources import load_source
+from diffem_cli.methods import load_config
 from diffem_cli.pipeline.compare import compare
 from diffem_cli.pipeline.corrupt import corrupt_dataset
 
@@ -39,10 +39,10 @@ SHOWN = ("psnr", "ssim", "fd_pixels", "uncond_fd_rand", "uncond_fd_pixels", "sec
 
 def run_case(case: str, work: Path, methods: str | None, sets: list[str], laps: int, log) -> dict[str, Any]:
     """Corrupt the digits for ``case`` and compare its methods; returns compare's summary."""
-    from diffem_cli.methods import REGISTRY
+    from diffem_cli.methods import method_names
 
     channel_name, params, default_methods = CASES[case]
-    names = [m for m in (methods or default_methods).split(",") if m in REGISTRY]
+    names = [m for m in (methods or default_methods).split(",") if m in method_names()]
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "obs" / "diffem.json").exists():
         corrupt_dataset(

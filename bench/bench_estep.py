@@ -22,13 +22,14 @@ from typing import Any
 import torch
 
 from bench.common import machine, write_results
-from diffem_cli.config.run import load_config
+from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig
 from diffem_cli.io.observations import Observations
 from diffem_cli.io.registry import make_channel
 from diffem_cli.io.sources import load_source
-from diffem_cli.methods import get_method
+from diffem_cli.methods import get_method, load_config
 from diffem_cli.pipeline.corrupt import corrupt_dataset
+from diffem_cli.pipeline.em import posterior_samples
 
 # (data case, preset, method, overrides)
 ROWS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -97,11 +98,12 @@ def measure(case: str, preset: str, name: str, sets: tuple[str, ...], args: argp
     data = observations(case, args.work, args.n)
     method = get_method(name, cfg)
     method.check(data)
-    model = method.build(data).eval()
+    torch.manual_seed(cfg.seed)
+    model = build_network(cfg.network, data.shape, method.model_spec(data).cond_size).eval()
+    aux: dict[str, torch.Tensor] = {}
     if name == "em-mmps" and cfg.mmps.covariance == "gaussian":
-        method.prior_data(
-            torch.as_tensor(data.obs["y"]).float() if data.kind == "image" else _vectors(data), 0
-        )
+        start = torch.as_tensor(data.obs["y"]).float() if data.kind == "image" else _vectors(data)
+        aux = method.mstep(data, start, 1, 1, None, cfg).aux
     sample = SampleConfig(sampler=cfg.sample.sampler, steps=args.steps, batch_size=args.n)
     counter = Counter()
     model.register_forward_hook(counter.hook)
@@ -110,8 +112,15 @@ def measure(case: str, preset: str, name: str, sets: tuple[str, ...], args: argp
         counter.forward = counter.vjp = 0
         t0 = time.perf_counter()
         with counter:
-            method.posterior(
-                model, data, sample, seed_parts=(0, r), device=torch.device("cpu"), label=f"{name} {r}"
+            posterior_samples(
+                method,
+                model,
+                aux,
+                data,
+                sample,
+                seed_parts=(0, r),
+                device=torch.device("cpu"),
+                label=f"{name} {r}",
             )
         if r:  # the first run warms up
             times.append(time.perf_counter() - t0)

@@ -43,7 +43,7 @@ from diffem_channels.base import sample_seeds
 from diffem_channels.blur import BlurChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.projection import ProjectionChannel
-from diffem_cli.gaussian.model import fit_gaussian, gaussian_start
+from diffem_cli.gaussian.fit import fit_gaussian, gaussian_start
 
 HERE = Path(__file__).resolve().parent
 CASES = ("mask16", "blur32", "cifar", "manifold", "digits")

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from bench.common import machine, write_results
-from diffem_cli.config.run import load_config
 from diffem_cli.io.registry import make_channel
 from diffem_cli.io.sources import load_source, sample_manifold
 from diffem_cli.io.store import write_dataset
+from diffem_cli.methods import load_config
 from diffem_cli.pipeline.corrupt import corrupt_dataset
 from diffem_cli.pipeline.em import em_train
 

@@ -30,9 +30,9 @@ from typing import Any
 
 from bench.common import machine, write_results
 from bench.images import shapes_images
-from diffem_cli.config.run import load_config
 from diffem_cli.io.registry import make_channel
 from diffem_cli.io.sources import LimitedSource, TensorSource, load_source
+from diffem_cli.methods import load_config
 from diffem_cli.pipeline.compare import compare
 from diffem_cli.pipeline.corrupt import corrupt_dataset
 

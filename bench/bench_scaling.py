@@ -39,10 +39,10 @@ def worker(case: str, steps: int, out: Path) -> None:
     """One measurement in this process (of 1 or of several under torchrun); rank 0 writes ``out``."""
     import torch
 
-    from diffem_cli.config.run import load_config
     from diffem_cli.core.runtime import launch
     from diffem_cli.diffusion.nets import build_network
     from diffem_cli.diffusion.train import train_denoiser
+    from diffem_cli.methods import load_config
 
     spec = CASES[case]
     cfg = load_config(spec["preset"]).train

@@ -39,15 +39,15 @@ from typing import Any
 import torch
 
 from bench.common import machine, write_results
-from diffem_cli.config.run import load_config
 from diffem_cli.diffusion.nets import build_network, count_parameters, default_network
 from diffem_cli.diffusion.sampling import SampleConfig
 from diffem_cli.diffusion.train import TrainConfig, train_denoiser
 from diffem_cli.io.observations import Observations
 from diffem_cli.io.registry import make_channel
 from diffem_cli.io.sources import TensorSource
-from diffem_cli.methods import get_method
+from diffem_cli.methods import get_method, load_config
 from diffem_cli.pipeline.corrupt import corrupt_dataset
+from diffem_cli.pipeline.em import posterior_samples
 
 DEV = torch.device("cpu")
 
@@ -208,7 +208,9 @@ def estep(case: Case, model: CountCalls, data: Observations) -> dict[str, float]
     sample = SampleConfig(sampler="dpm++", steps=case.e_steps, batch_size=case.sample_batch)
     model.calls = model.rows = 0
     t0 = time.perf_counter()
-    method.posterior(model, data, sample, seed_parts=(0, 1), device=DEV, label=f"{case.name} E-step")
+    posterior_samples(
+        method, model, {}, data, sample, seed_parts=(0, 1), device=DEV, label=f"{case.name} E-step"
+    )
     seconds = time.perf_counter() - t0
     return {"rate": model.rows / seconds, "seconds": seconds, "calls": model.calls, "load": load1()}
 

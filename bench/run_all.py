@@ -83,6 +83,8 @@ def main() -> int:
         status = "skipped (no script)" if code is None else "ok" if code == 0 else f"FAILED (exit {code})"
         print(f"{name:16s} {status:22s} {seconds / 60:6.1f} min")
     failed = [name for name, code, _ in results if code not in (0, None)]
+    if not args.quick:  # the index of bench/results/ (a smoke run writes elsewhere)
+        subprocess.call([sys.executable, str(ROOT / "bench" / "results_index.py")], cwd=ROOT)
     if failed:
         print(f"{len(failed)} failed: {', '.join(failed)}")
     return 1 if failed else 0

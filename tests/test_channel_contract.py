@@ -80,6 +80,16 @@ class BadSpec(Scale):
         return {"name": self.name, "api_version": 2, "params": {"c": torch.tensor(0.5)}}
 
 
+class FalselyExact(Scale):
+    def exact_entries(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.ones_like(obs["y"])  # y = c x is not x
+
+
+class ExactWrongShape(Scale):
+    def exact_entries(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.ones(len(obs["y"]), 1)
+
+
 def test_a_correct_channel_passes() -> None:
     check_channel(Scale(c=0.5), (7,))
     check_channel(Scale(c=2.0, s=0.1), (7,))
@@ -95,6 +105,8 @@ def test_a_correct_channel_passes() -> None:
         (WrongMeasurement(), "y differs from A x"),
         (LeaksIndex(), "'index'"),
         (BadSpec(), "JSON-able"),
+        (FalselyExact(), "declared exact"),
+        (ExactWrongShape(), "exact_entries returned"),
     ],
 )
 def test_broken_channels_are_caught(channel: Channel, match: str) -> None:
@@ -145,3 +157,23 @@ def test_observations_do_not_depend_on_the_cpu_kernels() -> None:
         assert proc.returncode == 0, proc.stderr
         results.add(proc.stdout.strip())
     assert len(results) == 1
+
+
+def test_exact_entries_of_the_built_in_masks() -> None:
+    """A noiseless mask pins its observed entries; noise, or no mask at all, pins none."""
+    from diffem_channels.box import BoxChannel
+    from diffem_channels.mask import MaskChannel
+
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    seeds = torch.arange(4)
+    for channel in (MaskChannel(rho=0.5), BoxChannel()):
+        obs = channel.corrupt(x, seeds)
+        exact = channel.exact_entries(obs)
+        assert exact is not None and torch.equal(exact, channel.observation_mask(obs))
+        assert torch.equal(exact * obs["y"], exact * x) and 0 < float(exact.mean()) < 1
+        check_channel(channel, (3, 8, 8))
+    assert (
+        MaskChannel(rho=0.5, sigma=0.1).exact_entries(MaskChannel(rho=0.5, sigma=0.1).corrupt(x, seeds))
+        is None
+    )
+    assert NoiseChannel(sigma=0.1).exact_entries(NoiseChannel(sigma=0.1).corrupt(x, seeds)) is None

@@ -210,7 +210,7 @@ def test_invalid_network_configs_are_one_line(tmp_path):
     net = build_network(MLP, (5,), 0)
     path = tmp_path / "m.safetensors"
     for network, match in [
-        ({"type": "unet", "bogus": 1}, "invalid network config|a UNet needs image data"),
+        ({"type": "unet", "bogus": 1}, "invalid network config|network.type=unet needs images"),
         ({"type": "mlp", "width": "wide"}, "invalid network config"),
         ({"type": "transformer"}, "unknown network type"),
         ("mlp", "invalid network config"),

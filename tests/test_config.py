@@ -1,7 +1,14 @@
+from functools import partial
+
 import pytest
 
-from diffem_cli.config.run import PRESETS, load_config, parse_sets
+from diffem_cli.config.run import PRESETS, config_from_dict, parse_sets
+from diffem_cli.config.run import load_config as load_bare
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.methods import extensions, method_names
+
+# what the CLI does: the option sections and method names come from the method registry
+load_config = partial(load_bare, extensions=extensions())
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -101,22 +108,37 @@ def test_mlp_network_against_its_constructor():
     assert cfg.network["width"] == 16 and cfg.dps.grid == [0.5, 2.0] and cfg.em.method == "dps-em"
 
 
-def test_methods_tuple_and_valid_values_pass():
-    from diffem_cli.config.run import METHODS
-
-    assert METHODS == ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
-    for method in METHODS:
+def test_methods_from_the_registry_and_valid_values_pass():
+    names = method_names()
+    assert names == ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
+    for method in names:
         assert load_config("digits", [f"em.method={method}"]).em.method == method
+    with pytest.raises(DiffemError, match="'em.method' must be one of .*did you mean 'naive'"):
+        load_config("digits", ["em.method=naiv"])
+
+
+def test_option_sections_come_from_the_methods():
+    cfg = load_config("digits", ["mmps.cg_iters=2", "dps.scale=7", "ambient.delta=0.3"])
+    assert (cfg.mmps.cg_iters, cfg.dps.scale, cfg.ambient.delta) == (2, 7.0, 0.3)
+    keys = list(cfg.to_dict())  # a RUN's config.yaml: the sections at top level, after em
+    assert keys == ["network", "train", "sample", "em", "mmps", "dps", "ambient", "eval", "seed"]
+    with pytest.raises(DiffemError, match=r"unknown config key 'mmsp'.*did you mean 'mmps'"):
+        load_config("digits", ["mmsp.cg_iters=2"])
+    with pytest.raises(DiffemError, match="'mmps.covariance' must be one of"):
+        load_config("digits", ["mmps.covariance=exact"])
+    with pytest.raises(DiffemError, match="'ambient.delta' must be in"):
+        load_config("digits", ["ambient.delta=1"])
+    # the config layer alone knows no method: a method's section is an unknown key there
+    with pytest.raises(DiffemError, match="unknown config key 'dps'"):
+        load_bare("digits", ["dps.scale=7"])
 
 
 def test_config_from_dict_validates_too():
-    from diffem_cli.config.run import config_from_dict
-
     data = load_config("digits").to_dict()
-    assert config_from_dict(data).to_dict() == data
+    assert config_from_dict(data, extensions()).to_dict() == data
     data["train"]["epochs"] = 0
     with pytest.raises(DiffemError, match="'train.epochs'"):
-        config_from_dict(data)
+        config_from_dict(data, extensions())
 
 
 def test_check_config_for_data():

@@ -1,5 +1,6 @@
 """``export``: an unconditional image model samples in ``diffusers.DDPMPipeline``; exported conditional
-and vector models load back into ``reconstruct`` / ``sample`` and give exactly the same outputs."""
+and vector models load back into ``reconstruct`` / ``sample`` and give exactly the same outputs, with
+every auxiliary tensor (EM-MMPS's Gaussian moments) kept."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, read_x, run_ok
+from helpers import FAST, TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, read_x, run_ok, sets
 
-from diffem_cli.diffusion.checkpoint import load_checkpoint
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.diffusion.checkpoint import load_checkpoint, save_tensors
+from diffem_cli.pipeline.export import AUX_FILE, CHECKSUMS_KEY, load_export
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +183,106 @@ def test_export_refusals(d, cli, tmp_path):
     assert code == 0, err
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "diffem.json", "README.md"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _same_checkpoint(back, ckpt) -> None:
+    """``back`` (loaded from an export) holds ``ckpt``'s tensors bit for bit and its metadata."""
+    assert set(back.tensors) == set(ckpt.tensors)
+    for name, value in ckpt.tensors.items():
+        assert torch.equal(back.tensors[name], value), name
+    assert {k: v for k, v in back.meta.items() if k != "provenance"} == ckpt.meta
+
+
+@pytest.fixture(scope="module")
+def mmps(tmp_path_factory) -> Path:
+    """A one-lap EM-MMPS manifold checkpoint with Gaussian moments (mmps.covariance=gaussian), exported."""
+    root = tmp_path_factory.mktemp("export_mmps")
+    run_ok("corrupt", "manifold:samples=64", root / "obs", "--channel", "projection")
+    run_ok(
+        "em-train",
+        root / "obs",
+        root / "run",
+        "--laps",
+        1,
+        "--method",
+        "em-mmps",
+        *FAST,
+        *TINY_MLP,
+        *sets("mmps.covariance=gaussian", "em.drop_outside=0"),
+    )
+    run_ok("export", root / "run/checkpoints/lap_001.safetensors", root / "exp")
+    return root
+
+
+def test_export_keeps_the_gaussian_moments(mmps, cli, tmp_path):
+    ckpt_path = mmps / "run/checkpoints/lap_001.safetensors"
+    ckpt = load_checkpoint(ckpt_path)
+    assert {"moments.mean", "moments.cov"} <= set(ckpt.aux)
+    folder = mmps / "exp"
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", AUX_FILE, "diffem.json", "README.md"}
+    assert "moments.cov" in (folder / "README.md").read_text()
+    _same_checkpoint(load_export(folder), ckpt)
+    # posterior samples from the export are those from the checkpoint, bit for bit (same seed)
+    for src, name in [(ckpt_path, "a"), (folder, "b")]:
+        code, _, err = cli("reconstruct", src, mmps / "obs", tmp_path / name, "--steps", 3)
+        assert code == 0, err
+    a = read_x(tmp_path / "a")
+    assert a.shape == (64, 5) and torch.equal(a, read_x(tmp_path / "b"))
+    # the moments matter: an export stripped of them (the old behaviour) samples otherwise
+    stripped = tmp_path / "stripped"
+    shutil.copytree(folder, stripped)
+    (stripped / AUX_FILE).unlink()
+    meta = json.loads((stripped / "diffem.json").read_text())
+    del meta[CHECKSUMS_KEY]
+    (stripped / "diffem.json").write_text(json.dumps(meta))
+    assert load_export(stripped).aux == {}
+    code, _, err = cli("reconstruct", stripped, mmps / "obs", tmp_path / "c", "--steps", 3)
+    assert code == 0, err
+    assert not torch.equal(a, read_x(tmp_path / "c"))
+
+
+def test_export_checksums_are_verified(mmps, d, tmp_path):
+    folder = tmp_path / "exp"
+    shutil.copytree(mmps / "exp", folder)
+    (folder / AUX_FILE).unlink()  # the aux file the checksums promise went missing
+    with pytest.raises(DiffemError, match="does not exist"):
+        load_export(folder)
+    # weights replaced by other valid weights: the recorded checksum catches it
+    shutil.copytree(mmps / "exp", folder, dirs_exist_ok=True)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(DiffemError, match="checksum mismatch"):
+        load_export(folder)
+    # exports written before checksums were recorded still load, unverified
+    old = tmp_path / "old"
+    shutil.copytree(d / "m_cond_exp", old)
+    meta = json.loads((old / "diffem.json").read_text())
+    assert set(meta.pop(CHECKSUMS_KEY)) == {"model.safetensors"}
+    (old / "diffem.json").write_text(json.dumps(meta))
+    _same_checkpoint(load_export(old), load_checkpoint(d / "m_cond.safetensors"))
+
+
+def test_exports_without_aux_tensors_have_no_aux_file(d):
+    for name in ("d_uncond", "d_cond", "m_uncond", "m_cond"):
+        assert not (d / f"{name}_exp" / AUX_FILE).exists()
+        _same_checkpoint(load_export(d / f"{name}_exp"), load_checkpoint(d / f"{name}.safetensors"))
+
+
+def test_pipeline_export_with_aux_tensors_still_loads_in_diffusers(d, tmp_path):
+    from diffusers import DDPMPipeline
+
+    ckpt = load_checkpoint(d / "d_uncond.safetensors")
+    aux = {"aux.moments.mean": torch.linspace(-1, 1, 64, dtype=torch.float64)}
+    save_tensors(tmp_path / "aux.safetensors", {**ckpt.tensors, **aux}, ckpt.meta)
+    run_ok("export", tmp_path / "aux.safetensors", tmp_path / "exp")
+    assert (tmp_path / "exp" / AUX_FILE).is_file() and (tmp_path / "exp" / "model_index.json").is_file()
+    back = load_export(tmp_path / "exp")
+    _same_checkpoint(back, load_checkpoint(tmp_path / "aux.safetensors"))
+    assert back.aux["moments.mean"].dtype == torch.float64
+    pipe = DDPMPipeline.from_pretrained(str(tmp_path / "exp"))
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, ckpt.tensors[f"unet.{name}"]), name

@@ -7,7 +7,8 @@ from diffem_channels.mask import MaskChannel
 from diffem_channels.projection import ProjectionChannel
 from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
 from diffem_cli.diffusion.sampling import sample_loop
-from diffem_cli.methods.guidance import ALPHA_MIN, MMPSDenoiser, conjugate_gradient
+from diffem_cli.gaussian.linalg import conjugate_gradient
+from diffem_cli.methods.guidance import ALPHA_MIN, MMPSDenoiser
 
 D = 4
 
@@ -100,8 +101,8 @@ def test_mmps_sampling_draws_the_exact_gaussian_posterior():
 
 def test_mmps_with_the_gaussian_covariance_is_exact_for_that_gaussian():
     """The heuristic's covariance is the true Cov[x | x_t] when the prior is the fitted Gaussian."""
-    from diffem_cli.gaussian.model import GaussianPrior
     from diffem_cli.gaussian.moments import GaussianCovariance
+    from diffem_cli.gaussian.prior import GaussianPrior
 
     mu, cov = _prior()
     channel = ProjectionChannel(m=2, sigma=0.1)

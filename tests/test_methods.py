@@ -10,10 +10,9 @@ import pytest
 import torch
 from helpers import QUICK, TINY_MLP, TINY_UNET, error_line, read_x, run_ok, sets
 
-from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import load_checkpoint
-from diffem_cli.methods import REGISTRY, get_method, method_for_checkpoint
+from diffem_cli.methods import default_config, get_method, method_for_checkpoint, method_names
 
 TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=2"), *QUICK]
 
@@ -129,19 +128,23 @@ def test_mmps_methods_refuse_a_non_linear_channel(tmp_path, cli):
         *QUICK,
     )
     manifest = json.loads((tmp_path / "naive/recon/lap_001/diffem.json").read_text())
-    assert manifest["dps_scale"] == RunConfig().dps.scale
+    assert manifest["dps_scale"] == default_config().dps.scale
 
 
 def test_method_for_checkpoint_restores_its_settings():
-    cfg = RunConfig()
+    cfg = default_config()
     cfg.mmps.cg_iters = 5
-    meta = {"kind": "unconditional", **get_method("em-mmps", cfg).meta()}
-    assert method_for_checkpoint(meta).cfg.mmps.cg_iters == 5
+    m = get_method("em-mmps", cfg)
+    meta = {"kind": "unconditional", "method": m.name, "method_config": m.config_record(cfg)}
+    assert method_for_checkpoint(meta).options["mmps"].cg_iters == 5
+    # an older checkpoint recorded only the keys it knew: the rest take their defaults
+    old = {"kind": "unconditional", "method": "dps-em", "method_config": {"dps": {"scale": 3.0}}}
+    assert method_for_checkpoint(old).options["dps"] == type(cfg.dps)(scale=3.0)
     assert method_for_checkpoint({"kind": "conditional"}).name == "diffem"
     assert method_for_checkpoint({"kind": "unconditional", "method": "uncond"}).name == "em-mmps"
     with pytest.raises(DiffemError, match="known"):
         get_method("nope", cfg)
-    assert {"diffem", "em-mmps", "naive", "oracle"} <= set(REGISTRY)
+    assert {"diffem", "em-mmps", "naive", "oracle"} <= set(method_names())
 
 
 def test_prior_methods_drop_vectors_outside_the_box():
@@ -188,6 +191,46 @@ def test_gaussian_covariance_moments_travel_in_the_checkpoint(obs, tmp_path, cli
         3,
     )
     assert code == 0, err
-    method = method_for_checkpoint(ckpt.meta)
-    method.load_aux(ckpt.aux)
-    assert method.moments is not None and method.moments.full
+    from diffem_cli.methods.em_mmps import moments_from_aux
+
+    assert method_for_checkpoint(ckpt.meta).options["mmps"].covariance == "gaussian"
+    moments = moments_from_aux(ckpt.aux)
+    assert moments is not None and moments.full
+
+
+def test_warm_start_sampler_comes_from_the_protocol():
+    """Lap 0 of a warm start: the run's own method when its model is of the checkpoint's kind,
+    else the checkpoint's method, else the first installed method of that kind that accepts the
+    observations."""
+    from diffem_channels.jpeg import JpegChannel
+    from diffem_channels.mask import MaskChannel
+    from diffem_cli.methods.testing import tiny_data
+    from diffem_cli.pipeline.em import warm_sampler
+
+    cfg = default_config()
+    masked, _ = tiny_data(MaskChannel(rho=0.5), (4,))
+    jpeg, _ = tiny_data(JpegChannel(quality=50), (1, 8, 8))
+    diffem, mmps = get_method("diffem", cfg), get_method("em-mmps", cfg)
+    prior = {"kind": "unconditional", "method": "uncond"}  # a train-uncond checkpoint
+    assert warm_sampler(prior, diffem, masked, cfg).name == "em-mmps"
+    assert warm_sampler(prior, mmps, masked, cfg) is mmps
+    assert warm_sampler({"kind": "conditional", "method": "oracle"}, mmps, masked, cfg).name == "oracle"
+    assert warm_sampler({"kind": "unconditional", "method": "dps-em"}, diffem, jpeg, cfg).name == "dps-em"
+    # EM-MMPS cannot serve JPEG: another prior method that can samples its model
+    chosen = warm_sampler(prior, diffem, jpeg, cfg)
+    assert chosen.kind == "unconditional" and chosen.accepts(JpegChannel) is None
+    assert warm_sampler({"kind": "ambient", "method": "ambient"}, diffem, masked, cfg).name == "ambient"
+    with pytest.raises(DiffemError, match="no installed method can sample"):
+        warm_sampler({"kind": "strange"}, diffem, masked, cfg)
+
+
+def test_compare_method_lists_come_from_the_registry():
+    from diffem_cli.pipeline.compare import parse_methods
+
+    assert parse_methods(None) == ["diffem", "em-mmps", "naive", "oracle"]  # compared_by_default
+    assert parse_methods("all") == list(method_names())
+    assert parse_methods("dps-em, ambient") == ["dps-em", "ambient"]
+    with pytest.raises(DiffemError, match=r"unknown method 'difem'; did you mean 'diffem'\?"):
+        parse_methods("difem")
+    with pytest.raises(DiffemError, match="twice"):
+        parse_methods("naive,naive")

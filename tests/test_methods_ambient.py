@@ -14,12 +14,11 @@ from diffem_channels import sample_seeds
 from diffem_channels.box import BoxChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.noise import NoiseChannel
-from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
 from diffem_cli.diffusion.schedule import ddpm_scheduler
 from diffem_cli.io.observations import load_recon
-from diffem_cli.methods import get_method
+from diffem_cli.methods import default_config, get_method
 from diffem_cli.methods.ambient import AmbientLoss, ambient_x0, further_mask, sampler_masks
 
 
@@ -58,15 +57,15 @@ class _Data:
 def test_training_masks_hide_observed_pixels_only_and_do_not_depend_on_the_run_seed():
     x = torch.zeros(500, 1, 8, 8)
     data = _Data(MaskChannel(rho=0.5), x)
-    cfg = RunConfig()
+    cfg = default_config()
     cfg.ambient.delta = 0.2
-    tensors, _ = get_method("ambient", cfg).training_data(data, x, 1, None)
+    tensors = get_method("ambient", cfg).mstep(data, x, 1, 1, None, cfg).tensors
     a, m = tensors["mask"], tensors["further"]
     assert ((m == 1) <= (a == 1)).all()  # the further mask lies inside the observed pixels
     kept = float(m.sum() / a.sum())
     assert abs(kept - 0.8) < 4 * _se(0.8, int(a.sum()))
     cfg.seed = 7
-    assert torch.equal(get_method("ambient", cfg).training_data(data, x, 2, None)[0]["further"], m)
+    assert torch.equal(get_method("ambient", cfg).mstep(data, x, 2, 2, None, cfg).tensors["further"], m)
 
 
 def test_sampler_masks_survive_with_one_minus_rho_times_one_minus_delta():
@@ -112,7 +111,7 @@ def test_loss_is_blind_to_unobserved_pixels_and_zero_at_the_target():
 
 
 def test_refusals():
-    m = get_method("ambient", RunConfig())
+    m = get_method("ambient", default_config())
     x = torch.zeros(2, 1, 8, 8)
     with pytest.raises(DiffemError, match="masked image.*'noise' is not one"):
         m.check(_Data(NoiseChannel(sigma=0.1), x))

@@ -15,13 +15,12 @@ from diffem_channels import Channel, sample_seeds
 from diffem_channels.jpeg import JpegChannel
 from diffem_channels.mask import MaskChannel
 from diffem_channels.projection import ProjectionChannel
-from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
 from diffem_cli.diffusion.denoise import alpha_sigma
 from diffem_cli.io.observations import load_recon
 from diffem_cli.io.store import read_manifest
-from diffem_cli.methods import get_method
+from diffem_cli.methods import default_config, get_method
 from diffem_cli.methods.guidance import ALPHA_MIN, DPSDenoiser, residual_norm
 
 
@@ -94,7 +93,7 @@ def test_dps_em_refuses_a_channel_without_a_differentiable_forward_model():
         name = "opaque"
         description = "non-linear, not differentiable"
 
-    m = get_method("dps-em", RunConfig())
+    m = get_method("dps-em", default_config())
     m.check(_Data(JpegChannel()))
     m.check(_Data(MaskChannel()))
     with pytest.raises(DiffemError, match="differentiable forward model.*'opaque' declares none"):
@@ -102,12 +101,17 @@ def test_dps_em_refuses_a_channel_without_a_differentiable_forward_model():
 
 
 def test_reset_last_laps_start_from_fresh_weights():
-    cfg = RunConfig()
+    cfg = default_config()
     cfg.dps.reset_last = 2
     m = get_method("dps-em", cfg)
-    assert [m.fine_tunes(lap, 5) for lap in range(1, 6)] == [True, True, True, False, False]
+    prev = torch.zeros(4, 3)
+
+    def fine_tunes(method, lap):
+        return method.mstep(_Data(MaskChannel()), prev, lap, 5, None, cfg).fine_tune
+
+    assert [fine_tunes(m, lap) for lap in range(1, 6)] == [True, True, True, False, False]
     cfg.dps.reset_last = 0
-    assert all(get_method("dps-em", cfg).fine_tunes(lap, 5) for lap in range(1, 6))
+    assert all(fine_tunes(get_method("dps-em", cfg), lap) for lap in range(1, 6))
 
 
 TRAIN = [*FAST, *TINY_UNET]

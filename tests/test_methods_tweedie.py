@@ -10,13 +10,12 @@ import pytest
 import torch
 from helpers import FAST, TINY_UNET, error_line, read_x, run_ok
 
-from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import load_checkpoint
 from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
 from diffem_cli.diffusion.schedule import ddpm_scheduler
 from diffem_cli.io.observations import load_recon
-from diffem_cli.methods import get_method
+from diffem_cli.methods import default_config, get_method
 from diffem_cli.methods.ambient_tweedie import (
     FlooredDenoiser,
     TweedieLoss,
@@ -111,7 +110,7 @@ def test_refuses_other_channels():
         channel = MaskChannel()
 
     with pytest.raises(DiffemError, match="for the 'noise' channel.*'mask' is not it"):
-        get_method("ambient-tweedie", RunConfig()).check(_Data())
+        get_method("ambient-tweedie", default_config()).check(_Data())
 
 
 @pytest.fixture(scope="module")

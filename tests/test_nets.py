@@ -83,9 +83,9 @@ def test_timestep_embedding():
 @pytest.mark.parametrize(
     ("config", "shape", "match"),
     [
-        ({"type": "mlp"}, (1, 8, 8), "MLP network needs vector data"),
-        (TINY_UNET, (5,), "UNet needs image data"),
-        (TINY_UNET, (1, 8, 4), "must be square"),
+        ({"type": "mlp"}, (1, 8, 8), "network.type=mlp needs vector data"),
+        (TINY_UNET, (5,), "network.type=unet needs images"),
+        (TINY_UNET, (1, 8, 4), "needs square images"),
         (default_unet_config((1, 6, 6), channels=(8, 16, 32)), (1, 6, 6), "not divisible"),
         ({"type": "transformer"}, (5,), "unknown network type 'transformer'"),
         ({}, (5,), "unknown network type None"),

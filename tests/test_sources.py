@@ -125,7 +125,8 @@ def test_saved_dataset_sources(tmp_path):
 
 
 def test_unknown_spec(tmp_path):
-    with pytest.raises(DiffemError, match=r"source 'nope' not found: not a built-in \(manifold, digits\)"):
+    builtins = r"not a built-in \(manifold, digits, patches\)"
+    with pytest.raises(DiffemError, match=r"source 'nope' not found: " + builtins):
         load_source("nope")
     with pytest.raises(DiffemError, match="not found"):
         load_source(str(tmp_path / "missing"))
@@ -143,3 +144,30 @@ def test_hub_failure_is_one_line(monkeypatch):
     with pytest.raises(DiffemError, match="Hub could not be reached") as err:
         load_source("hf:x/y:test")
     assert "\n" not in str(err.value) and "split 'test'" in str(err.value)
+
+
+def test_patches_are_natural_rgb_crops_reproducible_by_seed():
+    src = load_source("patches:size=8,n=300,seed=3")
+    x = _all(src)
+    assert src.shape == (3, 8, 8) and src.kind == "image" and src.value_range == (-1.0, 1.0)
+    assert x.shape == (300, 3, 8, 8) and x.min() >= -1.0 and x.max() <= 1.0
+    assert torch.equal(x, _all(load_source("patches:size=8,n=300,seed=3")))
+    assert not torch.equal(x, _all(load_source("patches:size=8,n=300,seed=4")))
+    assert src.describe()["spec"] == "patches:size=8,n=300,seed=3,scale=4"
+    # natural-image statistics: neighbouring pixels correlate strongly, unlike independent noise
+    left, right = x[..., :-1].flatten(), x[..., 1:].flatten()
+    assert float(torch.corrcoef(torch.stack([left, right]))[0, 1]) > 0.5
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("patches:size=1", "size must lie in"),
+        ("patches:size=4000", "size must lie in"),
+        ("patches:n=0", "must be >= 1"),
+        ("patches:colour=1", "has no option 'colour'"),
+    ],
+)
+def test_patches_options_are_checked(spec, message):
+    with pytest.raises(DiffemError, match=message):
+        load_source(spec)

@@ -16,7 +16,10 @@ keep working unchanged:
   codec), used by diffusion posterior sampling (``--method dps-em``);
 - ``masked_observation`` / :meth:`Channel.observation_mask`: the observation is the data with
   some entries hidden, and the channel says which (``mask``, ``box``), used by
-  Ambient-Diffusion (``--method ambient``).
+  Ambient-Diffusion (``--method ambient``);
+- :meth:`Channel.exact_entries`: the entries an observation gives exactly (no noise), where the
+  true posterior puts ``x = y``; methods write ``y`` back there (data consistency). By default the
+  observed entries of a noiseless ``masked_observation`` channel; a plugin may declare its own.
 """
 
 from __future__ import annotations
@@ -272,6 +275,14 @@ class Channel:
         """(v2) For ``masked_observation`` channels: a 0/1 float tensor shaped like the clean data
         batch (1 = the entry is observed in ``y``)."""
         raise ChannelError(f"channel {self.name!r} does not observe a masked image")
+
+    def exact_entries(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """(v2) A 0/1 float tensor shaped like the clean data batch, 1 where the observation ``y``
+        holds the entry of ``x`` exactly (noiseless), or None when no entry is exact. Default: the
+        observation mask of a noiseless linear ``masked_observation`` channel."""
+        if self.masked_observation and self.linear and float(self.noise_std(obs)) == 0.0:
+            return self.observation_mask(obs)
+        return None
 
     def start(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """A crude clean-space estimate from the observation, used to start EM when the channel

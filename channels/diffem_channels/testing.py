@@ -11,6 +11,8 @@ raises ``AssertionError`` (with a one-line reason) at the first broken promise:
 - linear channels: ``A x`` has ``y``'s shape, ``A^T v`` has ``x``'s, ``A`` is linear, the adjoint
   is exact (``<A x, v> == <x, A^T v>`` to rounding), ``noise_std`` is a number >= 0 and, when it
   is 0, ``y == A x`` to rounding;
+- entries declared exact (``exact_entries``) form a 0/1 tensor shaped like the data, and ``y``
+  equals ``x`` there bit for bit;
 - the spec round trip: ``spec()`` is JSON-able and rebuilds an equal channel (through the
   registry when the channel is installed, else through its class) that gives the same output;
 - data kinds the channel does not accept are refused by ``check_data`` with a ``ChannelError``.
@@ -114,6 +116,23 @@ def _check_condition(channel: Channel, obs: dict[str, torch.Tensor], shape: tupl
         raise _fail(channel, f"condition returned {got}, expected {want} (cond_size = {size})")
     if cond.dtype != torch.float32 or not torch.isfinite(cond).all():
         raise _fail(channel, f"condition must be finite float32, got {cond.dtype}")
+
+
+def _check_exact(channel: Channel, x: torch.Tensor, obs: dict[str, torch.Tensor]) -> None:
+    """Entries declared exact hold ``x`` itself in ``y``, bit for bit: methods write ``y`` there."""
+    exact = channel.exact_entries(obs)
+    if exact is None:
+        return
+    if not isinstance(exact, torch.Tensor) or tuple(exact.shape) != tuple(x.shape):
+        got = tuple(exact.shape) if isinstance(exact, torch.Tensor) else type(exact).__name__
+        raise _fail(channel, f"exact_entries returned {got}, expected the data batch's {tuple(x.shape)}")
+    if not bool(((exact == 0) | (exact == 1)).all()):
+        raise _fail(channel, "exact_entries must hold only 0 and 1")
+    y = obs["y"]
+    if tuple(y.shape) != tuple(x.shape):
+        raise _fail(channel, "exact_entries needs observations 'y' shaped like the data")
+    if not torch.equal(exact * y.to(x), exact * x):
+        raise _fail(channel, "an entry declared exact by exact_entries differs between y and x")
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -224,6 +243,7 @@ def check_channel(channel: Channel, shape: tuple[int, ...], *, seed: int = 0) ->
     seeds = sample_seeds(seed, range(BATCH))
     whole = _check_seeding(channel, x, seeds)
     _check_condition(channel, whole, shape)
+    _check_exact(channel, x, whole)
     if channel.linear:
         _check_linear(channel, x, whole, shape)
     _check_spec(channel, x, seeds, whole)

@@ -25,6 +25,7 @@ from diffem_cli.core.errors import DiffemError  # noqa: E402
 
 COMMAND_MODULES: tuple[str, ...] = (
     "channels_cmd",
+    "methods_cmd",
     "corrupt_cmd",
     "em_cmd",
     "reconstruct_cmd",
@@ -94,7 +95,8 @@ def _root(
         str | None,
         typer.Option(
             "--threads",
-            help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else every core (README).",
+            help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else every core "
+            "(docs/reproducibility.md).",
         ),
     ] = None,
 ) -> None:

@@ -9,9 +9,11 @@ one-line errors raised when the configuration is loaded (``validate``), before a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,38 +41,6 @@ class EMConfig:
 
 
 @dataclass
-class MMPSConfig:
-    """Moment-matching posterior sampling (EM-MMPS, naive): conjugate-gradient iterations per step,
-    and the covariance inside the solve: ``tweedie`` (the network's Jacobian, one vector-Jacobian
-    product per iteration) or ``gaussian`` (a Gaussian fitted to the prior's training data: no
-    network work in the solve; the official EM-MMPS manifold recipe)."""
-
-    cg_iters: int = 1
-    covariance: str = "tweedie"
-
-
-@dataclass
-class DPSConfig:
-    """Diffusion posterior sampling (DPS-EM): likelihood step size and EMDiffusion's options.
-
-    The default weight, 100, is what EMDiffusion's smallest-residual rule picked from
-    1-1,000 on masked digits (posterior PSNR 18.1 dB there, against 10.5 dB at 1)."""
-
-    scale: float = 100.0
-    adaptive: bool = False
-    grid: list[float] = field(default_factory=lambda: [10.0, 30.0, 100.0, 300.0])
-    subset: int = 256
-    reset_last: int = 0
-
-
-@dataclass
-class AmbientConfig:
-    """Ambient-Diffusion: probability ``delta`` of hiding an observed pixel once more."""
-
-    delta: float = 0.1
-
-
-@dataclass
 class EvalConfig:
     """Per-lap evaluation against clean data (``--eval-clean``)."""
 
@@ -80,20 +50,54 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """Everything ``em-train`` and ``train-uncond`` need besides their data."""
+    """Everything ``em-train`` and ``train-uncond`` need besides their data.
+
+    ``options`` holds the methods' option sections (``mmps``, ``dps``, ...), one dataclass per
+    section, filled by the layer above from the method registry (:class:`Extensions`); they read
+    and write as top-level sections (``cfg.mmps.cg_iters``, ``mmps:`` in YAML, ``--set mmps.cg_iters=2``).
+    """
 
     network: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     em: EMConfig = field(default_factory=EMConfig)
-    mmps: MMPSConfig = field(default_factory=MMPSConfig)
-    dps: DPSConfig = field(default_factory=DPSConfig)
-    ambient: AmbientConfig = field(default_factory=AmbientConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options")
+        if options is None or name.startswith("_") or name not in options:
+            raise AttributeError(f"RunConfig has no section {name!r}")
+        return options[name]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested dicts, option sections at top level after ``em`` (a RUN's config.yaml)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "options":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = (
+                dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            )
+            if f.name == "em":
+                out.update({k: dataclasses.asdict(v) for k, v in self.options.items()})
+        return out
+
+
+@dataclass(frozen=True)
+class Extensions:
+    """What the layers above add to a run configuration: option sections (name -> a dataclass
+    with defaults for every field and an optional ``validate()`` raising a one-line DiffemError)
+    and the method names ``em.method`` may take (empty: not checked here)."""
+
+    sections: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()
+
+    def new_config(self) -> RunConfig:
+        """A default configuration with every option section."""
+        return RunConfig(options={name: make() for name, make in self.sections.items()})
 
 
 PRESETS = ("manifold", "digits", "img16", "img32", "cifar10", "celeba")
@@ -108,8 +112,6 @@ def default_preset(shape: tuple[int, ...] | list[int]) -> str:
     return {16: "img16", 32: "img32"}.get(shape[-1], "digits") if shape[-1] == shape[-2] else "digits"
 
 
-COVARIANCES: tuple[str, ...] = ("tweedie", "gaussian")
-METHODS: tuple[str, ...] = ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
 INITS: tuple[str, ...] = ("auto", "gaussian", "observation")
 NETWORK_TYPES: tuple[str, ...] = ("mlp", "unet")
 # UNet2DModel arguments diffem sets itself from the data and the channel.
@@ -120,10 +122,17 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     if not isinstance(data, dict):
         raise DiffemError(f"config section {prefix.rstrip('.') or '<top>'} must be a mapping")
     names = {f.name: f for f in dataclasses.fields(obj)}
+    sections: dict[str, Any] = {}
+    if isinstance(obj, RunConfig):  # the methods' option sections read as top-level ones
+        del names["options"]
+        sections = obj.options
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if key in sections:
+            _apply(sections[key], value, path + ".")
+            continue
         if key not in names:
-            raise DiffemError(f"unknown config key {path!r}{_suggest(str(key), names)}")
+            raise DiffemError(f"unknown config key {path!r}{_suggest(str(key), [*names, *sections])}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _apply(current, value, path + ".")
@@ -317,8 +326,9 @@ def _try_build(net: dict[str, Any], shape: tuple[int, ...], cond_size: int) -> N
         raise DiffemError(f"config section 'network' is not a valid {net.get('type')} ({first})") from None
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check every value of ``cfg`` (ranges, choices, network arguments, metric names).
+def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
+    """Check every value of ``cfg`` (ranges, choices, network arguments, metric names, and each
+    option section through its own ``validate()``); ``em.method`` against ``methods`` when given.
 
     Raises a one-line DiffemError naming the first bad key. Called by ``load_config`` and
     ``config_from_dict``, so a bad value is refused before any file is written.
@@ -328,26 +338,20 @@ def validate(cfg: RunConfig) -> None:
     validate_sample(cfg.sample)
     em = cfg.em
     int_at_least("em.laps", em.laps, 1)
-    choice("em.method", em.method, METHODS)
+    if methods:
+        choice("em.method", em.method, methods)
+    elif not isinstance(em.method, str) or not em.method:
+        raise bad("em.method", em.method, "a method name")
     choice("em.init", em.init, INITS)
     int_at_least("em.gaussian_iters", em.gaussian_iters, 1)
     int_at_least("em.gaussian_rank", em.gaussian_rank, 1)
     int_at_least("em.recorrupt_every", em.recorrupt_every, 0)
     if finite("em.drop_outside", em.drop_outside) < 0:
         raise bad("em.drop_outside", em.drop_outside, ">= 0 (0 keeps every reconstruction)")
-    int_at_least("mmps.cg_iters", cfg.mmps.cg_iters, 1)
-    choice("mmps.covariance", cfg.mmps.covariance, COVARIANCES)
-    if finite("dps.scale", cfg.dps.scale) <= 0:
-        raise bad("dps.scale", cfg.dps.scale, "> 0")
-    if not cfg.dps.grid:
-        raise bad("dps.grid", cfg.dps.grid, "a non-empty list of positive numbers")
-    for g in cfg.dps.grid:
-        if finite("dps.grid", g) <= 0:
-            raise bad("dps.grid", cfg.dps.grid, "a non-empty list of positive numbers")
-    int_at_least("dps.subset", cfg.dps.subset, 1)
-    int_at_least("dps.reset_last", cfg.dps.reset_last, 0)
-    if not 0 <= finite("ambient.delta", cfg.ambient.delta) < 1:
-        raise bad("ambient.delta", cfg.ambient.delta, "in [0, 1)")
+    for options in cfg.options.values():
+        check = getattr(options, "validate", None)
+        if callable(check):
+            check()
     known = _metric_names()
     for name in cfg.eval.metrics:
         choice("eval.metrics", name, known)
@@ -366,25 +370,14 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
     ``shape`` the clean data's shape. Raises a one-line DiffemError.
     """
     from diffem_channels.base import ChannelError
+    from diffem_cli.diffusion.nets import check_network_shape
+    from diffem_cli.io.datameta import data_kind
 
     shape = tuple(int(s) for s in shape)
-    kind = cfg.network.get("type")
-    if kind == "mlp" and len(shape) != 1:
-        raise DiffemError(f"network.type=mlp needs vector data, but the data have shape {shape}; use a unet")
-    if kind == "unet":
-        if len(shape) != 3:
-            raise DiffemError(f"network.type=unet needs images (C, H, W), but the data have shape {shape}")
-        levels = len(cfg.network["block_out_channels"])
-        if shape[1] != shape[2]:
-            raise DiffemError(f"network.type=unet needs square images, got {shape[1]}x{shape[2]}")
-        if shape[1] % 2 ** (levels - 1):
-            raise DiffemError(
-                f"image size {shape[1]} is not divisible by 2^{levels - 1} for the {levels}-level UNet "
-                "of network.block_out_channels"
-            )
+    check_network_shape(cfg.network, shape)
     from diffem_cli.metrics.evaluate import METRICS
 
-    kind = "vector" if len(shape) == 1 else "image"
+    kind = data_kind(shape)
     for name in cfg.eval.metrics:
         if name in METRICS and kind not in METRICS[name].kinds:
             raise DiffemError(
@@ -407,35 +400,46 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
 
 
 def load_config(
-    config: str | Path | None, sets: list[str] | None = None, *, default_preset: str = "digits"
+    config: str | Path | None,
+    sets: list[str] | None = None,
+    *,
+    default_preset: str = "digits",
+    extensions: Extensions | None = None,
 ) -> RunConfig:
     """Build the effective configuration, then validate every value.
 
     ``config`` is a preset name, a YAML file or a RUN folder (its ``config.yaml``). A file is laid
     over ``default_preset``, so it needs to hold only the keys it changes; ``--set`` overrides
-    come last.
+    come last. ``extensions`` (from the method registry) adds the methods' option sections and
+    names; without it a section such as ``mmps`` is an unknown key.
     """
-    cfg = RunConfig()
+    ext = extensions or Extensions()
+    cfg = ext.new_config()
     if config is not None and str(config) not in PRESETS:
         _apply(cfg, read_yaml(default_preset))
     _apply(cfg, read_yaml(config or default_preset))
     if sets:
         _apply(cfg, parse_sets(sets))
-    validate(cfg)
+    validate(cfg, ext.methods)
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
+def config_from_dict(data: dict[str, Any], extensions: Extensions | None = None) -> RunConfig:
     """Rebuild a RunConfig from its ``to_dict`` form (a RUN's config.yaml), validated."""
-    cfg = RunConfig()
+    ext = extensions or Extensions()
+    cfg = ext.new_config()
     _apply(cfg, data)
-    validate(cfg)
+    validate(cfg, ext.methods)
     return cfg
 
 
 def effective_config(
-    source: str | Path | None, sets: list[str] | None = None, *, default_preset: str = "digits"
+    source: str | Path | None,
+    sets: list[str] | None = None,
+    *,
+    default_preset: str = "digits",
+    extensions: Extensions | None = None,
 ) -> RunConfig:
     """What ``diffem config show`` prints: a preset, a RUN folder (its config.yaml) or a YAML file
     (laid over ``default_preset``), with ``--set`` overrides, validated."""
-    return load_config(source, sets, default_preset=default_preset)
+    return load_config(source, sets, default_preset=default_preset, extensions=extensions)

@@ -31,10 +31,56 @@ from torch import nn
 
 from diffem_cli import __version__
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import DataMeta
 
 FORMAT = "diffem-checkpoint"
 AUX_PREFIX = "aux."
 CHECKSUM_KEY = "checksum"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """The typed view of a checkpoint's metadata: what rebuilds its network and says what it models.
+
+    Read with :meth:`from_dict`, which tolerates the entries older checkpoints lack (``cond_size``
+    0, no channel, lap, method); the metadata dict itself stays what is written and read on disk.
+    """
+
+    kind: str
+    network: dict[str, Any]
+    data: DataMeta
+    cond_size: int = 0
+    channel: dict[str, Any] | None = None
+    lap: int | None = None
+    method: str | None = None
+    method_config: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any]) -> CheckpointMeta:
+        """Decode and check a checkpoint's metadata (a bad entry is a one-line DiffemError)."""
+        network = meta.get("network")
+        if not isinstance(network, dict):
+            raise DiffemError(f"invalid network config in checkpoint metadata: {network!r}")
+        try:
+            data = DataMeta.from_dict(meta["data"])
+            cond_size = int(meta.get("cond_size", 0))
+        except (DiffemError, KeyError, TypeError, ValueError, AttributeError):
+            raise DiffemError("invalid data shape or cond_size in checkpoint metadata") from None
+        if not data.shape or min(data.shape) < 1 or cond_size < 0:
+            raise DiffemError(
+                f"invalid data shape {data.shape} or cond_size {cond_size} in checkpoint metadata"
+            )
+        lap = meta.get("lap")
+        return cls(
+            kind=str(meta.get("kind")),
+            network=network,
+            data=data,
+            cond_size=cond_size,
+            channel=meta.get("channel"),
+            lap=int(lap) if isinstance(lap, int) else None,
+            method=meta.get("method"),
+            method_config=meta.get("method_config"),
+        )
 
 
 @dataclass
@@ -51,6 +97,11 @@ class Checkpoint:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.meta["data"]["shape"])
+
+    @property
+    def info(self) -> CheckpointMeta:
+        """The metadata, decoded and checked (see :class:`CheckpointMeta`)."""
+        return CheckpointMeta.from_dict(self.meta)
 
     @property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -183,20 +234,6 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], source: object) -> No
             )
 
 
-def _network_spec(ckpt: Checkpoint) -> tuple[dict[str, Any], tuple[int, ...], int]:
-    network = ckpt.meta["network"]
-    if not isinstance(network, dict):
-        raise DiffemError(f"invalid network config in checkpoint metadata: {network!r}")
-    try:
-        shape = tuple(int(v) for v in ckpt.meta["data"]["shape"])
-        cond_size = int(ckpt.meta.get("cond_size", 0))
-    except (KeyError, TypeError, ValueError):
-        raise DiffemError("invalid data shape or cond_size in checkpoint metadata") from None
-    if not shape or min(shape) < 1 or cond_size < 0:
-        raise DiffemError(f"invalid data shape {shape} or cond_size {cond_size} in checkpoint metadata")
-    return network, shape, cond_size
-
-
 def check_shapes(ckpt: Checkpoint) -> None:
     """Refuse a checkpoint whose metadata describes another network than its tensors hold.
 
@@ -205,13 +242,13 @@ def check_shapes(ckpt: Checkpoint) -> None:
     """
     from diffem_cli.diffusion.nets import build_network
 
-    network, shape, cond_size = _network_spec(ckpt)
-    if network.get("type") == "unet":
+    info = ckpt.info
+    if info.network.get("type") == "unet":
         import diffusers  # noqa: F401  (imported outside the meta-device context)
         from diffusers import UNet2DModel  # noqa: F401
     try:
         with torch.device("meta"):
-            skeleton = build_network(network, shape, cond_size)
+            skeleton = build_network(info.network, info.data.shape, info.cond_size)
     except DiffemError:
         raise
     except Exception as e:  # a config the network constructors reject
@@ -246,8 +283,8 @@ def build_model(ckpt: Checkpoint) -> nn.Module:
     from diffem_cli.diffusion.nets import build_network
 
     check_shapes(ckpt)
-    network, shape, cond_size = _network_spec(ckpt)
-    model = build_network(network, shape, cond_size)
+    info = ckpt.info
+    model = build_network(info.network, info.data.shape, info.cond_size)
     try:
         model.load_state_dict(ckpt.weights)
     except RuntimeError as e:

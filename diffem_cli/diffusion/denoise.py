@@ -31,6 +31,14 @@ def alpha_sigma(t: int) -> tuple[float, float]:
     return abar**0.5, (1.0 - abar) ** 0.5
 
 
+def x0_from_v(
+    x_t: torch.Tensor, v: torch.Tensor, a: float | torch.Tensor, s: float | torch.Tensor
+) -> torch.Tensor:
+    """The clean estimate of a v-prediction: ``x0 = alpha_t x_t - sigma_t v``, with ``a = alpha_t``
+    and ``s = sigma_t`` (numbers, or tensors broadcasting against ``x_t``)."""
+    return a * x_t - s * v
+
+
 class Denoiser:
     """Base class: ``denoiser(x_t, t) -> x0`` estimate. ``needs_grad`` asks the sampling loop to
     run with autograd enabled (guidances that differentiate through the network)."""
@@ -62,7 +70,7 @@ class NetworkDenoiser(Denoiser):
 
     def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
         a, s = alpha_sigma(t)
-        return a * x_t - s * self.v(x_t, t)
+        return x0_from_v(x_t, self.v(x_t, t), a, s)
 
 
-__all__ = ["SCHEDULE", "Denoiser", "NetworkDenoiser", "alpha_sigma"]
+__all__ = ["SCHEDULE", "Denoiser", "NetworkDenoiser", "alpha_sigma", "x0_from_v"]

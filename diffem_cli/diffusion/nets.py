@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import VECTOR, data_kind
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -78,12 +79,33 @@ def default_unet_config(
     }
 
 
+def check_network_shape(network: dict[str, Any], shape: tuple[int, ...]) -> None:
+    """Refuse data of ``shape`` the ``network`` config cannot model, in one DiffemError line: an MLP
+    takes vectors ``(n,)``; a UNet square images ``(C, H, W)`` whose size halves exactly at each
+    of its ``len(block_out_channels) - 1`` downsamplings. Other network types pass."""
+    shape = tuple(int(s) for s in shape)
+    kind = network.get("type")
+    if kind == "mlp" and data_kind(shape) != VECTOR:
+        raise DiffemError(f"network.type=mlp needs vector data, but the data have shape {shape}; use a unet")
+    if kind != "unet":
+        return
+    if len(shape) != 3:
+        raise DiffemError(f"network.type=unet needs images (C, H, W), but the data have shape {shape}")
+    if shape[1] != shape[2]:
+        raise DiffemError(f"network.type=unet needs square images, got {shape[1]}x{shape[2]}")
+    levels = len(network["block_out_channels"])
+    if shape[1] % 2 ** (levels - 1):
+        raise DiffemError(
+            f"image size {shape[1]} is not divisible by 2^{levels - 1} for the {levels}-level UNet "
+            "of network.block_out_channels"
+        )
+
+
 def build_network(config: dict[str, Any], shape: tuple[int, ...], cond_size: int) -> nn.Module:
     """Build the network described by ``config`` for clean data ``shape`` and ``cond_size``."""
     kind = config.get("type")
+    check_network_shape(config, shape)
     if kind == "mlp":
-        if len(shape) != 1:
-            raise DiffemError(f"an MLP network needs vector data, got shape {tuple(shape)}")
         return VectorMLP(
             shape[0],
             cond_size,
@@ -92,16 +114,9 @@ def build_network(config: dict[str, Any], shape: tuple[int, ...], cond_size: int
             int(config.get("emb_dim", 64)),
         )
     if kind == "unet":
-        if len(shape) != 3:
-            raise DiffemError(f"a UNet needs image data (C, H, W), got shape {tuple(shape)}")
         from diffusers import UNet2DModel
 
-        c, h, w = shape
-        if h != w:
-            raise DiffemError(f"images must be square for the UNet, got {h}x{w}")
-        levels = len(config["block_out_channels"])
-        if h % (2 ** (levels - 1)):
-            raise DiffemError(f"image size {h} is not divisible by 2^{levels - 1} for a {levels}-level UNet")
+        c, h, _ = shape
         kwargs = {k: v for k, v in config.items() if k != "type"}
         kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
         kwargs["down_block_types"] = tuple(kwargs["down_block_types"])
@@ -113,7 +128,7 @@ def build_network(config: dict[str, Any], shape: tuple[int, ...], cond_size: int
 
 def default_network(shape: tuple[int, ...]) -> dict[str, Any]:
     """The default network config for data of ``shape``."""
-    if len(shape) == 1:
+    if data_kind(shape) == VECTOR:
         return {"type": "mlp", "width": 256, "depth": 3, "emb_dim": 64}
     return default_unet_config(tuple(shape))
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffem_cli.gaussian.model import GaussianPrior, from_coords, ppca, to_coords
+from diffem_cli.gaussian.linalg import from_coords, ppca, to_coords
+from diffem_cli.gaussian.prior import GaussianPrior
 
 FULL_MAX_DIM = 128
 _F64 = torch.float64

@@ -15,6 +15,7 @@ import torch
 
 from diffem_channels import Channel, sample_seeds
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import DataMeta
 from diffem_cli.io.store import (
     check_finite,
     check_manifest_columns,
@@ -38,27 +39,24 @@ class Observations:
         self.manifest = manifest
         self.channel: Channel = channel_from_spec(manifest["channel"])
         check_manifest_columns(ds, manifest, self.path, channel=self.channel)
-        self.shape = tuple(int(s) for s in manifest["data_shape"])
-        self.kind = manifest.get("data_kind", "vector" if len(self.shape) == 1 else "image")
-        self.value_range = manifest.get("value_range")
+        self.fingerprint = fingerprint_dataset(path)
+        self.meta = DataMeta.from_manifest(
+            manifest, fingerprint=self.fingerprint, source=manifest.get("source")
+        )
+        self.shape = self.meta.shape
+        self.kind = self.meta.kind
+        self.value_range = self.meta.range_list()
         names = [c for c in ds.column_names if c != "index"]
         self.obs = columns(ds, names)
         check_finite(self.obs, f"observations {path}")
         self.index = columns(ds, ["index"])["index"] if "index" in ds.column_names else torch.arange(len(ds))
-        self.fingerprint = fingerprint_dataset(path)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def data_meta(self) -> dict[str, Any]:
-        """What a checkpoint records of the data it was trained on."""
-        return {
-            "shape": list(self.shape),
-            "kind": self.kind,
-            "value_range": self.value_range,
-            "fingerprint": self.fingerprint,
-            "source": self.manifest.get("source"),
-        }
+        """What a checkpoint records of the data it was trained on (its ``data`` entry)."""
+        return self.meta.to_dict()
 
     def batches(self, size: int = 4096) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
         """A re-iterable over the observations, ``size`` rows at a time (for the Gaussian fit)."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import VECTOR, data_kind
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_RANGE = (-1.0, 1.0)
@@ -41,7 +42,7 @@ class Source:
     @property
     def kind(self) -> str:
         """``"image"`` for ``(C, H, W)`` samples, ``"vector"`` for ``(n,)``."""
-        return "vector" if len(self.shape) == 1 else "image"
+        return data_kind(self.shape)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -80,7 +81,7 @@ class TensorSource(Source):
         self.x = x.detach().float().cpu()
         self.spec = spec
         self.shape = tuple(self.x.shape[1:])
-        self.value_range = value_range or (MANIFOLD_RANGE if self.x.dim() == 2 else IMAGE_RANGE)
+        self.value_range = value_range or (MANIFOLD_RANGE if self.kind == VECTOR else IMAGE_RANGE)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -193,6 +194,55 @@ def _digits() -> TensorSource:
     return TensorSource((pixels / 8.0 - 1.0).reshape(-1, 1, 8, 8), spec="digits", value_range=IMAGE_RANGE)
 
 
+# --- natural-image patches ---------------------------------------------------------------------
+
+PATCHES_DEFAULTS = {"size": 16, "n": 4096, "seed": 0, "scale": 4}
+PATCH_PHOTOS = ("china.jpg", "flower.jpg")  # the photographs scikit-learn ships (load_sample_images)
+
+
+def _photos(scale: int) -> list[torch.Tensor]:
+    """scikit-learn's sample photographs as ``(3, H, W)`` tensors in [-1, 1], each side shrunk
+    ``scale`` times by averaging ``scale x scale`` blocks."""
+    from sklearn.datasets import load_sample_images
+
+    photos = []
+    for image in load_sample_images().images:
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        if scale > 1:
+            x = torch.nn.functional.avg_pool2d(x[None], scale)[0]
+        photos.append(x.contiguous())
+    return photos
+
+
+def _patches(options: str) -> TensorSource:
+    """``patches[:size=16,n=4096,seed=0,scale=4]``: square RGB crops of natural photographs, at
+    uniformly drawn positions (photograph, then corner) from a generator seeded by ``seed``."""
+    opts = _parse_options(options, "patches")
+    unknown = sorted(set(opts) - set(PATCHES_DEFAULTS))
+    if unknown:
+        raise DiffemError(f"patches has no option {unknown[0]!r} (options: {', '.join(PATCHES_DEFAULTS)})")
+    cfg = {**PATCHES_DEFAULTS, **opts}
+    if cfg["n"] < 1 or cfg["scale"] < 1 or cfg["seed"] < 0:
+        raise DiffemError("patches options n and scale must be >= 1, seed >= 0")
+    photos = _photos(cfg["scale"])
+    size = cfg["size"]
+    smallest = min(min(p.shape[1:]) for p in photos)
+    if not 2 <= size <= smallest:
+        raise DiffemError(
+            f"patches option size must lie in [2, {smallest}] at scale {cfg['scale']}, got {size}"
+        )
+    g = torch.Generator().manual_seed(cfg["seed"])
+    which = torch.randint(len(photos), (cfg["n"],), generator=g)
+    out = torch.empty(cfg["n"], 3, size, size)
+    for i, k in enumerate(which.tolist()):
+        _, h, w = photos[k].shape
+        top = int(torch.randint(h - size + 1, (1,), generator=g))
+        left = int(torch.randint(w - size + 1, (1,), generator=g))
+        out[i] = photos[k][:, top : top + size, left : left + size]
+    spec = "patches:" + ",".join(f"{k}={cfg[k]}" for k in PATCHES_DEFAULTS)
+    return TensorSource(out, spec=spec, value_range=IMAGE_RANGE)
+
+
 # --- images ------------------------------------------------------------------------------------
 
 
@@ -297,7 +347,7 @@ class DatasetSource(Source):
                     f"{spec}: column 'x' holds samples of shape {self.shape}, not (n,) or (C, H, W)"
                 )
             recorded = (manifest or {}).get("value_range")
-            default = MANIFOLD_RANGE if len(self.shape) == 1 else IMAGE_RANGE
+            default = MANIFOLD_RANGE if self.kind == VECTOR else IMAGE_RANGE
             self.value_range = tuple(recorded) if recorded else default
         else:
             raise DiffemError(
@@ -391,7 +441,8 @@ def _hub(name: str, split: str) -> DatasetSource:
 def load_source(spec: str, *, limit: int | None = None) -> Source:
     """Open a clean-data source by spec (see docs/data.md).
 
-    ``manifold[:samples=16384,n=5,seed=0,draw_seed=1]``, ``digits``, ``folder:PATH`` or a folder
+    ``manifold[:samples=16384,n=5,seed=0,draw_seed=1]``, ``digits``,
+    ``patches[:size=16,n=4096,seed=0,scale=4]`` (natural-image crops), ``folder:PATH`` or a folder
     path (images, or a ``save_to_disk`` folder), ``hf:NAME[:SPLIT]`` (online). ``limit`` keeps
     the first ``limit`` samples.
     """
@@ -406,6 +457,8 @@ def load_source(spec: str, *, limit: int | None = None) -> Source:
         source = _manifold(rest)
     elif spec == "digits":
         source = _digits()
+    elif head == "patches":
+        source = _patches(rest)
     elif head == "hf" and rest:
         name, _, split = rest.partition(":")
         source = _hub(name, split or "train")
@@ -413,7 +466,7 @@ def load_source(spec: str, *, limit: int | None = None) -> Source:
         path = Path(rest if head == "folder" and rest else spec).expanduser()
         if not spec or not path.is_dir():
             raise DiffemError(
-                f"source {spec!r} not found: not a built-in (manifold, digits), a folder, or hf:NAME"
+                f"source {spec!r} not found: not a built-in (manifold, digits, patches), a folder, or hf:NAME"
             )
         if _is_saved_dataset(path):
             ds, manifest = read_dataset(path)

@@ -26,6 +26,7 @@ import torch
 
 from diffem_cli import __version__
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import data_kind
 
 MANIFEST = "diffem.json"
 VOLATILE_MANIFEST_KEYS = frozenset({"diffem_version"})
@@ -545,7 +546,7 @@ def check_manifest_columns(ds: Any, manifest: dict[str, Any], path: Path, channe
     ):
         raise DiffemError(f"{where}: data_shape {shape!r} is neither a vector (n,) nor an image (C, H, W)")
     kind = manifest.get("data_kind")
-    if kind is not None and kind != ("vector" if len(shape) == 1 else "image"):
+    if kind is not None and kind != data_kind(shape):
         raise DiffemError(f"{where}: data_kind {kind!r} disagrees with data_shape {shape}")
     if len(ds) == 0:
         raise DiffemError(f"{path} holds no rows")

@@ -31,19 +31,33 @@ noise.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from diffem_channels import Channel, per_sample, sample_seeds
+from diffem_cli.core.checks import bad, finite
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import autocast
 from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
 from diffem_cli.diffusion.losses import draw_timesteps
-from diffem_cli.diffusion.sampling import draw_unconditional
-from diffem_cli.methods.base import Method, draw_posterior
-from diffem_cli.methods.dps_em import Rows
+from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Prior, model_device
+
+
+@dataclass
+class AmbientOptions:
+    """Ambient-Diffusion (section ``ambient``): probability ``delta`` of hiding an observed pixel
+    once more."""
+
+    delta: float = 0.1
+
+    def validate(self) -> None:
+        """One-line DiffemError for a bad value."""
+        if not 0 <= finite("ambient.delta", self.delta) < 1:
+            raise bad("ambient.delta", self.delta, "in [0, 1)")
+
 
 FURTHER_TAG = 0xA3B1  # seeds of the further masks B_i: (tag, sample index), whatever the run's seed
 FURTHER_STREAM = 2  # apart from the channels' mask (0) and noise (1) streams of the same seeds
@@ -125,85 +139,69 @@ class AmbientLoss:
 class Ambient(Method):
     name = "ambient"
     description = "Ambient-Diffusion: a prior learnt from further-masked observations, no EM"
+    order = 60
     kind = "ambient"
+    option_classes = {"ambient": AmbientOptions}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._survival: float | None = None
+    @property
+    def delta(self) -> float:
+        """The further masks' hiding probability."""
+        return float(self.options["ambient"].delta)
 
-    def check(self, data):  # noqa: D102
+    def accepts(self, channel: Any) -> str | None:  # noqa: D102
+        if getattr(channel, "masked_observation", False):
+            return None
+        return (
+            f"method 'ambient' needs a channel whose observation is a masked image (mask, box, or a "
+            f"plugin declaring masked_observation); {channel.name!r} is not one"
+        )
+
+    def check(self, data) -> None:  # noqa: D102
+        super().check(data)
         channel = data.channel
-        if not getattr(channel, "masked_observation", False):
-            raise DiffemError(
-                f"method 'ambient' needs a channel whose observation is a masked image (mask, box, or a "
-                f"plugin declaring masked_observation); {channel.name!r} is not one"
-            )
         noise = float(channel.noise_std(data.obs)) if channel.linear else 0.0
         if noise > 0:
             raise DiffemError(
                 f"method 'ambient' assumes noiseless masked observations; channel {channel.name!r} "
                 f"adds noise of std {noise:g}"
             )
-        self._note(data)
 
-    def _note(self, data) -> None:
-        """Remember the observations' mask survival times ``1 - delta`` (for the checkpoint)."""
-        if self._survival is None and len(data):
-            kept = float(observed_mask(data.channel, data.obs).mean())
-            self._survival = kept * (1 - float(self.cfg.ambient.delta))
+    def model_spec(self, data) -> ModelSpec:  # noqa: D102
+        return ModelSpec(self.kind, data.shape[0])
 
-    def cond_size(self, data) -> int:  # noqa: D102
-        self._note(data)  # the driver asks for cond_size before meta()
-        return data.shape[0]
+    def checkpoint_meta(self, data) -> dict[str, Any]:
+        """The observations' mask survival times ``1 - delta`` (what ``diffem sample`` matches)."""
+        survival = None
+        if len(data):
+            survival = float(observed_mask(data.channel, data.obs).mean()) * (1 - self.delta)
+        return {"ambient": {"delta": self.options["ambient"].delta, "survival": survival}}
 
     def further(self, data) -> torch.Tensor:
         """``A_i B_i`` for every observation (fixed per sample index)."""
         seeds = sample_seeds(FURTHER_TAG, data.index)
-        b = further_mask(data.shape, seeds, float(self.cfg.ambient.delta))
-        return observed_mask(data.channel, data.obs) * b
+        return observed_mask(data.channel, data.obs) * further_mask(data.shape, seeds, self.delta)
 
-    def training_data(self, data, prev, lap, clean):  # noqa: D102
+    def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         observed = observed_mask(data.channel, data.obs)
-        return {"y": data.obs["y"].float(), "mask": observed, "further": self.further(data)}, None
+        tensors = {"y": data.obs["y"].float(), "mask": observed, "further": self.further(data)}
+        return MStep(tensors, AmbientLoss(cfg.train.t_sampling))
 
-    def loss(self):  # noqa: D102
-        return AmbientLoss(self.cfg.train.t_sampling)
-
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        model = model.to(device).eval()
-        further = self.further(data)
-        observed = observed_mask(data.channel, data.obs)
-
+    def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         def make(obs: dict[str, torch.Tensor]) -> Denoiser:
             return AmbientDenoiser(model, obs["_further"], (obs["_observed"], obs["y"].float()))
 
-        rows = Rows(
-            {**data.obs, "_further": further, "_observed": observed},
-            data.index,
-            data.shape,
-            data.kind,
-            data.value_range,
-        )
-        return draw_posterior(make, rows, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
+        extra = {"_further": self.further(data), "_observed": observed_mask(data.channel, data.obs)}
+        return Posterior(make, extra=extra)
 
-    def unconditional_samples(self, model, meta, n, sample, *, seed, device, ctx=None):  # noqa: D102
+    def prior(self, model, meta, seed) -> Prior:  # noqa: D102
         from diffem_cli.io.registry import channel_from_spec
 
         channel = channel_from_spec(meta["channel"])
         shape = tuple(meta["data"]["shape"])
-        delta = float(self.cfg.ambient.delta)  # the checkpoint's, set by method_for_checkpoint
-        model = model.to(device).eval()
+        delta, device = self.delta, model_device(model)
 
         def make(start: int, stop: int) -> Denoiser:
             seeds = sample_seeds(seed, range(start, stop), SAMPLE_TAG)
             return AmbientDenoiser(model, sampler_masks(channel, shape, seeds, delta).to(device))
 
-        return draw_unconditional(
-            make, meta["data"], n, sample, seed=seed, device=device, label="sample (ambient)", ctx=ctx
-        )
-
-    def meta(self) -> dict[str, Any]:  # noqa: D102
-        return {**super().meta(), "ambient": {"delta": self.cfg.ambient.delta, "survival": self._survival}}
-
-    def settings(self) -> dict[str, Any]:  # noqa: D102
-        return {"ambient": {"delta": self.cfg.ambient.delta}}
+        return Prior(make, "sample (ambient)")

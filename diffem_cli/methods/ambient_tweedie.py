@@ -33,8 +33,8 @@ import torch
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser, alpha_sigma
 from diffem_cli.diffusion.losses import draw_timesteps
-from diffem_cli.diffusion.sampling import draw_unconditional
-from diffem_cli.methods.base import PriorMethod, draw_posterior
+from diffem_cli.methods.base import Method, MStep, Posterior, Prior, model_device
+from diffem_cli.methods.em_mmps import MMPSOptions, mmps_make
 
 
 def first_timestep_above(sigma_n: float, scheduler: Any | None = None) -> int:
@@ -94,46 +94,34 @@ class FlooredDenoiser(Denoiser):
         return self.inner(x_t * (a_min / a), self.t_min)
 
 
-class AmbientTweedie(PriorMethod):
+def floored_prior(model: Any, sigma_n: float) -> Denoiser:
+    """The trained network as a denoiser at every timestep (floored at ``t_min``)."""
+    return FlooredDenoiser(NetworkDenoiser(model), first_timestep_above(sigma_n))
+
+
+class AmbientTweedie(Method):
     name = "ambient-tweedie"
     description = "Ambient-Tweedie: a prior from noisy data trained only above its noise level, no EM"
+    order = 70
+    option_classes = {"mmps": MMPSOptions}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._sigma: float | None = None
-
-    def check(self, data):  # noqa: D102
-        if data.channel.name != "noise":
-            raise DiffemError(
-                f"method 'ambient-tweedie' is for the 'noise' channel (known Gaussian noise); "
-                f"{data.channel.name!r} is not it"
-            )
-        self._sigma = float(data.channel.sigma)
-
-    def cond_size(self, data) -> int:  # noqa: D102
-        self._sigma = float(data.channel.sigma)  # the driver asks for cond_size before training
-        return 0
-
-    def training_data(self, data, prev, lap, clean):  # noqa: D102
-        self._sigma = float(data.channel.sigma)
-        return {"y": data.obs["y"].float()}, None
-
-    def loss(self):  # noqa: D102
-        if self._sigma is None:
-            raise DiffemError("method 'ambient-tweedie' was not given its observations' noise level")
-        return TweedieLoss(self._sigma, self.cfg.train.t_sampling)
-
-    def prior(self, model, sigma_n: float) -> Denoiser:
-        """The trained network as a denoiser at every timestep (floored at ``t_min``)."""
-        return FlooredDenoiser(NetworkDenoiser(model), first_timestep_above(sigma_n))
-
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        make = self.mmps(self.prior(model.to(device).eval(), float(data.channel.sigma)), data, device)
-        return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
-
-    def unconditional_samples(self, model, meta, n, sample, *, seed, device, ctx=None):  # noqa: D102
-        sigma_n = float(((meta.get("channel") or {}).get("params") or {})["sigma"])
-        denoiser = self.prior(model.to(device).eval(), sigma_n)
-        return draw_unconditional(
-            lambda _start, _stop: denoiser, meta["data"], n, sample, seed=seed, device=device, ctx=ctx
+    def accepts(self, channel: Any) -> str | None:  # noqa: D102
+        if channel.name == "noise":
+            return None
+        return (
+            f"method 'ambient-tweedie' is for the 'noise' channel (known Gaussian noise); "
+            f"{channel.name!r} is not it"
         )
+
+    def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
+        sigma = float(data.channel.sigma)
+        return MStep({"y": data.obs["y"].float()}, TweedieLoss(sigma, cfg.train.t_sampling))
+
+    def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
+        prior = floored_prior(model, float(data.channel.sigma))
+        return Posterior(mmps_make(prior, data.channel, self.options["mmps"], aux, model_device(model)))
+
+    def prior(self, model, meta, seed) -> Prior:  # noqa: D102
+        sigma_n = float(((meta.get("channel") or {}).get("params") or {})["sigma"])
+        denoiser = floored_prior(model, sigma_n)
+        return Prior(lambda _start, _stop: denoiser)

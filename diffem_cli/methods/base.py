@@ -1,238 +1,184 @@
 """The method protocol: what a learning-from-corrupted-data method brings to the lap driver.
 
-A method says what model it trains (:meth:`Method.build`, with :attr:`Method.kind` recorded in
-its checkpoints), what its M-step trains on (:meth:`Method.training_data`, a dict of aligned
-tensors for the one training loop, and :meth:`Method.loss`), how its E-step draws posterior
-samples for the observations (:meth:`Method.posterior`, through the one sampling loop), and what
-its checkpoints record (:meth:`Method.meta`). The lap driver (:mod:`diffem_cli.pipeline.em`) knows laps,
-resume, evaluation and logging only.
+A method is a class registered in the entry-point group ``diffem.methods`` (see
+:mod:`.registry`). An instance holds its option sections and nothing else; every hook is a
+function of its arguments, and every result a return value:
+
+- :meth:`Method.accepts` / :meth:`Method.check`: refuse a channel, or observations, it cannot
+  serve (one-line :class:`~diffem_cli.core.errors.DiffemError`);
+- :meth:`Method.model_spec`: the model it trains (its kind, recorded in checkpoints, and its
+  conditioning size);
+- :meth:`Method.mstep`: what lap ``k``'s M-step trains on (:class:`MStep`: tensors for the one
+  training loop, the loss, an optional refresh, whether it fine-tunes, auxiliary tensors saved
+  with the checkpoint);
+- :meth:`Method.posterior`: how posterior samples are drawn with a trained model
+  (:class:`Posterior`: guidance as a denoiser factory, or a function choosing one through a
+  driver-provided ``draw`` handle, and the E-step's record);
+- :meth:`Method.prior`: how unconditional samples are drawn (:class:`Prior`).
+
+The driver (:mod:`diffem_cli.pipeline`) runs the one training loop and the one sampling loop with
+the device, the distributed context, the seeds and the progress labels; methods never see them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+import copy
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.core.runtime import Context
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.diffusion.losses import Loss, VLoss
-from diffem_cli.diffusion.nets import build_network
-from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw
-from diffem_cli.io.observations import Observations
-
-if TYPE_CHECKING:
-    from diffem_cli.gaussian.model import GaussianPrior
 
 Refresh = Callable[[int], dict[str, torch.Tensor]]
+Make = Callable[[dict[str, torch.Tensor]], Denoiser]
+"""``obs batch (on the sampling device) -> Denoiser`` for those rows."""
+Draw = Callable[[Make, int, str], torch.Tensor]
+"""``draw(make, rows, note)``: samples (CPU) of the first ``rows`` observations with ``make``."""
+
+
+@dataclass
+class ModelSpec:
+    """The model a method trains: ``kind`` (``conditional``, ``unconditional``, or the method's
+    own, e.g. ``ambient``) and the conditioning channels (images) or features (vectors) it takes."""
+
+    kind: str
+    cond_size: int = 0
+
+
+@dataclass
+class MStep:
+    """What one M-step trains on: aligned ``tensors`` (same rows) for the one training loop, its
+    ``loss``, an optional ``refresh(r)`` giving new values of some tensors every
+    ``em.recorrupt_every`` epochs, whether it starts from the previous lap's weights
+    (``fine_tune``) and ``aux`` tensors saved with the checkpoint (e.g. Gaussian moments)."""
+
+    tensors: dict[str, torch.Tensor]
+    loss: Loss
+    refresh: Refresh | None = None
+    fine_tune: bool = True
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Posterior:
+    """How a posterior sample per observation is drawn.
+
+    ``make`` gives the denoiser of a batch of observations (their tensors, plus the rows of
+    ``extra``, aligned with the observations, under the same keys). A method that must choose
+    first (e.g. a guidance weight) sets ``choose`` instead: called with the driver's ``draw``
+    handle, it returns the ``make`` that samples every observation and the E-step's record.
+    ``record``: JSON-able facts stored in the lap's reconstruction manifest."""
+
+    make: Make | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    choose: Callable[[Draw], tuple[Make, dict[str, Any]]] | None = None
+
+
+@dataclass
+class Prior:
+    """How unconditional samples are drawn: ``make(start, stop)`` gives the denoiser of samples
+    ``start:stop``; ``label`` names the progress bar."""
+
+    make: Callable[[int, int], Denoiser]
+    label: str = "sample"
 
 
 class Method:
-    """Base class of every method; subclasses set the class attributes and override hooks."""
+    """Base of every method: subclasses set the class attributes and override the hooks.
+
+    ``option_classes`` maps each option section the method reads (``mmps``, ``dps``...) to its
+    dataclass (defaults for every field, ``validate()`` raising a one-line DiffemError); several
+    methods may share a class. ``needs_clean``: its M-step trains on clean data (``--clean``).
+    ``order`` (set on the class itself, not inherited): where ``diffem methods`` lists it, and
+    which of several methods able to sample a warm start's model is asked first; ties by name.
+    ``compared_by_default``: ``diffem compare`` runs it when ``--methods`` is not given.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     kind: ClassVar[str] = "unconditional"
     needs_clean: ClassVar[bool] = False
+    option_classes: ClassVar[Mapping[str, type]] = {}
+    order: ClassVar[int] = 1000
+    compared_by_default: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, options: Mapping[str, Any] | None = None):
+        given = dict(options or {})
+        self.options: dict[str, Any] = {
+            section: copy.deepcopy(given[section]) if section in given else cls()
+            for section, cls in self.option_classes.items()
+        }
 
-    def check(self, data: Observations) -> None:
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Method:
+        """The method configured by ``cfg``'s option sections (defaults for missing ones)."""
+        return cls({s: cfg.options[s] for s in cls.option_classes if s in cfg.options})
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> Method:
+        """The method configured as a checkpoint's ``method_config`` says (unknown keys and
+        sections ignored, missing ones at their defaults)."""
+        options = {}
+        for section, klass in cls.option_classes.items():
+            values = (record or {}).get(section) or {}
+            known = {f.name for f in dataclasses.fields(klass)}
+            options[section] = klass(**{k: copy.deepcopy(v) for k, v in values.items() if k in known})
+        return cls(options)
+
+    def accepts(self, channel: Any) -> str | None:
+        """Why this method cannot serve ``channel``, as a one-line message, or None. ``channel`` is
+        a channel class or instance, read through its class-level declarations only (``name``,
+        ``linear``, ``differentiable``, ``masked_observation``), so ``diffem methods`` can ask
+        without data."""
+        return None
+
+    def check(self, data: Any) -> None:
         """Refuse observations this method cannot serve, with a one-line DiffemError."""
+        reason = self.accepts(data.channel)
+        if reason:
+            raise DiffemError(reason)
 
-    def cond_size(self, data: Observations) -> int:
-        """Conditioning channels (images) or features (vectors) the network takes."""
-        return 0
+    def model_spec(self, data: Any) -> ModelSpec:
+        """The model this method trains on ``data``."""
+        return ModelSpec(self.kind, 0)
 
-    def build(self, data: Observations) -> nn.Module:
-        """A fresh network, seeded by the run's seed (so lap 1 starts the same everywhere)."""
-        torch.manual_seed(self.cfg.seed)
-        return build_network(self.cfg.network, data.shape, self.cond_size(data))
+    def mstep(
+        self, data: Any, prev: torch.Tensor, lap: int, laps: int, clean: torch.Tensor | None, cfg: RunConfig
+    ) -> MStep:
+        """Lap ``lap``'s M-step, given the previous lap's reconstructions ``prev``."""
+        return MStep({"x": prev}, VLoss(cfg.train.t_sampling))
 
-    def fine_tunes(self, lap: int, laps: int) -> bool:
-        """Whether lap ``lap``'s M-step starts from the previous lap's weights (else fresh)."""
-        return True
-
-    def training_data(
-        self, data: Observations, prev: torch.Tensor, lap: int, clean: torch.Tensor | None
-    ) -> tuple[dict[str, torch.Tensor], Refresh | None]:
-        """What lap ``lap``'s M-step trains on, given the previous lap's reconstructions."""
-        return {"x": prev}, None
-
-    def loss(self) -> Loss:
-        """The M-step's objective."""
-        return VLoss(self.cfg.train.t_sampling)
-
-    def posterior(
-        self,
-        model: nn.Module,
-        data: Observations,
-        sample: SampleConfig,
-        *,
-        seed_parts: tuple[int, ...],
-        device: torch.device,
-        label: str,
-        ctx: Context | None = None,
-    ) -> torch.Tensor:
-        """One posterior sample per observation (CPU tensor, rows aligned with ``data``)."""
+    def posterior(self, model: nn.Module, data: Any, aux: Mapping[str, torch.Tensor]) -> Posterior:
+        """Posterior sampling with ``model`` (on its device, in eval mode) for ``data``, given the
+        checkpoint's auxiliary tensors ``aux``."""
         raise NotImplementedError
 
-    def estep_record(self) -> dict[str, Any]:
-        """Extra JSON-able facts about the last :meth:`posterior` call (e.g. a chosen step size),
-        stored in the lap's reconstruction manifest."""
+    def prior(self, model: nn.Module, meta: Mapping[str, Any], seed: int) -> Prior:
+        """Unconditional sampling with ``model`` (on its device, eval mode) of checkpoint ``meta``;
+        default: the network as an unconditional denoiser."""
+        denoiser = NetworkDenoiser(model)
+        return Prior(lambda _start, _stop: denoiser)
+
+    def checkpoint_meta(self, data: Any) -> dict[str, Any]:
+        """Facts about the data this method's checkpoints record besides its options."""
         return {}
 
-    def unconditional_samples(
-        self,
-        model: nn.Module,
-        meta: dict[str, Any],
-        n: int,
-        sample: SampleConfig,
-        *,
-        seed: int,
-        device: torch.device,
-        ctx: Context | None = None,
-    ) -> torch.Tensor:
-        """``n`` unconditional samples of this method's model (``diffem sample``); default: the
-        plain sampler on the network as an unconditional denoiser."""
-        from diffem_cli.diffusion.sampling import sample_tensors
-
-        return sample_tensors(model, meta, n, sample, seed=seed, device=device, ctx=ctx)
-
-    def meta(self) -> dict[str, Any]:
-        """What this method's checkpoints record besides weights, data and channel."""
-        return {"method": self.name, "method_config": self.settings()}
-
-    def settings(self) -> dict[str, Any]:
-        """The configuration sections this method reads (stored in checkpoints)."""
-        return {}
-
-    def aux_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors the last M-step produced besides the weights, saved in its checkpoint."""
-        return {}
-
-    def load_aux(self, aux: dict[str, torch.Tensor]) -> None:
-        """Take back a checkpoint's :meth:`aux_tensors` before drawing posterior samples with it."""
+    def config_record(self, cfg: RunConfig) -> dict[str, Any]:
+        """The checkpoint's ``method_config``: every option section, verbatim."""
+        return {s: dataclasses.asdict(o) for s, o in self.options.items()}
 
 
-def draw_posterior(
-    make: Callable[[dict[str, torch.Tensor]], Denoiser],
-    data: Observations,
-    sample: SampleConfig,
-    *,
-    seed_parts: tuple[int, ...],
-    device: torch.device,
-    label: str,
-    ctx: Context | None,
-    batch_size: int | None = None,
-) -> torch.Tensor:
-    """Run the sampling loop over every observation; ``make(obs_batch_on_device)`` gives the
-    denoiser of one batch."""
-
-    def for_rows(start: int, stop: int) -> Denoiser:
-        return make({k: v[start:stop].to(device) for k, v in data.obs.items()})
-
-    return draw(
-        for_rows,
-        len(data),
-        data.shape,
-        sampler=sample.sampler,
-        steps=sample.steps,
-        batch_size=batch_size or sample.batch_size,
-        seed_parts=seed_parts,
-        device=device,
-        clip_range=clip_range_for(data.kind, data.value_range),
-        label=label,
-        ctx=ctx,
-        corrections=sample.corrections,
-        corrector_tau=sample.corrector_tau,
-    )
-
-
-class ConditionalMethod(Method):
-    """A method whose model is a conditional denoiser of ``x`` given the channel's conditioning."""
-
-    kind = "conditional"
-
-    def cond_size(self, data: Observations) -> int:
-        return data.channel.cond_size(data.shape)
-
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        model = model.to(device).eval()
-        shape = data.shape
-
-        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
-            return NetworkDenoiser(model, data.channel.condition(obs, shape).to(device))
-
-        return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
-
-
-class PriorMethod(Method):
-    """A method whose model is an unconditional prior, with posterior samples by MMPS guidance.
-
-    With ``mmps.covariance: gaussian`` each M-step also fits Gaussian moments to its training
-    data (:func:`~diffem_cli.gaussian.moments.fit_moments`), kept in the checkpoint as auxiliary tensors
-    ``moments.*`` and used as MMPS's covariance by the E-step and ``reconstruct``; a checkpoint
-    without them (``train-uncond``) falls back to the Tweedie covariance."""
-
-    kind = "unconditional"
-    uses_mmps: ClassVar[bool] = True
-
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        self.moments: GaussianPrior | None = None
-
-    def training_data(self, data, prev, lap, clean):  # noqa: D102
-        return self.prior_data(inside_box(prev, self.cfg.em.drop_outside), lap), None
-
-    def prior_data(self, x: torch.Tensor, lap: int) -> dict[str, torch.Tensor]:
-        """The M-step's data ``{"x": x}``; fits the moments of ``x`` when MMPS will use them."""
-        if self.uses_mmps and self.cfg.mmps.covariance == "gaussian":
-            from diffem_cli.gaussian.moments import fit_moments
-
-            self.moments = fit_moments(x, self.cfg.em.gaussian_rank, seed=self.cfg.seed + lap)
-        return {"x": x}
-
-    def aux_tensors(self) -> dict[str, torch.Tensor]:  # noqa: D102
-        if self.moments is None:
-            return {}
-        return {f"moments.{k}": v for k, v in self.moments.to_tensors().items()}
-
-    def load_aux(self, aux: dict[str, torch.Tensor]) -> None:  # noqa: D102
-        from diffem_cli.gaussian.model import GaussianPrior
-
-        found = {k[len("moments.") :]: v for k, v in aux.items() if k.startswith("moments.")}
-        self.moments = GaussianPrior.from_tensors(found) if found else None
-
-    def check(self, data: Observations) -> None:
-        require_linear(self.name, data)
-
-    def mmps(self, prior: Denoiser, data: Observations, device: torch.device) -> Callable[[dict], Denoiser]:
-        """``obs -> MMPS denoiser`` for batches of ``data`` with the prior denoiser ``prior``."""
-        from diffem_cli.gaussian.moments import GaussianCovariance
-        from diffem_cli.methods.guidance import MMPSDenoiser
-
-        iters = self.cfg.mmps.cg_iters
-        cov = None
-        if self.cfg.mmps.covariance == "gaussian" and self.moments is not None:
-            cov = GaussianCovariance(self.moments.to(device))
-
-        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
-            return MMPSDenoiser(prior, data.channel, obs, iters, covariance=cov)
-
-        return make
-
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        make = self.mmps(NetworkDenoiser(model.to(device).eval()), data, device)
-        return draw_posterior(make, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx)
-
-    def settings(self) -> dict[str, Any]:
-        return {"mmps": {"cg_iters": self.cfg.mmps.cg_iters, "covariance": self.cfg.mmps.covariance}}
+def model_device(model: nn.Module) -> torch.device:
+    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def inside_box(x: torch.Tensor, bound: float) -> torch.Tensor:
@@ -243,12 +189,3 @@ def inside_box(x: torch.Tensor, bound: float) -> torch.Tensor:
         return x
     keep = (x.abs() <= bound).all(dim=1)
     return x[keep] if bool(keep.any()) else x
-
-
-def require_linear(method: str, data: Observations) -> None:
-    """MMPS needs the channel's linear form ``A``, ``A^T`` and noise level."""
-    if not data.channel.linear:
-        raise DiffemError(
-            f"method {method!r} samples posteriors by MMPS, which needs a linear channel; "
-            f"{data.channel.name!r} has no linear form (use --method dps-em or diffem)"
-        )

@@ -12,34 +12,53 @@ from typing import Any
 import torch
 
 from diffem_channels import sample_seeds
-from diffem_cli.io.observations import Observations
-from diffem_cli.methods.base import ConditionalMethod, Refresh
+from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
+from diffem_cli.diffusion.losses import VLoss
+from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Refresh, model_device
 
 
-def fresh_conditioning(
-    data: Observations, x: torch.Tensor, seed: int, lap: int, index: torch.Tensor
-) -> torch.Tensor:
+def fresh_conditioning(data: Any, x: torch.Tensor, seed: int, lap: int, index: torch.Tensor) -> torch.Tensor:
     """The conditioning tensor of a fresh corruption of ``x`` (rows ``index``) for lap ``lap``."""
     from diffem_cli.io.observations import recorrupt
 
     return data.channel.condition(recorrupt(data.channel, x, seed, lap, index), data.shape)
 
 
+class ConditionalMethod(Method):
+    """A method whose model is a conditional denoiser of ``x`` given the channel's conditioning;
+    its posterior samples are the conditional sampler's, no guidance."""
+
+    kind = "conditional"
+
+    def model_spec(self, data) -> ModelSpec:  # noqa: D102
+        return ModelSpec(self.kind, data.channel.cond_size(data.shape))
+
+    def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
+        device, shape = model_device(model), data.shape
+
+        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
+            return NetworkDenoiser(model, data.channel.condition(obs, shape).to(device))
+
+        return Posterior(make)
+
+
 class DiffEM(ConditionalMethod):
     name = "diffem"
     description = "DiffEM: conditional diffusion model trained on re-corrupted reconstructions"
+    order = 10
+    compared_by_default = True
 
-    def training_data(self, data, prev, lap, clean):  # noqa: D102
-        seed = self.cfg.seed
+    def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
+        seed = cfg.seed
         cond = fresh_conditioning(data, prev, seed, lap, data.index)
         refresh: Refresh | None = None
-        if self.cfg.em.recorrupt_every > 0:
+        if cfg.em.recorrupt_every > 0:
 
             def refresh(r: int) -> dict[str, torch.Tensor]:
                 more = data.channel.corrupt(prev, sample_seeds(seed, data.index, lap, r))
                 return {"cond": data.channel.condition(more, data.shape)}
 
-        return {"x": prev, "cond": cond}, refresh
+        return MStep({"x": prev, "cond": cond}, VLoss(cfg.train.t_sampling), refresh)
 
-    def settings(self) -> dict[str, Any]:
-        return {"em": {"recorrupt_every": self.cfg.em.recorrupt_every}}
+    def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
+        return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}

@@ -18,34 +18,51 @@ paper's initialisation) sampled by DPS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
-from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.checks import bad, finite, int_at_least
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
-from diffem_cli.methods.base import PriorMethod, draw_posterior
+from diffem_cli.methods.base import Draw, Make, Method, MStep, Posterior, inside_box
+from diffem_cli.methods.em_mmps import prior_mstep
 
 
 @dataclass
-class Rows:
-    """The first rows of an observations set, with what the sampling loop reads of it."""
+class DPSOptions:
+    """Diffusion posterior sampling (section ``dps``): likelihood step size and EMDiffusion's options.
 
-    obs: dict[str, torch.Tensor]
-    index: torch.Tensor
-    shape: tuple[int, ...]
-    kind: str
-    value_range: Any
+    The default weight, 100, is what EMDiffusion's smallest-residual rule picked from
+    1-1,000 on masked digits (posterior PSNR 18.1 dB there, against 10.5 dB at 1)."""
 
-    def __len__(self) -> int:
-        return len(self.index)
+    scale: float = 100.0
+    adaptive: bool = False
+    grid: list[float] = field(default_factory=lambda: [10.0, 30.0, 100.0, 300.0])
+    subset: int = 256
+    reset_last: int = 0
+
+    def validate(self) -> None:
+        """One-line DiffemError for a bad value."""
+        if finite("dps.scale", self.scale) <= 0:
+            raise bad("dps.scale", self.scale, "> 0")
+        if not self.grid:
+            raise bad("dps.grid", self.grid, "a non-empty list of positive numbers")
+        for g in self.grid:
+            if finite("dps.grid", g) <= 0:
+                raise bad("dps.grid", self.grid, "a non-empty list of positive numbers")
+        int_at_least("dps.subset", self.subset, 1)
+        int_at_least("dps.reset_last", self.reset_last, 0)
 
 
-def first_rows(data: Any, k: int) -> Rows:
-    """A view of the first ``k`` observations of ``data``."""
-    return Rows(
-        {n: v[:k] for n, v in data.obs.items()}, data.index[:k], data.shape, data.kind, data.value_range
+def differentiable_only(method: str, channel: Any) -> str | None:
+    """DPS needs a differentiable forward model: a linear channel, or one declaring it."""
+    if getattr(channel, "linear", False) or getattr(channel, "differentiable", False):
+        return None
+    return (
+        f"method {method!r} needs a channel with a differentiable forward model (linear ones, "
+        f"jpeg); {channel.name!r} declares none"
     )
 
 
@@ -57,67 +74,52 @@ def mean_residual(channel: Any, obs: dict[str, torch.Tensor], x: torch.Tensor) -
         return float(residual_norm(channel, obs, x.float()).mean())
 
 
-class DPSEM(PriorMethod):
+def dps_posterior(model: nn.Module, data: Any, dps: DPSOptions) -> Posterior:
+    """DPS posterior sampling with the prior ``model``: weight ``dps.scale``, or with
+    ``dps.adaptive`` the grid value of smallest mean residual on the first ``dps.subset``
+    observations (same noise for every value); the chosen weight is the E-step's record."""
+    from diffem_cli.methods.guidance import DPSDenoiser
+
+    prior = NetworkDenoiser(model)
+    channel = data.channel
+
+    def with_scale(scale: float) -> Make:
+        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
+            return DPSDenoiser(prior, channel, obs, scale)
+
+        return make
+
+    if not dps.adaptive:
+        scale = float(dps.scale)
+        return Posterior(with_scale(scale), record={"dps_scale": scale})
+
+    def choose(draw: Draw) -> tuple[Make, dict[str, Any]]:
+        k = min(int(dps.subset), len(data))
+        obs = {n: v[:k] for n, v in data.obs.items()}
+        residuals = {}
+        for value in dps.grid:
+            x = draw(with_scale(float(value)), k, f"weight {value:g}")
+            residuals[float(value)] = mean_residual(channel, obs, x)
+        scale = min(residuals, key=lambda v: (residuals[v], v))
+        record = {"dps_scale": scale, "dps_residuals": [[v, r] for v, r in residuals.items()]}
+        return with_scale(scale), record
+
+    return Posterior(choose=choose)
+
+
+class DPSEM(Method):
     name = "dps-em"
     description = "DPS-EM (EMDiffusion): unconditional prior, E-step by diffusion posterior sampling"
-    uses_mmps = False
+    order = 50
+    option_classes = {"dps": DPSOptions}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._record: dict[str, Any] = {}
+    def accepts(self, channel: Any) -> str | None:  # noqa: D102
+        return differentiable_only(self.name, channel)
 
-    def check(self, data):  # noqa: D102
-        channel = data.channel
-        if not (channel.linear or getattr(channel, "differentiable", False)):
-            raise DiffemError(
-                f"method 'dps-em' needs a channel with a differentiable forward model (linear ones, "
-                f"jpeg); {channel.name!r} declares none"
-            )
+    def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
+        step = prior_mstep(inside_box(prev, cfg.em.drop_outside), lap, cfg, None)
+        step.fine_tune = lap <= laps - self.options["dps"].reset_last
+        return step
 
-    def fine_tunes(self, lap: int, laps: int) -> bool:  # noqa: D102
-        return lap <= laps - self.cfg.dps.reset_last
-
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        model = model.to(device).eval()
-        prior = NetworkDenoiser(model)
-        dps = self.cfg.dps
-
-        def draw_with(scale: float, rows: Any, what: str) -> torch.Tensor:
-            from diffem_cli.methods.guidance import DPSDenoiser
-
-            def make(obs: dict[str, torch.Tensor]) -> Denoiser:
-                return DPSDenoiser(prior, data.channel, obs, scale)
-
-            return draw_posterior(
-                make, rows, sample, seed_parts=seed_parts, device=device, label=what, ctx=ctx
-            )
-
-        scale = float(dps.scale)
-        self._record = {"dps_scale": scale}
-        if dps.adaptive:
-            rows = first_rows(data, min(int(dps.subset), len(data)))
-            residuals = {}
-            for value in dps.grid:
-                x = draw_with(float(value), rows, f"{label}: weight {value:g}")
-                residuals[float(value)] = mean_residual(data.channel, rows.obs, x)
-            scale = min(residuals, key=lambda v: (residuals[v], v))
-            self._record = {
-                "dps_scale": scale,
-                "dps_residuals": [[v, r] for v, r in residuals.items()],
-            }
-        return draw_with(scale, data, label)
-
-    def estep_record(self) -> dict[str, Any]:  # noqa: D102
-        return dict(self._record)
-
-    def settings(self) -> dict[str, Any]:  # noqa: D102
-        d = self.cfg.dps
-        return {
-            "dps": {
-                "scale": d.scale,
-                "adaptive": d.adaptive,
-                "grid": list(d.grid),
-                "subset": d.subset,
-                "reset_last": d.reset_last,
-            }
-        }
+    def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
+        return dps_posterior(model, data, self.options["dps"])

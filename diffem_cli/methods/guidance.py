@@ -32,51 +32,19 @@ a likelihood term with a fixed weight ``zeta`` at every noise level, whatever th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from diffem_channels import Channel
 from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
+from diffem_cli.gaussian.linalg import conjugate_gradient
 from diffem_cli.gaussian.moments import GaussianCovariance
 
 ALPHA_MIN = 0.01
 # The smallest curvature accepted in the MMPS system for noise-free channels: the official code's
 # observation noise for masked CIFAR-10, (1e-3)^2.
 MIN_NOISE_VAR = 1e-6
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample inner products, shaped to broadcast against ``a``."""
-    d = (a * b).flatten(1).sum(1)
-    return d.view(-1, *([1] * (a.dim() - 1)))
-
-
-def conjugate_gradient(
-    op: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iters: int, min_curvature: float = 0.0
-) -> torch.Tensor:
-    """``iters`` batched CG iterations for ``op(u) = b`` from ``u = 0`` (one system per sample).
-
-    A system whose curvature ``p.op(p) / p.p`` along a search direction falls below
-    ``min_curvature`` (a learnt Jacobian need not be positive definite) stops there for that
-    sample instead of taking a huge step; so does one already solved.
-    """
-    u = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = _dot(r, r)
-    for _ in range(iters):
-        ap = op(p)
-        pap = _dot(p, ap)
-        ok = (pap > min_curvature * _dot(p, p)) & (pap > 0) & (rs > 0)
-        alpha = torch.where(ok, rs / torch.where(ok, pap, 1.0), 0.0)
-        u = u + alpha * p
-        r = r - alpha * ap
-        rs_new = _dot(r, r)
-        beta = torch.where(ok, rs_new / torch.where(ok, rs, 1.0), 0.0)
-        p = torch.where(ok, r + beta * p, torch.zeros_like(p))
-        rs = torch.where(ok, rs_new, torch.zeros_like(rs))
-    return u
 
 
 class MMPSDenoiser(Denoiser):

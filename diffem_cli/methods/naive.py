@@ -11,44 +11,38 @@ from __future__ import annotations
 from typing import Any
 
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.methods.base import PriorMethod
-from diffem_cli.methods.dps_em import DPSEM
+from diffem_cli.diffusion.denoise import NetworkDenoiser
+from diffem_cli.methods.base import Method, MStep, Posterior, model_device
+from diffem_cli.methods.dps_em import DPSOptions, differentiable_only, dps_posterior
+from diffem_cli.methods.em_mmps import MMPSOptions, linear_only, mmps_make, prior_mstep
 
 
-class Naive(PriorMethod):
+class Naive(Method):
     name = "naive"
     description = "naive: a prior trained on the observations as if clean, MMPS (or DPS) posterior"
+    order = 30
+    compared_by_default = True
+    option_classes = {"mmps": MMPSOptions, "dps": DPSOptions}
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self._dps = DPSEM(cfg)
+    def accepts(self, channel: Any) -> str | None:  # noqa: D102
+        if getattr(channel, "linear", False):
+            return linear_only(self.name, channel)
+        return differentiable_only("dps-em", channel)
 
-    def check(self, data):  # noqa: D102
+    def check(self, data) -> None:  # noqa: D102
         y = data.obs.get("y")
         if y is None or tuple(y.shape[1:]) != data.shape:
             raise DiffemError(
                 f"method 'naive' trains on the observations as clean data; channel "
                 f"{data.channel.name!r} gives observations of another shape than the data"
             )
+        super().check(data)
+
+    def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
+        return prior_mstep(data.obs["y"], lap, cfg, self.options["mmps"])
+
+    def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         if data.channel.linear:
-            super().check(data)
-        else:
-            self._dps.check(data)
-
-    def training_data(self, data, prev, lap, clean):  # noqa: D102
-        return self.prior_data(data.obs["y"], lap), None
-
-    def posterior(self, model, data, sample, *, seed_parts, device, label, ctx=None):  # noqa: D102
-        if data.channel.linear:
-            return super().posterior(
-                model, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx
-            )
-        return self._dps.posterior(
-            model, data, sample, seed_parts=seed_parts, device=device, label=label, ctx=ctx
-        )
-
-    def estep_record(self) -> dict[str, Any]:  # noqa: D102
-        return self._dps.estep_record()
-
-    def settings(self) -> dict[str, Any]:  # noqa: D102
-        return {**super().settings(), **self._dps.settings()}
+            prior = NetworkDenoiser(model)
+            return Posterior(mmps_make(prior, data.channel, self.options["mmps"], aux, model_device(model)))
+        return dps_posterior(model, data, self.options["dps"])

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.methods.base import ConditionalMethod
-from diffem_cli.methods.diffem import fresh_conditioning
+from diffem_cli.diffusion.losses import VLoss
+from diffem_cli.methods.base import MStep
+from diffem_cli.methods.diffem import ConditionalMethod, fresh_conditioning
 
 # Offsets the oracle's corruption seeds from the observed data's and from DiffEM's re-corruptions.
 ORACLE_TAG = 1 << 20
@@ -20,13 +21,13 @@ ORACLE_TAG = 1 << 20
 class Oracle(ConditionalMethod):
     name = "oracle"
     description = "oracle: the conditional model trained on fresh corruptions of clean data"
+    order = 40
+    compared_by_default = True
     needs_clean = True
 
-    def training_data(self, data, prev, lap, clean):  # noqa: D102
+    def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         if clean is None:
             raise DiffemError("method 'oracle' needs clean data: pass --clean DIR")
         index = torch.arange(len(clean))
-        return {
-            "x": clean,
-            "cond": fresh_conditioning(data, clean, self.cfg.seed, ORACLE_TAG + lap, index),
-        }, None
+        cond = fresh_conditioning(data, clean, cfg.seed, ORACLE_TAG + lap, index)
+        return MStep({"x": clean, "cond": cond}, VLoss(cfg.train.t_sampling))

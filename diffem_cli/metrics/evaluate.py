@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import VECTOR, data_kind
 
 VECTOR_DEFAULTS = ("sinkhorn", "sliced_w2")
 IMAGE_DEFAULTS = ("psnr", "ssim", "fd_rand", "fd_pixels")
@@ -119,16 +120,15 @@ def _folder_rows(path: Path, name: str) -> tuple[_Rows, dict[str, Any]]:
 
 
 def _kind(shape: tuple[int, ...]) -> str:
-    if len(shape) == 1:
-        return "vector"
-    if len(shape) == 3 and shape[0] in (1, 3):
-        return "image"
+    kind = data_kind(shape)
+    if kind == VECTOR or (len(shape) == 3 and shape[0] in (1, 3)):
+        return kind
     raise DiffemError(f"rows must be vectors (n,) or images (C, H, W) with C = 1 or 3, got shape {shape}")
 
 
 def _choose(names: Sequence[str] | None, kind: str, paired: bool) -> list[str]:
     if names is None:
-        chosen = list(VECTOR_DEFAULTS if kind == "vector" else IMAGE_DEFAULTS)
+        chosen = list(VECTOR_DEFAULTS if kind == VECTOR else IMAGE_DEFAULTS)
         return [n for n in chosen if paired or not METRICS[n].paired]
     if isinstance(names, str):
         names = names.split(",")
@@ -193,7 +193,7 @@ def _evaluate(
     kind = _kind(samples.shape)
     paired = samples.index is not None and reference.index is not None
     chosen = _choose(names, kind, paired)
-    vr = tuple(float(v) for v in (value_range or (VECTOR_RANGE if kind == "vector" else IMAGE_RANGE)))
+    vr = tuple(float(v) for v in (value_range or (VECTOR_RANGE if kind == VECTOR else IMAGE_RANGE)))
     if len(vr) != 2 or not vr[1] > vr[0]:
         raise DiffemError(f"value range must be (low, high) with high > low, got {value_range}")
     vr = (vr[0], vr[1])

@@ -2,8 +2,8 @@
 
 Each method runs as a normal, resumable RUN in ``OUT/METHOD/`` with the same configuration
 (network, steps per lap, laps, sampler), evaluated every lap against the clean data. After its
-laps, each method's unconditional model is sampled: priors (EM-MMPS, DPS-EM, naive, ...) directly,
-conditional models (DiffEM, oracle) through ``train-uncond`` on their last reconstructions (in
+laps, each method's unconditional model is sampled: priors directly (their own sampler),
+conditional models through ``train-uncond`` on their last reconstructions (in
 ``OUT/METHOD/uncond/``, the same training budget as one lap). ``OUT/compare.json``,
 ``OUT/compare.md``, ``OUT/compare.png`` (every metric per lap) and ``OUT/compare-samples.png``
 (reconstructions and unconditional samples of each method) summarise the comparison.
@@ -30,22 +30,32 @@ TIME_KEYS = ("init_s", "corrupt_s", "mstep_s", "estep_s")
 UNCOND_METRICS = {"vector": ["sinkhorn", "sliced_w2"], "image": ["fd_rand", "fd_pixels"]}
 
 
-def parse_methods(text: str) -> list[str]:
-    """``"diffem,em-mmps"`` -> implemented method names, refusing unknown or repeated ones."""
-    from diffem_cli.methods import REGISTRY, get_method
+def default_methods() -> list[str]:
+    """The methods compared when ``--methods`` is not given (those marked ``compared_by_default``)."""
+    from diffem_cli.methods import method_classes
 
+    return [name for name, cls in method_classes().items() if cls.compared_by_default]
+
+
+def parse_methods(text: str | None) -> list[str]:
+    """``"a,b"`` -> installed method names, refusing unknown or repeated ones; ``all``: every
+    installed method; None: :func:`default_methods`."""
+    from diffem_cli.methods import get_method_class, method_names
+
+    if text is None:
+        return default_methods()
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise DiffemError("--methods names no method (e.g. --methods diffem,em-mmps)")
+        example = ",".join(default_methods()[:2])
+        raise DiffemError(f"--methods names no method (e.g. --methods {example})")
     if text.strip() == "all":
-        return list(REGISTRY)
+        return list(method_names())
     seen: set[str] = set()
     for name in names:
         if name in seen:
             raise DiffemError(f"--methods lists {name!r} twice")
         seen.add(name)
-        if name not in REGISTRY:
-            get_method(name, RunConfig())  # the one-line error naming the known methods
+        get_method_class(name)  # the one-line error naming the known methods
     return names
 
 
@@ -66,7 +76,7 @@ def compare(
 ) -> dict[str, Any]:
     """Run every method on ``data_path`` into ``out/METHOD`` and write the comparison files.
 
-    A method that cannot serve the observations (e.g. ``ambient`` on noisy data) is refused
+    A method that cannot serve the observations (its ``check`` refuses them) is refused
     before anything trains, or, with ``skip_unfit`` (``--methods all``), left out with a line
     saying why."""
     from diffem_cli.pipeline.em import em_train

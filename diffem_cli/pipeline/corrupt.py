@@ -18,6 +18,7 @@ import torch
 
 from diffem_channels.base import Channel, ChannelError, sample_seeds
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import IMAGE, VECTOR, DataMeta
 from diffem_cli.io.sources import Source
 from diffem_cli.io.store import check_apart, check_output, columns, read_dataset, read_manifest, write_dataset
 
@@ -48,7 +49,7 @@ class _Preview:
     """Keeps the first few clean samples and observations while the data stream past."""
 
     def __init__(self, kind: str) -> None:
-        self.limit = PREVIEW_IMAGES if kind == "image" else PREVIEW_POINTS
+        self.limit = PREVIEW_IMAGES if kind == IMAGE else PREVIEW_POINTS
         self.clean: list[torch.Tensor] = []
         self.obs: list[dict[str, torch.Tensor]] = []
         self.held = 0
@@ -66,7 +67,7 @@ class _Preview:
         x = torch.cat(self.clean)
         obs = {k: torch.cat([o[k] for o in self.obs]) for k in self.obs[0]}
         y = obs["y"]
-        if source.kind == "vector":
+        if source.kind == VECTOR:
             plots.save_pairwise_scatter(
                 {"clean x": x, f"observation y ({channel.name})": y.reshape(len(y), -1)},
                 path,
@@ -117,9 +118,7 @@ def corrupt_dataset(
     common = {
         "seed": seed,
         "source": source.describe(),
-        "data_shape": list(source.shape),
-        "data_kind": source.kind,
-        "value_range": list(source.value_range),
+        **DataMeta.from_shape(source.shape, source.value_range).manifest_entries(),
     }
     # a rerun after a kill between the clean folder and the observations reuses the clean folder
     reuse = clean_out is not None and not force and not out.exists() and _same_clean(clean_out, common)

@@ -23,13 +23,15 @@ from torch import nn
 from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import Context, pick_device
-from diffem_cli.diffusion.checkpoint import Checkpoint, build_model, load_checkpoint, save_checkpoint
-from diffem_cli.diffusion.sampling import sample_nfe
+from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
+from diffem_cli.diffusion.nets import build_network
+from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw, sample_nfe
 from diffem_cli.diffusion.schedule import SCHEDULE
 from diffem_cli.io.observations import Observations, load_clean, load_recon, save_recon
 from diffem_cli.io.store import clean_stale, read_manifest
-from diffem_cli.methods import get_method
-from diffem_cli.methods.base import Method
+from diffem_cli.methods import Method, get_method, method_classes
+from diffem_cli.methods.base import Make
+from diffem_cli.methods.registry import checkpoint_method_name
 from diffem_cli.pipeline.runs import Run
 
 Logger = Callable[[str], None]
@@ -49,7 +51,7 @@ def initial_reconstructions(
                 f"em.init=gaussian needs a linear channel; {data.channel.name!r} has no linear form"
             )
         from diffem_cli.diffusion.checkpoint import save_tensors
-        from diffem_cli.gaussian.model import fit_gaussian, gaussian_start
+        from diffem_cli.gaussian.fit import fit_gaussian, gaussian_start
 
         prior = fit_gaussian(
             data.channel,
@@ -93,22 +95,76 @@ def check_checkpoint_for(meta: dict[str, Any], data: Observations, path: Path | 
         raise DiffemError(f"{path} expects another conditioning size than channel {ours['name']!r} gives")
 
 
-def _warm_sampler(warm: Checkpoint, method: Method, data: Observations, cfg: RunConfig) -> Method:
-    """Which method draws lap 0 from a warm start: a conditional checkpoint samples itself; an
-    unconditional prior is used through the method's own guidance, or MMPS (linear channels)."""
-    from diffem_cli.methods import REGISTRY
-
-    if warm.kind == "conditional":
-        return REGISTRY["diffem"](cfg)
-    if method.kind == "unconditional":
+def warm_sampler(warm_meta: dict[str, Any], method: Method, data: Observations, cfg: RunConfig) -> Method:
+    """Which method draws lap 0 from a warm start: the run's own method when its model is of the
+    checkpoint's kind; else the method that wrote the checkpoint, or else the first installed
+    method (in listing order) whose model is of that kind, that can serve the observations
+    (configured by the run's option sections)."""
+    kind = warm_meta["kind"]
+    if method.kind == kind:
         return method
-    if data.channel.linear:
-        return REGISTRY["em-mmps"](cfg)
-    if "dps-em" in REGISTRY:
-        return REGISTRY["dps-em"](cfg)
+    classes = method_classes()
+    own = checkpoint_method_name(warm_meta)
+    names = ([own] if own in classes else []) + [n for n in classes if n != own]
+    for name in names:
+        if classes[name].kind != kind:
+            continue
+        candidate = classes[name].from_config(cfg)
+        try:
+            candidate.check(data)
+        except DiffemError:
+            continue
+        return candidate
     raise DiffemError(
-        f"an unconditional warm start needs a linear channel for MMPS; {data.channel.name!r} has none"
+        f"no installed method can sample the warm start's {kind} model for channel {data.channel.name!r}"
     )
+
+
+def posterior_samples(
+    method: Method,
+    model: nn.Module,
+    aux: dict[str, torch.Tensor],
+    data: Observations,
+    sample: SampleConfig,
+    *,
+    seed_parts: tuple[int, ...],
+    device: torch.device,
+    label: str,
+    ctx: Context | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One posterior sample per observation (CPU, rows aligned with ``data``) by ``method`` with
+    ``model`` and the checkpoint's ``aux`` tensors, through the one sampling loop; and the
+    E-step's record (e.g. a chosen guidance weight)."""
+    post = method.posterior(model.to(device).eval(), data, aux)
+    rows = {**data.obs, **post.extra}
+
+    def draw_first(make: Make, n: int, note: str = "") -> torch.Tensor:
+        def for_rows(start: int, stop: int):
+            return make({k: v[start:stop].to(device) for k, v in rows.items()})
+
+        return draw(
+            for_rows,
+            n,
+            data.shape,
+            sampler=sample.sampler,
+            steps=sample.steps,
+            batch_size=sample.batch_size,
+            seed_parts=seed_parts,
+            device=device,
+            clip_range=clip_range_for(data.kind, data.value_range),
+            label=f"{label}: {note}" if note else label,
+            ctx=ctx,
+            corrections=sample.corrections,
+            corrector_tau=sample.corrector_tau,
+        )
+
+    make, record = post.make, dict(post.record)
+    if post.choose is not None:
+        make, chosen = post.choose(draw_first)
+        record.update(chosen)
+    if make is None:
+        raise DiffemError(f"method {method.name!r} gave neither a denoiser factory nor a way to choose one")
+    return draw_first(make, len(data)), record
 
 
 def em_train(
@@ -185,14 +241,17 @@ class _Driver:
     def __init__(self, run, data, cfg, method, ctx, log, evaluation, clean, warm):
         self.run, self.data, self.cfg, self.m, self.ctx = run, data, cfg, method, ctx
         self.log, self.evaluation, self.clean, self.warm = log, evaluation, clean, warm
+        self.spec = method.model_spec(data)
         self.base_meta = {
-            "kind": method.kind,
+            "kind": self.spec.kind,
             "network": cfg.network,
-            "cond_size": method.cond_size(data),
+            "cond_size": self.spec.cond_size,
             "channel": data.channel.spec(),
             "data": data.data_meta(),
             "schedule": SCHEDULE,
-            **method.meta(),
+            "method": method.name,
+            "method_config": method.config_record(cfg),
+            **method.checkpoint_meta(data),
         }
 
     def execute(self, laps: int) -> list[dict[str, Any]]:
@@ -235,10 +294,11 @@ class _Driver:
             start = None
             if self.warm is not None:  # sharded posterior sampling: every rank takes part
                 t0 = time.perf_counter()
-                sampler = _warm_sampler(self.warm, self.m, self.data, self.cfg)
-                sampler.load_aux(self.warm.aux)
-                x = sampler.posterior(
+                sampler = warm_sampler(self.warm.meta, self.m, self.data, self.cfg)
+                x, _ = posterior_samples(
+                    sampler,
                     build_model(self.warm),
+                    self.warm.aux,
                     self.data,
                     self.cfg.sample,
                     seed_parts=(self.cfg.seed, 0),
@@ -270,22 +330,24 @@ class _Driver:
         rec.update({k: manifest[k] for k in keys if k in manifest})
         return rec
 
-    def _initial_model(self, lap: int, laps: int) -> nn.Module:
-        if lap > 1 and self.m.fine_tunes(lap, laps):
+    def _initial_model(self, lap: int, fine_tune: bool) -> nn.Module:
+        if lap > 1 and fine_tune:
             return build_model(load_checkpoint(self.run.checkpoint(lap - 1)))
-        if lap == 1 and self.warm is not None and self.warm.kind == self.m.kind:
-            if int(self.warm.meta.get("cond_size", 0)) == self.m.cond_size(self.data):
+        if lap == 1 and self.warm is not None and self.warm.kind == self.spec.kind:
+            if int(self.warm.meta.get("cond_size", 0)) == self.spec.cond_size:
                 return build_model(self.warm)
-        return self.m.build(self.data)
+        torch.manual_seed(self.cfg.seed)  # a fresh network starts the same everywhere
+        return build_network(self.cfg.network, self.data.shape, self.spec.cond_size)
 
     def mstep(self, lap: int, laps: int) -> dict[str, Any]:
         from diffem_cli.diffusion.train import train_denoiser
 
         prev, _ = load_recon(self.run.recon(lap - 1))
-        model = self._initial_model(lap, laps).train()
         t0 = time.perf_counter()
-        tensors, refresh = self.m.training_data(self.data, prev, lap, self.clean)
+        step = self.m.mstep(self.data, prev, lap, laps, self.clean, self.cfg)
+        tensors = step.tensors
         corrupt_s = time.perf_counter() - t0
+        model = self._initial_model(lap, step.fine_tune).train()
 
         def on_epoch(info: dict[str, Any]) -> None:
             if self.ctx.is_main:
@@ -295,14 +357,14 @@ class _Driver:
             model,
             tensors,
             self.cfg.train,
-            loss=self.m.loss(),
+            loss=step.loss,
             seed=self.cfg.seed + lap,
             device=self.ctx.device,
             state_path=self.run.state,  # read by every rank, written by the main one
             tag={"lap": lap, "fingerprint": self.data.fingerprint, "method": self.m.name},
             label=f"lap {lap} M-step",
             on_epoch=on_epoch,
-            refresh=refresh,
+            refresh=step.refresh,
             refresh_every=self.cfg.em.recorrupt_every,
             log=self.log,
             ctx=self.ctx,
@@ -314,7 +376,7 @@ class _Driver:
                 self.run.checkpoint(lap),
                 result.ema_model,
                 {**self.base_meta, "lap": lap, "train": summary},
-                aux=self.m.aux_tensors(),
+                aux=step.aux,
             )
             self.run.state.unlink(missing_ok=True)
         self.ctx.barrier()
@@ -327,11 +389,12 @@ class _Driver:
 
     def estep(self, lap: int) -> dict[str, Any]:
         ckpt = load_checkpoint(self.run.checkpoint(lap))
-        self.m.load_aux(ckpt.aux)
         model = build_model(ckpt)
         t0 = time.perf_counter()
-        x = self.m.posterior(
+        x, record = posterior_samples(
+            self.m,
             model,
+            ckpt.aux,
             self.data,
             self.cfg.sample,
             seed_parts=(self.cfg.seed, lap),
@@ -347,7 +410,7 @@ class _Driver:
             "estep_s": seconds,
             "nfe": sample_nfe(self.cfg.sample.steps, self.cfg.sample.corrections),
             "estep_samples_per_s": len(x) / max(seconds, 1e-9),
-            **self.m.estep_record(),
+            **record,
         }
         if self.ctx.is_main:
             save_recon(self.run.recon(lap), x, self.data.index, manifest)

@@ -7,6 +7,11 @@
   ``diffem.json`` describing the conditioning (channel spec, conditioning size): ``reconstruct``
   accepts the folder as CKPT.
 - Vector models: ``model.safetensors`` plus ``diffem.json``; diffem loads them back.
+
+A checkpoint's auxiliary tensors (``aux.*``, e.g. EM-MMPS's Gaussian moments) go to
+``diffem_aux.safetensors`` at the top of the folder, with the diffem metadata. ``diffem.json``
+records the checksum of every weights and auxiliary file (``checksums``), verified by
+:func:`load_export`, which rebuilds the checkpoint (weights, auxiliary tensors, metadata).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import (
+    AUX_PREFIX,
     FORMAT,
     Checkpoint,
     apply_umask,
@@ -24,6 +30,8 @@ from diffem_cli.diffusion.checkpoint import (
     check_finite_weights,
     load_checkpoint,
     load_tensors,
+    save_tensors,
+    tensors_checksum,
 )
 from diffem_cli.diffusion.schedule import ddpm_scheduler
 from diffem_cli.io.store import atomic_path
@@ -31,19 +39,29 @@ from diffem_cli.io.store import atomic_path
 META_FILE = "diffem.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 """The weights file ``UNet2DModel.save_pretrained`` writes (safetensors, the default)."""
+VECTOR_WEIGHTS = "model.safetensors"
+AUX_FILE = "diffem_aux.safetensors"
+"""A checkpoint's auxiliary tensors (full ``aux.`` names), present only when it has some."""
+CHECKSUMS_KEY = "checksums"
+"""``diffem.json`` entry: ``{relative file: tensors_checksum of its tensors}``."""
 
 
 def load_model_source(path: Path) -> Checkpoint:
-    """A checkpoint file, or a folder written by ``export``, as a Checkpoint.
+    """A checkpoint file, or a folder written by ``export`` (see :func:`load_export`), as a Checkpoint."""
+    path = Path(path)
+    return load_export(path) if path.is_dir() else load_checkpoint(path)
+
+
+def load_export(folder: Path) -> Checkpoint:
+    """Rebuild the checkpoint an ``export`` folder holds: weights, auxiliary tensors and metadata.
 
     Everything is read from the local folder (never from the Hugging Face Hub, whatever the path
     looks like) and only from safetensors files, so no code runs: a folder lacking its weights is
-    a one-line error. The weights' shapes are checked against the network later, by
-    ``build_model``, before any network is allocated.
+    a one-line error, and so is a file whose tensors differ from the checksum ``diffem.json``
+    records (folders exported before checksums were recorded load unverified). The weights' shapes
+    are checked against the network later, by ``build_model``, before any network is allocated.
     """
-    path = Path(path)
-    if not path.is_dir():
-        return load_checkpoint(path)
+    path = Path(folder)
     meta_file = path / META_FILE
     if not meta_file.exists():
         raise DiffemError(f"{path} is a folder without {META_FILE}: not a diffem export")
@@ -58,17 +76,33 @@ def load_model_source(path: Path) -> Checkpoint:
         or not isinstance(meta["network"], dict)
     ):
         raise DiffemError(f"{path} is not a model folder written by 'diffem export'")
+    checksums = meta.pop(CHECKSUMS_KEY, None) or {}
     if meta["network"].get("type") == "unet":
         weights = path / "unet" / UNET_WEIGHTS
         if not weights.is_file():
             missing = "the folder is missing" if not (path / "unet").is_dir() else f"it lacks {UNET_WEIGHTS}"
             raise DiffemError(f"{path / 'unet'} cannot be loaded ({missing})")
-        unet_tensors, _ = load_tensors(weights)
+        unet_tensors = _load_verified(path, f"unet/{UNET_WEIGHTS}", checksums)
         tensors = {f"unet.{k}": v for k, v in unet_tensors.items()}
     else:
-        tensors, _ = load_tensors(path / "model.safetensors")
+        tensors = _load_verified(path, VECTOR_WEIGHTS, checksums)
+    if (path / AUX_FILE).exists() or AUX_FILE in checksums:
+        aux = _load_verified(path, AUX_FILE, checksums)
+        foreign = sorted(k for k in aux if not k.startswith(AUX_PREFIX))
+        if foreign:
+            raise DiffemError(f"{path / AUX_FILE} holds a tensor {foreign[0]!r} that is not auxiliary")
+        tensors.update(aux)
     check_finite_weights(tensors, path)
     return Checkpoint(tensors, meta)
+
+
+def _load_verified(folder: Path, name: str, checksums: dict[str, str]) -> dict[str, Any]:
+    """The tensors of ``folder/name``, checked against the checksum recorded for ``name`` if any."""
+    tensors, _ = load_tensors(folder / name)
+    expected = checksums.get(name)
+    if expected is not None and tensors_checksum(tensors) != expected:
+        raise DiffemError(f"{folder / name}: checksum mismatch with {META_FILE} (the file was modified)")
+    return tensors
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -129,7 +163,7 @@ def _describe_source(source: Any) -> str:
     return "not recorded" if source is None else str(source)
 
 
-def _model_card(meta: dict[str, Any]) -> str:
+def _model_card(meta: dict[str, Any], aux: list[str]) -> str:
     data = meta.get("data", {})
     prov = provenance(meta)
     channel = prov["channel"] or {}
@@ -166,6 +200,8 @@ def _model_card(meta: dict[str, Any]) -> str:
         lines.append(f"- trained on: {prov['trained_on']}")
     if meta.get("method"):
         lines.append(f"- method: {meta['method']}")
+    if aux:
+        lines.append(f"- auxiliary tensors ({AUX_FILE}): {', '.join(sorted(aux))}")
     lines += [
         f"- network: {json.dumps(meta.get('network'), sort_keys=True)}",
         f"- schedule: {json.dumps(meta.get('schedule'), sort_keys=True)}",
@@ -191,30 +227,40 @@ def _model_card(meta: dict[str, Any]) -> str:
 def export_checkpoint(ckpt_path: Path, out: Path, *, force: bool = False) -> dict[str, Any]:
     """Export a diffem checkpoint to ``out`` (see module docstring for the layouts)."""
     ckpt = load_checkpoint(ckpt_path)
+    info = ckpt.info
     meta = dict(ckpt.meta)
     model = build_model(ckpt)
     with atomic_path(out, force) as target:
         target.mkdir()
-        if meta["network"]["type"] == "unet":
+        if info.network["type"] == "unet":
             unet = model.unet
-            value_range = meta["data"].get("value_range") or [-1, 1]
+            value_range = info.data.range_list() or [-1, 1]
             # trailing spacing: DDPMPipeline(num_inference_steps=N) starts from t = 999, not 1000 - 1000/N
             scheduler = ddpm_scheduler(float(max(abs(v) for v in value_range)), timestep_spacing="trailing")
-            if meta["kind"] == "unconditional":
+            if info.kind == "unconditional":
                 from diffusers import DDPMPipeline
 
                 DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(target))
             else:
                 unet.save_pretrained(str(target / "unet"))
                 scheduler.save_pretrained(str(target / "scheduler"))
+            files = [f"unet/{UNET_WEIGHTS}"]
         else:
             from safetensors.torch import save_file
 
             save_file(
-                {k: v.contiguous() for k, v in model.state_dict().items()}, str(target / "model.safetensors")
+                {k: v.contiguous() for k, v in model.state_dict().items()}, str(target / VECTOR_WEIGHTS)
             )
+            files = [VECTOR_WEIGHTS]
+        aux = {k: v for k, v in ckpt.tensors.items() if k.startswith(AUX_PREFIX)}
+        if aux:
+            save_tensors(target / AUX_FILE, aux, meta)
+            files.append(AUX_FILE)
+        # checksums of the tensors as written, read back: what load_export verifies
+        checksums = {name: tensors_checksum(load_tensors(target / name)[0]) for name in files}
         meta["provenance"] = provenance(meta)
-        (target / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        (target / "README.md").write_text(_model_card(meta))
+        written = {**meta, CHECKSUMS_KEY: checksums}
+        (target / META_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+        (target / "README.md").write_text(_model_card(meta, list(ckpt.aux)))
         apply_umask(target)  # safetensors writes 0600; exported models are meant to be shared
     return meta

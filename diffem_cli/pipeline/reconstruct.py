@@ -14,7 +14,7 @@ from diffem_cli.diffusion.sampling import SampleConfig
 from diffem_cli.io.observations import Observations, save_recon
 from diffem_cli.io.store import check_output
 from diffem_cli.methods import method_for_checkpoint
-from diffem_cli.pipeline.em import check_checkpoint_for
+from diffem_cli.pipeline.em import check_checkpoint_for, posterior_samples
 from diffem_cli.pipeline.export import load_model_source
 
 
@@ -33,8 +33,8 @@ def reconstruct(
 ) -> dict[str, Any]:
     """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index, sample).
 
-    The checkpoint's own method draws them: a conditional model (DiffEM, oracle) samples
-    ``q(x | y)`` directly; a prior (EM-MMPS, naive, train-uncond) samples by MMPS guidance.
+    The checkpoint's own method draws them (:meth:`~diffem_cli.methods.base.Method.posterior`):
+    a conditional model samples ``q(x | y)`` directly, a prior by its method's guidance.
     """
     if per_observation < 1:
         raise DiffemError(f"--per-observation must be >= 1, got {per_observation}")
@@ -46,7 +46,6 @@ def reconstruct(
     check_checkpoint_for(ckpt.meta, data, ckpt_path)
     method = method_for_checkpoint(ckpt.meta)
     method.check(data)
-    method.load_aux(ckpt.aux)
     if png_dir is not None:
         check_png(data.kind)
     cfg = sample or SampleConfig()
@@ -54,8 +53,10 @@ def reconstruct(
     model = build_model(ckpt)
     xs, idx, rep = [], [], []
     for r in range(per_observation):
-        x = method.posterior(
+        x, _ = posterior_samples(
+            method,
             model,
+            ckpt.aux,
             data,
             cfg,
             seed_parts=(seed, 1000 + r),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io.datameta import VECTOR, data_kind
 from diffem_cli.io.observations import load_recon
 from diffem_cli.io.store import write_text_atomic
 from diffem_cli.pipeline.runs import Run
@@ -24,10 +25,7 @@ def lap_records(run_dir: Path) -> list[dict[str, Any]]:
     run = Run(run_dir)
     if not run.metrics.exists():
         raise DiffemError(f"{run_dir} has no metrics.jsonl: not an em-train RUN, or no lap has finished")
-    laps: dict[int, dict[str, Any]] = {}
-    for rec in run.records():
-        if rec.get("event") == "lap":
-            laps[int(rec["lap"])] = rec
+    laps = run.lap_records()
     if not laps:
         raise DiffemError(f"{run_dir} has no finished lap yet")
     return [laps[k] for k in sorted(laps)]
@@ -96,7 +94,7 @@ def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
             f"reconstructions have shape {list(start.shape[1:])}"
         )
     write_text_atomic(run.root / "report.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    if start.ndim == 2:
+    if data_kind(start.shape[1:]) == VECTOR:
         sets = {}
         if reference is not None:
             sets["clean"] = reference

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from diffem_cli.config.run import RunConfig, config_from_dict
+from diffem_cli.config.run import Extensions, RunConfig, config_from_dict
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.store import write_text_atomic
 
@@ -119,7 +119,8 @@ class Run:
     def _check_same(self, cfg: RunConfig, info: dict[str, Any], ignore: tuple[str, ...]) -> None:
         try:
             old = json.loads(self.info_file.read_text())
-            old_cfg = config_from_dict(yaml.safe_load(self.config_file.read_text()) or {}).to_dict()
+            sections = Extensions({k: type(v) for k, v in cfg.options.items()})  # the same option sections
+            old_cfg = config_from_dict(yaml.safe_load(self.config_file.read_text()) or {}, sections).to_dict()
         except (OSError, ValueError, yaml.YAMLError, DiffemError) as e:
             raise DiffemError(
                 f"{self.root}: its run.json or config.yaml is unreadable ({str(e).splitlines()[0]}); "

@@ -20,8 +20,9 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
 from diffem_cli.diffusion.nets import build_network
-from diffem_cli.diffusion.sampling import SampleConfig, sample_tensors
+from diffem_cli.diffusion.sampling import SampleConfig, draw_unconditional, sample_tensors
 from diffem_cli.diffusion.schedule import SCHEDULE
+from diffem_cli.io.datameta import data_kind
 from diffem_cli.io.observations import load_recon
 from diffem_cli.io.store import check_finite, check_output, clean_stale, fingerprint_dataset, write_dataset
 from diffem_cli.pipeline.export import load_model_source
@@ -30,7 +31,7 @@ from diffem_cli.pipeline.runs import Run
 
 def _data_meta(x: torch.Tensor, manifest: dict[str, Any], path: Path) -> dict[str, Any]:
     shape = list(x.shape[1:])
-    kind = "vector" if len(shape) == 1 else "image"
+    kind = data_kind(shape)
     value_range = manifest.get("value_range") or ([-1, 1] if kind == "image" else None)
     return {
         "shape": shape,
@@ -163,9 +164,11 @@ def sample_unconditional(
     cfg = sample_cfg or SampleConfig()
     from diffem_cli.methods import method_for_checkpoint
 
-    method = method_for_checkpoint(ckpt.meta)  # Ambient draws through its fixed-mask sampler
-    model = build_model(ckpt)
-    x = method.unconditional_samples(model, ckpt.meta, n, cfg, seed=seed, device=ctx.device, ctx=ctx)
+    method = method_for_checkpoint(ckpt.meta)  # a method may sample its model its own way
+    prior = method.prior(build_model(ckpt).to(ctx.device).eval(), ckpt.meta, seed)
+    x = draw_unconditional(
+        prior.make, ckpt.meta["data"], n, cfg, seed=seed, device=ctx.device, label=prior.label, ctx=ctx
+    )
     data = ckpt.meta["data"]
     manifest = {
         "kind": "samples",

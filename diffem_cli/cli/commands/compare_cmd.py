@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from diffem_cli.cli.commands.em_cmd import method_help
 from diffem_cli.core.progress import console
 
 
@@ -14,14 +15,20 @@ def compare_command(
     data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
     out: Annotated[Path, typer.Argument(help="Folder for one RUN per method and the comparison files.")],
     methods: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Comma-separated methods (diffem, em-mmps, naive, oracle, ...), or 'all' (every "
-            "method that can serve the channel)."
+            help=method_help(
+                "comma-separated, or 'all': every method that can serve the channel; default: those "
+                "'diffem methods --json' marks compared_by_default"
+            )
         ),
-    ] = "diffem,em-mmps,naive,oracle",
+    ] = None,
     eval_clean: Annotated[
-        Path, typer.Option(help="Clean data folder (corrupt --clean-out): evaluation, and the oracle's data.")
+        Path,
+        typer.Option(
+            help="Clean data folder (corrupt --clean-out): evaluation, and the data of methods that "
+            "train on clean data."
+        ),
     ] = ...,
     config: Annotated[
         str | None,
@@ -49,6 +56,7 @@ def compare_command(
     from diffem_cli.cli.commands._checks import at_least, check_run_folder, need_existing
     from diffem_cli.config.run import default_preset, load_config
     from diffem_cli.io.store import read_manifest
+    from diffem_cli.methods import extensions
     from diffem_cli.pipeline.compare import compare, markdown_table, parse_methods
 
     need_existing(data, "observations folder", folder=True)
@@ -58,7 +66,7 @@ def compare_command(
     names = parse_methods(methods)
     manifest = read_manifest(data)
     default = default_preset(manifest.get("data_shape", [0, 0, 0]))
-    cfg = load_config(config, sets or [], default_preset=default)
+    cfg = load_config(config, sets or [], default_preset=default, extensions=extensions())
     summary = compare(
         data,
         out,
@@ -69,7 +77,7 @@ def compare_command(
         uncond=uncond,
         device=device,
         force=force,
-        skip_unfit=methods.strip() == "all",
+        skip_unfit=(methods or "").strip() == "all",
         log=lambda s: console.print(s, soft_wrap=True),
     )
     console.print(markdown_table(summary), soft_wrap=True)

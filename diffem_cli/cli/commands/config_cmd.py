@@ -30,8 +30,9 @@ def show_command(
     import yaml
 
     from diffem_cli.config.run import effective_config
+    from diffem_cli.methods import extensions
 
-    cfg = effective_config(source, sets or [])
+    cfg = effective_config(source, sets or [], extensions=extensions())
     typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip("\n"))
 
 

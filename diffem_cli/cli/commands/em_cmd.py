@@ -10,6 +10,13 @@ import typer
 from diffem_cli.core.progress import console
 
 
+def method_help(what: str) -> str:
+    """``--method`` help naming the installed methods (``diffem methods`` lists them in full)."""
+    from diffem_cli.methods.registry import declared_names
+
+    return f"Method: {', '.join(declared_names())} ({what}; 'diffem methods' describes them)."
+
+
 def em_train_command(
     data: Annotated[
         Path, typer.Argument(metavar="DATA", help="Observations folder written by 'diffem corrupt'.")
@@ -29,11 +36,7 @@ def em_train_command(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(
-            "--method",
-            "-m",
-            help="diffem (default), em-mmps, naive, oracle, dps-em, ambient, ambient-tweedie (em.method).",
-        ),
+        typer.Option("--method", "-m", help=method_help("em.method; default: the config's")),
     ] = None,
     warm_start: Annotated[
         Path | None,
@@ -44,7 +47,7 @@ def em_train_command(
     ] = None,
     clean: Annotated[
         Path | None,
-        typer.Option(help="Clean data folder the oracle method trains on (reference only)."),
+        typer.Option(help="Clean data folder for methods that train on clean data (reference only)."),
     ] = None,
     eval_clean: Annotated[
         Path | None,
@@ -66,6 +69,7 @@ def em_train_command(
     from diffem_cli.config.run import default_preset, load_config
     from diffem_cli.core.runtime import launch
     from diffem_cli.io.store import read_dataset
+    from diffem_cli.methods import extensions
     from diffem_cli.pipeline.em import em_train
 
     ds, manifest = read_dataset(data)
@@ -76,7 +80,7 @@ def em_train_command(
     need_existing(clean, "--clean folder", folder=True)
     check_run_folder(run, [data, warm_start, eval_clean, clean])
     default = default_preset(manifest.get("data_shape", [0, 0, 0]))
-    cfg = load_config(config, sets or [], default_preset=default)
+    cfg = load_config(config, sets or [], default_preset=default, extensions=extensions())
     with launch(device) as ctx:  # one process, or one of several under torchrun / accelerate launch
         records = em_train(
             data,

@@ -36,6 +36,7 @@ def train_uncond_command(
     from diffem_cli.core.errors import DiffemError
     from diffem_cli.core.runtime import launch
     from diffem_cli.io.store import check_manifest_columns, columns, read_dataset
+    from diffem_cli.methods import extensions
     from diffem_cli.pipeline.uncond import train_uncond
 
     ds, manifest = read_dataset(recon)
@@ -44,7 +45,7 @@ def train_uncond_command(
     if "x" not in ds.column_names:
         raise DiffemError(f"{recon} has no column 'x' (columns: {', '.join(ds.column_names)})")
     shape = tuple(columns(ds, ["x"], 0, 1)["x"].shape[1:])
-    cfg = load_config(config, sets or [], default_preset=default_preset(shape))
+    cfg = load_config(config, sets or [], default_preset=default_preset(shape), extensions=extensions())
     check_config_for_data(cfg, None, shape)
     with launch(device) as ctx:
         log = lambda s: console.print(s, soft_wrap=True)  # noqa: E731

@@ -2,8 +2,8 @@
 
 import torch
 
-from diffem_cli.gaussian.model import GaussianPrior
 from diffem_cli.gaussian.moments import FULL_MAX_DIM, GaussianCovariance, fit_moments
+from diffem_cli.gaussian.prior import GaussianPrior
 
 F64 = torch.float64
 

@@ -1,0 +1,449 @@
+"""Lap 0 of DiffEM: a Gaussian prior fitted to corrupted observations by EM on moments
+(:func:`fit_gaussian`), and one Gaussian posterior sample per observation that starts the EM loop
+(:func:`gaussian_start`).
+
+Works for any linear channel ``y = A x + s * eps`` (the channel offers ``A``, ``A^T`` and
+``s``) and data of any shape, flattened to dimension ``D``. Two regimes:
+
+* ``D <= full_max_dim`` (128: the manifold, 8x8 digits): a full covariance and exact EM. Each
+  sample's ``A`` is read off the channel (its diagonal when ``A`` is diagonal, as for masks;
+  else materialised on basis vectors) and the posterior solved by batched float64 Cholesky on
+  the informative rows only.
+* larger ``D`` (images): ``Sigma = D + F F^T`` with ``F`` of rank ``r``, fitted as in the
+  official code by stochastic EM on posterior samples (Matheron's rule) with a PCA M-step, on
+  an evenly strided subset of the observations. All float32 and batched. The posterior solve
+  depends on the operator, found by probing the channel once
+  (:func:`~diffem_cli.gaussian.operators.classify`); the fitted prior carries that probe
+  (``GaussianPrior.probed``) so that :func:`gaussian_start` on the same channel reuses it.
+
+Every entry point takes ``device``: the linear algebra runs there, results come back on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from diffem_channels.base import Channel, per_sample, sample_seeds
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.gaussian.linalg import conjugate_gradient, from_coords, packed_pairs, ppca, to_coords
+from diffem_cli.gaussian.operators import (
+    Obs,
+    Operator,
+    Probed,
+    Rows,
+    Spectral,
+    apply_a,
+    apply_at,
+    batch_size,
+    by_count,
+    check_linear,
+    chunks,
+    classify,
+    diagonal_of,
+    flat_y,
+    informative_rows,
+    obs_dtype,
+    obs_to,
+    shares,
+    y_dim,
+)
+from diffem_cli.gaussian.posterior import (
+    LowRankPosterior,
+    default_jitter,
+    lowrank_pass,
+    sample_from_noise,
+    solve_rows,
+)
+from diffem_cli.gaussian.prior import GaussianPrior
+
+ObsBatches = Callable[[], Iterable[Obs]]
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+START_TAG = 0x6761757373  # keeps the Gaussian start's draws apart from the channel's own streams
+_F64 = torch.float64
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run the small-matrix full-covariance path on one CPU thread: its many small LAPACK calls do
+    not gain from a second thread, and under load OpenMP threads spinning against other jobs slow
+    it down many times over."""
+    old = torch.get_num_threads()
+    if device.type != "cpu" or old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+INIT_MEAN_ITERS = 8  # CG steps for the initial mean; stopping early regularises an ill-posed A
+INIT_POWER_ITERS = 10  # power iterations for each sample's ||A_i||_2^2
+
+
+def _initial_prior(
+    channel: Channel, obs_batches: ObsBatches, shape: tuple[int, ...], full: bool, rank: int
+) -> tuple[GaussianPrior, int]:
+    """The prior EM starts from: ``N(mu, c I)``.
+
+    ``mu`` solves the normal equations ``sum A_i^T A_i mu = sum A_i^T y_i`` by a few conjugate
+    gradient steps. ``c`` matches the centred observation energy ``E|y - A mu|^2 - m s^2`` as if
+    every direction passed at the operator's largest gain, ``c d E||A_i||_2^2``: directions the
+    channel barely observes (the high frequencies a blur removes) keep about their initial
+    variance through EM, so ``c`` errs small rather than filling them with noise.
+    """
+    d = math.prod(shape)
+    batches = list(obs_batches())
+    if not batches or sum(batch_size(o) for o in batches) == 0:
+        raise DiffemError("no observations to fit the Gaussian start to")
+    dev = batches[0]["y"].device
+
+    def normal(v: Tensor) -> Tensor:
+        total = torch.zeros_like(v)
+        for obs in batches:
+            rows = v.to(obs_dtype(obs)).expand(batch_size(obs), d)
+            total += apply_at(channel, obs, apply_a(channel, obs, rows, shape), shape).to(_F64).sum(0)
+        return total
+
+    rhs = sum(apply_at(channel, obs, flat_y(obs), shape).to(_F64).sum(0) for obs in batches)
+    mu = conjugate_gradient(normal, rhs.view(1, d), INIT_MEAN_ITERS).view(d)
+    energy = noise = gain = 0.0
+    n = 0
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for obs in batches:
+        b, dt = batch_size(obs), obs_dtype(obs)
+        rows = mu.to(dt).expand(b, d)
+        energy += float((flat_y(obs).to(_F64) - apply_a(channel, obs, rows, shape).to(_F64)).square().sum())
+        noise += b * y_dim(obs) * float(channel.noise_std(obs)) ** 2
+        v = torch.randint(0, 2, (b, d), generator=gen, device=dev).to(dt) * 2 - 1
+        norm = torch.ones(b, 1, dtype=dt, device=dev)
+        for _ in range(INIT_POWER_ITERS):
+            v = apply_at(channel, obs, apply_a(channel, obs, v, shape), shape)
+            norm = v.norm(dim=1, keepdim=True)
+            v = v / norm.clamp_min(torch.finfo(dt).tiny)
+        gain += float(norm.to(_F64).sum())
+        n += b
+    if gain <= 0:
+        raise DiffemError(f"channel {channel.name!r} observes nothing (A = 0 on every sample)")
+    c = max(energy - noise, 0.1 * energy, 1e-12 * gain) / (d * gain)
+    if full:
+        return GaussianPrior(mean=mu, cov=c * torch.eye(d, dtype=_F64, device=dev)), n
+    f32 = torch.float32
+    return GaussianPrior(
+        mean=mu.to(f32),
+        diag=torch.full((d,), c, dtype=f32, device=dev),
+        factor=torch.zeros(d, rank, device=dev),
+    ), n
+
+
+def _row_batches(
+    channel: Channel, obs_batches: ObsBatches, shape: tuple[int, ...], cache_bytes: int
+) -> Callable[[], Iterable[Rows]]:
+    """Informative rows of ``A`` for every observation, as a re-iterable: held in memory when
+    they fit in ``cache_bytes`` (``A`` does not change across EM iterations), else recomputed."""
+    d = math.prod(shape)
+
+    def stream() -> Iterator[Rows]:
+        for obs in obs_batches():
+            for part in chunks(obs, 8 * 3 * y_dim(obs) * d):
+                yield from by_count(informative_rows(channel, part, shape))
+
+    held: list[Rows] = []
+    size = 0
+    for rw in stream():
+        held.append(rw)
+        size += rw.nbytes
+        if size > cache_bytes:
+            return stream
+    return lambda: held
+
+
+def _em_full_step(
+    prior: GaussianPrior, row_batches: Callable[[], Iterable[Rows]], jitter: float
+) -> tuple[GaussianPrior, dict[str, float]]:
+    """One exact EM step: mu = mean of posterior means, Sigma = mean of (C_i + (m_i - mu)(m_i - mu)^T).
+
+    Accumulates sum of (m_i - mu_old), sum of their outer products and sum of A_i^T S_i^-1 A_i,
+    since mean C_i = Sigma - Sigma (mean A_i^T S_i^-1 A_i) Sigma.
+    """
+    cov = prior.cov.to(_F64)
+    mu = prior.mean.to(_F64)
+    d = mu.numel()
+    sum_dev = torch.zeros(d, dtype=_F64, device=cov.device)
+    sum_out = torch.zeros(d, d, dtype=_F64, device=cov.device)
+    gain = torch.zeros(d, d, dtype=_F64, device=cov.device)
+    quad = torch.zeros((), dtype=_F64, device=cov.device)
+    pivots: list[Tensor] = []
+    n = 0
+    for rw in row_batches():
+        r = rw.y - rw.apply(mu)
+        chol, s_inv, sr, a_cov = solve_rows(rw, cov, r, jitter)
+        dev_ = rw.gain(cov, sr, a_cov)
+        sum_dev += dev_.sum(0)
+        sum_out += dev_.T @ dev_
+        rw.add_gram(gain, s_inv)
+        quad += (r * sr).sum() + rw.valid.sum() * math.log(2 * math.pi)
+        pivots.append(chol.diagonal(dim1=1, dim2=2).flatten())
+        n += r.shape[0]
+    shift = sum_dev / n
+    new = cov - cov @ (gain / n) @ cov + sum_out / n - torch.outer(shift, shift)
+    new = 0.5 * (new + new.T)
+    loglik = -0.5 * float(quad + 2 * torch.cat(pivots).log().sum()) / n
+    return GaussianPrior(mean=mu + shift, cov=new), {"loglik": loglik}
+
+
+def _subset(obs_batches: ObsBatches, n_total: int, max_fit: int, device: torch.device) -> Obs:
+    """An evenly strided subset of at most ``max_fit`` observations, gathered on ``device``."""
+    stride = max(1, -(-n_total // max_fit))
+    parts: list[Obs] = []
+    start = 0
+    for obs in obs_batches():
+        b = batch_size(obs)
+        first = (-start) % stride
+        if first < b:
+            sel = torch.arange(first, b, stride)
+            parts.append(
+                {
+                    k: v[sel.to(v.device)] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v
+                    for k, v in obs.items()
+                }
+            )
+        start += b
+    if not parts:
+        raise DiffemError("no observations to fit the Gaussian start to")
+    first_part = parts[0]
+    return {
+        k: torch.cat([p[k].to(device) for p in parts]) if torch.is_tensor(v) and v.dim() else v
+        for k, v in first_part.items()
+    }
+
+
+def _em_lowrank(
+    prior: GaussianPrior,
+    channel: Channel,
+    obs: Obs,
+    shape: tuple[int, ...],
+    op: Operator,
+    iters: int,
+    rank: int,
+    generator: torch.Generator,
+    progress: ProgressFn | None,
+    *,
+    cg_iters: int,
+    cg_tol: float,
+) -> GaussianPrior:
+    """Stochastic EM on ``obs`` (one batch, on the working device) in pixel coordinates: each
+    iteration draws one posterior sample per observation under the current prior and refits the
+    prior to them."""
+    n, m = batch_size(obs), y_dim(obs)
+    # A does not change across iterations: read a diagonal operator off the channel once
+    diag_a = diagonal_of(channel, obs, shape, torch.float32) if op.kind == "diagonal" else None
+    for i in range(iters):
+        post = LowRankPosterior(prior, channel, shape, op, jitter=1e-5, cg_iters=cg_iters, cg_tol=cg_tol)
+        z = torch.randn(n, prior.noise_dim + m, generator=generator, device=generator.device)
+        x = lowrank_pass(post, obs, z.to(prior.mean.device), m, diag_a)
+        warm = bool(prior.factor.any())
+        mean, diag, factor = ppca(x, rank, prior.factor, generator, niter=2 if warm else 4)
+        prior = GaussianPrior(mean=mean, diag=diag, factor=factor)
+        if progress is not None:
+            progress(i + 1, iters, {"var": float(x.var(0).mean())})
+    return prior
+
+
+def _em_spectral(
+    prior: GaussianPrior,
+    channel: Channel,
+    obs: Obs,
+    shape: tuple[int, ...],
+    op: Operator,
+    iters: int,
+    rank: int,
+    generator: torch.Generator,
+    progress: ProgressFn | None,
+) -> GaussianPrior:
+    """Stochastic EM for a symmetric ``A`` shared by all samples, entirely in its eigen-coordinates
+    ``w = V^T x``: there ``A`` is diagonal and the residual covariance ``diag(g)`` is a spectrum
+    (a stationary-like prior for blur), so each iteration costs ``O(n D r)``. The prior comes back
+    as ``V diag(g) V^T + F F^T`` with ``basis = V``."""
+    sp = Spectral.of_rows(op.rows, shape, float(channel.noise_std(op.one)), 1e-5)
+    v = sp.basis
+    yc = torch.cat([sp.coords(flat_y(part)) for part in chunks(obs, 64 * y_dim(obs))])
+    n, d = yc.shape
+    k = v.shape[0]
+    mean = to_coords(prior.mean.float()[None], v)[0]
+    gamma = (prior.diag.float().view(-1, k) @ v.square()).flatten().clamp_min(0)  # diag of V^T D V
+    fac = to_coords(prior.factor.float().T.contiguous(), v).T.contiguous()
+    r = fac.shape[1]
+    for i in range(iters):
+        live = fac if bool(fac.any()) else fac[:, :0]
+        pairs = packed_pairs(live) if live.shape[1] else None
+        z = torch.randn(n, d + r + d, generator=generator, device=generator.device).to(yc.device)
+        w = torch.cat(
+            [
+                sp.sample_coords(mean, gamma, live, pairs, yc[j : j + 4096], z[j : j + 4096], r)
+                for j in range(0, n, 4096)
+            ]
+        )
+        mean, gamma, fac = ppca(w, rank, fac, generator, niter=2 if bool(fac.any()) else 4)
+        if progress is not None:
+            progress(i + 1, iters, {"var": float(w.var(0).mean())})
+    return GaussianPrior(
+        mean=from_coords(mean[None], v)[0],
+        diag=gamma,
+        factor=from_coords(fac.T.contiguous(), v).T.contiguous(),
+        basis=v,
+    )
+
+
+def _as_form(prior: GaussianPrior, full: bool, rank: int) -> GaussianPrior:
+    """``prior`` converted to a full covariance or to rank-``rank`` plus diagonal."""
+    if full:
+        return prior if prior.full else GaussianPrior(mean=prior.mean.to(_F64), cov=prior.covariance())
+    if not prior.full and prior.factor.shape[1] == rank:
+        return prior
+    cov = prior.covariance()
+    vals, vecs = torch.linalg.eigh(cov)
+    r = min(rank, prior.dim)
+    factor = vecs[:, -r:] * vals[-r:].clamp_min(0).sqrt()
+    if r < rank:
+        factor = torch.cat([factor, factor.new_zeros(prior.dim, rank - r)], 1)
+    diag = (cov.diagonal() - factor.square().sum(1)).clamp_min(1e-3 * float(cov.diagonal().mean()))
+    return GaussianPrior(mean=prior.mean.float(), diag=diag.float(), factor=factor.float())
+
+
+def fit_gaussian(
+    channel: Channel,
+    obs_batches: ObsBatches,
+    shape: tuple[int, ...],
+    iters: int = 16,
+    full_max_dim: int = 128,
+    rank: int = 32,
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+    init: GaussianPrior | None = None,
+    *,
+    jitter: float = 1e-8,
+    cg_iters: int = 32,
+    cg_tol: float = 1e-4,
+    max_fit: int = 8192,
+    cache_bytes: int = 2**29,
+    shared_max_dim: int = 4096,
+    device: torch.device | None = None,
+) -> GaussianPrior:
+    """Fit ``N(mu, Sigma)`` to observations of a linear channel by ``iters`` EM iterations; the
+    prior comes back on the CPU.
+
+    ``obs_batches()`` returns a fresh iterable of observation dicts each call. Up to
+    ``full_max_dim`` dimensions the covariance is full and EM exact (float64, every observation,
+    one pass per iteration). Beyond, ``Sigma`` is ``rank`` factors plus a diagonal (in pixel
+    coordinates, or, for a symmetric ``A`` shared by all samples such as blur, in ``A``'s
+    eigenbasis, stored as ``basis``), fitted by stochastic EM on an evenly strided subset of at
+    most ``max_fit`` observations held on the device: posterior samples (normals from
+    ``generator``, default seed 0), then the mean and a top-``rank`` PCA of the samples.
+    ``progress(i, iters, stats)`` is called after each iteration; ``stats`` holds ``loglik``
+    (exact EM: mean log-likelihood per observation under the prior before the step) or ``var``
+    (stochastic EM: mean per-dimension variance of the samples). ``device`` runs the linear
+    algebra there (default: the observations' device); ``init`` restarts from a prior. A
+    low-rank prior comes back with ``probed`` set: the operator classification of the fit, which
+    :func:`gaussian_start` reuses for the same channel and shape.
+    """
+    check_linear(channel)
+    shape = tuple(shape)
+    full = math.prod(shape) <= full_max_dim
+    first = next(iter(obs_batches()), None)
+    if first is None:
+        raise DiffemError("no observations to fit the Gaussian start to")
+    dev = torch.device(device) if device is not None else first["y"].device
+    if full:
+
+        def moved() -> Iterator[Obs]:
+            return (obs_to(o, dev) for o in obs_batches())
+
+        with _one_thread(dev):
+            if init is None:
+                prior, _ = _initial_prior(channel, moved, shape, True, rank)
+            else:
+                prior = _as_form(init.to(dev), True, rank)
+            row_batches = _row_batches(channel, moved, shape, cache_bytes)
+            for i in range(iters):
+                prior, stats = _em_full_step(prior, row_batches, jitter)
+                if progress is not None:
+                    progress(i + 1, iters, stats)
+        return prior.to("cpu")
+    n_total = sum(batch_size(o) for o in obs_batches())
+    obs = _subset(obs_batches, n_total, max_fit, dev)
+    if init is None:
+        prior, _ = _initial_prior(channel, lambda: [obs], shape, False, rank)
+    else:
+        prior = _as_form(init, False, rank).to(dev)
+    if generator is None:
+        generator = torch.Generator(device=dev).manual_seed(0)
+    elif generator.device != dev:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        generator = torch.Generator(device=dev).manual_seed(seed)
+    op = classify(channel, obs, shape, shared_max_dim)
+    if op.kind == "symmetric":
+        prior = _em_spectral(prior, channel, obs, shape, op, iters, rank, generator, progress)
+    else:
+        prior = _em_lowrank(
+            prior, channel, obs, shape, op, iters, rank, generator, progress, cg_iters=cg_iters, cg_tol=cg_tol
+        )
+    return replace(prior.to("cpu"), probed=Probed(channel, shape, op))
+
+
+def gaussian_start(
+    prior: GaussianPrior,
+    channel: Channel,
+    obs_batches: ObsBatches | Iterable[Obs],
+    shape: tuple[int, ...],
+    seed: int,
+    *,
+    cg_iters: int = 32,
+    cg_tol: float = 1e-4,
+    device: torch.device | None = None,
+    shared_max_dim: int = 4096,
+) -> Iterator[Tensor]:
+    """One posterior sample per observation, in order, one CPU ``(B, *shape)`` tensor per batch.
+
+    Sample ``i`` draws its normals from its own seed ``(seed, START_TAG, i)``, so the result
+    does not depend on the batch size (up to float32 rounding, or the CG tolerance on the
+    matrix-free path). ``device`` runs the linear algebra there (batches are moved to it). A
+    low-rank prior with ``probed`` (from :func:`fit_gaussian` on this channel and shape) skips
+    probing the channel again, as long as each batch shares the ``A`` it probed.
+    """
+    check_linear(channel)
+    shape = tuple(shape)
+    batches = obs_batches() if callable(obs_batches) else obs_batches
+    start = 0
+    post: LowRankPosterior | None = None
+    pr: GaussianPrior | None = None
+    for obs in batches:
+        b = batch_size(obs)
+        dev = torch.device(device) if device is not None else obs["y"].device
+        obs = obs_to(obs, dev)
+        if pr is None:
+            pr = prior.to(dev)
+        seeds = sample_seeds(seed, range(start, start + b), START_TAG)
+        z = per_sample(seeds, (prior.noise_dim + y_dim(obs),)).to(dev)
+        start += b
+        if pr.full:
+            with _one_thread(dev):
+                x = sample_from_noise(
+                    pr, channel, obs, shape, z, "dense", cg_iters, cg_tol, default_jitter("dense", pr, None)
+                )
+        else:
+            if post is None:
+                op = None if prior.probed is None else prior.probed.operator_for(channel, shape, dev)
+                if op is None or (op.kind != "diagonal" and not shares(op, channel, obs, shape)):
+                    op = classify(channel, obs, shape, shared_max_dim)
+                post = LowRankPosterior(pr, channel, shape, op, jitter=1e-5, cg_iters=cg_iters, cg_tol=cg_tol)
+            x = lowrank_pass(post, obs, z, y_dim(obs)).to(obs_dtype(obs)).view(b, *shape)
+        yield x.cpu()

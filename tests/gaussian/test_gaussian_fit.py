@@ -1,0 +1,222 @@
+"""Lap 0: EM recovering a known Gaussian (exact and stochastic, in pixel coordinates and in a
+blur's eigenbasis), restarts, strided subsets, and the Gaussian start's reproducibility, batch
+independence and reuse of the fit's operator probe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gaussian_cases import Mask, Pick, Proj, Squash, batches, blur_basis, random_prior, spectral_prior
+
+from diffem_channels.base import sample_seeds
+from diffem_channels.blur import BlurChannel
+from diffem_channels.mask import MaskChannel
+from diffem_cli.core.errors import DiffemError
+from diffem_cli.gaussian import fit as fit_module
+from diffem_cli.gaussian.fit import fit_gaussian, gaussian_start
+from diffem_cli.gaussian.prior import GaussianPrior
+
+
+def test_em_recovers_a_gaussian_from_random_projections():
+    d, n = 3, 6000
+    truth = random_prior(d, seed=11)
+    ch = Proj(m=2, sigma=0.05)
+    x = truth.sample(n, torch.Generator().manual_seed(12))
+    obs = ch.corrupt(x, sample_seeds(13, range(n)))
+    stats = []
+    prior = fit_gaussian(ch, batches(obs, n), (d,), iters=30, progress=lambda i, t, s: stats.append(s))
+    assert prior.full and len(stats) == 30
+    emp_mean, emp_cov = x.double().mean(0), torch.cov(x.double().T)
+    assert (prior.mean - emp_mean).abs().max() < 0.1
+    assert (prior.cov - emp_cov).abs().max() < 0.15 * float(emp_cov.diagonal().max())
+    ll = [s["loglik"] for s in stats]
+    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:], strict=False)), (
+        "exact EM must not lower the likelihood"
+    )
+
+
+@pytest.mark.parametrize("channel", [Mask(rho=0.4, sigma=0.05), Pick(m=4, sigma=0.05)])
+def test_em_on_selection_channels_raises_likelihood(channel):
+    d, n = 6, 3000
+    truth = random_prior(d, seed=14)
+    x = truth.sample(n, torch.Generator().manual_seed(15))
+    obs = channel.corrupt(x, sample_seeds(16, range(n)))
+    stats = []
+    prior = fit_gaussian(channel, batches(obs, n), (d,), iters=25, progress=lambda i, t, s: stats.append(s))
+    ll = [s["loglik"] for s in stats]
+    assert all(b >= a - 1e-9 for a, b in zip(ll, ll[1:], strict=False))
+    assert (prior.mean - x.double().mean(0)).abs().max() < 0.15
+
+
+def test_em_restarts_from_init_and_converts_forms():
+    d, n = 3, 2000
+    truth = random_prior(d, seed=11)
+    ch = Proj(m=2, sigma=0.05)
+    obs = ch.corrupt(truth.sample(n, torch.Generator().manual_seed(12)), sample_seeds(13, range(n)))
+    first = fit_gaussian(ch, batches(obs, 1000), (d,), iters=4)
+    resumed = fit_gaussian(ch, batches(obs, 1000), (d,), iters=4, init=first)
+    straight = fit_gaussian(ch, batches(obs, 1000), (d,), iters=8)
+    torch.testing.assert_close(resumed.cov, straight.cov)
+    low = fit_gaussian(ch, batches(obs, 1000), (d,), iters=1, full_max_dim=2, rank=2, init=first)
+    assert not low.full and low.factor.shape == (d, 2)
+
+
+def test_stochastic_em_fits_low_rank_plus_diagonal():
+    d, r, n = 32, 3, 4000
+    g = torch.Generator().manual_seed(20)
+    factor = torch.randn(d, r, generator=g)
+    truth = GaussianPrior(mean=torch.randn(d, generator=g), diag=torch.full((d,), 0.1), factor=factor)
+    x = truth.sample(n, torch.Generator().manual_seed(21))
+    ch = Mask(rho=0.5, sigma=0.01)
+    obs = ch.corrupt(x, sample_seeds(22, range(n)))
+    prior = fit_gaussian(ch, batches(obs, n), (d,), iters=8, full_max_dim=16, rank=r)
+    assert not prior.full and prior.factor.shape == (d, r)
+    emp_cov = torch.cov(x.double().T)
+    assert (prior.mean - x.mean(0)).abs().max() < 0.15
+    rel = torch.linalg.matrix_norm(prior.covariance() - emp_cov) / torch.linalg.matrix_norm(emp_cov)
+    assert rel < 0.15
+
+
+def test_gaussian_start_is_reproducible_and_batch_independent():
+    d, n = 5, 90
+    prior = random_prior(d)
+    ch = Proj(m=2, sigma=0.1)
+    obs = ch.corrupt(prior.sample(n, torch.Generator().manual_seed(1)), sample_seeds(2, range(n)))
+    a = torch.cat(list(gaussian_start(prior, ch, batches(obs, 50), (d,), seed=3)))
+    b = torch.cat(list(gaussian_start(prior, ch, batches(obs, 7)(), (d,), seed=3)))
+    c = torch.cat(list(gaussian_start(prior, ch, batches(obs, 50), (d,), seed=4)))
+    assert a.shape == (n, d)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - c).abs().max() > 0.1
+
+
+def test_non_linear_channel_is_refused():
+    obs = {"y": torch.zeros(2, 3)}
+    with pytest.raises(DiffemError, match="no linear form"):
+        fit_gaussian(Squash(), lambda: [obs], (3,))
+
+
+def test_stochastic_em_through_blur_fits_a_spectral_prior():
+    """Blur observations of a known prior (decaying spectrum in the blur's eigenbasis plus rank 2):
+    EM in eigen-coordinates returns a prior with that basis whose covariance is close to the data's."""
+    shape = (1, 8, 8)
+    ch = BlurChannel(sigma=0.7, noise_sigma=0.02)
+    basis, _ = blur_basis(ch, shape)
+    truth = spectral_prior(basis, 64, 2, seed=43)
+    x = truth.sample(6000, torch.Generator().manual_seed(44)).view(6000, *shape)
+    obs = ch.corrupt(x, sample_seeds(45, range(6000)))
+    prior = fit_gaussian(
+        ch,
+        batches(obs, 2000),
+        shape,
+        iters=20,
+        rank=2,
+        generator=torch.Generator().manual_seed(46),
+        full_max_dim=16,
+    )
+    assert prior.basis is not None and prior.factor.shape == (64, 2)
+    emp = torch.cov(x.reshape(6000, -1).double().T)
+    rel = torch.linalg.matrix_norm(prior.covariance() - emp) / torch.linalg.matrix_norm(emp)
+    assert rel < 0.15, float(rel)
+    assert (prior.mean - x.reshape(6000, -1).mean(0)).abs().max() < 0.1
+
+
+def test_fit_on_a_strided_subset_and_a_device():
+    """max_fit caps the observations the stochastic EM holds; device= gives the same prior, on the CPU."""
+    d, r, n = 32, 3, 4000
+    g = torch.Generator().manual_seed(47)
+    truth = GaussianPrior(
+        mean=torch.randn(d, generator=g), diag=torch.full((d,), 0.1), factor=torch.randn(d, r, generator=g)
+    )
+    x = truth.sample(n, torch.Generator().manual_seed(48))
+    ch = Mask(rho=0.5, sigma=0.01)
+    obs = ch.corrupt(x, sample_seeds(49, range(n)))
+    kw = {"iters": 8, "full_max_dim": 16, "rank": r}
+    sub = fit_gaussian(
+        ch, batches(obs, 700), (d,), max_fit=1000, generator=torch.Generator().manual_seed(1), **kw
+    )
+    again = fit_gaussian(
+        ch,
+        batches(obs, 700),
+        (d,),
+        max_fit=1000,
+        generator=torch.Generator().manual_seed(1),
+        device=torch.device("cpu"),
+        **kw,
+    )
+    torch.testing.assert_close(sub.covariance(), again.covariance())
+    assert sub.mean.device.type == "cpu"
+    emp_cov = torch.cov(x.double().T)
+    rel = torch.linalg.matrix_norm(sub.covariance() - emp_cov) / torch.linalg.matrix_norm(emp_cov)
+    assert rel < 0.2
+    seen = []
+
+    class Counting(Mask):
+        def A(self, obs, x):
+            seen.append(obs["y"].shape[0])
+            return super().A(obs, x)
+
+    fit_gaussian(Counting(rho=0.5, sigma=0.01), batches(obs, 700), (d,), max_fit=1000, **kw)
+    assert max(seen) == 1000  # strided: every 4th of 4000, across batches of 700
+
+
+@pytest.mark.parametrize("kind", ["mask", "blur"])
+def test_low_rank_start_is_batch_independent_and_on_the_cpu(kind):
+    shape = (3, 4, 4)
+    if kind == "mask":
+        ch = MaskChannel(rho=0.5)
+        prior = random_prior(48, rank=4, seed=50)
+    else:
+        ch = BlurChannel(sigma=0.8)
+        prior = spectral_prior(blur_basis(ch, shape)[0], 48, 4, seed=50)
+    x = prior.sample(60, torch.Generator().manual_seed(51)).view(60, *shape)
+    obs = ch.corrupt(x, sample_seeds(52, range(60)))
+    a = torch.cat(list(gaussian_start(prior, ch, batches(obs, 60), shape, seed=3)))
+    b = torch.cat(list(gaussian_start(prior, ch, batches(obs, 7), shape, seed=3, device=torch.device("cpu"))))
+    assert a.shape == (60, *shape) and a.device.type == "cpu"
+    # float32 products round differently with the batch size; the r x r solves (condition ~1e2
+    # here: |F|^2 / D) amplify that: 1e2 * 1.2e-7, with a safety factor of 40
+    torch.testing.assert_close(a, b, atol=5e-4, rtol=5e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_matches_cpu():
+    shape = (3, 4, 4)
+    ch = MaskChannel(rho=0.5, sigma=0.01)
+    x = random_prior(48, rank=4, seed=53).sample(500, torch.Generator().manual_seed(54)).view(500, *shape)
+    obs = ch.corrupt(x, sample_seeds(55, range(500)))
+    prior = fit_gaussian(ch, batches(obs, 200), shape, iters=4, rank=4, device=torch.device("cuda"))
+    assert prior.mean.device.type == "cpu"
+    cpu = torch.cat(list(gaussian_start(prior, ch, batches(obs, 200), shape, seed=1)))
+    gpu = torch.cat(
+        list(gaussian_start(prior, ch, batches(obs, 200), shape, seed=1, device=torch.device("cuda")))
+    )
+    assert gpu.device.type == "cpu"
+    torch.testing.assert_close(gpu, cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_gaussian_start_reuses_the_operator_the_fit_probed(monkeypatch):
+    """The fitted prior hands its probe to the start explicitly: no second probe, and the same
+    samples as a prior without it, which probes the channel afresh."""
+    shape = (1, 6, 6)
+    ch = BlurChannel(sigma=0.8, noise_sigma=0.05)
+    truth = spectral_prior(blur_basis(ch, shape)[0], 36, 2, seed=60)
+    obs = ch.corrupt(
+        truth.sample(80, torch.Generator().manual_seed(61)).view(80, *shape), sample_seeds(62, range(80))
+    )
+    prior = fit_gaussian(ch, batches(obs, 40), shape, iters=2, full_max_dim=16, rank=2)
+    assert prior.probed is not None and prior.probed.operator.kind == "symmetric"
+    fresh = torch.cat(
+        list(
+            gaussian_start(
+                GaussianPrior.from_tensors(prior.to_tensors()), ch, batches(obs, 40), shape, seed=5
+            )
+        )
+    )
+    calls = []
+    original = fit_module.classify
+    monkeypatch.setattr(fit_module, "classify", lambda *a, **k: calls.append(1) or original(*a, **k))
+    reused = torch.cat(list(gaussian_start(prior, ch, batches(obs, 40), shape, seed=5)))
+    assert calls == []
+    # the same operator rows (read off the same channel on the same first observation): the same arithmetic
+    assert torch.equal(reused, fresh)
