@@ -67,7 +67,7 @@ demo-digits: install
 	  --json $(DEMO)-digits/uncond-eval.json
 
 # generated pages: docs/cli.md and docs/config.md from the code, bench/results/README.md from the
-# result files (tests/test_reference.py fails while any is stale)
+# result files (tests/cli/test_reference.py fails while any is stale)
 docs: install
 	$(BIN)/python -m diffem_cli.cli.reference
 	$(BIN)/python bench/results_index.py

@@ -17,7 +17,7 @@ from helpers import fake_dist
 
 from diffem_cli.core.errors import DiffemError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCANNED = ("diffem_cli", "channels", "plugins", "bench")
 
 SERIALISERS = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "shelve", "marshal", "joblib"}

@@ -1,5 +1,5 @@
 """The third-party method plugin ``plugins/diffem-mean-shrink`` through real entry-point discovery
-(no pip), as ``test_plugin.py`` does for the channel plugin.
+(no pip), as ``tests/channels/test_channel_plugin.py`` does for the channel plugin.
 
 An installed distribution is simulated by a ``diffem_mean_shrink-0.1.0.dist-info`` folder
 (METADATA and entry_points.txt, as pip writes them) under ``tmp_path``; the plugin's source folder
@@ -23,7 +23,7 @@ from diffem_cli.diffusion.checkpoint import load_checkpoint
 from diffem_cli.io.observations import load_recon
 from diffem_cli.methods import get_method_class, list_methods, method_for_checkpoint, method_names
 
-PLUGIN_SRC = Path(__file__).resolve().parents[1] / "plugins" / "diffem-mean-shrink" / "src"
+PLUGIN_SRC = Path(__file__).resolve().parents[2] / "plugins" / "diffem-mean-shrink" / "src"
 
 
 def method_dist(

@@ -14,7 +14,7 @@ import typer
 from diffem_cli.cli import reference
 from diffem_cli.config.run import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _results_index():

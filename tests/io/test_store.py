@@ -272,7 +272,7 @@ ls -A "$1"
 def test_real_full_disk_tmpfs(tmp_path: Path) -> None:
     """Only where the tests run as root: a 200 kB tmpfs that the observations (~1 MB) overflow."""
     mnt = tmp_path / "mnt"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         ["sh", "-c", textwrap.dedent(REAL_FULL_DISK), "sh", str(mnt), str(repo)],
         capture_output=True,

@@ -38,7 +38,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).parents[1]), env.get("PYTHONPATH")) if p
+        p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p
     )
     return env
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from helpers import fake_dist
 
-PLUGINS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+PLUGINS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 
 
 def _blocks(language: str) -> list[str]:

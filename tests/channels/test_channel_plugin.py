@@ -23,7 +23,7 @@ from diffem_cli.cli.app import run
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io import registry
 
-PLUGIN_SRC = Path(__file__).resolve().parents[1] / "plugins" / "diffem-downsample" / "src"
+PLUGIN_SRC = Path(__file__).resolve().parents[2] / "plugins" / "diffem-downsample" / "src"
 
 GOOD = """
 from diffem_channels import Channel
