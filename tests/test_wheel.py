@@ -106,6 +106,7 @@ def test_wheel_ships_every_package(wheel_env: Path, tmp_path: Path) -> None:
     assert source_modules <= shipped, sorted(source_modules - shipped)
 
 
+@pytest.mark.slow
 def test_wheel_runs_the_chain_outside_the_repository(wheel_env: Path, tmp_path: Path) -> None:
     tiny = ["--set", "train.epochs=1", "--set", "train.batch_size=64", "--set", "sample.steps=2"]
     tiny += ["--set", "network.width=16", "--set", "em.gaussian_iters=1"]

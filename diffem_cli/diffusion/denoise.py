@@ -74,3 +74,16 @@ class NetworkDenoiser(Denoiser):
 
 
 __all__ = ["SCHEDULE", "Denoiser", "NetworkDenoiser", "alpha_sigma", "x0_from_v"]
+
+
+class KeepObserved(Denoiser):
+    """``x0 = y`` on the entries a noiseless channel gives exactly, ``inner``'s estimate elsewhere:
+    ``D(x_t, y) = M y + (1 - M) D_inner(x_t, y)``, the true posterior's data consistency."""
+
+    def __init__(self, inner: Denoiser, exact: torch.Tensor, y: torch.Tensor):
+        self.inner, self.exact, self.y = inner, exact > 0, y
+        self.needs_grad = inner.needs_grad  # guidance inside (MMPS, DPS) differentiates the network
+
+    def __call__(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        x0 = self.inner(x_t, t)
+        return torch.where(self.exact, self.y.to(x0.dtype), x0)

@@ -63,7 +63,9 @@ def noised(
 
 
 class VLoss:
-    """Mean squared error on ``v`` for ``batch["x"]``, conditioned on ``batch["cond"]`` if present."""
+    """Mean squared error on ``v`` for ``batch["x"]``, conditioned on ``batch["cond"]`` if present;
+    with ``batch["weight"]`` (shaped like ``x``) the weighted mean, e.g. over the entries a model
+    does not take from its observation."""
 
     def __init__(self, t_sampling: str = "uniform"):
         self.t_sampling = t_sampling
@@ -75,4 +77,9 @@ class VLoss:
         x_t, t, noise = noised(x0, scheduler, generator, self.t_sampling)
         target = scheduler.get_velocity(x0, noise, t)
         pred = model(x_t, t, batch.get("cond"))
-        return torch.mean((pred.float() - target.float()) ** 2)
+        err = (pred.float() - target.float()) ** 2
+        weight = batch.get("weight")
+        if weight is None:
+            return torch.mean(err)
+        weight = weight.float()
+        return (err * weight).sum() / weight.sum().clamp_min(1.0)

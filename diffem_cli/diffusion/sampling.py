@@ -33,13 +33,16 @@ from diffem_cli.diffusion.schedule import SAMPLERS, SCHEDULE, sampler_scheduler
 @dataclass
 class SampleConfig:
     """How reconstructions and samples are drawn: ``corrections`` Langevin corrections of step
-    ``corrector_tau`` after each step make it a predictor-corrector sampler."""
+    ``corrector_tau`` after each step make it a predictor-corrector sampler. ``keep_observed``:
+    posterior samples keep ``y`` on the entries a noiseless channel gives exactly
+    (``Channel.exact_entries``), and conditional models train on the other entries only."""
 
     sampler: str = "dpm++"
     steps: int = 32
     batch_size: int = 4096
     corrections: int = 0
     corrector_tau: float = 0.1
+    keep_observed: bool = True
 
 
 def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:

@@ -17,11 +17,24 @@ from diffem_cli.diffusion.losses import VLoss
 from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Refresh, model_device
 
 
-def fresh_conditioning(data: Any, x: torch.Tensor, seed: int, lap: int, index: torch.Tensor) -> torch.Tensor:
-    """The conditioning tensor of a fresh corruption of ``x`` (rows ``index``) for lap ``lap``."""
+def conditioning(data: Any, obs: dict[str, torch.Tensor], keep_observed: bool) -> dict[str, torch.Tensor]:
+    """What a conditional model trains on for observations ``obs``: ``cond``, and with
+    ``keep_observed`` on a channel that gives entries exactly, ``weight`` = 0 there (the model takes
+    them from ``y``; see :class:`~diffem_cli.diffusion.denoise.KeepObserved`), 1 elsewhere."""
+    out = {"cond": data.channel.condition(obs, data.shape)}
+    exact = data.channel.exact_entries(obs) if keep_observed else None
+    if exact is not None:
+        out["weight"] = 1.0 - exact.float()
+    return out
+
+
+def fresh_conditioning(
+    data: Any, x: torch.Tensor, seed: int, lap: int, index: torch.Tensor, keep_observed: bool = True
+) -> dict[str, torch.Tensor]:
+    """:func:`conditioning` of a fresh corruption of ``x`` (rows ``index``) for lap ``lap``."""
     from diffem_cli.io.observations import recorrupt
 
-    return data.channel.condition(recorrupt(data.channel, x, seed, lap, index), data.shape)
+    return conditioning(data, recorrupt(data.channel, x, seed, lap, index), keep_observed)
 
 
 class ConditionalMethod(Method):
@@ -50,15 +63,16 @@ class DiffEM(ConditionalMethod):
 
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         seed = cfg.seed
-        cond = fresh_conditioning(data, prev, seed, lap, data.index)
+        keep = cfg.sample.keep_observed
+        pairs = fresh_conditioning(data, prev, seed, lap, data.index, keep)
         refresh: Refresh | None = None
         if cfg.em.recorrupt_every > 0:
 
             def refresh(r: int) -> dict[str, torch.Tensor]:
                 more = data.channel.corrupt(prev, sample_seeds(seed, data.index, lap, r))
-                return {"cond": data.channel.condition(more, data.shape)}
+                return conditioning(data, more, keep)
 
-        return MStep({"x": prev, "cond": cond}, VLoss(cfg.train.t_sampling), refresh)
+        return MStep({"x": prev, **pairs}, VLoss(cfg.train.t_sampling), refresh)
 
     def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
         return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}

@@ -29,5 +29,5 @@ class Oracle(ConditionalMethod):
         if clean is None:
             raise DiffemError("method 'oracle' needs clean data: pass --clean DIR")
         index = torch.arange(len(clean))
-        cond = fresh_conditioning(data, clean, cfg.seed, ORACLE_TAG + lap, index)
-        return MStep({"x": clean, "cond": cond}, VLoss(cfg.train.t_sampling))
+        pairs = fresh_conditioning(data, clean, cfg.seed, ORACLE_TAG + lap, index, cfg.sample.keep_observed)
+        return MStep({"x": clean, **pairs}, VLoss(cfg.train.t_sampling))

@@ -26,7 +26,7 @@ blocks with a safety margin, kept values recomputed in float64), and the wide se
 re-selected only once the drift since its selection could hide a needed entry. Rows (u-update)
 and columns (v-update) keep separate kernels, each refreshed only when the potential it depends
 on has moved. Cost: two sparse products per iteration (~1M entries at 4,096 points on the curve)
-plus a few dense passes: 3-6 s at 4,096 points per set, 1-3 minutes and ~2.5 GB at 16,384. Supports
+plus a few dense passes (timings: bench/results/metrics.md). Supports
 are sparse only because reg is small relative to the spread of the costs: for large reg or tiny
 clouds they fill up and the method degrades gracefully to dense products.
 """

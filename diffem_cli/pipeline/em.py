@@ -24,6 +24,7 @@ from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
+from diffem_cli.diffusion.denoise import Denoiser, KeepObserved
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw, sample_nfe
 from diffem_cli.diffusion.schedule import SCHEDULE
@@ -32,6 +33,7 @@ from diffem_cli.io.store import clean_stale, read_manifest
 from diffem_cli.methods import Method, get_method, method_classes
 from diffem_cli.methods.base import Make
 from diffem_cli.methods.registry import checkpoint_method_name
+from diffem_cli.metrics.consistency import mean_observed_residual
 from diffem_cli.pipeline.runs import Run
 
 Logger = Callable[[str], None]
@@ -70,7 +72,13 @@ def initial_reconstructions(
         x = torch.cat([data.channel.start(b, data.shape) for b in data.batches()()])
     else:
         raise DiffemError(f"unknown em.init {init!r} (auto, gaussian, observation)")
-    return {"x": x.float(), "init": init, "seconds": time.perf_counter() - t0}
+    x = x.float()
+    if data.kind == "image":  # lap 1 conditions on values inside the data's range, like real observations
+        lo, hi = data.value_range or (-1.0, 1.0)
+        x = x.clamp(float(lo), float(hi))
+    if cfg.sample.keep_observed:
+        x = keep_rows(x, data)
+    return {"x": x, "init": init, "seconds": time.perf_counter() - t0}
 
 
 def check_checkpoint_for(meta: dict[str, Any], data: Observations, path: Path | None) -> None:
@@ -158,13 +166,43 @@ def posterior_samples(
             corrector_tau=sample.corrector_tau,
         )
 
+    def keeping(inner: Make) -> Make:
+        def make(obs: dict[str, torch.Tensor]) -> Denoiser:
+            exact = data.channel.exact_entries(obs)
+            return inner(obs) if exact is None else KeepObserved(inner(obs), exact, obs["y"])
+
+        return make
+
     make, record = post.make, dict(post.record)
     if post.choose is not None:
-        make, chosen = post.choose(draw_first)
+        make, chosen = post.choose(draw_first)  # chosen on the free sampler: pinned entries fit any choice
         record.update(chosen)
     if make is None:
         raise DiffemError(f"method {method.name!r} gave neither a denoiser factory nor a way to choose one")
-    return draw_first(make, len(data)), record
+    if not sample.keep_observed:
+        return draw_first(make, len(data)), record
+    return keep_rows(draw_first(keeping(make), len(data)), data), record
+
+
+def residual_record(data: Observations, x: torch.Tensor) -> dict[str, float]:
+    """``observed_residual``: the mean ``||A x - y|| / sqrt(m)`` of reconstructions ``x`` (linear
+    channels; a label-free check of the E-step: near the noise level, 0 on pinned entries)."""
+    if not data.channel.linear:
+        return {}
+    return {"observed_residual": mean_observed_residual(data.channel, data.obs, x)}
+
+
+def keep_rows(x: torch.Tensor, data: Observations, batch_size: int = 4096) -> torch.Tensor:
+    """Samples ``x`` of the first ``len(x)`` observations with ``y`` written back, bit for bit, on
+    the entries the channel gives exactly (the sampler's last step may leave them near ``y``)."""
+    out = x.clone()
+    for start in range(0, len(x), batch_size):
+        stop = min(start + batch_size, len(x))
+        obs = {k: v[start:stop] for k, v in data.obs.items()}
+        exact = data.channel.exact_entries(obs)
+        if exact is not None:
+            out[start:stop] = torch.where(exact > 0, obs["y"].to(x.dtype), x[start:stop])
+    return out
 
 
 def em_train(
@@ -310,12 +348,18 @@ class _Driver:
             elif self.ctx.is_main:  # the Gaussian fit runs once; the other ranks wait, then read it
                 start = initial_reconstructions(self.data, self.cfg, self.run, self.ctx.device)
             if self.ctx.is_main:
-                manifest = {**self.recon_meta(0), "init": start["init"], "init_s": start["seconds"]}
+                manifest = {
+                    **self.recon_meta(0),
+                    "init": start["init"],
+                    "init_s": start["seconds"],
+                    **residual_record(self.data, start["x"]),
+                }
                 save_recon(self.run.recon(0), start["x"], self.data.index, manifest)
                 self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s")
             self.ctx.barrier()
             manifest = manifest or self._recon_manifest(0)
-        return {"event": "lap", "lap": 0, "init": manifest.get("init"), "init_s": manifest.get("init_s")}
+        rec = {"event": "lap", "lap": 0, "init": manifest.get("init"), "init_s": manifest.get("init_s")}
+        return {**rec, **{k: manifest[k] for k in ("observed_residual",) if k in manifest}}
 
     def lap(self, lap: int, laps: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"event": "lap", "lap": lap}
@@ -326,7 +370,7 @@ class _Driver:
         manifest = self._recon_manifest(lap)
         if manifest is None:
             manifest = self.estep(lap)
-        keys = ("estep_s", "nfe", "estep_samples_per_s", "dps_scale")
+        keys = ("estep_s", "nfe", "estep_samples_per_s", "dps_scale", "observed_residual")
         rec.update({k: manifest[k] for k in keys if k in manifest})
         return rec
 
@@ -410,6 +454,7 @@ class _Driver:
             "estep_s": seconds,
             "nfe": sample_nfe(self.cfg.sample.steps, self.cfg.sample.corrections),
             "estep_samples_per_s": len(x) / max(seconds, 1e-9),
+            **residual_record(self.data, x),
             **record,
         }
         if self.ctx.is_main:

@@ -14,7 +14,7 @@ from diffem_cli.diffusion.sampling import SampleConfig
 from diffem_cli.io.observations import Observations, save_recon
 from diffem_cli.io.store import check_output
 from diffem_cli.methods import method_for_checkpoint
-from diffem_cli.pipeline.em import check_checkpoint_for, posterior_samples
+from diffem_cli.pipeline.em import check_checkpoint_for, posterior_samples, residual_record
 from diffem_cli.pipeline.export import load_model_source
 
 
@@ -80,6 +80,8 @@ def reconstruct(
         "value_range": data.value_range,
         "channel": data.channel.spec(),
         "method": method.name,
+        "keep_observed": cfg.keep_observed,
+        **residual_record(data, xs[0]),
     }
     if not ctx.is_main:
         return {"rows": len(x_all), **meta}

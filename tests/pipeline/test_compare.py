@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets
 
 TRAIN = [*TINY_MLP, *sets("train.batch_size=64", "train.epochs=1"), *QUICK]
@@ -77,6 +78,7 @@ def test_compare_refuses_unknown_methods_before_training(tmp_path, cli):
     assert code == 2 and "naive" in error_line(err) and not (tmp_path / "cmp").exists()
 
 
+@pytest.mark.slow
 def test_compare_all_runs_the_methods_that_fit_the_channel(tmp_path, cli):
     _projections(tmp_path, 64)
     code, out, err = cli(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import QUICK, TINY_UNET, read_x, run_ok, sets
 
-from diffem_cli.diffusion.denoise import KeepObserved
+from diffem_cli.diffusion.denoise import Denoiser, KeepObserved
 from diffem_cli.diffusion.losses import VLoss, noised
 from diffem_cli.diffusion.schedule import ddpm_scheduler
 from diffem_cli.io.observations import Observations
@@ -84,7 +84,11 @@ def test_noisy_channels_are_untouched(tmp_path):
 
 
 def test_keep_observed_denoiser_takes_y_exactly_where_given():
-    inner = lambda x_t, t: x_t * 0.5  # noqa: E731
+    class Half(Denoiser):
+        def __call__(self, x_t, t):
+            return x_t * 0.5
+
+    inner = Half()
     y = torch.randn(3, 1, 4, 4)
     exact = (torch.rand(3, 1, 4, 4) < 0.5).float()
     x_t = torch.randn(3, 1, 4, 4)
