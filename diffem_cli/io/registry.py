@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import re
-import site
-import sys
-import sysconfig
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from importlib.metadata import Distribution, EntryPoint, distributions
-from pathlib import Path
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from diffem_channels.base import API_VERSION, Channel, Param
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.plugins import declared, normalise_dist
 
 GROUP = "diffem.channels"
 DATA_KINDS = frozenset({"image", "vector"})
@@ -50,65 +45,6 @@ class ChannelInfo:
         return self.cls is not None and self.error is None
 
 
-def _normalise(dist: str) -> str:
-    return re.sub(r"[-_.]+", "-", dist).lower()
-
-
-def _resolved(entry: str) -> Path | None:
-    try:
-        return Path(entry or os.curdir).resolve()
-    except (OSError, RuntimeError):
-        return None
-
-
-def untrusted_dirs() -> set[Path]:
-    """Folders on ``sys.path`` whose distributions discovery ignores: the current directory when
-    it is there only as the entry Python adds implicitly (``''`` or ``sys.path[0]``)."""
-    try:
-        cwd = Path.cwd().resolve()
-    except OSError:  # the current directory was removed
-        return set()
-    implicit = [e for i, e in enumerate(sys.path) if e == "" or (i == 0 and _resolved(e) == cwd)]
-    if not implicit:
-        return set()
-    installed = {*site.getsitepackages(), site.getusersitepackages()}
-    installed.update(sysconfig.get_paths().get(k, "") for k in ("purelib", "platlib"))
-    deliberate = {_resolved(e) for e in sys.path[1:] if e} | {_resolved(e) for e in installed if e}
-    return set() if cwd in deliberate else {cwd}
-
-
-def _location(dist: Distribution) -> Path | None:
-    """The ``sys.path`` folder holding ``dist``'s metadata (resolved against the current directory)."""
-    try:
-        return Path(str(dist.locate_file(""))).resolve()
-    except (OSError, RuntimeError, NotImplementedError, TypeError):
-        return None
-
-
-def _declared() -> Iterator[tuple[str, EntryPoint]]:
-    """(distribution name, entry point) for every channel declared by an installed distribution.
-
-    A distribution found twice on ``sys.path`` (an editable install plus a stale copy) counts
-    once, the first found winning as for imports; one whose metadata cannot be read is skipped
-    rather than breaking every command.
-    """
-    seen: set[str] = set()
-    skip = untrusted_dirs()
-    for dist in distributions():
-        if skip and _location(dist) in skip:
-            continue
-        try:
-            name = dist.metadata["Name"] or "unknown"
-            eps = dist.entry_points.select(group=GROUP)
-        except Exception:  # malformed metadata of some unrelated package
-            continue
-        if _normalise(name) in seen:
-            continue
-        seen.add(_normalise(name))
-        for ep in eps:
-            yield name, ep
-
-
 def discover() -> dict[str, list[ChannelInfo]]:
     """Channel name -> the (unloaded) entry points claiming it, one per distinct distribution.
 
@@ -116,8 +52,8 @@ def discover() -> dict[str, list[ChannelInfo]]:
     """
     found: dict[str, list[ChannelInfo]] = {}
     seen: set[tuple[str, str, str]] = set()
-    for dist, ep in _declared():
-        key = (ep.name, _normalise(dist), ep.value)
+    for dist, ep in declared(GROUP):
+        key = (ep.name, normalise_dist(dist), ep.value)
         if key not in seen:
             seen.add(key)
             found.setdefault(ep.name, []).append(ChannelInfo(ep.name, dist, ep.value))

@@ -41,7 +41,7 @@ from diffem_channels import Channel, per_sample, sample_seeds
 from diffem_cli.core.checks import bad, finite
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import autocast
-from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma
+from diffem_cli.diffusion.denoise import Denoiser, alpha_sigma, x0_from_v
 from diffem_cli.diffusion.losses import draw_timesteps
 from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Prior, model_device
 
@@ -90,7 +90,7 @@ def sampler_masks(
 def ambient_x0(out: torch.Tensor, x_in: torch.Tensor, mask: torch.Tensor, a, s) -> torch.Tensor:
     """The x0 estimate from the network output: ``a x_in - s out`` where ``mask = 1``, ``-out``
     elsewhere (``a``, ``s`` scalars or per-sample, broadcastable)."""
-    return mask * (a * x_in - s * out) - (1 - mask) * out
+    return mask * x0_from_v(x_in, out, a, s) - (1 - mask) * out
 
 
 class AmbientDenoiser(Denoiser):

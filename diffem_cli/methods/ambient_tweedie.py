@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser, alpha_sigma
+from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser, alpha_sigma, x0_from_v
 from diffem_cli.diffusion.losses import draw_timesteps
 from diffem_cli.methods.base import Method, MStep, Posterior, Prior, model_device
 from diffem_cli.methods.em_mmps import MMPSOptions, mmps_make
@@ -74,7 +74,7 @@ class TweedieLoss:
         a, s = abar.sqrt(), (1 - abar).sqrt()
         extra = (s * s - (a * self.sigma_n) ** 2).clamp_min(0).sqrt()
         x_t = a * y + extra * torch.randn(y.shape, generator=generator, device=y.device)
-        x0 = a * x_t - s * model(x_t, t, None).float()
+        x0 = x0_from_v(x_t, model(x_t, t, None).float(), a, s)
         err = (y_prediction(x0, x_t, a, s, self.sigma_n) - y) ** 2 / (s * s)
         return err.mean()
 

@@ -13,14 +13,14 @@ import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, replace
-from importlib.metadata import EntryPoint, distributions
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 from diffem_cli.config import run as run_config
 from diffem_cli.config.run import Extensions, RunConfig
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.io.registry import untrusted_dirs
+from diffem_cli.core.plugins import declared, normalise_dist
 from diffem_cli.methods.base import Method
 
 GROUP = "diffem.methods"
@@ -41,32 +41,6 @@ class MethodInfo:
     def ok(self) -> bool:
         """Loaded without error."""
         return self.cls is not None and self.error is None
-
-
-def _norm(dist: str) -> str:
-    return dist.replace("_", "-").replace(".", "-").lower()
-
-
-def _declared() -> list[tuple[str, EntryPoint]]:
-    """(distribution, entry point) for every method declared by an installed distribution (one
-    copy of each distribution, the first on ``sys.path``; the implicit current directory skipped,
-    as for channels)."""
-    skip = untrusted_dirs()
-    seen: set[str] = set()
-    out = []
-    for dist in distributions():
-        try:
-            if skip and dist.locate_file("").resolve() in skip:
-                continue
-            name = dist.metadata["Name"] or "unknown"
-            eps = dist.entry_points.select(group=GROUP)
-        except Exception:  # malformed metadata of some unrelated package
-            continue
-        if _norm(name) in seen:
-            continue
-        seen.add(_norm(name))
-        out += [(name, ep) for ep in eps]
-    return out
 
 
 def _problem(name: str, obj: Any) -> str | None:
@@ -109,9 +83,9 @@ def _load(info: MethodInfo) -> MethodInfo:
 def list_methods() -> list[MethodInfo]:
     """Every declared method (built-ins first, then plugins by name), broken ones included."""
     by_name: dict[str, list[MethodInfo]] = {}
-    for dist, ep in _declared():
+    for dist, ep in declared(GROUP):
         infos = by_name.setdefault(ep.name, [])
-        if not any(_norm(i.dist) == _norm(dist) and i.value == ep.value for i in infos):
+        if not any(normalise_dist(i.dist) == normalise_dist(dist) and i.value == ep.value for i in infos):
             infos.append(MethodInfo(ep.name, dist, ep.value))
     out: list[MethodInfo] = []
     sections: dict[str, tuple[type, str]] = {}  # section -> (options class, first method using it)
@@ -143,7 +117,7 @@ def list_methods() -> list[MethodInfo]:
 def declared_names() -> list[str]:
     """The names of every declared method, from package metadata alone (no import; for help
     texts), sorted."""
-    return sorted({ep.name for _, ep in _declared()})
+    return sorted({ep.name for _, ep in declared(GROUP)})
 
 
 def method_classes() -> dict[str, type[Method]]:

@@ -160,7 +160,7 @@ def test_distributions_in_the_current_directory_are_ignored(tmp_path: Path) -> N
 
 
 def test_untrusted_dirs_follows_sys_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from diffem_cli.io import registry
+    from diffem_cli.core import plugins as registry
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path[1:]])  # what `python -m` does
