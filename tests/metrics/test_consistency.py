@@ -17,8 +17,11 @@ def test_zero_when_the_observed_entries_agree_and_counted_per_observed_entry():
     obs = channel.corrupt(x, torch.arange(5))
     assert torch.equal(observed_residual(channel, obs, x), torch.zeros(5, dtype=torch.float64))
     shifted = x + 0.25  # off by 0.25 on every entry: 0.25 per observed entry, whatever is hidden
+    # x + 0.25 rounds in float32 (|x + 0.25| <= 1.25): each difference is 0.25 within 1.25 * 2^-24
+    want = torch.full((5,), 0.25, dtype=torch.float64)
+    # (the float64 norm adds rounding of order 1e-16)
     assert torch.allclose(
-        observed_residual(channel, obs, shifted), torch.full((5,), 0.25, dtype=torch.float64)
+        observed_residual(channel, obs, shifted), want, rtol=0, atol=1.25 * 2.0**-24 + 1e-12
     )
 
 
