@@ -15,8 +15,39 @@ import site
 import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PluginInfo(Generic[T]):
+    """One entry point of a plugin group: the plugin ``name``, the distribution declaring it, the
+    ``module:Class`` value, and once loaded either ``cls`` or a one-line ``error``."""
+
+    name: str
+    dist: str
+    value: str
+    cls: type[T] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Loaded without error."""
+        return self.cls is not None and self.error is None
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON fields every plugin listing starts with (``--json``)."""
+        return {
+            "name": self.name,
+            "dist": self.dist,
+            "entry_point": self.value,
+            "ok": self.ok,
+            "error": self.error,
+        }
 
 
 def normalise_dist(dist: str) -> str:

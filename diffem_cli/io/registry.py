@@ -16,33 +16,20 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib.metadata import EntryPoint
 from typing import Any
 
 from diffem_channels.base import API_VERSION, Channel, Param
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.core.plugins import declared, normalise_dist
+from diffem_cli.core.plugins import PluginInfo, declared, normalise_dist
 
 GROUP = "diffem.channels"
 DATA_KINDS = frozenset({"image", "vector"})
 
 
-@dataclass(frozen=True)
-class ChannelInfo:
-    """One entry point of the group: the channel ``name``, the distribution declaring it, the
-    ``module:Class`` value, and once loaded either ``cls`` or a one-line ``error``."""
-
-    name: str
-    dist: str
-    value: str
-    cls: type[Channel] | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Loaded without error."""
-        return self.cls is not None and self.error is None
+ChannelInfo = PluginInfo[Channel]
+"""An entry point of ``GROUP``, loaded or not (:class:`~diffem_cli.core.plugins.PluginInfo`)."""
 
 
 def discover() -> dict[str, list[ChannelInfo]]:
@@ -56,7 +43,7 @@ def discover() -> dict[str, list[ChannelInfo]]:
         key = (ep.name, normalise_dist(dist), ep.value)
         if key not in seen:
             seen.add(key)
-            found.setdefault(ep.name, []).append(ChannelInfo(ep.name, dist, ep.value))
+            found.setdefault(ep.name, []).append(PluginInfo(ep.name, dist, ep.value))
     return dict(sorted(found.items()))
 
 

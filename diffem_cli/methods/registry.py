@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
@@ -20,27 +20,14 @@ from typing import Any
 from diffem_cli.config import run as run_config
 from diffem_cli.config.run import Extensions, RunConfig
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.core.plugins import declared, normalise_dist
+from diffem_cli.core.plugins import PluginInfo, declared, normalise_dist
 from diffem_cli.methods.base import Method
 
 GROUP = "diffem.methods"
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """One entry point of the group: the method ``name``, the distribution declaring it, the
-    ``module:Class`` value, and once loaded either ``cls`` or a one-line ``error``."""
-
-    name: str
-    dist: str
-    value: str
-    cls: type[Method] | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Loaded without error."""
-        return self.cls is not None and self.error is None
+MethodInfo = PluginInfo[Method]
+"""An entry point of ``GROUP``, loaded or not (:class:`~diffem_cli.core.plugins.PluginInfo`)."""
 
 
 def _problem(name: str, obj: Any) -> str | None:
@@ -86,7 +73,7 @@ def list_methods() -> list[MethodInfo]:
     for dist, ep in declared(GROUP):
         infos = by_name.setdefault(ep.name, [])
         if not any(normalise_dist(i.dist) == normalise_dist(dist) and i.value == ep.value for i in infos):
-            infos.append(MethodInfo(ep.name, dist, ep.value))
+            infos.append(PluginInfo(ep.name, dist, ep.value))
     out: list[MethodInfo] = []
     sections: dict[str, tuple[type, str]] = {}  # section -> (options class, first method using it)
     loaded = {n: [_load(i) for i in sorted(infos, key=lambda i: i.dist)] for n, infos in by_name.items()}

@@ -16,13 +16,7 @@ from diffem_cli.io.registry import ChannelInfo
 
 def describe(info: ChannelInfo) -> dict[str, Any]:
     """A JSON-able description of one channel entry (what ``--json`` prints)."""
-    out: dict[str, Any] = {
-        "name": info.name,
-        "dist": info.dist,
-        "entry_point": info.value,
-        "ok": info.ok,
-        "error": info.error,
-    }
+    out = info.summary()
     cls = info.cls
     if cls is not None:
         out.update(

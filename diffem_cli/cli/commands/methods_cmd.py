@@ -28,13 +28,7 @@ def served_channels(info: MethodInfo, channels: list[Any]) -> list[str]:
 
 def describe(info: MethodInfo, channels: list[Any]) -> dict[str, Any]:
     """A JSON-able description of one method entry (what ``--json`` prints)."""
-    out: dict[str, Any] = {
-        "name": info.name,
-        "dist": info.dist,
-        "entry_point": info.value,
-        "ok": info.ok,
-        "error": info.error,
-    }
+    out = info.summary()
     cls = info.cls
     if cls is not None:
         out.update(
