@@ -31,7 +31,7 @@ from torch import Tensor
 
 from diffem_channels.base import Channel, per_sample, sample_seeds
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.gaussian.linalg import conjugate_gradient, from_coords, packed_pairs, ppca, to_coords
+from diffem_cli.gaussian.linalg import conjugate_gradient, from_coords, ppca, to_coords
 from diffem_cli.gaussian.operators import (
     Obs,
     Operator,
@@ -61,6 +61,7 @@ from diffem_cli.gaussian.posterior import (
     solve_rows,
 )
 from diffem_cli.gaussian.prior import GaussianPrior
+from diffem_cli.gaussian.spectrum import fit_power_spectrum, grid_frequencies
 
 ObsBatches = Callable[[], Iterable[Obs]]
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -266,39 +267,62 @@ def _em_spectral(
     op: Operator,
     iters: int,
     rank: int,
-    generator: torch.Generator,
     progress: ProgressFn | None,
+    fresh: bool,
 ) -> GaussianPrior:
-    """Stochastic EM for a symmetric ``A`` shared by all samples, entirely in its eigen-coordinates
-    ``w = V^T x``: there ``A`` is diagonal and the residual covariance ``diag(g)`` is a spectrum
-    (a stationary-like prior for blur), so each iteration costs ``O(n D r)``. The prior comes back
-    as ``V diag(g) V^T + F F^T`` with ``basis = V``."""
+    """Exact EM for a symmetric ``A`` shared by all samples, in its eigen-coordinates ``w = V^T x``
+    where ``A = diag(lam)``. Every observation then has the same posterior covariance
+    ``C = Sigma - K lam Sigma`` (``K = Sigma lam (lam Sigma lam + s^2)^-1``), and the spread of the
+    posterior means is ``K S_y K^T`` with ``S_y`` the observations' covariance, read once: one
+    iteration is a few ``D x D`` products whatever the number of observations, with no Monte
+    Carlo noise. The prior comes back as rank-``rank`` factors plus a diagonal in that basis
+    (``basis = V``).
+
+    A ``fresh`` start on images takes its diagonal from a power law fitted to the observations
+    (:mod:`~diffem_cli.gaussian.spectrum`) instead of the isotropic prior: EM keeps the initial
+    variance of every direction the operator barely passes.
+    """
     sp = Spectral.of_rows(op.rows, shape, float(channel.noise_std(op.one)), 1e-5)
     v = sp.basis
-    yc = torch.cat([sp.coords(flat_y(part)) for part in chunks(obs, 64 * y_dim(obs))])
-    n, d = yc.shape
     k = v.shape[0]
-    mean = to_coords(prior.mean.float()[None], v)[0]
-    gamma = (prior.diag.float().view(-1, k) @ v.square()).flatten().clamp_min(0)  # diag of V^T D V
-    fac = to_coords(prior.factor.float().T.contiguous(), v).T.contiguous()
-    r = fac.shape[1]
+    yc = torch.cat([sp.coords(flat_y(part)) for part in chunks(obs, 64 * y_dim(obs))]).to(_F64)
+    n, d = yc.shape
+    y_mean = yc.mean(0)
+    y_cov = torch.cov(yc.T, correction=0)
+    lam = sp.lam.to(_F64)
+    mean = to_coords(prior.mean.to(_F64)[None], v.to(_F64))[0]
+    if fresh and len(shape) == 3:
+        energy = (yc - lam * mean).square().mean(0)
+        freq = grid_frequencies(v, shape).repeat(d // k)
+        cov = torch.diag(fit_power_spectrum(energy, lam, freq, sp.s**2, d // k))
+    else:
+        vb = v.to(_F64)
+        cov = to_coords(to_coords(prior.covariance(), vb).T.contiguous(), vb)  # V^T Sigma V
+    eye = torch.eye(d, dtype=_F64, device=cov.device)
     for i in range(iters):
-        live = fac if bool(fac.any()) else fac[:, :0]
-        pairs = packed_pairs(live) if live.shape[1] else None
-        z = torch.randn(n, d + r + d, generator=generator, device=generator.device).to(yc.device)
-        w = torch.cat(
-            [
-                sp.sample_coords(mean, gamma, live, pairs, yc[j : j + 4096], z[j : j + 4096], r)
-                for j in range(0, n, 4096)
-            ]
-        )
-        mean, gamma, fac = ppca(w, rank, fac, generator, niter=2 if bool(fac.any()) else 4)
+        noise = sp.noise(cov.diagonal()) ** 2
+        s_mat = lam[:, None] * cov * lam[None, :] + noise * eye
+        chol = torch.linalg.cholesky(0.5 * (s_mat + s_mat.T))
+        gain = torch.cholesky_solve(lam[:, None] * cov, chol).T  # K = Sigma lam S^-1
+        r = y_mean - lam * mean
         if progress is not None:
-            progress(i + 1, iters, {"var": float(w.var(0).mean())})
+            quad = torch.trace(torch.cholesky_solve(y_cov + torch.outer(r, r), chol))
+            logdet = 2 * chol.diagonal().log().sum()
+            progress(i + 1, iters, {"loglik": -0.5 * float(quad + logdet + d * math.log(2 * math.pi))})
+        mean = mean + gain @ r
+        cov = cov - (gain * lam) @ cov + gain @ y_cov @ gain.T
+        cov = 0.5 * (cov + cov.T)
+    vals, vecs = torch.linalg.eigh(cov)
+    r = min(rank, d)
+    factor = vecs[:, -r:] * vals[-r:].clamp_min(0).sqrt()
+    if r < rank:
+        factor = torch.cat([factor, factor.new_zeros(d, rank - r)], 1)
+    floor = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-30))
+    diag = (cov.diagonal() - factor.square().sum(1)).clamp_min(floor)
     return GaussianPrior(
-        mean=from_coords(mean[None], v)[0],
-        diag=gamma,
-        factor=from_coords(fac.T.contiguous(), v).T.contiguous(),
+        mean=from_coords(mean[None].float(), v)[0],
+        diag=diag.float(),
+        factor=from_coords(factor.float().T.contiguous(), v).T.contiguous(),
         basis=v,
     )
 
@@ -391,7 +415,7 @@ def fit_gaussian(
         generator = torch.Generator(device=dev).manual_seed(seed)
     op = classify(channel, obs, shape, shared_max_dim)
     if op.kind == "symmetric":
-        prior = _em_spectral(prior, channel, obs, shape, op, iters, rank, generator, progress)
+        prior = _em_spectral(prior, channel, obs, shape, op, iters, rank, progress, init is None)
     else:
         prior = _em_lowrank(
             prior, channel, obs, shape, op, iters, rank, generator, progress, cg_iters=cg_iters, cg_tol=cg_tol
