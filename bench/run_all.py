@@ -1,13 +1,13 @@
 """Run every benchmark in order, each in its own process, and summarise (``make bench``).
 
-Order: bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits, bench_estep, bench_oracle,
-bench_speed, bench_scaling (scripts that do not exist are skipped). Each runs as ``python -m bench.NAME`` from
-the repository root with the root on ``PYTHONPATH``, so ``import bench.common`` works however this script is
-started. ``--quick`` is passed to the scripts that take it; bench_corrupt gets a smaller ``--n``
-and bench_gaussian a smaller image case instead, both writing under ``bench/results/quick/``, and
-bench_manifold works in ``bench/work/manifold-quick/``, so that a smoke run never overwrites
-full results or the checkpoints bench_speed reuses. A failure does not stop the others; the exit
-status is 1 when any failed.
+Order: bench_cli, bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits,
+bench_estep, bench_oracle, bench_speed, bench_scaling (scripts that do not exist are skipped). Each runs
+as ``python -m bench.NAME`` from the repository root with the root on ``PYTHONPATH``, so ``import
+bench.common`` works however this script is started. ``--quick`` is passed to the scripts that take it;
+bench_corrupt gets a smaller ``--n`` and bench_gaussian a smaller image case instead, both writing under
+``bench/results/quick/``, and bench_manifold works in ``bench/work/manifold-quick/``, so that a smoke
+run never overwrites full results or the checkpoints bench_speed reuses. A failure does not stop the
+others; the exit status is 1 when any failed.
 
     python bench/run_all.py [--quick] [--only NAME ...] [--skip NAME ...]
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = (
+    "bench_cli",
     "bench_corrupt",
     "bench_metrics",
     "bench_gaussian",

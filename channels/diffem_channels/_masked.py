@@ -7,10 +7,12 @@ Subclasses only say how to draw the mask; observing, conditioning and the linear
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels.base import Channel, Observation, data_kind, per_sample
+
+if TYPE_CHECKING:
+    import torch
 
 MASK_STREAM = 0
 NOISE_STREAM = 1
@@ -45,6 +47,8 @@ class MaskedChannel(Channel):
         return {"y": y, "mask": mask}
 
     def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         return torch.cat([obs["y"], obs["mask"].to(obs["y"])], dim=1)
 
     def cond_size(self, shape: tuple[int, ...]) -> int:

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels.base import Channel
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SameShapeChannel(Channel):

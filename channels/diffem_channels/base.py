@@ -20,6 +20,9 @@ keep working unchanged:
 - :meth:`Channel.exact_entries`: the entries an observation gives exactly (no noise), where the
   true posterior puts ``x = y``; methods write ``y`` back there (data consistency). By default the
   observed entries of a noiseless ``masked_observation`` channel; a plugin may declare its own.
+
+torch is imported where a channel first works on tensors, not when its module loads, so listing
+the channels (``diffem channels``) does not load torch; a plugin may do the same.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 API_VERSION = 2
 
-Observation = dict[str, torch.Tensor]
+Observation = dict[str, "torch.Tensor"]
 
 
 class ChannelError(ValueError):
@@ -146,6 +150,8 @@ def mix_seed(*parts: int) -> int:
 
 def sample_seeds(seed: int, indices: torch.Tensor | range | list[int], *tags: int) -> torch.Tensor:
     """Per-sample seeds for the given sample indices under a global ``seed`` (and optional tags)."""
+    import torch
+
     return torch.tensor([mix_seed(seed, *tags, int(i)) for i in indices], dtype=torch.int64)
 
 
@@ -159,6 +165,8 @@ def per_sample(
     CPU: normal draws are made in float64 and rounded to float32, because torch's float32 normal
     sampler has a vectorised (AVX2) path whose bits differ from its plain path (ARM, older x86).
     """
+    import torch
+
     out = torch.empty((len(seeds), *shape), dtype=torch.float32)
     gen = torch.Generator()
     for i, s in enumerate(seeds.tolist()):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-
-import kornia
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels._same_shape import SameShapeChannel
 from diffem_channels.base import Observation, Param, non_negative, per_sample, positive
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BlurChannel(SameShapeChannel):
@@ -31,6 +32,8 @@ class BlurChannel(SameShapeChannel):
 
     def blur(self, x: torch.Tensor) -> torch.Tensor:
         """The noiseless blur ``G x``; symmetric, so it is also its own adjoint."""
+        import kornia
+
         k = self.kernel_size
         return kornia.filters.gaussian_blur2d(x, (k, k), (self.sigma, self.sigma), border_type="constant")
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels._masked import MASK_STREAM, MaskedChannel
 from diffem_channels.base import ChannelError, Param, in_range, non_negative, per_sample
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _interval(u_size: torch.Tensor, u_pos: torch.Tensor, lo: float, hi: float, side: int) -> torch.Tensor:
     """(B, side) booleans marking, per sample, a run whose length is a fraction in [lo, hi] of ``side``."""
+    import torch
+
     length = torch.round((lo + (hi - lo) * u_size) * side).clamp(1, side)
     start = torch.floor(u_pos * (side - length + 1)).clamp(max=side - length)
     pos = torch.arange(side, dtype=length.dtype)

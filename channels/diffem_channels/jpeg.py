@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import kornia
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from diffem_channels._same_shape import SameShapeChannel
 from diffem_channels.base import ChannelError, Observation, Param, in_range
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 16  # 8x8 DCT blocks on 2x-subsampled chroma
 
@@ -35,6 +35,10 @@ class JpegChannel(SameShapeChannel):
         Computed in float64 and returned in ``x``'s dtype: kornia's float32 codec rounds
         differently with the batch size, and an observation must depend on its own sample only.
         """
+        import kornia
+        import torch
+        import torch.nn.functional as F
+
         b, c, h, w = x.shape
         img = ((x.double() + 1) / 2).clamp(0, 1)
         if c == 1:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels._masked import MASK_STREAM, MaskedChannel
 from diffem_channels.base import Param, data_kind, in_range, non_negative, per_sample
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MaskChannel(MaskedChannel):

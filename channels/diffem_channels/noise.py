@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels._same_shape import SameShapeChannel
 from diffem_channels.base import Observation, Param, per_sample, positive
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NoiseChannel(SameShapeChannel):

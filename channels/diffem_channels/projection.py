@@ -7,10 +7,12 @@ matrix with unit-norm rows, which (unlike one fixed projection) makes the clean 
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from diffem_channels.base import Channel, ChannelError, Observation, Param, non_negative, per_sample
+
+if TYPE_CHECKING:
+    import torch
 
 MATRIX_STREAM = 0
 NOISE_STREAM = 1
@@ -45,6 +47,8 @@ class ProjectionChannel(Channel):
             )
 
     def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        import torch
+
         self.check_data(tuple(x.shape[1:]))
         # float64 inside: batched float32 reductions may round differently with the batch size
         a = per_sample(seeds, (self.m, x.shape[1]), "randn", MATRIX_STREAM).to(x.device, torch.float64)
@@ -57,6 +61,8 @@ class ProjectionChannel(Channel):
         return {"y": y, "A": a}
 
     def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         y = obs["y"]
         a = obs["A"].to(y)
         parts = [y, a.flatten(1)]
@@ -71,9 +77,13 @@ class ProjectionChannel(Channel):
         return self.m + self.m * n + (n + n * n if self.features else 0)
 
     def A(self, obs: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.einsum("bmn,bn->bm", obs["A"].to(x), x)
 
     def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.einsum("bmn,bm->bn", obs["A"].to(y), y)
 
     def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:

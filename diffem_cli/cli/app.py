@@ -3,8 +3,15 @@
 Each subcommand lives in ``diffem_cli.cli.commands.<module>`` and registers itself through that
 module's ``register(app)``. Errors the user can fix are printed as one line on stderr with exit
 code 2, never as a traceback. Usage mistakes (unknown option, missing argument, bad value,
-unknown command) are one line too, exit 2. Typer 0.29 and later bundle their own copy of click
-(``typer._click``), older ones use the standalone ``click``: both kinds of exception are caught.
+unknown command) are one line too, exit 2; so is a bare ``diffem``, which prints the help. Typer
+0.29 and later bundle their own copy of click (``typer._click``), older ones use the standalone
+``click``: both kinds of exception are caught.
+
+Importing this module and rendering help stay light: the command modules import torch, datasets,
+diffusers and the pipeline inside their functions, so ``diffem --help``, ``--version`` and
+``channels`` never load them (``bench/bench_cli.py`` times them). Help is click's plain layout:
+flags read as flags (``--force``; ``--uncond / --no-uncond`` where both make sense), not as
+``<bool>`` (typer's rich panels show every option's type), and help paragraphs are re-wrapped.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from diffem_channels.base import ChannelError  # noqa: E402
 from diffem_cli import __version__  # noqa: E402
 from diffem_cli.core.errors import DiffemError  # noqa: E402
+from diffem_cli.core.threads import parse_threads, set_threads  # noqa: E402
 
 COMMAND_MODULES: tuple[str, ...] = (
     "channels_cmd",
@@ -38,6 +46,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 DEBUG_ENV = "DIFFEM_DEBUG"
+TORCH_FREE: frozenset[str] = frozenset({"channels"})
+"""Commands that run without torch: the thread setting (which imports torch) is skipped for them."""
 
 
 def _click_modules() -> list[Any]:
@@ -80,11 +90,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -95,15 +107,28 @@ def _root(
         str | None,
         typer.Option(
             "--threads",
+            metavar="N|all",
             help="Torch CPU threads (N, or 'all'); default: DIFFEM_THREADS, else every core "
             "(docs/reproducibility.md).",
         ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also show debug messages (progress bars unchanged).")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Show only warnings and errors (progress bars unchanged).")
+    ] = False,
 ) -> None:
     """Learn clean diffusion models from corrupted data alone (DiffEM and its peers)."""
-    if threads is not None:
-        from diffem_cli.core.threads import set_threads
+    from diffem_cli.core.logs import configure
 
+    configure(int(verbose) - int(quiet))
+    obj = ctx.obj if isinstance(ctx.obj, dict) else {}
+    if ctx.invoked_subcommand in TORCH_FREE or obj.get("help"):
+        if threads is not None:
+            parse_threads(threads)  # a bad value is still a mistake
+        return
+    if threads is not None or obj.get("default_threads"):
         set_threads(threads)
 
 
@@ -143,13 +168,19 @@ def os_error_message(e: OSError) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv`` and return its exit code (what ``main`` exits with)."""
+def run(argv: list[str] | None = None, *, default_threads: bool = False) -> int:
+    """Run the CLI on ``argv`` and return its exit code (what ``main`` exits with).
+
+    ``default_threads``: without ``--threads``, set torch's threads from ``DIFFEM_THREADS`` or the
+    default (the console command does; a caller in-process keeps its own setting).
+    """
+    asks_help = "--help" in (sys.argv[1:] if argv is None else argv)  # only prints: torch stays out
     try:
-        result = app(args=argv, prog_name="diffem", standalone_mode=False)
+        obj = {"default_threads": default_threads, "help": asks_help}
+        result = app(args=argv, prog_name="diffem", standalone_mode=False, obj=obj)
     except NO_ARGS_HELP as e:
-        sys.stdout.write(e.format_message().rstrip("\n") + "\n")  # bare ``diffem``: the help
-        return 0
+        sys.stdout.write(e.format_message().rstrip("\n") + "\n")  # bare ``diffem``: the help, exit 2
+        return 2
     except EXITS as e:
         return int(getattr(e, "exit_code", 0) or 0)
     except ABORTS:
@@ -182,11 +213,5 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     """Console-script entry point (sets torch's threads: DIFFEM_THREADS or the default, which
-    ``--threads`` overrides)."""
-    from diffem_cli.core.threads import set_threads
-
-    try:
-        set_threads()
-    except DiffemError as e:
-        sys.exit(_fail(str(e)))
-    sys.exit(run())
+    ``--threads`` overrides; once a command that uses torch starts, so help stays light)."""
+    sys.exit(run(default_threads=True))

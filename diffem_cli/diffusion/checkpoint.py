@@ -9,8 +9,9 @@ Besides the network's weights it may hold a method's auxiliary tensors (names st
 
 Every file written by :func:`save_tensors` also carries ``checksum`` ("sha256:...", over the other
 metadata entries and the tensor names, dtypes, shapes and bytes in sorted order), verified by
-:func:`load_tensors`: flipped bytes or edited metadata are refused instead of used. Files without
-a checksum (written before it existed, or by other tools) load unverified.
+:func:`load_tensors`: flipped bytes or edited metadata are refused instead of used. A checkpoint
+without a checksum (written before it existed, by other tools, or with the key removed) is refused
+by :func:`load_checkpoint` unless the user trusts it (``DIFFEM_TRUST_UNVERIFIED=1``).
 :func:`load_checkpoint` refuses non-finite weights, and :func:`build_model` checks the network
 its metadata describes against the stored tensor shapes (on PyTorch's ``meta`` device, allocating
 nothing) before building it for real.
@@ -32,8 +33,9 @@ from torch import nn
 from diffem_cli import __version__
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import DataMeta
+from diffem_cli.io.store import DISK_ERRNOS, EXPORT_FORMAT, TRUST_ENV, disk_error, trust_unverified
 
-FORMAT = "diffem-checkpoint"
+FORMAT = EXPORT_FORMAT
 AUX_PREFIX = "aux."
 CHECKSUM_KEY = "checksum"
 
@@ -147,7 +149,8 @@ def apply_umask(path: Path) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write tensors and JSON metadata (plus their checksum) atomically: temporary file, rename.
 
-    A failed write (a full disk) leaves no temporary file and raises ``OSError`` naming the path.
+    A failed write (a full disk) leaves no temporary file and raises a one-line ``DiskError`` (an
+    ``OSError``) naming the path.
     """
     from safetensors.torch import save_file
 
@@ -168,15 +171,47 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, A
             raise OSError(n, os.strerror(n), str(path)) from None
         os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(e, path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a safetensors file; a missing, truncated or foreign file is a one-line DiffemError."""
+def load_tensors(
+    path: Path, *, require_checksum: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file; a missing, truncated or foreign file is a one-line DiffemError.
+
+    A file whose ``checksum`` disagrees with its contents is refused; one without a checksum is
+    refused too when ``require_checksum``, unless the user trusts it (``DIFFEM_TRUST_UNVERIFIED=1``).
+    """
+    tensors, meta, verified = _read_verified(Path(path))
+    if require_checksum and not verified:
+        refuse_unverified(path)
+    return tensors, meta
+
+
+def verify_file(path: Path) -> bool:
+    """Read a safetensors file whole and check its checksum: True when it verified, False when it
+    carries none; a missing, truncated or modified file is a one-line DiffemError."""
+    return _read_verified(Path(path))[2]
+
+
+def refuse_unverified(path: Path) -> None:
+    """Refuse a file that carries no checksum, unless the user trusts such files."""
+    if not trust_unverified():
+        raise DiffemError(
+            f"{path} carries no checksum, so its contents cannot be verified; "
+            f"set {TRUST_ENV}=1 to use it anyway"
+        )
+
+
+def _read_verified(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], bool]:
+    """The tensors and decoded metadata of a safetensors file, and whether a checksum verified them."""
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.exists():
         raise DiffemError(f"{path} does not exist")
     if path.is_dir():
@@ -192,14 +227,12 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if expected is not None and tensors_checksum(tensors, rest) != expected:
         raise DiffemError(f"{path}: checksum mismatch (the file was modified or corrupted)")
     meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k == CHECKSUM_KEY:
-            continue
+    for k, v in rest.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return tensors, meta
+    return tensors, meta, expected is not None
 
 
 def save_checkpoint(
@@ -213,13 +246,16 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load a diffem checkpoint, refusing files that are not diffem checkpoints."""
-    tensors, meta = load_tensors(path)
+    """Load a diffem checkpoint, refusing files that are not diffem checkpoints or that carry no
+    checksum (unless trusted: ``DIFFEM_TRUST_UNVERIFIED=1``)."""
+    tensors, meta, verified = _read_verified(Path(path))
     if meta.get("format") != FORMAT:
         raise DiffemError(f"{path} is a safetensors file but not a diffem checkpoint (no diffem metadata)")
     for key in ("kind", "network", "data"):
         if key not in meta:
             raise DiffemError(f"{path} lacks checkpoint metadata {key!r}")
+    if not verified:
+        refuse_unverified(path)
     check_finite_weights(tensors, path)
     return Checkpoint(tensors, meta)
 

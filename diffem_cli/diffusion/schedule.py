@@ -20,8 +20,6 @@ SCHEDULE: dict[str, Any] = {
 }
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
-DEFAULT_SAMPLER = "dpm++"
-DEFAULT_STEPS = 32
 
 
 def ddpm_scheduler(clip_range: float | None = None, **extra: Any) -> Any:

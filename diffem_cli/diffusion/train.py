@@ -282,6 +282,7 @@ def train_denoiser(
                         "epoch": epoch + 1,
                         "step": step,
                         "loss": loss_value,
+                        "lr": opt.param_groups[0]["lr"],
                         "seconds": time.perf_counter() - t0,
                     }
                 )

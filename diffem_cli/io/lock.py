@@ -9,25 +9,32 @@ the next writer recognises as stale and takes over (and removes when it is done)
 The lock of ``folder`` is ``.<name>.lock`` beside it, whether the folder exists yet or not: the
 same file guards a RUN before and after its creation and an OUT before and after a ``--force``
 overwrite renames a new folder into place. Only when the parent folder is not writable is the
-lock ``<folder>/.diffem.lock`` inside an existing folder instead.
+lock ``<folder>/.diffem.lock`` inside an existing folder instead. Whoever locks a folder inside
+a RUN (``RUN/recon/lap_009``, ``RUN/uncond``) also holds the RUN's lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import inspect
 import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from diffem_cli.core.errors import DiffemError
 
 INNER_LOCK = ".diffem.lock"
+RUN_FILES = ("run.json", "config.yaml")
+"""The files every RUN folder (``em-train``, ``train-uncond``) holds from its creation on."""
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+P = ParamSpec("P")
+R = TypeVar("R")
 _held: dict[Path, int] = {}
 """Lock files this process holds, with how many nested ``hold_lock`` blocks hold each."""
 
@@ -116,10 +123,14 @@ def _refusal(folder: Path, info: dict[str, Any], path: Path) -> str:
         else "at an unknown time"
     )
     host = info.get("host")
-    where = f" on host {host}" if host and host != socket.gethostname() else ""
     what = f", {info['what']}" if info.get("what") else ""
+    if host and host != socket.gethostname():
+        return (
+            f"{folder} is in use by diffem process {pid} on host {host} (started {when}{what}); a lock from "
+            f"another host never expires: once that process has ended, delete the lock file {path}"
+        )
     return (
-        f"{folder} is in use by diffem process {pid}{where} (started {when}{what}); wait for it or kill it "
+        f"{folder} is in use by diffem process {pid} (started {when}{what}); wait for it or kill it "
         f"(lock file {path})"
     )
 
@@ -147,6 +158,8 @@ def _acquire_at(path: Path, folder: Path, what: str) -> None:
     for _ in range(50):
         if _create(path, record):
             return
+        if path.is_dir() and not path.is_symlink():
+            raise DiffemError(f"the lock file {path} of {folder} is a folder; remove it and try again")
         raw = _read(path)
         if raw is None:  # released between our attempt and the read: try again
             continue
@@ -174,8 +187,8 @@ def acquire(folder: Path, what: str = "") -> Path:
     """Take the lock of ``folder`` (see the module docstring) and return the lock file.
 
     Prefer :func:`hold_lock`, which also releases it and allows nesting.
-    Raises a one-line ``DiffemError`` while a live process holds it, or when the folder's parent
-    does not exist.
+    Raises a one-line ``DiffemError`` while a live process holds it, when the folder's parent
+    does not exist, when the lock file is a folder, or when it cannot be created (a full disk).
     """
     folder = Path(folder)
     if not folder.parent.is_dir():
@@ -185,9 +198,12 @@ def acquire(folder: Path, what: str = "") -> Path:
         _acquire_at(path, folder, what)
     except OSError as e:
         if e.errno not in _UNWRITABLE or not folder.is_dir():
-            raise
+            raise DiffemError(f"cannot create the lock file {path} ({e.strerror or e})") from None
         path = Path(os.path.abspath(folder)) / INNER_LOCK
-        _acquire_at(path, folder, what)
+        try:
+            _acquire_at(path, folder, what)
+        except OSError as e2:
+            raise DiffemError(f"cannot create the lock file {path} ({e2.strerror or e2})") from None
     return path
 
 
@@ -203,25 +219,57 @@ def release(path: Path) -> None:
 def hold_lock(folder: Path, what: str = "") -> Iterator[Path]:
     """Hold the lock of ``folder`` (a RUN or any folder, existing or not) for the ``with`` block.
 
-    ``what`` (e.g. ``"em-train"``) appears in the refusal another process gets. Released on
-    exceptions too. Yields the lock file.
+    The lock of the RUN folder that ``folder`` lies in (:func:`enclosing_run`), if any, is held
+    too: nothing writes inside a RUN while another process trains it, and nothing trains a RUN
+    while another process writes inside it. ``what`` (e.g. ``"em-train"``) appears in the
+    refusal another process gets. Released on exceptions too. Yields the lock file.
     """
-    path = lock_path(Path(folder))
-    inner = Path(os.path.abspath(folder)) / INNER_LOCK
-    if path not in _held and inner in _held:
-        path = inner
-    if path in _held:  # nested: this process already holds it
-        _held[path] += 1
-    else:
-        path = acquire(folder, what)
-        _held[path] = 1
-    try:
-        yield path
-    finally:
-        _held[path] -= 1
-        if not _held[path]:
-            del _held[path]
-            release(path)
+    run = enclosing_run(folder)
+    with hold_lock(run, what) if run is not None else contextlib.nullcontext():
+        path = lock_path(Path(folder))
+        inner = Path(os.path.abspath(folder)) / INNER_LOCK
+        if path not in _held and inner in _held:
+            path = inner
+        if path in _held:  # nested: this process already holds it
+            _held[path] += 1
+        else:
+            path = acquire(folder, what)
+            _held[path] = 1
+        try:
+            yield path
+        finally:
+            _held[path] -= 1
+            if not _held[path]:
+                del _held[path]
+                release(path)
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The nearest RUN folder strictly above ``path`` (both of :data:`RUN_FILES` present), or None."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if all((parent / name).is_file() for name in RUN_FILES):
+            return parent
+    return None
+
+
+def holding(param: str, what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function to hold the lock of its folder argument ``param`` (see
+    :func:`hold_lock`) while it runs; a missing parent folder is left to the function to refuse."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            folder = Path(signature.bind(*args, **kwargs).arguments[param])
+            if not folder.parent.is_dir():
+                return fn(*args, **kwargs)
+            with hold_lock(folder, what):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def lock_output(out: Path, what: str = "") -> contextlib.AbstractContextManager[Path]:

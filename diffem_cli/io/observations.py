@@ -20,14 +20,19 @@ from diffem_cli.io.store import (
     check_finite,
     check_manifest_columns,
     columns,
-    fingerprint_dataset,
     read_dataset,
+    verify_dataset,
     write_dataset,
 )
 
 
 class Observations:
-    """An observations folder loaded in memory: its channel, data shape and tensors."""
+    """An observations folder loaded in memory: its channel, data shape and tensors.
+
+    The folder must verify against the checksum ``corrupt`` recorded in its manifest (flipped
+    bytes or an edited channel parameter are refused); one without a checksum is refused unless
+    the user trusts it (``DIFFEM_TRUST_UNVERIFIED=1``).
+    """
 
     def __init__(self, path: Path):
         from diffem_cli.io.registry import channel_from_spec
@@ -39,7 +44,7 @@ class Observations:
         self.manifest = manifest
         self.channel: Channel = channel_from_spec(manifest["channel"])
         check_manifest_columns(ds, manifest, self.path, channel=self.channel)
-        self.fingerprint = fingerprint_dataset(path)
+        self.fingerprint = verify_dataset(self.path, manifest, required=True)
         self.meta = DataMeta.from_manifest(
             manifest, fingerprint=self.fingerprint, source=manifest.get("source")
         )
@@ -88,20 +93,46 @@ def save_recon(
 
 
 def load_recon(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Read the ``x`` column of a reconstructions (or clean data) folder."""
+    """Read the ``x`` column of a reconstructions (or clean data) folder, verified against its
+    manifest's checksum when it carries one."""
     ds, manifest = read_dataset(path)
+    verify_dataset(path, manifest)
     return columns(ds, ["x"])["x"], manifest
 
 
 def load_clean(path: Path, data: Observations, what: str = "--eval-clean") -> torch.Tensor:
-    """Clean data of the observations' shape (for evaluation or the oracle)."""
-    x, _ = load_recon(path)
+    """The clean data of the observations (for evaluation or the oracle), row ``i`` the clean
+    sample of observation ``i``: paired by the ``index`` column (``corrupt --clean-out`` writes
+    it), by position in a folder without one. Refuses a folder whose indices are not exactly
+    the observations'."""
+    ds, _ = read_dataset(path)
+    if "x" not in ds.column_names:
+        raise DiffemError(f"{what} {path} has no column 'x' (columns: {', '.join(ds.column_names)})")
+    cols = columns(ds, ["x", "index"] if "index" in ds.column_names else ["x"])
+    x = cols["x"]
     check_finite({"x": x}, f"{what} {path}")
     if tuple(x.shape[1:]) != data.shape:
         raise DiffemError(
             f"{what} {path} holds data of shape {tuple(x.shape[1:])}, observations are {data.shape}"
         )
-    return x
+    if "index" not in cols:
+        if len(x) != len(data):
+            raise DiffemError(
+                f"{what} {path} holds {len(x)} rows and no index column, the observations {len(data)}"
+            )
+        return x
+    index = cols["index"].long().reshape(-1)
+    order = torch.argsort(index)
+    ours = data.index.long().reshape(-1)
+    if len(index) != len(ours) or not torch.equal(index[order], torch.sort(ours).values):
+        raise DiffemError(
+            f"{what} {path} holds other indices than the observations ({len(index)} rows against "
+            f"{len(ours)}): pass the --clean-out folder of the same 'diffem corrupt'"
+        )
+    # the k-th observation in index order takes the k-th clean row in index order
+    rows = torch.empty_like(order)
+    rows[torch.argsort(ours)] = order
+    return x[rows]
 
 
 def recorrupt(

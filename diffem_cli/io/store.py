@@ -27,12 +27,134 @@ import torch
 from diffem_cli import __version__
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import data_kind
+from diffem_cli.io.lock import RUN_FILES
 
 MANIFEST = "diffem.json"
-VOLATILE_MANIFEST_KEYS = frozenset({"diffem_version"})
-"""Manifest entries left out of :func:`fingerprint_dataset`: they change without the data changing."""
+CHECKSUM_KEY = "checksum"
+VOLATILE_MANIFEST_KEYS = frozenset({"diffem_version", CHECKSUM_KEY})
+"""Manifest entries left out of :func:`fingerprint_dataset`: they change without the data changing
+(the checksum is computed over everything else)."""
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 """Errors of the file system (full disk, quota, read-only, permissions) reported as one line."""
+TRUST_ENV = "DIFFEM_TRUST_UNVERIFIED"
+"""Set to 1 to use observation folders and checkpoints that carry no checksum (written by an older
+diffem or another tool); files whose checksum disagrees are refused whatever its value."""
+RUN_DIRS = ("checkpoints", "recon", "samples", "state")
+"""The folders a RUN is created with (``pipeline.runs.Run.prepare``)."""
+EXPORT_FORMAT = "diffem-checkpoint"
+"""``format`` in the ``diffem.json`` of an exported model (``diffusion.checkpoint.FORMAT``)."""
+DATA_ENTRY = re.compile(r"^(?:.+\.arrow|dataset_info\.json|state\.json|diffem\.json)$")
+EXPORT_ENTRY = re.compile(
+    r"^(?:diffem\.json|README\.md|model_index\.json|unet|scheduler|model\.safetensors|diffem_aux\.safetensors)$"
+)
+PNG_ENTRY = re.compile(r"^\d+(?:_\d+)?\.png$")
+COMPARE_ENTRY = re.compile(r"^compare(?:-[a-z0-9-]+)?\.(?:json|md|png|pdf|svg)$")
+
+
+class DiskError(DiffemError, OSError):
+    """A write the file system refused (full disk, quota, read-only, permissions): an ``OSError``
+    (``errno``, ``filename``) that the CLI reports as one line ``PATH: reason``, exit 2."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}" if self.filename is not None else str(self.strerror)
+
+
+def disk_error(e: OSError, path: Path | str | None = None) -> DiskError:
+    """``e`` as a :class:`DiskError` (naming ``path`` when ``e`` names no file)."""
+    if isinstance(e, DiskError):
+        return e
+    name = e.filename if e.filename is not None else (str(path) if path is not None else None)
+    return DiskError(e.errno or 0, e.strerror or os.strerror(e.errno or 0), name)
+
+
+def trust_unverified() -> bool:
+    """Whether the user set ``DIFFEM_TRUST_UNVERIFIED=1`` (see :data:`TRUST_ENV`)."""
+    return os.environ.get(TRUST_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _is_bookkeeping(name: str) -> bool:
+    """Temporaries and lock files diffem leaves beside or inside its outputs."""
+    return bool(_TEMP.match(name) or _OLD_STYLE_TEMP.match(name) or _LOCK.match(name))
+
+
+def _manifest_or_none(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a RUN folder (it holds ``run.json`` or ``config.yaml``)."""
+    path = Path(path)
+    return path.is_dir() and any((path / name).is_file() for name in RUN_FILES)
+
+
+def is_run_skeleton(path: Path) -> bool:
+    """Whether ``path`` holds only the empty folders a RUN starts with (a kill before its
+    ``run.json``): nothing but ``checkpoints``, ``recon``, ``samples`` and ``state``, all empty."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return False
+    for entry in path.iterdir():
+        if _is_bookkeeping(entry.name):
+            continue
+        if entry.name not in RUN_DIRS or not entry.is_dir() or entry.is_symlink():
+            return False
+        if any(not _is_bookkeeping(e.name) for e in entry.iterdir()):
+            return False
+    return True
+
+
+def _listing(entries: list[str]) -> str:
+    more = f", +{len(entries) - 3} more" if len(entries) > 3 else ""
+    return ", ".join(entries[:3]) + more
+
+
+def foreign_output(path: Path, kind: str = "folder") -> str | None:
+    """What stands at ``path`` that an output of ``kind`` may not replace, or None when it may.
+
+    ``kind`` "folder": an empty folder, or one diffem wrote (a data folder with its manifest,
+    a model export with its ``diffem.json``, a folder of numbered PNGs), holding nothing else;
+    "file": a plain file; "compare": a ``compare`` OUT (its summary files and its methods'
+    RUN folders). The answer completes "OUT ..." in a refusal, e.g. "is a plain file".
+    """
+    path = Path(path)
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.exists():
+        return None
+    if kind == "file":
+        return None if path.is_file() else "is a folder, not a file"
+    if not path.is_dir():
+        return "is a plain file, not a folder diffem wrote"
+    try:
+        names = sorted(e.name for e in path.iterdir() if not _is_bookkeeping(e.name))
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not names:
+        return None
+    if kind == "compare":
+        if is_run_folder(path):
+            return "is a RUN folder of em-train or train-uncond, not a compare OUT"
+        other = [
+            n
+            for n in names
+            if not COMPARE_ENTRY.match(n) and not is_run_folder(path / n) and not is_run_skeleton(path / n)
+        ]
+        return f"holds files diffem did not write ({_listing(other)})" if other else None
+    if is_run_folder(path):
+        return "is a RUN folder (it holds run.json or config.yaml), not an output this command replaces"
+    manifest = _manifest_or_none(path)
+    if manifest is not None and manifest.get("format") == EXPORT_FORMAT:
+        pattern = EXPORT_ENTRY
+    elif manifest is not None and "diffem_version" in manifest:
+        pattern = DATA_ENTRY
+    else:
+        pattern = PNG_ENTRY
+    other = [n for n in names if not pattern.match(n)]
+    return f"holds files diffem did not write ({_listing(other)})" if other else None
 
 
 def check_apart(out: Path, inputs: Iterable[Path | str | None], what: str = "input") -> None:
@@ -56,14 +178,24 @@ def check_apart(out: Path, inputs: Iterable[Path | str | None], what: str = "inp
             raise DiffemError(f"output {out} contains the {what} {item}; write somewhere else")
 
 
-def check_output(out: Path, force: bool, inputs: Iterable[Path | str | None] = ()) -> None:
-    """Refuse to touch an existing output unless ``force``; refuse a missing parent folder, and an
-    output that overlaps one of ``inputs`` (see ``check_apart``)."""
+def check_output(
+    out: Path, force: bool, inputs: Iterable[Path | str | None] = (), kind: str = "folder"
+) -> None:
+    """Refuse to touch an existing output unless ``force``, and whatever ``force`` one that diffem
+    did not write (see :func:`foreign_output`; ``kind`` "folder" or "file"); refuse a missing
+    parent folder, and an output that overlaps one of ``inputs`` (see ``check_apart``)."""
     out = Path(out)
     check_apart(out, inputs)
     recover(out)
-    if out.exists() and not force:
-        raise DiffemError(f"{out} already exists (use --force to overwrite)")
+    if out.exists() or out.is_symlink():
+        foreign = foreign_output(out, kind)
+        if foreign is not None:
+            hint = "--force replaces only what diffem wrote; move it or choose another OUT"
+            if force:
+                raise DiffemError(f"{out} {foreign}: {hint}")
+            raise DiffemError(f"{out} already exists and {foreign} ({hint})")
+        if not force:
+            raise DiffemError(f"{out} already exists (use --force to overwrite)")
     if not out.parent.exists():
         raise DiffemError(f"folder {out.parent} does not exist")
 
@@ -79,22 +211,26 @@ def temp_dir(out: Path, role: str = "") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_path(out: Path, force: bool = False, kind: str = "folder") -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``out``, on failure it is removed.
+
+    ``out`` is checked by :func:`check_output` (``kind`` "folder" or "file") under the lock, so
+    ``force`` never replaces what diffem did not write. A full disk is a :class:`DiskError`.
 
     With ``force`` an existing ``out`` is swapped for the new one in a single atomic exchange
     where the file system allows it (Linux ``renameat2``); elsewhere through two renames, the old
     copy parked as ``.NAME.old-PID`` in between and put back by :func:`recover` if the writer
     dies there. Either way a kill at any moment leaves the old or the new ``out`` under its name.
     Temporaries of dead writers of the same ``out`` are removed first. The lock of ``out``
-    (``diffem_cli.io.lock``) is held throughout: a second process writing the same ``out`` is refused
-    with one line while this one lives (nesting inside the caller's own lock is fine).
+    (``diffem_cli.io.lock``) is held throughout, and so is the lock of the RUN folder ``out`` lies
+    in, if any: a second process writing the same ``out``, or training that RUN, is refused with
+    one line while this one lives (nesting inside the caller's own lock is fine).
     """
     from diffem_cli.io.lock import lock_output
 
     out = Path(out)
     with lock_output(out, "writing"):
-        check_output(out, force)
+        check_output(out, force, kind=kind)
         clean_stale(out.parent, only=out.name, recursive=False)
         tmp = temp_dir(out)
         target = tmp / "payload"
@@ -108,6 +244,10 @@ def atomic_path(out: Path, force: bool = False) -> Iterator[Path]:
                 os.replace(target, out)
                 _remove(old)
             # after an exchange the old copy is ``target``, removed with ``tmp`` below
+        except OSError as e:
+            if e.errno in DISK_ERRNOS:
+                raise disk_error(e, out) from None
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -137,14 +277,59 @@ def _remove(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file and a rename (nothing left on failure)."""
+    """Write a small text file through a temporary file and a rename (nothing left on failure;
+    a full disk is a :class:`DiskError`)."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(e, path) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to ``path`` and flush it to disk.
+
+    A last line without its newline (a write cut short by a kill or a full disk) is a fragment of
+    a record that was never complete: it is dropped first, so the new record starts a line of its
+    own. A full disk is a :class:`DiskError`, and leaves at most such a fragment.
+    """
+    path = Path(path)
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    try:
+        with open(path, "ab+") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.truncate(_last_line_end(f, end))
+            f.seek(0, os.SEEK_END)
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(e, path) from None
+        raise
+
+
+def _last_line_end(f: Any, end: int) -> int:
+    """The offset just after the last newline of the open file ``f`` (size ``end``), or 0."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 65536)
+        f.seek(start)
+        block = f.read(pos - start)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
 
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-.*)?$")
@@ -298,7 +483,8 @@ def write_dataset(
     """Write batches of named arrays (leading batch dimension) as a ``datasets`` folder.
 
     Memory stays bounded by one chunk: rows stream into Arrow files on disk. The same chunks and
-    manifest give byte-identical files.
+    manifest give byte-identical files. The manifest gains ``num_rows`` and ``checksum`` (see
+    :func:`verify_dataset`). A full disk is a :class:`DiskError` naming the file or ``out``.
     """
     import datasets
 
@@ -332,17 +518,16 @@ def write_dataset(
             del ds
         except Exception as e:  # datasets wraps a full disk in its own error types
             disk = os_error(e)
-            if disk is not None and disk.filename is None:  # e.g. a write through fsspec: name OUT
-                raise OSError(disk.errno, disk.strerror or os.strerror(disk.errno or 0), str(out)) from None
-            if disk is not None and disk is not e:
-                raise disk from None
+            if disk is not None:  # e.g. a write through fsspec names no file: name OUT
+                raise disk_error(disk, out) from None
             raise
         finally:
             shutil.rmtree(cache, ignore_errors=True)
             if was_enabled:
                 datasets.enable_progress_bars()
-        manifest["num_rows"] = n_rows
-        (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        manifest = json.loads(json.dumps({**manifest, "num_rows": n_rows}, default=str))
+        manifest[CHECKSUM_KEY] = "sha256:" + _digest(target, manifest)
+        (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -477,7 +662,8 @@ def check_contained(path: Path) -> None:
 
 
 def fingerprint_dataset(path: Path) -> str:
-    """A short hash of what a data folder means: its manifest, features and Arrow data.
+    """A short hash of what a data folder means: its manifest, features and Arrow data (the first
+    16 hexadecimal digits of the ``checksum`` that ``write_dataset`` records).
 
     Covered: the manifest (``diffem.json``) except :data:`VOLATILE_MANIFEST_KEYS` (the diffem
     version that wrote it), the features of ``dataset_info.json`` (how the bytes are read), and
@@ -486,9 +672,35 @@ def fingerprint_dataset(path: Path) -> str:
     Editing a channel parameter in the manifest or the rows changes the fingerprint; re-saving
     the same rows under other file names, or with another diffem version, does not.
     """
+    return _digest(Path(path), read_manifest(path))[:16]
+
+
+def verify_dataset(path: Path, manifest: dict[str, Any], *, required: bool = False) -> str:
+    """Check a data folder against the ``checksum`` of its ``manifest``; returns its fingerprint.
+
+    Flipped bytes in an Arrow file or an edited manifest entry are refused with one line. A folder
+    without a checksum (written by an older diffem, or by hand) passes unless ``required``: then it
+    is refused unless the user trusts it (``DIFFEM_TRUST_UNVERIFIED=1``).
+    """
     path = Path(path)
+    digest = _digest(path, manifest)
+    expected = manifest.get(CHECKSUM_KEY)
+    if expected is None:
+        if required and not trust_unverified():
+            raise DiffemError(
+                f"{path} carries no checksum (written by an older diffem or by hand): write it again "
+                f"with 'diffem corrupt', or set {TRUST_ENV}=1 to use it unverified"
+            )
+    elif expected != "sha256:" + digest:
+        raise DiffemError(f"{path}: checksum mismatch (its data or {MANIFEST} were modified or corrupted)")
+    return digest[:16]
+
+
+def _digest(path: Path, manifest: dict[str, Any]) -> str:
+    """The SHA-256 (hexadecimal) of a data folder: ``manifest`` less its volatile entries, the
+    features, and the Arrow files in the order ``state.json`` lists them."""
     h = hashlib.sha256()
-    manifest = {k: v for k, v in read_manifest(path).items() if k not in VOLATILE_MANIFEST_KEYS}
+    manifest = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_KEYS}
     h.update(b"manifest\0" + json.dumps(manifest, sort_keys=True, default=str).encode() + b"\0")
     for folder in _split_folders(path):
         info_file = folder / "dataset_info.json"
@@ -500,7 +712,7 @@ def fingerprint_dataset(path: Path) -> str:
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str, start: int = 0) -> None:

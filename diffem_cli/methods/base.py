@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from diffem_channels import mix_seed
 from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
@@ -174,6 +176,14 @@ class Method:
     def config_record(self, cfg: RunConfig) -> dict[str, Any]:
         """The checkpoint's ``method_config``: every option section, verbatim."""
         return {s: dataclasses.asdict(o) for s, o in self.options.items()}
+
+
+def lap_seed(seed: int, lap: int, purpose: str) -> int:
+    """The seed of lap ``lap``'s ``purpose`` stream (``"mstep"``, ``"moments"``...) under the run's
+    ``seed``, the three hashed together: ``seed + lap`` would give seed s lap l the draws of seed
+    s + 1 lap l - 1, so runs with neighbouring seeds would not be independent."""
+    tag = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "little")
+    return mix_seed(seed, lap, tag)
 
 
 def model_device(model: nn.Module) -> torch.device:

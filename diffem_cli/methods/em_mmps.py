@@ -24,7 +24,7 @@ from diffem_cli.config.run import RunConfig
 from diffem_cli.core.checks import choice, int_at_least
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.diffusion.losses import Loss, VLoss
-from diffem_cli.methods.base import Make, Method, MStep, Posterior, inside_box, model_device
+from diffem_cli.methods.base import Make, Method, MStep, Posterior, inside_box, lap_seed, model_device
 
 if TYPE_CHECKING:
     from diffem_cli.gaussian.prior import GaussianPrior
@@ -67,7 +67,7 @@ def prior_mstep(
     if mmps is not None and mmps.covariance == "gaussian":
         from diffem_cli.gaussian.moments import fit_moments
 
-        moments = fit_moments(x, cfg.em.gaussian_rank, seed=cfg.seed + lap)
+        moments = fit_moments(x, cfg.em.gaussian_rank, seed=lap_seed(cfg.seed, lap, "moments"))
         aux = {f"moments.{k}": v for k, v in moments.to_tensors().items()}
     return MStep({"x": x}, loss or VLoss(cfg.train.t_sampling), aux=aux)
 

@@ -1,20 +1,24 @@
 """The oracle reference: DiffEM's conditional model trained on clean data (evaluation only).
 
 Each lap trains the conditional network on fresh corruptions of the clean data (``--clean``),
-with the same network and budget as a DiffEM lap; the E-step is the conditional sampler. It
-bounds what any method can reach from the observations with this network and budget.
+with the same network and budget as a DiffEM lap, re-drawn every ``em.recorrupt_every`` epochs as
+DiffEM's are; the E-step is the conditional sampler. It bounds what any method can reach from the
+observations with this network and budget.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from diffem_channels import mix_seed, sample_seeds
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.losses import VLoss
-from diffem_cli.methods.base import MStep
-from diffem_cli.methods.diffem import ConditionalMethod, fresh_conditioning
+from diffem_cli.methods.base import MStep, Refresh
+from diffem_cli.methods.diffem import ConditionalMethod, conditioning, fresh_conditioning
 
-# Offsets the oracle's corruption seeds from the observed data's and from DiffEM's re-corruptions.
+# Sets the oracle's corruption seeds apart from the observed data's and from DiffEM's re-corruptions.
 ORACLE_TAG = 1 << 20
 
 
@@ -28,6 +32,16 @@ class Oracle(ConditionalMethod):
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         if clean is None:
             raise DiffemError("method 'oracle' needs clean data: pass --clean DIR")
-        index = torch.arange(len(clean))
-        pairs = fresh_conditioning(data, clean, cfg.seed, ORACLE_TAG + lap, index, cfg.sample.keep_observed)
-        return MStep({"x": clean, **pairs}, VLoss(cfg.train.t_sampling))
+        seed, keep = mix_seed(cfg.seed, ORACLE_TAG), cfg.sample.keep_observed
+        pairs = fresh_conditioning(data, clean, seed, lap, data.index, keep)
+        refresh: Refresh | None = None
+        if cfg.em.recorrupt_every > 0:
+
+            def refresh(r: int) -> dict[str, torch.Tensor]:
+                more = data.channel.corrupt(clean, sample_seeds(seed, data.index, lap, r))
+                return conditioning(data, more, keep)
+
+        return MStep({"x": clean, **pairs}, VLoss(cfg.train.t_sampling), refresh)
+
+    def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
+        return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}

@@ -52,6 +52,10 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 25
     if n_projections < 1:
         raise DiffemError(f"n_projections must be >= 1, got {n_projections}")
     theta = projections(a.shape[1], n_projections, seed)
-    a = a.detach().cpu().double() @ theta
-    b = b.detach().cpu().double() @ theta
-    return float(_quantile_w2sq(a, b).mean().sqrt())
+    return sliced_from_projections(a.detach().cpu().double() @ theta, b.detach().cpu().double() @ theta)
+
+
+def sliced_from_projections(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sliced W2 of two clouds already projected on the same directions, ``(n, P)`` and ``(m, P)``
+    (for clouds too large to hold in float64 at once, projected a few rows at a time)."""
+    return float(_quantile_w2sq(a.double(), b.double()).mean().sqrt())

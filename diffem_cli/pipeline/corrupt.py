@@ -37,7 +37,7 @@ def _check_outputs(
         check_output(clean_out, force, [source])
         check_apart(clean_out, [out], "output")
     if preview is not None:
-        check_output(preview, force, [source])
+        check_output(preview, force, [source], kind="file")
         check_apart(preview, [out, clean_out], "output")
         if Path(preview).suffix.lower() != ".png":
             raise DiffemError(f"preview {preview} must be a .png file")
@@ -75,17 +75,19 @@ class _Preview:
                 lim=None,
             )
             return
-        rows, labels = [x], ["clean"]
+        rows, labels, held = [x], ["clean"], [None]
         if y.dim() == 4:
+            seen = plots.observation_row(channel, obs, source.shape)  # which entries y holds
             rows.append(y)
             labels.append(f"{channel.name} y")
+            held.append(seen[1] if seen is not None else None)
         else:
             try:
                 rows.append(channel.start(obs, source.shape))
                 labels.append(f"{channel.name} start")
             except ChannelError:
                 pass
-        plots.save_image_grid(rows, path, labels=labels, value_range=source.value_range)
+        plots.save_image_grid(rows, path, labels=labels, value_range=source.value_range, observed=held)
 
 
 def corrupt_dataset(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -22,7 +23,9 @@ from torch import nn
 
 from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.logs import get_logger
 from diffem_cli.core.runtime import Context, pick_device
+from diffem_cli.core.tracking import Tracking
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
 from diffem_cli.diffusion.denoise import Denoiser, KeepObserved
 from diffem_cli.diffusion.nets import build_network
@@ -31,12 +34,14 @@ from diffem_cli.diffusion.schedule import SCHEDULE
 from diffem_cli.io.observations import Observations, load_clean, load_recon, save_recon
 from diffem_cli.io.store import clean_stale, read_manifest
 from diffem_cli.methods import Method, get_method, method_classes
-from diffem_cli.methods.base import Make
+from diffem_cli.methods.base import Make, lap_seed
 from diffem_cli.methods.registry import checkpoint_method_name
 from diffem_cli.metrics.consistency import mean_observed_residual
+from diffem_cli.pipeline.run_options import remembered_paths
 from diffem_cli.pipeline.runs import Run
 
 Logger = Callable[[str], None]
+notices = get_logger(__name__)
 
 
 def initial_reconstructions(
@@ -142,8 +147,12 @@ def posterior_samples(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One posterior sample per observation (CPU, rows aligned with ``data``) by ``method`` with
     ``model`` and the checkpoint's ``aux`` tensors, through the one sampling loop; and the
-    E-step's record (e.g. a chosen guidance weight)."""
-    post = method.posterior(model.to(device).eval(), data, aux)
+    E-step's record (e.g. a chosen guidance weight, and the network passes it took:
+    ``estep_forwards``, ``estep_vjps``, in samples)."""
+    from diffem_cli.pipeline.accounting import CountingNetwork
+
+    counter = CountingNetwork(model.to(device).eval())
+    post = method.posterior(counter, data, aux)
     rows = {**data.obs, **post.extra}
 
     def draw_first(make: Make, n: int, note: str = "") -> torch.Tensor:
@@ -180,8 +189,17 @@ def posterior_samples(
     if make is None:
         raise DiffemError(f"method {method.name!r} gave neither a denoiser factory nor a way to choose one")
     if not sample.keep_observed:
-        return draw_first(make, len(data)), record
-    return keep_rows(draw_first(keeping(make), len(data)), data), record
+        x = draw_first(make, len(data))
+    else:
+        x = keep_rows(draw_first(keeping(make), len(data)), data)
+    record.update({f"estep_{k}": v for k, v in counter.totals(ctx).items()})
+    return x, record
+
+
+def sampling_record(sample: SampleConfig) -> dict[str, Any]:
+    """What a checkpoint records of how its run drew samples (all but ``batch_size``, a matter of
+    memory), so that ``reconstruct`` and ``sample`` draw the same way unless told otherwise."""
+    return {k: v for k, v in dataclasses.asdict(sample).items() if k != "batch_size"}
 
 
 def residual_record(data: Observations, x: torch.Tensor) -> dict[str, float]:
@@ -217,17 +235,38 @@ def em_train(
     clean: Path | None = None,
     device: str | None = None,
     force: bool = False,
-    log: Logger = print,
+    log: Logger = notices.info,
     ctx: Context | None = None,
+    track: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """Run (or resume) ``laps`` laps of the configured method; returns the per-lap records."""
+    """Run (or resume) ``laps`` laps of the configured method; returns the per-lap records.
+
+    ``track`` names the trackers (:mod:`diffem_cli.core.tracking`) that receive the configuration,
+    per-epoch loss and learning rate, lap records and pictures (main process only, in RUN/logs).
+
+    ``laps=0`` computes the start (lap 0) alone and leaves ``em.laps`` as configured. Without
+    ``force``, the ``eval_clean``, ``clean`` and ``warm_start`` a RUN was run with
+    (:func:`~diffem_cli.pipeline.run_options.remembered_paths`) serve again when not given.
+    """
     laps = cfg.em.laps if laps is None else laps
-    if laps < 1:
-        raise DiffemError(f"--laps must be >= 1, got {laps}")
+    if laps < 0:
+        raise DiffemError(f"--laps must be >= 0, got {laps}")
     cfg = copy.deepcopy(cfg)
-    cfg.em.laps = laps
+    if laps:
+        cfg.em.laps = laps
     if method is not None:
         cfg.em.method = method
+    given = {"eval_clean": eval_clean, "clean": clean, "warm_start": warm_start}
+    for key, path in ({} if force else remembered_paths(run_path)).items():
+        option = "--" + key.replace("_", "-")
+        if given[key] is not None:
+            continue
+        if path.exists():
+            given[key] = path
+            log(f"{option} {path} (the RUN's own)")
+        else:
+            log(f"{option}: the RUN's {path} no longer exists; going on without it")
+    eval_clean, clean, warm_start = given["eval_clean"], given["clean"], given["warm_start"]
     ctx = ctx or Context(0, 1, pick_device(device))
     data = Observations(data_path)
     data.channel.check_data(data.shape)
@@ -257,11 +296,15 @@ def em_train(
                 "fingerprint": data.fingerprint,
                 "channel": data.channel.spec(),
                 "method": m.name,
+                "paths": {k: str(Path(v).resolve()) for k, v in given.items() if v is not None},
             }
             run.prepare(cfg, info, force, ignore=("em.laps",))
+            run.redo_broken(len(data), log)  # a lap is done only when its files verify
         ctx.barrier()
-        driver = _Driver(run, data, cfg, m, ctx, log, evaluation, train_clean, warm)
-        records = driver.execute(laps)
+        with Tracking(track if ctx.is_main else (), run.root / "logs", run_name=run.root.name) as tracking:
+            tracking.config(cfg.to_dict())
+            driver = _Driver(run, data, cfg, m, ctx, log, evaluation, train_clean, warm, tracking)
+            records = driver.execute(laps)
     return records
 
 
@@ -276,9 +319,11 @@ def _check_config(cfg: RunConfig, data: Observations) -> None:
 class _Driver:
     """One em-train invocation: the laps, in order, each completed or skipped."""
 
-    def __init__(self, run, data, cfg, method, ctx, log, evaluation, clean, warm):
+    def __init__(self, run, data, cfg, method, ctx, log, evaluation, clean, warm, tracking=None):
         self.run, self.data, self.cfg, self.m, self.ctx = run, data, cfg, method, ctx
+        self.tracking = tracking or Tracking()
         self.log, self.evaluation, self.clean, self.warm = log, evaluation, clean, warm
+        self.said: set[str] = set()  # the notices every lap would repeat, shown once per run
         self.spec = method.model_spec(data)
         self.base_meta = {
             "kind": self.spec.kind,
@@ -289,29 +334,35 @@ class _Driver:
             "schedule": SCHEDULE,
             "method": method.name,
             "method_config": method.config_record(cfg),
+            "sample": sampling_record(cfg.sample),
             **method.checkpoint_meta(data),
         }
 
     def execute(self, laps: int) -> list[dict[str, Any]]:
         done = self.run_records()
+        computed = False
         for lap in range(0, laps + 1):
             if lap in done and self._complete(lap):
                 if self.ctx.is_main and not self.run.picture(lap).exists():
                     self._picture(lap)
                 continue
             rec = self.lap0() if lap == 0 else self.lap(lap, laps)
+            rec.update(self._monitor(lap))
             rec.update(self._evaluate(lap))
             if self.ctx.is_main:
                 self._picture(lap)
                 self.run.log(rec)
+                self._track(lap, rec)
             self.ctx.barrier()
             done[lap] = rec
+            computed = True
             self.log(describe(rec))
         records = [done[k] for k in sorted(done) if k <= laps]
-        if self.evaluation is not None and self.ctx.is_main:
+        curves = self.run.root / "metrics.png"
+        if self.ctx.is_main and (computed or not curves.exists()):  # a finished RUN is left untouched
             from diffem_cli.pipeline.report import save_metric_curves
 
-            save_metric_curves(self.run.root / "metrics.png", records)
+            save_metric_curves(curves, records)
         return records
 
     def run_records(self) -> dict[int, dict[str, Any]]:
@@ -370,7 +421,15 @@ class _Driver:
         manifest = self._recon_manifest(lap)
         if manifest is None:
             manifest = self.estep(lap)
-        keys = ("estep_s", "nfe", "estep_samples_per_s", "dps_scale", "observed_residual")
+        keys = (
+            "estep_s",
+            "nfe",
+            "estep_samples_per_s",
+            "estep_forwards",
+            "estep_vjps",
+            "dps_scale",
+            "observed_residual",
+        )
         rec.update({k: manifest[k] for k in keys if k in manifest})
         return rec
 
@@ -396,13 +455,15 @@ class _Driver:
         def on_epoch(info: dict[str, Any]) -> None:
             if self.ctx.is_main:
                 self.run.log({"event": "epoch", "lap": lap, **info})
+                step = (lap - 1) * self.cfg.train.epochs + info["epoch"]
+                self.tracking.scalars({"train/loss": info["loss"], "train/lr": info["lr"]}, step)
 
         result = train_denoiser(
             model,
             tensors,
             self.cfg.train,
             loss=step.loss,
-            seed=self.cfg.seed + lap,
+            seed=lap_seed(self.cfg.seed, lap, "mstep"),
             device=self.ctx.device,
             state_path=self.run.state,  # read by every rank, written by the main one
             tag={"lap": lap, "fingerprint": self.data.fingerprint, "method": self.m.name},
@@ -410,11 +471,13 @@ class _Driver:
             on_epoch=on_epoch,
             refresh=step.refresh,
             refresh_every=self.cfg.em.recorrupt_every,
-            log=self.log,
+            log=self._train_log(f"lap {lap} M-step"),
             ctx=self.ctx,
         )
         rows = len(next(iter(tensors.values())))
-        summary = {"loss": result.last_loss, "steps": result.steps}
+        # every step trains on a full batch of min(batch_size, rows) examples (the loop drops the rest)
+        examples = result.steps * min(self.cfg.train.batch_size, rows)
+        summary = {"loss": result.last_loss, "steps": result.steps, "examples": examples}
         if self.ctx.is_main:
             save_checkpoint(
                 self.run.checkpoint(lap),
@@ -428,8 +491,21 @@ class _Driver:
             **summary,
             "corrupt_s": corrupt_s,
             "mstep_s": time.perf_counter() - t0,
-            "examples_per_s": result.steps * min(self.cfg.train.batch_size, rows) / max(result.seconds, 1e-9),
+            "examples_per_s": examples / max(result.seconds, 1e-9),
         }
+
+    def _train_log(self, label: str) -> Logger:
+        """The M-step's logger: a warm-up notice that only the lap in its ``label`` tells apart from
+        an earlier lap's is shown once per run."""
+
+        def log(message: str) -> None:
+            key = message.removeprefix(f"{label}: ")
+            if "warm-up" in key and key in self.said:
+                return
+            self.said.add(key)
+            self.log(message)
+
+        return log
 
     def estep(self, lap: int) -> dict[str, Any]:
         ckpt = load_checkpoint(self.run.checkpoint(lap))
@@ -475,15 +551,29 @@ class _Driver:
             "value_range": self.data.value_range,
         }
 
+    def _monitor(self, lap: int) -> dict[str, float]:
+        if not self.ctx.is_main:  # the main rank alone logs the record
+            return {}
+        from diffem_cli.pipeline.monitor import monitor_record
+
+        x, _ = load_recon(self.run.recon(lap))
+        return monitor_record(self.data, x, self.cfg.seed, lap, self.cfg.eval.n_points)
+
     def _evaluate(self, lap: int) -> dict[str, float]:
         if self.evaluation is None or not self.ctx.is_main:  # the main rank alone logs the record
             return {}
         x, _ = load_recon(self.run.recon(lap))
         return evaluate_against(x, self.evaluation, self.data, self.cfg)
 
+    def _track(self, lap: int, rec: dict[str, Any]) -> None:
+        """A lap's numbers and picture to the trackers, at its last epoch: one step axis, epochs."""
+        step = lap * self.cfg.train.epochs
+        self.tracking.scalars({f"lap/{k}": v for k, v in rec.items() if k != "lap"}, step)
+        self.tracking.image("samples", self.run.picture(lap), step)
+
     def _picture(self, lap: int) -> None:
         x, _ = load_recon(self.run.recon(lap))
-        lap_picture(self.run.picture(lap), lap, x, self.data)
+        lap_picture(self.run.picture(lap), lap, x, self.data, self.evaluation)
 
 
 def evaluate_against(
@@ -508,23 +598,37 @@ def describe(rec: dict[str, Any]) -> str:
             parts.append(f"{key[:-2]} {rec[key]:.1f} s")
     if "loss" in rec:
         parts.append(f"loss {rec['loss']:.4f}")
+    if rec.get("obs_sw2") is not None:  # the label-free monitor, beside its floor
+        parts.append(f"obs_sw2 {rec['obs_sw2']:.4g} (floor {rec['obs_sw2_floor']:.4g})")
     parts += [f"{k[5:]} {v:.4g}" for k, v in rec.items() if k.startswith("eval_") and k != "eval_s"]
     return " | ".join(parts)
 
 
-def lap_picture(path: Path, lap: int, x: torch.Tensor, data: Observations) -> None:
-    """A lap's picture: a pairwise scatter (vectors) or observations above reconstructions."""
+def lap_picture(
+    path: Path, lap: int, x: torch.Tensor, data: Observations, clean: torch.Tensor | None = None
+) -> None:
+    """A lap's picture: the clean data (when known) above the reconstructions, as pairwise
+    scatter plots (vectors) or with the observations between them, missing entries hatched
+    (images)."""
     from diffem_cli.pipeline import plots
 
     if data.kind == "vector":
-        plots.save_pairwise_scatter({f"lap {lap}": x}, path)
+        sets = {"clean": clean} if clean is not None else {}
+        plots.save_pairwise_scatter({**sets, f"lap {lap}": x}, path)
         return
     k = min(16, len(x))
-    rows, labels = [], []
-    y = data.obs.get("y")
-    if y is not None and tuple(y.shape[1:]) == data.shape:
-        rows.append(y[:k])
+    rows, labels, held = [], [], []
+    if clean is not None:
+        rows.append(clean[:k])
+        labels.append("clean")
+        held.append(None)
+    seen = plots.observation_row(data.channel, {n: v[:k] for n, v in data.obs.items()}, data.shape)
+    if seen is not None:
+        rows.append(seen[0])
         labels.append("observation")
+        held.append(seen[1])
     rows.append(x[:k])
     labels.append(f"lap {lap}")
-    plots.save_image_grid(rows, path, labels=labels, value_range=tuple(data.value_range or (-1, 1)))
+    held.append(None)
+    value_range = tuple(data.value_range or (-1, 1))
+    plots.save_image_grid(rows, path, labels=labels, value_range=value_range, observed=held)

@@ -1,7 +1,11 @@
 """PNG figures: image grids, pairwise scatter plots of vectors, metric curves.
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot, no global backend state)
-and written atomically: to a temporary file beside the target, then renamed into place.
+and written atomically: to a temporary file beside the target, then renamed into place. Curves
+also go to a PDF beside the PNG (vector graphics for a paper; no creation date, so a redrawn
+figure of the same numbers is the same file). In image grids, entries an observation does not
+hold are hatched in red, so that they never pass for real dark or grey pixels; row labels get the
+room they need. Curve panels say which way is better and put laps on integer ticks.
 """
 
 from __future__ import annotations
@@ -10,30 +14,71 @@ import itertools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 MIN_TILE = 64
 GAP = 2
+HATCH = ((214, 39, 40), (255, 235, 235))
+"""The two colours of the diagonal stripes drawn over missing entries (red on pale pink)."""
+HATCH_WIDTH = 3
+"""Width of one stripe, in screen pixels (narrower where an image pixel is drawn smaller)."""
+LABEL_SIZE = 9
+REFERENCE_LINES = ("floor",)
+"""Line names drawn as references (grey, dashed) in curve panels, not as series of their own."""
+MONITOR_BETTER = {"obs_sw2": "lower"}
+"""Which way is better for the label-free monitor's curves (``observed_residual`` should meet the
+noise level, neither way)."""
 
 
-def _save(fig: Figure, path: Path, dpi: int = 100) -> Path:
+def _save(fig: Figure, path: Path, dpi: int = 100, pdf: bool = False) -> Path:
+    """Write ``fig`` as the PNG ``path`` (and, with ``pdf``, a PDF beside it), atomically."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     FigureCanvasAgg(fig)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])
+    for target, fmt in targets:
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            meta = {"CreationDate": None} if fmt == "pdf" else None
+            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 
-def _tiles(batch: torch.Tensor, size: int, value_range: tuple[float, float], max_cols: int) -> np.ndarray:
-    """A batch ``(B, C, H, W)`` -> uint8 RGB tiles ``(B', size, size', 3)`` upscaled by nearest."""
+def better(metric: str) -> str | None:
+    """``"higher"`` or ``"lower"``: which way is better for an evaluation metric (``psnr``,
+    ``eval_psnr``) or a monitor field (``obs_sw2``); None when neither is."""
+    from diffem_cli.metrics.evaluate import METRICS
+
+    name = metric.removeprefix("eval_")
+    if name in METRICS:
+        return "lower" if METRICS[name].lower_is_better else "higher"
+    return MONITOR_BETTER.get(name)
+
+
+def _integer_ticks(ax: Axes, xs: Sequence[float]) -> None:
+    """Whole-number ticks on the x axis when every x is a whole number (laps, seeds)."""
+    if xs and all(float(x).is_integer() for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _tiles(
+    batch: torch.Tensor,
+    size: int,
+    value_range: tuple[float, float],
+    max_cols: int,
+    observed: torch.Tensor | None = None,
+) -> np.ndarray:
+    """A batch ``(B, C, H, W)`` -> uint8 RGB tiles ``(B', size, size', 3)`` upscaled by nearest;
+    entries that ``observed`` (0/1, broadcastable to the batch) marks 0 in every channel hatched."""
     x = batch.detach().float().cpu()[:max_cols]
     if x.dim() == 3:
         x = x.unsqueeze(1)
@@ -42,9 +87,41 @@ def _tiles(batch: torch.Tensor, size: int, value_range: tuple[float, float], max
     lo, hi = value_range
     x = ((x - lo) / (hi - lo)).clamp(0, 1)
     h, w = x.shape[-2:]
-    scale = size / max(h, w)
-    x = torch.nn.functional.interpolate(x, size=(round(h * scale), round(w * scale)), mode="nearest")
-    return (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    out_size = (round(h * size / max(h, w)), round(w * size / max(h, w)))
+    x = torch.nn.functional.interpolate(x, size=out_size, mode="nearest")
+    tiles = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    if observed is not None:
+        seen = observed.detach().float().cpu()[: len(tiles)]
+        seen = seen.reshape(len(seen), -1, *seen.shape[-2:]).amax(dim=1, keepdim=True)
+        missing = torch.nn.functional.interpolate(seen, size=out_size, mode="nearest")[:, 0].numpy() < 0.5
+        rows, cols = np.indices(out_size)
+        width = max(1, min(HATCH_WIDTH, out_size[0] // (2 * h)))  # stripes inside every pixel
+        stripe = ((rows + cols) // width) % 2 == 0
+        pattern = np.where(stripe[..., None], np.array(HATCH[0], np.uint8), np.array(HATCH[1], np.uint8))
+        tiles[missing] = np.broadcast_to(pattern, tiles.shape)[missing]
+    return tiles
+
+
+def observation_row(
+    channel: Any, obs: Mapping[str, torch.Tensor], shape: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Observations as a row of an image grid: ``y`` and, for a channel that hides entries
+    (``masked_observation``), which entries it holds (1) or not (0); None when ``y`` is not an
+    image of the data's ``shape`` (a projection, say)."""
+    y = obs.get("y")
+    if y is None or tuple(y.shape[1:]) != tuple(shape) or len(shape) != 3:
+        return None
+    held = channel.observation_mask(obs) if getattr(channel, "masked_observation", False) else None
+    return y, held
+
+
+def _label_width(fig: Figure, labels: Sequence[str]) -> float:
+    """Inches the widest of ``labels`` takes at the grid's label size."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    widths = [fig.text(0, 0, s, fontsize=LABEL_SIZE).get_window_extent(renderer).width for s in labels]
+    for text in list(fig.texts):
+        text.remove()
+    return max(widths, default=0.0) / fig.dpi
 
 
 def save_image_grid(
@@ -53,17 +130,25 @@ def save_image_grid(
     labels: Sequence[str] | None = None,
     value_range: tuple[float, float] = (-1.0, 1.0),
     max_cols: int = 16,
+    observed: Sequence[torch.Tensor | None] | None = None,
 ) -> Path:
     """One row of images per batch ``(B, C, H, W)``, labelled on the left.
 
     Three channels show as RGB, any other count as the first channel in grey; small images are
     upscaled (nearest) to at least 64 px, and rows of different sizes are shown at one size.
+    ``observed[i]``, when given for row ``i``, marks the entries its images hold (1) or miss (0):
+    missing ones are hatched in red, and a note under the grid says so.
     """
-    rows = [r for r in rows if len(r)]
+    held = list(observed or [])
+    held += [None] * (len(rows) - len(held))
+    names = [str(v) for v in (labels or [])][: len(rows)]
+    names += [""] * (len(rows) - len(names))
+    kept = [i for i, r in enumerate(rows) if len(r)]
+    rows, held, names = [rows[i] for i in kept], [held[i] for i in kept], [names[i] for i in kept]
     if not rows:
         raise ValueError("save_image_grid needs at least one non-empty row")
     size = max(MIN_TILE, *(max(r.shape[-2:]) for r in rows))
-    tiles = [_tiles(r, size, value_range, max_cols) for r in rows]
+    tiles = [_tiles(r, size, value_range, max_cols, m) for r, m in zip(rows, held, strict=True)]
     tile_h = max(t.shape[1] for t in tiles)
     tile_w = max(t.shape[2] for t in tiles)
     cols = max(len(t) for t in tiles)
@@ -72,18 +157,29 @@ def save_image_grid(
         for j, tile in enumerate(row):
             top, left = GAP + i * (tile_h + GAP), GAP + j * (tile_w + GAP)
             canvas[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
-    margin = 1.3 if labels else 0.1
-    fig_w, fig_h = canvas.shape[1] / 100 + margin + 0.05, canvas.shape[0] / 100 + 0.2
-    fig = Figure(figsize=(fig_w, fig_h))
-    ax = fig.add_axes((margin / fig_w, 0.1 / fig_h, 1 - (margin + 0.05) / fig_w, 1 - 0.2 / fig_h))
+    fig = Figure()
+    margin = _label_width(fig, names) + 0.15 if any(names) else 0.1
+    note = 0.22 if any(m is not None for m in held) else 0.0
+    fig_w, fig_h = canvas.shape[1] / 100 + margin + 0.05, canvas.shape[0] / 100 + 0.2 + note
+    fig.set_size_inches(fig_w, fig_h)
+    ax = fig.add_axes(
+        (margin / fig_w, (0.1 + note) / fig_h, 1 - (margin + 0.05) / fig_w, 1 - (0.2 + note) / fig_h)
+    )
     ax.imshow(canvas, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([GAP + i * (tile_h + GAP) + tile_h / 2 for i in range(len(rows))])
-    names = [str(v) for v in (labels or [])][: len(rows)]
-    ax.set_yticklabels(names + [""] * (len(rows) - len(names)))
+    ax.set_yticklabels(names, fontsize=LABEL_SIZE)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    if note:
+        fig.text(
+            margin / fig_w,
+            0.06 / fig_h,
+            "red hatching: entries the observation does not hold",
+            fontsize=LABEL_SIZE - 1,
+            color="#b02020",
+        )
     return _save(fig, path)
 
 
@@ -154,6 +250,7 @@ def save_curves(
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    _integer_ticks(ax, [float(x) for points in curves.values() for x, _ in points])
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -164,31 +261,73 @@ def save_curves(
         ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, pdf=True)
 
 
 def save_curve_panels(
-    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]], path: Path, xlabel: str
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    path: Path,
+    xlabel: str,
+    errors: Mapping[str, Mapping[str, Mapping[float, float]]] | None = None,
+    directions: Mapping[str, str | None] | None = None,
 ) -> Path:
-    """One panel per metric, one line per name in each (e.g. every method's metric per lap)."""
+    """One panel per metric, one line per name in each (e.g. every method's metric per lap);
+    ``errors[panel][name][x]``, when given, the half-height of an error bar at ``x``;
+    ``directions[panel]`` (``"higher"`` or ``"lower"``, see :func:`better`) labels the panel's
+    y axis with the way that is better. Whole-number x values (laps) get whole-number ticks.
+
+    A name drawn in several panels (a method) keeps one colour everywhere and the figure has one
+    legend on top; otherwise a panel with several lines has its own legend. Reference lines
+    (:data:`REFERENCE_LINES`, e.g. the monitor's floor) are grey and dashed.
+    """
     if not panels:
         raise ValueError("save_curve_panels needs at least one panel")
+    drawn = [[n for n, pts in curves.items() if pts] for curves in panels.values()]
+    names = list(dict.fromkeys(n for lines in drawn for n in lines if n not in REFERENCE_LINES))
+    shared = any(sum(n in lines for lines in drawn) > 1 for n in names)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    top = 0.35 if shared else 0.0
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows + top))
     axes = fig.subplots(rows, cols, squeeze=False)
+    handles: dict[str, Any] = {}
     for k, (title, curves) in enumerate(panels.items()):
         ax = axes[k // cols][k % cols]
+        xs_all = [float(x) for points in curves.values() for x, _ in points]
+        own = [n for n in curves if n not in REFERENCE_LINES]
         for name, points in curves.items():
             pts = sorted((float(x), float(y)) for x, y in points)
-            if pts:
-                xs, ys = zip(*pts, strict=True)
-                ax.plot(xs, ys, marker="o", markersize=3, label=name)
-        ax.set_title(title, fontsize=9)
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            bars = (errors or {}).get(title, {}).get(name)
+            yerr = [bars.get(x, 0.0) for x in xs] if bars else None
+            if name in REFERENCE_LINES:
+                style: dict[str, Any] = {"color": "0.45", "linestyle": "--", "marker": None}
+            else:
+                colour = names.index(name) if shared else own.index(name)
+                style = {"color": f"C{colour % 10}", "marker": "o", "markersize": 3, "capsize": 2}
+            handles[name] = ax.errorbar(xs, ys, yerr=yerr, label=name, **style)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
+        way = (directions or {}).get(title)
+        if way:
+            ax.set_ylabel(f"{way} is better {'↑' if way == 'higher' else '↓'}", fontsize=8)
+        _integer_ticks(ax, xs_all)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if not shared and sum(1 for points in curves.values() if points) > 1:
+            ax.legend(fontsize=7)
     for k in range(len(panels), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.tight_layout()
-    return _save(fig, path)
+    if shared:
+        order = [*names, *(n for n in handles if n in REFERENCE_LINES)]
+        fig.legend(
+            [handles[n] for n in order],
+            order,
+            loc="upper center",
+            ncol=min(len(order), 6),
+            fontsize=8,
+            frameon=False,
+        )
+    fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()))
+    return _save(fig, path, pdf=True)

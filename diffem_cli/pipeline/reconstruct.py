@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,7 @@ import torch
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.diffusion.checkpoint import build_model
-from diffem_cli.diffusion.sampling import SampleConfig
+from diffem_cli.diffusion.sampling import SampleConfig, validate_sample
 from diffem_cli.io.observations import Observations, save_recon
 from diffem_cli.io.store import check_output
 from diffem_cli.methods import method_for_checkpoint
@@ -23,7 +25,7 @@ def reconstruct(
     data_path: Path,
     out: Path,
     *,
-    sample: SampleConfig | None = None,
+    sample: SampleConfig | Mapping[str, Any] | None = None,
     per_observation: int = 1,
     seed: int = 0,
     png_dir: Path | None = None,
@@ -34,7 +36,8 @@ def reconstruct(
     """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index, sample).
 
     The checkpoint's own method draws them (:meth:`~diffem_cli.methods.base.Method.posterior`):
-    a conditional model samples ``q(x | y)`` directly, a prior by its method's guidance.
+    a conditional model samples ``q(x | y)`` directly, a prior by its method's guidance, with the
+    sampling settings :func:`checkpoint_sampling` gives for ``sample``.
     """
     if per_observation < 1:
         raise DiffemError(f"--per-observation must be >= 1, got {per_observation}")
@@ -48,7 +51,7 @@ def reconstruct(
     method.check(data)
     if png_dir is not None:
         check_png(data.kind)
-    cfg = sample or SampleConfig()
+    cfg = checkpoint_sampling(ckpt.meta, ckpt_path, sample)
     ctx = ctx or Context(0, 1, pick_device(device))
     model = build_model(ckpt)
     xs, idx, rep = [], [], []
@@ -73,6 +76,8 @@ def reconstruct(
         "observations": str(data_path),
         "sampler": cfg.sampler,
         "steps": cfg.steps,
+        "corrections": cfg.corrections,
+        "corrector_tau": cfg.corrector_tau,
         "per_observation": per_observation,
         "seed": seed,
         "data_shape": list(data.shape),
@@ -92,6 +97,35 @@ def reconstruct(
         ]
         write_pngs(png_dir, x_all, names, data.data_meta(), force)
     return {"rows": len(x_all), **meta}
+
+
+def checkpoint_sampling(
+    meta: Mapping[str, Any], path: Path, given: SampleConfig | Mapping[str, Any] | None = None
+) -> SampleConfig:
+    """How to sample a checkpoint: ``given`` itself when it is a SampleConfig; else the settings
+    the checkpoint records (one written before they were recorded: its RUN's ``config.yaml``, or
+    the defaults), with the keys of ``given`` (the options a user set) over them."""
+    if isinstance(given, SampleConfig):
+        return given
+    known = {f.name for f in dataclasses.fields(SampleConfig)}
+    recorded = meta.get("sample") if isinstance(meta.get("sample"), dict) else _run_sampling(Path(path))
+    cfg = SampleConfig(**{k: v for k, v in {**recorded, **(given or {})}.items() if k in known})
+    validate_sample(cfg)
+    return cfg
+
+
+def _run_sampling(path: Path) -> dict[str, Any]:
+    """The ``sample`` section of the RUN a checkpoint file sits in (``RUN/checkpoints/NAME``), or {}."""
+    import yaml
+
+    config = path.parent.parent / "config.yaml"
+    if path.parent.name != "checkpoints" or not config.is_file():
+        return {}
+    try:
+        section = (yaml.safe_load(config.read_text()) or {}).get("sample")
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        return {}
+    return section if isinstance(section, dict) else {}
 
 
 def check_png(kind: str) -> None:

@@ -1,8 +1,10 @@
 """``report``: a RUN's per-lap table (Rich and JSON) and its pictures.
 
 Reads ``metrics.jsonl``; draws ``report.png`` (vectors: pairwise scatter of the clean data when
-given, the lap-0 start and the last lap; images: observations, lap 0 and the last lap) and
-``metrics.png`` (the per-lap evaluation curves).
+known, the lap-0 start and the last lap; images: clean data when known, observations with their
+missing entries hatched, lap 0 and the last lap; the clean data are ``--clean``, else the
+``--eval-clean`` folder the RUN remembers) and
+``metrics.png`` (the label-free monitor and the evaluation metrics per lap).
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from diffem_cli.io.store import write_text_atomic
 from diffem_cli.pipeline.runs import Run
 
 COLUMNS = (("init_s", "start s"), ("mstep_s", "M-step s"), ("estep_s", "E-step s"), ("loss", "loss"))
+MONITOR = (("obs_sw2", "obs SW2"), ("obs_sw2_floor", "floor"), ("observed_residual", "residual"))
+"""The label-free monitor's lap-record fields (no clean data needed), with their column titles."""
+
+
+def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
+    return sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
 
 
 def lap_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -32,43 +40,77 @@ def lap_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def report_table(records: list[dict[str, Any]]) -> Any:
-    """A Rich table: one row per lap, timings, loss and every evaluation metric."""
+    """A Rich table: one row per lap, timings, loss, the label-free monitor and every evaluation metric."""
     from rich.table import Table
 
-    metrics = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
+    metrics = _eval_keys(records)
+    columns = [*COLUMNS, *((k, t) for k, t in MONITOR if any(k in r for r in records))]
     table = Table(title="DiffEM per lap")
     table.add_column("lap", justify="right")
-    for _, title in COLUMNS:
+    for _, title in columns:
         table.add_column(title, justify="right")
     for m in metrics:
         table.add_column(m[5:], justify="right")
     for r in records:
         cells = [str(r["lap"])]
-        cells += [f"{r[k]:.4g}" if k in r else "" for k, _ in COLUMNS]
+        cells += [f"{r[k]:.4g}" if r.get(k) is not None else "" for k, _ in columns]
         cells += [f"{r[m]:.4g}" if m in r else "" for m in metrics]
         table.add_row(*cells)
     return table
 
 
 def save_metric_curves(path: Path, records: list[dict[str, Any]]) -> None:
-    """Draw every per-lap evaluation metric of ``records`` as curves (log scale for Sinkhorn)."""
+    """Draw one panel per lap metric of ``records``: the label-free monitor (beside its floor,
+    the residual) and every evaluation metric."""
     from diffem_cli.pipeline import plots
 
-    metrics = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_s"})
-    if not metrics:
-        return
-    curves = {m[5:]: [(r["lap"], r[m]) for r in records if m in r] for m in metrics}
-    plots.save_curves(
-        curves,
-        path,
-        xlabel="lap",
-        ylabel="value",
-        logy="eval_sinkhorn" in metrics,
-        title="per-lap evaluation",
-    )
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["lap"], r[key]) for r in records if r.get(key) is not None]
+
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    directions: dict[str, str | None] = {}
+    if any("obs_sw2" in r for r in records):
+        panels["obs SW2 (label-free)"] = {"run": points("obs_sw2"), "floor": points("obs_sw2_floor")}
+        directions["obs SW2 (label-free)"] = plots.better("obs_sw2")
+    if any("observed_residual" in r for r in records):
+        panels["observed residual"] = {"run": points("observed_residual")}
+    panels.update({m[5:]: {"run": points(m)} for m in _eval_keys(records)})
+    directions.update({m[5:]: plots.better(m) for m in _eval_keys(records)})
+    if panels:
+        plots.save_curve_panels(panels, path, "lap", directions=directions)
+
+
+def first_observations(run: Run, k: int) -> tuple[Any, Any] | None:
+    """The first ``k`` observations the RUN was trained on as a row of ``report.png``, with the
+    entries they hold (:func:`~diffem_cli.pipeline.plots.observation_row`); None when that
+    folder is gone or its observations are not images."""
+    from diffem_cli.io.registry import channel_from_spec
+    from diffem_cli.io.store import columns, read_dataset
+    from diffem_cli.pipeline import plots
+
+    try:
+        ds, manifest = read_dataset(Path(json.loads(run.info_file.read_text())["data"]))
+        channel = channel_from_spec(manifest["channel"])
+        obs = columns(ds, [c for c in ds.column_names if c != "index"], 0, k)
+        return plots.observation_row(channel, obs, manifest["data_shape"])
+    except (OSError, ValueError, KeyError, TypeError, DiffemError):
+        return None
 
 
 def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.png`` (and ``metrics.png`` when laps were evaluated),
+    holding the RUN's lock, once every recorded lap's files verify (one line naming the first
+    missing or broken file otherwise)."""
+    from diffem_cli.io.lock import hold_lock
+
+    if not Path(run_dir).is_dir():
+        return _write_report(run_dir, clean)  # its one-line refusal
+    with hold_lock(Path(run_dir), "report"):
+        Run(run_dir).verify_laps()
+        return _write_report(run_dir, clean)
+
+
+def _write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
     """Write ``report.json`` and ``report.png`` (and ``metrics.png`` when laps were evaluated)."""
     from diffem_cli.pipeline import plots
 
@@ -79,13 +121,18 @@ def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
         raise DiffemError(f"RUN {run_dir} is a file, not an em-train RUN folder")
     if clean is not None and not Path(clean).is_dir():
         raise DiffemError(f"--clean {clean} is not a folder")
+    if clean is None:  # the clean data the RUN was evaluated against, while it is there
+        from diffem_cli.pipeline.run_options import remembered_paths
+
+        kept = remembered_paths(run_dir).get("eval_clean")
+        clean = kept if kept is not None and kept.is_dir() else None
     run = Run(run_dir)
     records = lap_records(run_dir)
     last = records[-1]["lap"]
     total = sum(r.get(k, 0.0) for r in records for k in ("init_s", "mstep_s", "estep_s", "corrupt_s"))
     summary = {"laps": records, "last_lap": last, "train_seconds": total}
     # Read everything (and check the clean reference's shape) before writing anything.
-    start, _ = load_recon(run.recon(0))
+    start, start_meta = load_recon(run.recon(0))
     end, _ = load_recon(run.recon(last))
     reference = load_recon(clean)[0] if clean is not None else None
     if reference is not None and tuple(reference.shape[1:]) != tuple(start.shape[1:]):
@@ -103,10 +150,19 @@ def write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
         plots.save_pairwise_scatter(sets, run.root / "report.png")
     else:
         k = min(16, len(start))
-        rows, labels = [start[:k], end[:k]], ["lap 0 (start)", f"lap {last}"]
+        rows, labels, held = [start[:k], end[:k]], ["lap 0 (start)", f"lap {last}"], [None, None]
+        seen = first_observations(run, k)
+        if seen is not None:
+            rows.insert(0, seen[0])
+            labels.insert(0, "observation")
+            held.insert(0, seen[1])
         if reference is not None:
             rows.insert(0, reference[:k])
             labels.insert(0, "clean")
-        plots.save_image_grid(rows, run.root / "report.png", labels=labels)
+            held.insert(0, None)
+        value_range = tuple(start_meta.get("value_range") or (-1.0, 1.0))
+        plots.save_image_grid(
+            rows, run.root / "report.png", labels=labels, value_range=value_range, observed=held
+        )
     save_metric_curves(run.root / "metrics.png", records)
     return summary

@@ -5,12 +5,16 @@ belongs to), ``recon/lap_NNN/`` (the reconstructions of every lap), ``checkpoint
 models), ``metrics.jsonl`` (one JSON record per event), ``samples/`` (pictures) and, while a
 model trains, ``state/mstep.safetensors``. ``em-train`` and ``train-uncond`` create and check
 RUN folders through the same :meth:`Run.prepare`.
+
+Nothing on disk is trusted blindly: :meth:`Run.broken` verifies a lap's checkpoint (its checksum)
+and reconstructions (checksum and row count), records are appended whole
+(:func:`~diffem_cli.io.store.append_record`), and an epoch whose training state was saved but
+whose record a kill lost gets its record back from that state (:meth:`Run.prepare`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,15 @@ import yaml
 
 from diffem_cli.config.run import Extensions, RunConfig, config_from_dict
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.io.store import write_text_atomic
+from diffem_cli.diffusion.checkpoint import load_tensors, refuse_unverified, verify_file
+from diffem_cli.io.store import (
+    MANIFEST,
+    append_record,
+    is_run_skeleton,
+    read_dataset,
+    verify_dataset,
+    write_text_atomic,
+)
 
 WRITTEN = ("checkpoints", "recon", "samples", "state", "metrics.jsonl", "metrics.png", "gaussian.safetensors")
 
@@ -52,11 +64,9 @@ class Run:
         return self.samples_dir / f"{lap_name(lap)}.png"
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl`` and flush it to disk."""
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one record to ``metrics.jsonl`` and flush it to disk (a fragment of a record cut
+        short by a kill or a full disk is dropped first)."""
+        append_record(self.metrics, record)
 
     def records(self) -> list[dict[str, Any]]:
         """Every complete record of ``metrics.jsonl`` (a line cut short by a kill is skipped)."""
@@ -76,6 +86,75 @@ class Run:
         """The last ``lap`` record of each lap."""
         return {int(r["lap"]): r for r in self.records() if r.get("event") == "lap" and "lap" in r}
 
+    def broken(self, lap: int, rows: int | None = None, *, missing: bool = False) -> list[tuple[Path, str]]:
+        """The files of ``lap`` that fail verification, each with one line saying why.
+
+        Checked: the checkpoint (laps >= 1; read whole against its checksum) and the
+        reconstructions (readable, their checksum when they carry one, ``rows`` rows when given).
+        Absent files count only with ``missing``. A checkpoint that carries no checksum is refused
+        (a one-line DiffemError) unless the user trusts it (``DIFFEM_TRUST_UNVERIFIED=1``).
+        """
+        out: list[tuple[Path, str]] = []
+        ckpt = self.checkpoint(lap)
+        if lap >= 1 and ckpt.exists():
+            verified = True
+            try:
+                verified = verify_file(ckpt)
+            except DiffemError as e:
+                out.append((ckpt, _first_line(e)))
+            if not verified:
+                refuse_unverified(ckpt)
+        elif lap >= 1 and missing:
+            out.append((ckpt, f"{ckpt} is missing"))
+        recon = self.recon(lap)
+        if (recon / MANIFEST).exists():
+            why = _recon_problem(recon, rows)
+            if why is not None:
+                out.append((recon, why))
+        elif missing:
+            out.append((recon, f"{recon} is missing or incomplete (no {MANIFEST})"))
+        return out
+
+    def verify_laps(self) -> None:
+        """Refuse (one line) a RUN whose recorded laps' checkpoints or reconstructions are missing
+        or fail verification (:meth:`broken`): rerunning em-train redoes them."""
+        for lap in sorted(self.lap_records()):
+            bad = self.broken(lap, missing=True)
+            if bad:
+                raise DiffemError(f"{bad[0][1]}; rerun em-train on {self.root} to redo lap {lap}")
+
+    def redo_broken(self, rows: int | None, log: Any) -> list[int]:
+        """Remove every lap's files that fail verification (:meth:`broken`), so that the next
+        em-train redoes them from the last good files (a lap's reconstructions from its checkpoint,
+        a checkpoint from the reconstructions before it); one log line each. Returns those laps."""
+        laps = set(self.lap_records())
+        laps |= {int(p.stem[4:]) for p in self.ckpt_dir.glob("lap_*.safetensors") if p.stem[4:].isdigit()}
+        laps |= {int(p.name[4:]) for p in self.recon_dir.glob("lap_*") if p.name[4:].isdigit()}
+        redone = []
+        for lap in sorted(laps):
+            for path, why in self.broken(lap, rows):
+                log(f"lap {lap}: {why}; redoing it")
+                remove_path(path)
+                redone.append(lap)
+        return sorted(set(redone))
+
+    def redo_broken_checkpoint(self, path: Path, log: Any) -> bool:
+        """Remove the checkpoint ``path`` if it fails its checksum (one log line), so that it is
+        trained again; a checkpoint without a checksum is refused unless trusted. Returns whether
+        it was removed."""
+        path = Path(path)
+        if not path.exists():
+            return False
+        try:
+            verified = verify_file(path)
+        except DiffemError as e:
+            log(f"{_first_line(e)}; training it again")
+            remove_path(path)
+            return True
+        if not verified:
+            refuse_unverified(path)
+        return False
+
     def has_results(self) -> bool:
         """Whether the RUN holds any finished work (a lap record or a checkpoint)."""
         if self.lap_records() or any(r.get("event") == "done" for r in self.records()):
@@ -89,19 +168,22 @@ class Run:
 
         ``info`` (written to ``run.json``) must hold a ``fingerprint`` of the data. A RUN with
         finished work and another fingerprint or configuration (keys in ``ignore`` aside) is
-        refused unless ``force``; a RUN with no finished work is simply re-configured.
+        refused unless ``force``; a RUN with no finished work is simply re-configured. A folder
+        that is not a RUN (no ``config.yaml``, ``run.json`` or results) is refused, ``force`` or
+        not: ``--force`` starts over only what diffem wrote.
         """
         if self.root.exists() and not self.root.is_dir():
             raise DiffemError(f"RUN {self.root} is a file, not a folder")
         if not self.root.parent.exists():
             raise DiffemError(f"folder {self.root.parent} does not exist")
-        if self.root.exists() and any(self.root.iterdir()):
+        # a skeleton (created, then killed before its run.json) is simply filled in
+        if self.root.exists() and any(self.root.iterdir()) and not is_run_skeleton(self.root):
             if not self.config_file.exists() and not self.info_file.exists() and not self.has_results():
-                if not force:
-                    raise DiffemError(
-                        f"{self.root} exists and is not a diffem run (use --force or another RUN)"
-                    )
-            elif force:
+                raise DiffemError(
+                    f"{self.root} exists and is not a diffem run (it holds no config.yaml or run.json); "
+                    "--force replaces only a diffem RUN: give a new or empty RUN folder"
+                )
+            if force:
                 self._clear()
             elif self.has_results():
                 self._check_same(cfg, info, ignore)
@@ -115,6 +197,35 @@ class Run:
         ):
             if not path.exists() or path.read_text() != text:  # a finished run re-run changes no file
                 write_text_atomic(path, text)
+        self._settle_state()
+
+    def _settle_state(self) -> None:
+        """Put the training state left by a kill in order: an epoch it holds whose record was lost
+        (a kill between saving the state and appending the record) gets its record, taken from
+        the state; a state whose phase already saved its checkpoint is removed.
+
+        The state's ``tag`` names its phase: ``lap`` for an em-train M-step, ``uncond`` for
+        train-uncond (see ``pipeline.em`` and ``pipeline.uncond``)."""
+        if not self.state.exists():
+            return
+        try:
+            _, meta = load_tensors(self.state)
+            tag, epoch = meta.get("tag") or {}, int(meta["epoch"])
+            step, loss = int(meta["step"]), float(meta["loss"])
+        except (DiffemError, KeyError, TypeError, ValueError):
+            return  # an unreadable state: training restarts its phase and says so
+        phase = {"lap": tag["lap"]} if "lap" in tag else {}
+        logged = any(
+            r.get("event") == "epoch" and r.get("epoch") == epoch and r.get("lap") == phase.get("lap")
+            for r in self.records()
+        )
+        if not logged:
+            self.log(
+                {"event": "epoch", **phase, "epoch": epoch, "step": step, "loss": loss, "recovered": True}
+            )
+        done = self.checkpoint(int(tag["lap"])) if "lap" in tag else self.ckpt_dir / "uncond.safetensors"
+        if ("lap" in tag or "uncond" in tag) and done.exists():
+            self.state.unlink()
 
     def _check_same(self, cfg: RunConfig, info: dict[str, Any], ignore: tuple[str, ...]) -> None:
         try:
@@ -153,6 +264,32 @@ class Run:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _recon_problem(path: Path, rows: int | None) -> str | None:
+    """Why the reconstructions folder ``path`` does not verify, or None."""
+    try:
+        ds, manifest = read_dataset(path)
+        verify_dataset(path, manifest)
+    except DiffemError as e:
+        return _first_line(e)
+    if manifest.get("num_rows") is not None and manifest["num_rows"] != len(ds):
+        return f"{path} holds {len(ds)} rows, its {MANIFEST} says {manifest['num_rows']}"
+    if rows is not None and len(ds) != rows:
+        return f"{path} holds {len(ds)} rows for {rows} observations"
+    return None
 
 
 def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:

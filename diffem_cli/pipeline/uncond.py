@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ import torch
 
 from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.core.logs import get_logger
 from diffem_cli.core.runtime import Context, pick_device
+from diffem_cli.core.tracking import Tracking
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig, draw_unconditional, sample_tensors
@@ -49,12 +52,14 @@ def train_uncond(
     *,
     device: str | None = None,
     force: bool = False,
-    log: Any = print,
+    log: Any = get_logger(__name__).info,
     ctx: Context | None = None,
+    track: tuple[str, ...] = (),
 ) -> Path:
     """Train an unconditional model on reconstructions; returns the checkpoint path."""
     from diffem_cli.diffusion.train import train_denoiser
     from diffem_cli.io.lock import hold_lock
+    from diffem_cli.pipeline.em import sampling_record
 
     ctx = ctx or Context(0, 1, pick_device(device))
     x, manifest = load_recon(recon_path)
@@ -63,17 +68,28 @@ def train_uncond(
     run = Run(run_path)
     ckpt = run.ckpt_dir / "uncond.safetensors"
     preview = run.samples_dir / "uncond.png"
-    with hold_lock(run.root, "train-uncond") if ctx.is_main else contextlib.nullcontext():
+    lock = hold_lock(run.root, "train-uncond") if ctx.is_main else contextlib.nullcontext()
+    with lock, contextlib.ExitStack() as stack:
         if ctx.is_main:
             if run.root.is_dir():
                 clean_stale(run.root, locked=True)
             info = {"recon": str(Path(recon_path).resolve()), "fingerprint": data["fingerprint"]}
             run.prepare(cfg, info, force)
+            run.redo_broken_checkpoint(ckpt, log)  # done only when the checkpoint verifies
         ctx.barrier()
         done = any(r.get("event") == "done" for r in run.records())
         if done and ckpt.exists() and preview.exists():
             log(f"{ckpt} already complete")
             return ckpt
+        # the trackers (main process, RUN/logs): configuration, per-epoch loss and lr, the preview
+        names = track if ctx.is_main else ()
+        tracking = stack.enter_context(Tracking(names, run.root / "logs", run_name=run.root.name))
+        tracking.config(cfg.to_dict())
+
+        def on_epoch(info: dict[str, Any]) -> None:
+            run.log({"event": "epoch", **info})
+            tracking.scalars({"train/loss": info["loss"], "train/lr": info["lr"]}, info["epoch"])
+
         if not ckpt.exists():
             torch.manual_seed(cfg.seed)
             model = build_network(cfg.network, tuple(data["shape"]), 0)
@@ -86,11 +102,17 @@ def train_uncond(
                 state_path=run.state,  # read by every rank, written by the main one
                 tag={"uncond": data["fingerprint"]},
                 label="train-uncond",
-                on_epoch=(lambda info: run.log({"event": "epoch", **info})) if ctx.is_main else None,
+                on_epoch=on_epoch if ctx.is_main else None,
                 log=log,
                 ctx=ctx,
             )
-            summary = {"seconds": result.seconds, "loss": result.last_loss, "steps": result.steps}
+            examples = result.steps * min(cfg.train.batch_size, len(x))  # full batches only
+            summary = {
+                "seconds": result.seconds,
+                "loss": result.last_loss,
+                "steps": result.steps,
+                "examples": examples,
+            }
             meta = {
                 "kind": "unconditional",
                 "method": "uncond",
@@ -102,6 +124,7 @@ def train_uncond(
                 "trained_on_channel": manifest.get("channel"),
                 "laps": manifest.get("lap"),
                 "train": summary,
+                "sample": sampling_record(cfg.sample),
             }
             if ctx.is_main:
                 save_checkpoint(ckpt, result.ema_model, meta)
@@ -116,6 +139,8 @@ def train_uncond(
         if ctx.is_main:
             _preview(preview, samples, data)
             run.log({"event": "done", **summary})
+            tracking.scalars({f"done/{k}": v for k, v in summary.items()}, cfg.train.epochs)
+            tracking.image("samples", preview, cfg.train.epochs)
         log(
             f"train-uncond: {summary.get('steps')} steps in {summary.get('seconds', 0):.1f} s, "
             f"loss {summary.get('loss', float('nan')):.4f}; preview in {time.perf_counter() - t0:.1f} s"
@@ -138,14 +163,16 @@ def sample_unconditional(
     out: Path,
     n: int,
     *,
-    sample_cfg: SampleConfig | None = None,
+    sample_cfg: SampleConfig | Mapping[str, Any] | None = None,
     seed: int = 0,
     png_dir: Path | None = None,
     device: str | None = None,
     force: bool = False,
     ctx: Context | None = None,
 ) -> dict[str, Any]:
-    """Write ``n`` unconditional samples as a datasets folder (column ``x``), and PNGs for images."""
+    """Write ``n`` unconditional samples as a datasets folder (column ``x``), and PNGs for images,
+    with the sampling settings :func:`~diffem_cli.pipeline.reconstruct.checkpoint_sampling` gives
+    for ``sample_cfg``."""
     if n < 1:
         raise DiffemError(f"-n must be >= 1, got {n}")
     check_output(out, force)
@@ -156,16 +183,19 @@ def sample_unconditional(
         raise DiffemError(
             f"{ckpt_path} is a {ckpt.meta['kind']} model; use 'diffem reconstruct' with observations"
         )
-    if png_dir is not None:
-        from diffem_cli.pipeline.reconstruct import check_png
+    from diffem_cli.pipeline.reconstruct import check_png, checkpoint_sampling
 
+    if png_dir is not None:
         check_png(ckpt.meta["data"]["kind"])
     ctx = ctx or Context(0, 1, pick_device(device))
-    cfg = sample_cfg or SampleConfig()
+    cfg = checkpoint_sampling(ckpt.meta, ckpt_path, sample_cfg)
     from diffem_cli.methods import method_for_checkpoint
+    from diffem_cli.pipeline.accounting import CountingNetwork
 
     method = method_for_checkpoint(ckpt.meta)  # a method may sample its model its own way
-    prior = method.prior(build_model(ckpt).to(ctx.device).eval(), ckpt.meta, seed)
+    counter = CountingNetwork(build_model(ckpt).to(ctx.device).eval())
+    prior = method.prior(counter, ckpt.meta, seed)
+    t0 = time.perf_counter()
     x = draw_unconditional(
         prior.make, ckpt.meta["data"], n, cfg, seed=seed, device=ctx.device, label=prior.label, ctx=ctx
     )
@@ -175,6 +205,10 @@ def sample_unconditional(
         "checkpoint": str(ckpt_path),
         "sampler": cfg.sampler,
         "steps": cfg.steps,
+        "corrections": cfg.corrections,
+        "corrector_tau": cfg.corrector_tau,
+        **counter.totals(ctx),
+        "seconds": time.perf_counter() - t0,
         "seed": seed,
         "data_shape": data["shape"],
         "data_kind": data["kind"],

@@ -1,6 +1,13 @@
-"""Usage mistakes on every subcommand: one line on stderr, exit 2, no traceback; --version; bare diffem."""
+"""Usage mistakes on every subcommand: one line on stderr, exit 2, no traceback; --version; bare
+diffem; help that loads no heavy module, renders flags as flags and names every preset; ``python -m
+diffem_cli`` never imports from the working directory."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,9 +92,79 @@ def test_version_and_bare_command(cli) -> None:
         code, out, err = cli(flag)
         assert code == 0 and out.strip() == f"diffem {__version__}" and not err
     code, out, err = cli()
-    assert code == 0 and "Usage" in out and "corrupt" in out and "Traceback" not in out + err
+    assert code == 2 and "Usage" in out and "corrupt" in out and "Traceback" not in out + err
     code, out, err = cli("config")
-    assert code == 0 and "show" in out
+    assert code == 2 and "show" in out
+
+
+HEAVY = ("torch", "datasets", "diffusers", "matplotlib", "kornia", "diffem_cli.pipeline")
+
+LOADED = """
+import json, runpy, sys
+heavy, sys.argv = json.loads(sys.argv[1]), ["diffem", *sys.argv[2:]]
+code = None
+try:
+    runpy.run_module("diffem_cli", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+loaded = sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy))
+sys.stderr.write(json.dumps({"code": code, "heavy": loaded}) + "\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["channels"], ["channels", "mask"], ["em-train", "--help"]]
+)
+def test_help_version_and_channels_load_no_heavy_module(argv: list[str]) -> None:
+    """What answers at once (help, version, the channel listing) imports neither torch nor the
+    pipeline, in a fresh interpreter run as ``python -m diffem_cli`` runs."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LOADED, json.dumps(HEAVY), *argv], capture_output=True, text=True, timeout=120
+    )
+    result = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}, proc.stderr
+
+
+def test_python_m_ignores_modules_in_the_working_directory(tmp_path: Path) -> None:
+    """A ``yaml.py`` (a module ``config show`` imports) planted where diffem runs is never imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "yaml.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(9)\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffem_cli", "config", "show", "manifold"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "network:" in proc.stdout and not marker.exists()
+
+
+def test_help_renders_flags_and_every_preset(cli) -> None:
+    from diffem_cli.config.run import PRESETS
+
+    for argv in (
+        ["em-train", "--help"],
+        ["compare", "--help"],
+        ["train-uncond", "--help"],
+        ["corrupt", "--help"],
+    ):
+        code, out, _ = cli(*argv)
+        words = " ".join(out.split())
+        assert code == 0 and "<bool>" not in out and "--force " in words and "--no-force" not in words, argv
+        if argv[0] != "corrupt":
+            assert all(p in words for p in PRESETS), argv
+    code, out, _ = cli("methods", "--help")
+    assert "--json " in out and "<bool>" not in out
+
+
+def test_help_names_match_the_registries() -> None:
+    """The light help helpers agree with what they stand in for (the presets, the methods' group)."""
+    from diffem_cli.cli.commands._help import METHODS_GROUP, preset_names
+    from diffem_cli.config.run import PRESETS
+    from diffem_cli.methods.registry import GROUP
+
+    assert list(preset_names()) == sorted(PRESETS) and METHODS_GROUP == GROUP
 
 
 def test_usage_errors_from_the_console_script() -> None:

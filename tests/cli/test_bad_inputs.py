@@ -66,7 +66,7 @@ def test_bad_values_are_refused_before_anything_is_written(cli, d: Path, tmp_pat
         (("em-train", obs, new, "--set", "sample.sampler=euler"), "'sample.sampler'"),
         (("em-train", obs, new, "--config", "digits"), "needs images"),
         (("em-train", obs, new, "--set", "eval.metrics=psnr"), "needs images"),
-        (("em-train", obs, new, "--laps", "0"), "--laps must be >= 1"),
+        (("em-train", obs, new, "--laps", "-1"), "--laps must be >= 0"),
         (("train-uncond", d / "clean", new, "--set", "train.batch_size=0"), "'train.batch_size'"),
         (("train-uncond", d / "clean", new, "--config", "digits"), "needs images"),
         (("reconstruct", ckpt, obs, new, "--batch-size", "0"), "--batch-size must be >= 1"),

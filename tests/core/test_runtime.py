@@ -198,3 +198,79 @@ def test_a_global_batch_smaller_than_the_world_is_refused():
     with pytest.raises(DiffemError, match="cannot be split across 4 processes"):
         train_denoiser(net, {"x": torch.zeros(3, 2)}, TrainConfig(batch_size=3), seed=0, device=cpu,
                        ctx=Context(0, 4, cpu))  # fmt: skip
+
+
+# --- the launcher's variables, checked before any wait ------------------------------------------
+
+GOOD = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: the number of processes must be >= 1"),
+        ({"WORLD_SIZE": "-3"}, "WORLD_SIZE=-3"),
+        ({"RANK": "5"}, "RANK=5 is out of range for WORLD_SIZE=2"),
+        ({"RANK": "-1"}, "RANK=-1 is out of range"),
+        ({"RANK": "one"}, "RANK='one' is not a number"),
+        ({"RANK": None}, "RANK is not"),
+        ({"LOCAL_RANK": None}, "LOCAL_RANK is not"),
+        ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2 is out of range"),
+        ({"LOCAL_WORLD_SIZE": "1"}, "LOCAL_RANK=1 is out of range for 1 process(es)"),
+        ({"LOCAL_WORLD_SIZE": "3"}, "LOCAL_WORLD_SIZE=3 must be between 1 and WORLD_SIZE=2"),
+        ({"MASTER_ADDR": None}, "MASTER_ADDR is not"),
+        ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a port"),
+        ({"WORLD_SIZE": "1", "RANK": "3"}, "RANK=3 is out of range for WORLD_SIZE=1"),
+    ],
+)
+def test_bad_launcher_variables_are_refused_in_one_line(change, words):
+    from diffem_cli.core.errors import DiffemError
+    from diffem_cli.core.runtime import launch_settings
+
+    env = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    with pytest.raises(DiffemError) as info:
+        launch_settings(env)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_launcher_variables_of_torchrun_pass():
+    from diffem_cli.core.runtime import Launch, launch_settings
+
+    assert launch_settings({}) is None and launch_settings({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert launch_settings(GOOD) == Launch(1, 2, 1, 2, "127.0.0.1", 29500)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"RANK": "5"}, "RANK=5 is out of range for WORLD_SIZE=2"),
+        ({"MASTER_PORT": "CLOSED"}, "cannot reach the main process at MASTER_ADDR:MASTER_PORT = 127.0.0.1:"),
+        ({"MASTER_ADDR": "no-such-host.invalid"}, "no-such-host.invalid"),
+    ],
+)
+def test_a_command_under_a_bad_launch_stops_with_one_line_and_sets_up_nothing(
+    cli, monkeypatch, tmp_path, change, words
+):
+    """The checks run before torch.distributed is touched: no process group, no 30-minute wait, no
+    screen of socket retries; a short DIFFEM_CONNECT_TIMEOUT bounds the reachability check."""
+    import torch.distributed as dist
+    from helpers import error_line
+
+    run_ok("corrupt", "manifold:samples=32,n=2", tmp_path / "obs", "--channel", "projection")
+    env = {**GOOD, "MASTER_PORT": str(_closed_port()), **change, "DIFFEM_CONNECT_TIMEOUT": "0.3"}
+    if env["MASTER_PORT"] == "CLOSED":
+        env["MASTER_PORT"] = str(_closed_port())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = cli("em-train", tmp_path / "obs", tmp_path / "run", "--device", "cpu", *TRAIN)
+    assert code == 2
+    assert words in error_line(err)
+    assert not dist.is_initialized()

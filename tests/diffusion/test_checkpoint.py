@@ -19,6 +19,7 @@ from diffem_cli.diffusion.checkpoint import (
     save_tensors,
 )
 from diffem_cli.diffusion.nets import build_network, default_unet_config
+from diffem_cli.io.store import DiskError
 
 MLP = {"type": "mlp", "width": 32, "depth": 2, "emb_dim": 16}
 
@@ -172,12 +173,35 @@ def test_flipped_bytes_and_edited_metadata_fail_the_checksum(tmp_path):
         load_checkpoint(edited)
 
 
-def test_files_without_a_checksum_still_load(tmp_path):
+def test_files_without_a_checksum_load_only_when_trusted(tmp_path, monkeypatch):
     net = build_network(MLP, (5,), 0)
     path = tmp_path / "old.safetensors"
     meta = {"format": FORMAT, **_meta(MLP, (5,), 0, "unconditional")}
     save_file(net.state_dict(), str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    monkeypatch.delenv("DIFFEM_TRUST_UNVERIFIED", raising=False)
+    with pytest.raises(DiffemError, match="carries no checksum.*DIFFEM_TRUST_UNVERIFIED=1"):
+        load_checkpoint(path)
+    monkeypatch.setenv("DIFFEM_TRUST_UNVERIFIED", "1")
     assert build_model(load_checkpoint(path)) is not None
+
+
+def test_a_removed_checksum_key_with_changed_weights_is_refused(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.delenv("DIFFEM_TRUST_UNVERIFIED", raising=False)
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, build_network(MLP, (5,), 0), _meta(MLP, (5,), 0, "unconditional"))
+    with safe_open(str(path), framework="pt") as f:
+        raw = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) + 1 for k in f.keys()}
+    del raw["checksum"]
+    save_file(tensors, str(path), metadata=raw)
+    with pytest.raises(DiffemError, match="carries no checksum"):
+        load_checkpoint(path)
+    # a foreign file is still named as such, not as unverified
+    save_file(tensors, str(path))
+    with pytest.raises(DiffemError, match="not a diffem checkpoint"):
+        load_checkpoint(path)
 
 
 def test_non_finite_weights_are_refused(tmp_path):
@@ -233,9 +257,10 @@ def test_full_disk_while_saving_leaves_no_temporary(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     path = tmp_path / "m.safetensors"
-    with pytest.raises(OSError) as info:
+    with pytest.raises(DiskError) as info:  # a one-line DiffemError (exit 2) and still an OSError
         save_tensors(path, {"a": torch.zeros(2)}, {})
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert isinstance(info.value, OSError) and str(info.value) == f"{path}: No space left on device"
     assert list(tmp_path.iterdir()) == []
 
 

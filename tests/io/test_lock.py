@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.io.lock import hold_lock, holder, lock_output, lock_path
+from diffem_cli.io.lock import enclosing_run, hold_lock, holder, holding, lock_output, lock_path
 
 HOLD = """
 import sys, time
@@ -101,8 +101,9 @@ def test_own_pid_in_a_leftover_lock_is_stale(tmp_path: Path) -> None:
 def test_lock_of_another_host_is_never_taken(tmp_path: Path) -> None:
     out = tmp_path / "out"
     _write_lock(lock_path(out), _dead_pid(), host="elsewhere")
-    with pytest.raises(DiffemError, match="on host elsewhere"), hold_lock(out):
+    with pytest.raises(DiffemError, match="on host elsewhere") as err, hold_lock(out):
         pass
+    assert f"once that process has ended, delete the lock file {lock_path(out)}" in str(err.value)
 
 
 def test_released_on_exceptions_and_nesting_is_allowed(tmp_path: Path) -> None:
@@ -156,6 +157,54 @@ def test_unwritable_parent_locks_inside_the_folder(tmp_path: Path, monkeypatch: 
         with hold_lock(run) as again:  # nesting finds the inner lock
             assert again == path
     assert not path.exists()
-    # a missing folder in an unwritable parent cannot be locked: the OSError names the path
-    with pytest.raises(PermissionError), hold_lock(tmp_path / "new"):
+    # a missing folder in an unwritable parent cannot be locked: one line naming the lock file
+    with pytest.raises(DiffemError, match=r"cannot create the lock file .*\.new\.lock \(Permission denied\)"):
+        with hold_lock(tmp_path / "new"):
+            pass
+
+
+def test_a_lock_path_that_is_a_folder_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    lock_path(out).mkdir()
+    with pytest.raises(DiffemError) as err, hold_lock(out):
         pass
+    assert str(err.value) == f"the lock file {lock_path(out)} of {out} is a folder; remove it and try again"
+
+
+def _run(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "run.json").write_text("{}")
+    (folder / "config.yaml").write_text("em: {}\n")
+    return folder
+
+
+def test_writing_inside_a_run_takes_the_runs_lock(tmp_path: Path) -> None:
+    from diffem_cli.io.store import atomic_path
+
+    run = _run(tmp_path / "run")
+    assert enclosing_run(run / "recon" / "lap_009") == run and enclosing_run(run) is None
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+        (run / "recon").mkdir()
+        with pytest.raises(DiffemError, match=f"{run} is in use by diffem process {proc.pid}"):
+            with atomic_path(run / "recon" / "lap_009") as target:
+                target.mkdir()
+        assert list((run / "recon").iterdir()) == []
+    finally:
+        proc.kill()
+        proc.wait()
+    # whoever locks a folder inside the RUN holds the RUN's lock too, so em-train is refused meanwhile
+    with hold_lock(run / "uncond", "train-uncond"):
+        assert holder(run) is not None and holder(run)["pid"] == os.getpid()
+    assert holder(run) is None
+
+
+def test_holding_decorates_a_function_with_the_lock_of_its_folder(tmp_path: Path) -> None:
+    @holding("out", "compare")
+    def work(data: int, out: Path) -> dict | None:
+        return holder(out)
+
+    info = work(1, out=tmp_path / "cmp")
+    assert info is not None and info["what"] == "compare" and not lock_path(tmp_path / "cmp").exists()
+    assert work(1, tmp_path / "missing" / "cmp") is None  # the function refuses a missing parent itself

@@ -38,7 +38,7 @@ def _dead_pid() -> int:
 
 def _folder(path: Path, text: str) -> Path:
     path.mkdir()
-    (path / "f.txt").write_text(text)
+    (path / "000000.png").write_text(text)
     return path
 
 
@@ -71,7 +71,7 @@ else:
     store._exchange = exchange
 with store.atomic_path(out, force=True) as target:
     target.mkdir()
-    (target / "f.txt").write_text("new")
+    (target / "000000.png").write_text("new")
 """
 
 
@@ -83,24 +83,24 @@ def test_kill_during_a_forced_overwrite_leaves_old_or_new(tmp_path: Path, how: s
     if how == "two-renames":
         assert not out.exists()  # only the hidden old copy is left ...
         assert recover(out) == out  # ... and is put back (read_dataset and check_output do this)
-        assert (out / "f.txt").read_text() == "old"
+        assert (out / "000000.png").read_text() == "old"
     else:
-        assert (out / "f.txt").read_text() == "new"  # never a moment without `out`
+        assert (out / "000000.png").read_text() == "new"  # never a moment without `out`
     # the next write removes what the killed writer left
     with atomic_path(out, force=True) as target:
         target.mkdir()
-        (target / "f.txt").write_text("third")
+        (target / "000000.png").write_text("third")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert (out / "f.txt").read_text() == "third"
+    assert (out / "000000.png").read_text() == "third"
 
 
 def test_forced_overwrite_of_a_file_and_a_folder(tmp_path: Path) -> None:
     f = tmp_path / "a.png"
     f.write_bytes(b"old")
-    with atomic_path(f, force=True) as target:
+    with atomic_path(f, force=True, kind="file") as target:
         target.write_bytes(b"new")
     assert f.read_bytes() == b"new"
-    with pytest.raises(DiffemError, match="already exists"), atomic_path(f):
+    with pytest.raises(DiffemError, match="already exists"), atomic_path(f, kind="file"):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
 
@@ -110,7 +110,7 @@ def test_exchange_falls_back_where_unsupported(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(store, "_exchange", lambda a, b: False)
     with atomic_path(out, force=True) as target:
         _folder(target, "new")
-    assert (out / "f.txt").read_text() == "new"
+    assert (out / "000000.png").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -158,7 +158,7 @@ def test_clean_stale_removes_what_dead_writers_left(tmp_path: Path) -> None:
     mine.write_text("being written")
     old_style = _folder(run / ".recon.tmp-k2j4h5g6", "x")  # no PID: only removed under the lock
     assert sorted(clean_stale(run)) == sorted(stale)
-    assert (run / "samples" / "f.txt").read_text() == "old samples" and not restored.exists()
+    assert (run / "samples" / "000000.png").read_text() == "old samples" and not restored.exists()
     assert mine.exists() and old_style.exists() and (lap / "model.safetensors").exists()
     assert clean_stale(run) == []
     # under the folder's lock every temporary is stale, whatever its PID
@@ -167,9 +167,9 @@ def test_clean_stale_removes_what_dead_writers_left(tmp_path: Path) -> None:
         "lap-1",
         "lap-1/model.safetensors",
         "report",
-        "report/f.txt",
+        "report/000000.png",
         "samples",
-        "samples/f.txt",
+        "samples/000000.png",
     ]
 
 
@@ -250,7 +250,7 @@ def test_full_disk_on_the_command_line_is_one_line(
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", _enospc)
     code, _, err = cli("corrupt", "digits", tmp_path / "obs", "--channel", "mask", "--limit", "20")
-    assert code != 0
+    assert code == 2  # a refusal the user can fix, like every other
     assert error_line(err) == "error: /somewhere/file: No space left on device"
     assert list(tmp_path.iterdir()) == []
 
@@ -402,3 +402,118 @@ def test_a_second_writer_of_the_same_out_is_refused(tmp_path: Path) -> None:
         proc.wait()
     _data(out)  # the holder was killed: its lock is taken over, and removed after the write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["obs"]
+
+
+# --- --force replaces only what diffem wrote --------------------------------------------------
+
+
+def test_force_never_replaces_a_foreign_folder_or_a_plain_file(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("x")
+    plain = tmp_path / "plain"
+    plain.write_text("mine")
+    for out, what in (
+        (precious, "holds files diffem did not write (thesis.txt)"),
+        (plain, "is a plain file"),
+    ):
+        for force in (False, True):
+            with pytest.raises(DiffemError, match=r"--force replaces only what diffem wrote") as err:
+                write_dataset(out, [{"y": torch.zeros(2, 2)}], {}, force=force)
+            assert what in str(err.value) and "\n" not in str(err.value)
+    assert (precious / "thesis.txt").read_text() == "x" and plain.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "precious"]
+
+
+def test_force_replaces_what_diffem_wrote(tmp_path: Path) -> None:
+    out = _data(tmp_path / "obs")
+    pngs = _folder(tmp_path / "pngs", "old")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (out, pngs, empty):
+        assert store.foreign_output(folder) is None
+        write_dataset(folder, [{"y": torch.ones(3, 2)}], {"kind": "samples"}, force=True)
+        assert len(read_dataset(folder)[0]) == 3
+    # a file diffem wrote inside one of its folders makes it foreign
+    (out / "notes.md").write_text("mine")
+    assert store.foreign_output(out) == "holds files diffem did not write (notes.md)"
+    # a RUN is not an output that reconstruct or sample replace
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("em: {}\n")
+    assert "is a RUN folder" in (store.foreign_output(run) or "")
+    # file outputs (a --preview PNG, an --json file) replace files, never folders
+    assert store.foreign_output(tmp_path / "plain.json", "file") is None
+    assert store.foreign_output(run, "file") == "is a folder, not a file"
+
+
+def test_a_compare_out_holds_its_files_and_its_runs_only(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "compare.json").write_text("{}")
+    (out / "diffem").mkdir()
+    (out / "diffem" / "run.json").write_text("{}")
+    (out / "oracle" / "recon").mkdir(parents=True)  # created, then killed before its run.json
+    assert store.foreign_output(out, "compare") is None
+    (out / "thesis.txt").write_text("x")
+    assert store.foreign_output(out, "compare") == "holds files diffem did not write (thesis.txt)"
+    assert "RUN folder" in (store.foreign_output(out / "diffem", "compare") or "")
+
+
+# --- records appended whole ---------------------------------------------------------------------
+
+
+def test_a_fragment_line_is_dropped_before_the_next_record(tmp_path: Path) -> None:
+    log = tmp_path / "metrics.jsonl"
+    store.append_record(log, {"lap": 1})
+    with open(log, "a") as f:
+        f.write('{"lap": 2, "los')  # a write cut short by a kill or a full disk
+    store.append_record(log, {"lap": 2})
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [{"lap": 1}, {"lap": 2}]
+    log.write_text('{"only": "a frag')  # a fragment and nothing before it
+    store.append_record(log, {"lap": 0})
+    assert log.read_text() == '{"lap": 0}\n'
+
+
+# --- checksums of data folders --------------------------------------------------------------------
+
+
+def _flip(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(n):
+        data[len(data) // 2 + i] ^= 0xFF
+    path.write_bytes(data)
+
+
+def test_flipped_bytes_or_an_edited_manifest_fail_the_checksum(tmp_path: Path) -> None:
+    out = _data(tmp_path / "obs", torch.arange(2000.0).reshape(1000, 2))
+    manifest = read_dataset(out)[1]
+    assert manifest["checksum"].startswith("sha256:" + fingerprint_dataset(out))
+    assert store.verify_dataset(out, manifest) == fingerprint_dataset(out)
+    _edit_manifest(out, channel={"name": "noise", "params": {"sigma": 0.5}})
+    with pytest.raises(DiffemError, match="checksum mismatch"):
+        store.verify_dataset(out, read_dataset(out)[1])
+    out = _data(tmp_path / "obs2", torch.arange(2000.0).reshape(1000, 2))
+    _flip(next(out.glob("*.arrow")))
+    with pytest.raises(DiffemError, match=r"obs2: checksum mismatch \(its data or diffem.json"):
+        store.verify_dataset(out, store.read_manifest(out))
+
+
+def test_a_folder_without_checksum_passes_only_where_not_required_or_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _data(tmp_path / "obs")
+    manifest = store.read_manifest(out)
+    del manifest["checksum"]
+    monkeypatch.delenv(store.TRUST_ENV, raising=False)
+    assert store.verify_dataset(out, manifest) == fingerprint_dataset(out)
+    with pytest.raises(DiffemError, match="carries no checksum.*DIFFEM_TRUST_UNVERIFIED=1"):
+        store.verify_dataset(out, manifest, required=True)
+    monkeypatch.setenv(store.TRUST_ENV, "1")
+    assert store.verify_dataset(out, manifest, required=True) == fingerprint_dataset(out)
+
+
+def test_disk_errors_are_one_line_refusals_and_still_oserrors() -> None:
+    e = store.disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/data/out")
+    assert isinstance(e, OSError) and isinstance(e, DiffemError) and e.exit_code == 2
+    assert str(e) == "/data/out: No space left on device" and e.errno == errno.ENOSPC

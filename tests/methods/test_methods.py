@@ -53,6 +53,9 @@ def test_method_runs_laps_and_reconstructs(obs, tmp_path, cli, name):
     lap_records = [r for r in records if r["event"] == "lap"]
     assert [r["lap"] for r in lap_records] == list(range(laps + 1))
     assert all("eval_sinkhorn" in r for r in lap_records)
+    assert all(r["obs_sw2"] > 0 and r["obs_sw2_floor"] > 0 for r in lap_records)  # label-free monitor
+    for r in lap_records[1:]:  # 128 rows, batches of 64 (em-mmps trains on those inside its box)
+        assert r["examples"] == 64 * r["steps"] and r["estep_forwards"] == 128 * r["nfe"]
     last = tmp_path / f"run/checkpoints/lap_{laps:03d}.safetensors"
     ckpt = load_checkpoint(last)
     assert ckpt.meta["method"] == name
@@ -73,6 +76,33 @@ def test_method_runs_laps_and_reconstructs(obs, tmp_path, cli, name):
     assert code == 0, err
     x = read_x(tmp_path / "rec")
     assert x.shape == (128, 5) and torch.isfinite(x).all()
+
+
+def test_lap_seeds_mix_the_run_seed_with_the_lap():
+    from diffem_cli.methods.base import lap_seed
+
+    assert lap_seed(0, 2, "mstep") != lap_seed(1, 1, "mstep")  # seed + lap gave both 2
+    assert lap_seed(0, 2, "mstep") != lap_seed(0, 2, "moments")
+    assert lap_seed(3, 1, "mstep") == lap_seed(3, 1, "mstep")
+
+
+def test_oracle_redraws_its_corruptions_as_diffem_does(obs):
+    from diffem_cli.io.observations import Observations, load_clean
+
+    data = Observations(obs / "obs")
+    clean = load_clean(obs / "clean", data)
+    cfg = default_config()
+    cfg.em.recorrupt_every = 0
+    assert get_method("oracle", cfg).mstep(data, clean, 1, 1, clean, cfg).refresh is None
+    cfg.em.recorrupt_every = 2
+    oracle = get_method("oracle", cfg)
+    assert oracle.config_record(cfg) == {"em": {"recorrupt_every": 2}}
+    step = oracle.mstep(data, clean, 1, 1, clean, cfg)
+    assert step.refresh is not None and torch.equal(step.tensors["x"], clean)
+    first, again, other = step.refresh(1), step.refresh(1), step.refresh(2)
+    assert torch.equal(first["cond"], again["cond"])  # the same draw for the same (seed, lap, r)
+    assert not torch.equal(first["cond"], other["cond"])
+    assert not torch.equal(first["cond"], step.tensors["cond"])
 
 
 def test_oracle_without_clean_data_is_refused(obs, tmp_path, cli):

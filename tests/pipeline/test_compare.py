@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets
@@ -43,7 +44,21 @@ def test_compare_runs_every_method_and_resumes(tmp_path, cli):
     assert set(summary["methods"]) == {"diffem", "em-mmps", "oracle"}
     for name, row in summary["methods"].items():
         assert row["seconds"] > 0 and "sinkhorn" in row and "uncond_sinkhorn" in row, name
+        assert row["obs_sw2"] > 0 and row["obs_sw2_floor"] > 0, name  # the label-free monitor
         assert [r["lap"] for r in summary["laps"][name]] == [0, 1]
+        lap, spent = summary["laps"][name][1], summary["accounting"][name]
+        # E-step: 128 observations x the sampler's network evaluations, VJPs only for MMPS's final
+        # covariance product (the manifold preset solves CG on a Gaussian covariance)
+        assert spent["estep_forwards"] == 128 * lap["nfe"]
+        assert spent["estep_vjps"] == (128 * lap["nfe"] if name == "em-mmps" else 0)
+        assert spent["mstep_steps"] == lap["steps"] and spent["mstep_examples"] == 64 * lap["steps"]
+        assert spent["uncond_forwards"] == 128 * lap["nfe"] and spent["uncond_vjps"] == 0
+        conditional = name != "em-mmps"  # its unconditional model is trained by train-uncond
+        assert (spent["uncond_examples"] > 0) == conditional and spent["wall_s"] >= row["seconds"]
+        assert spent["uncond_examples"] == 64 * spent["uncond_steps"]
+        examples = spent["mstep_examples"] + spent["uncond_examples"]
+        passes = spent["estep_forwards"] + spent["estep_vjps"] + spent["uncond_forwards"]
+        assert spent["network_passes"] == 2 * examples + passes
     for f in ("compare.md", "compare.png", "compare-samples.png"):
         assert (tmp_path / "cmp" / f).stat().st_size > 0
     assert (tmp_path / "cmp/diffem/uncond/checkpoints/uncond.safetensors").exists()
@@ -100,3 +115,25 @@ def test_compare_all_runs_the_methods_that_fit_the_channel(tmp_path, cli):
     assert set(summary["methods"]) == {"diffem", "em-mmps", "oracle", "dps-em"}
     for skipped in ("naive", "ambient", "ambient-tweedie"):
         assert f"skipping {skipped}" in out + err
+
+
+def test_compare_seeds_give_means_and_student_intervals(tmp_path, cli):
+    _projections(tmp_path, 64)
+    argv = ["compare", tmp_path / "obs", tmp_path / "cmp", "--methods", "diffem", "--eval-clean"]
+    code, _, err = cli(*argv, tmp_path / "clean", "--laps", 1, "--seeds", 2, "--no-uncond", *TRAIN)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cmp/compare.json").read_text())
+    assert summary["seeds"] == [0, 1] and (tmp_path / "cmp/diffem-seed1/metrics.jsonl").exists()
+    runs = summary["runs"]["diffem"]
+    a, b = (r["metrics"]["sinkhorn"] for r in runs)
+    assert a != b  # the seeds draw different runs
+    # two values: s = |a - b| / sqrt(2), half-width t(0.975, 1) s / sqrt(2), t(0.975, 1) = tan(0.475 pi)
+    interval = summary["intervals"]["diffem"]["sinkhorn"]
+    assert interval["mean"] == pytest.approx((a + b) / 2, rel=1e-12)
+    assert interval["half_width"] == pytest.approx(math.tan(0.475 * math.pi) * abs(a - b) / 2, rel=1e-9)
+    assert summary["methods"]["diffem"]["sinkhorn"] == interval["mean"]
+    table = (tmp_path / "cmp/compare.md").read_text()
+    assert "±" in table and "over 2 seeds (0, 1)" in table
+    assert (tmp_path / "cmp/compare.png").stat().st_size > 0
+    code, _, err = cli(*argv, tmp_path / "clean", "--seeds", 0, *TRAIN)
+    assert code == 2 and "--seeds" in error_line(err)

@@ -81,7 +81,7 @@ def test_bad_arguments_write_nothing(base, cli, tmp_path):
     cases = [
         ((tmp_path / "r1", "--set", "train.nope=1"), "train.nope"),
         ((tmp_path / "r2", "--set", "train.epochs=many"), "train.epochs"),
-        ((tmp_path / "r3", "--laps", 0), "--laps"),
+        ((tmp_path / "r3", "--laps", -1), "--laps"),
         ((tmp_path / "r4", "--config", tmp_path / "missing.yaml"), "neither a preset"),
         ((tmp_path / "r5", "--device", "tpu"), "device"),
         ((tmp_path / "no" / "r6",), "does not exist"),

@@ -173,14 +173,18 @@ def test_export_refusals(d, cli, tmp_path):
     shutil.rmtree(broken / "unet")
     code, _, err = cli("reconstruct", broken, d / "dobs", out)
     assert code == 2 and "cannot be loaded" in error_line(err) and not out.exists()
-    # existing OUT: untouched without --force, replaced with it
+    # existing OUT: untouched without --force; with it, replaced only if diffem wrote it
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = cli("export", good, out)
     assert code == 2 and "already exists" in error_line(err)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     code, _, err = cli("export", good, out, "--force")
-    assert code == 0, err
+    assert code == 2 and "diffem did not write (keep.txt)" in error_line(err)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty folder, then an export of diffem's
+        code, _, err = cli("export", good, out, "--force")
+        assert code == 0, err
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "diffem.json", "README.md"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -48,3 +48,45 @@ def test_curves_overwrite_atomically(tmp_path):
     save_curves({"diffem": [(0, 2.0)]}, path, "lap", "Sinkhorn")
     assert path.read_bytes() != first
     _png(path)
+
+
+def test_missing_entries_are_hatched_in_red(tmp_path):
+    """A hidden pixel is drawn in the hatch colours, never as the grey its zero value would be."""
+    from diffem_cli.pipeline.plots import HATCH
+
+    y = torch.zeros(2, 1, 8, 8)  # every value mid-grey, as a masked observation stores it
+    held = torch.ones(2, 1, 8, 8)
+    held[:, :, :4] = 0  # the top half is missing
+    arr = np.asarray(_png(save_image_grid([y], tmp_path / "m.png", observed=[held])).convert("RGB"))
+    red = (np.abs(arr.astype(int) - np.array(HATCH[0])).sum(axis=-1) < 30).sum()
+    grey = (np.abs(arr.astype(int) - 128).sum(axis=-1) < 12).sum()
+    assert red > 0.2 * grey > 0  # both halves show: red stripes over the missing one
+    plain = np.asarray(_png(save_image_grid([y], tmp_path / "p.png")).convert("RGB"))
+    assert (np.abs(plain.astype(int) - np.array(HATCH[0])).sum(axis=-1) < 30).sum() == 0
+
+
+def test_long_labels_get_room(tmp_path):
+    """The left margin grows with the longest label, so no label is clipped."""
+    x = torch.rand(4, 1, 8, 8)
+    short = _png(save_image_grid([x], tmp_path / "s.png", labels=["x"]))
+    long = _png(save_image_grid([x], tmp_path / "l.png", labels=["ambient-tweedie unconditional samples"]))
+    assert long.size[0] > short.size[0] + 150 and long.size[1] == short.size[1]
+
+
+def test_panels_say_which_way_is_better_and_write_a_pdf(tmp_path):
+    from diffem_cli.pipeline.plots import better, save_curve_panels
+
+    assert (better("eval_psnr"), better("fd_pixels"), better("obs_sw2"), better("observed_residual")) == (
+        "higher",
+        "lower",
+        "lower",
+        None,
+    )
+    panels = {"psnr": {"run": [(0, 10.0), (1, 12.0), (2, 13.0)]}, "fd_pixels": {"run": [(0, 3.0), (1, 2.0)]}}
+    path = save_curve_panels(panels, tmp_path / "m.png", "lap", directions={t: better(t) for t in panels})
+    _png(path)
+    pdf = path.with_suffix(".pdf")
+    first = pdf.read_bytes()
+    assert first.startswith(b"%PDF")
+    save_curve_panels(panels, path, "lap", directions={t: better(t) for t in panels})
+    assert pdf.read_bytes() == first  # no creation date: the same numbers give the same file

@@ -111,11 +111,15 @@ def test_sample_bad_input(d, cli, tmp_path):
         assert match in error_line(err), (argv, err)
         assert not out.exists() and not (tmp_path / "png").exists()
         assert not (tmp_path / "u2").exists() and not (tmp_path / "u3").exists()
-    # an existing OUT is left alone without --force, replaced with it
+    # an existing OUT is left alone without --force; with it, replaced only if diffem wrote it
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = cli("sample", ckpt, out, "-n", 4, "--steps", 2)
     assert code == 2 and "already exists" in error_line(err)
+    code, _, err = cli("sample", ckpt, out, "-n", 4, "--steps", 2, "--force")
+    assert code == 2 and "diffem did not write (keep.txt)" in error_line(err)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert cli("sample", ckpt, out, "-n", 2, "--steps", 2, "--force")[0] == 0
     assert cli("sample", ckpt, out, "-n", 4, "--steps", 2, "--force")[0] == 0
     assert len(datasets.load_from_disk(str(out))) == 4

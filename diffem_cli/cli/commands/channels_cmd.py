@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from diffem_cli.io import registry
-from diffem_cli.io.registry import ChannelInfo
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from diffem_cli.io.registry import ChannelInfo
 
 
 def describe(info: ChannelInfo) -> dict[str, Any]:
@@ -39,6 +39,9 @@ def describe(info: ChannelInfo) -> dict[str, Any]:
 
 
 def _overview(infos: list[ChannelInfo]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="diffem channels", title_justify="left", show_lines=False)
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("distribution", no_wrap=True)
@@ -65,6 +68,9 @@ def _overview(infos: list[ChannelInfo]) -> Table:
 
 
 def _detail(console: Console, info: ChannelInfo) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
     console.print(Text(info.name, style="bold"))
     console.print(Text(f"distribution: {info.dist}"))
     console.print(Text(f"entry point:  {info.value}"))
@@ -91,7 +97,14 @@ def channels(
     name: Annotated[str | None, typer.Argument(metavar="NAME", help="Show this channel in full.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """List the installed corruption channels (built-in and plugins), or show one in full."""
+    """List the installed channels, or show one in full.
+
+    Built-in channels and plugins alike; a broken plugin is listed with its error.
+    """
+    from rich.console import Console
+
+    from diffem_cli.io import registry
+
     infos = registry.list_channels(load=True) if name is None else registry.channel_entries(name)
     if as_json:
         data: Any = [describe(i) for i in infos]

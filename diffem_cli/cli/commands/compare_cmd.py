@@ -7,13 +7,18 @@ from typing import Annotated
 
 import typer
 
-from diffem_cli.cli.commands.em_cmd import method_help
-from diffem_cli.core.progress import console
+from diffem_cli.cli.commands._help import config_help, method_help
+from diffem_cli.core.logs import notice
+from diffem_cli.core.tracking import LOG_HELP
 
 
 def compare_command(
-    data: Annotated[Path, typer.Argument(help="Observations folder written by 'diffem corrupt'.")],
-    out: Annotated[Path, typer.Argument(help="Folder for one RUN per method and the comparison files.")],
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="Observations folder written by 'diffem corrupt'.")
+    ],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Folder for one RUN per method and the comparison files.")
+    ],
     methods: Annotated[
         str | None,
         typer.Option(
@@ -32,29 +37,47 @@ def compare_command(
     ] = ...,
     config: Annotated[
         str | None,
-        typer.Option("--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file."),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="PRESET|FILE|RUN",
+            help=config_help("Default: the preset for the data's shape."),
+        ),
     ] = None,
     laps: Annotated[
         int | None, typer.Option("--laps", "-k", help="Laps per method (default: the config's).")
     ] = None,
     sets: Annotated[
-        list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one key: train.lr=2e-4."),
     ] = None,
     uncond: Annotated[
         bool, typer.Option(help="Also sample each method's unconditional model and score it.")
     ] = True,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            help="Runs per method, with the config's seed, seed + 1, ... (runs after the first in "
+            "OUT/METHOD-seedS); compare.md and compare.json give each metric's mean and 95% "
+            "Student-t interval."
+        ),
+    ] = 1,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Start every method's RUN over.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start every method's RUN over.")] = False,
+    log_with: Annotated[
+        list[str] | None, typer.Option("--log", "--log-with", metavar="TRACKER", help=LOG_HELP)
+    ] = None,
 ) -> None:
-    """Run each method on the same observations at the same budget and compare them.
+    """Compare methods on the same observations and budget.
 
     Every method is a resumable RUN in OUT/METHOD (a killed compare resumes where it stopped);
     OUT/compare.json, compare.md, compare.png and compare-samples.png hold the comparison.
     """
     from diffem_cli.cli.commands._checks import at_least, check_run_folder, need_existing
     from diffem_cli.config.run import default_preset, load_config
+    from diffem_cli.core.progress import console
     from diffem_cli.io.store import read_manifest
     from diffem_cli.methods import extensions
     from diffem_cli.pipeline.compare import compare, markdown_table, parse_methods
@@ -62,11 +85,15 @@ def compare_command(
     need_existing(data, "observations folder", folder=True)
     need_existing(eval_clean, "--eval-clean folder", folder=True)
     at_least("--laps", laps)
+    at_least("--seeds", seeds)
     check_run_folder(out, [data, eval_clean])
     names = parse_methods(methods)
     manifest = read_manifest(data)
     default = default_preset(manifest.get("data_shape", [0, 0, 0]))
     cfg = load_config(config, sets or [], default_preset=default, extensions=extensions())
+    from diffem_cli.core.tracking import check_trackers
+
+    track = check_trackers(log_with)
     summary = compare(
         data,
         out,
@@ -75,13 +102,15 @@ def compare_command(
         eval_clean=eval_clean,
         laps=laps,
         uncond=uncond,
+        seeds=seeds,
         device=device,
         force=force,
         skip_unfit=(methods or "").strip() == "all",
-        log=lambda s: console.print(s, soft_wrap=True),
+        track=track,
+        log=notice,
     )
     console.print(markdown_table(summary), soft_wrap=True)
-    console.print(f"[green]done[/green]: {out / 'compare.json'}, {out / 'compare.png'}")
+    notice(f"[green]done[/green]: {out / 'compare.json'}, {out / 'compare.png'}", markup=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,8 +6,14 @@ from typing import Annotated
 
 import typer
 
+from diffem_cli.cli.commands._help import preset_names
+
 config_app = typer.Typer(
-    name="config", help="Inspect run configurations.", no_args_is_help=True, add_completion=False
+    name="config",
+    help="Inspect run configurations.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
 )
 
 
@@ -17,13 +23,14 @@ def show_command(
         str | None,
         typer.Argument(
             metavar="SOURCE",
-            help="A preset (manifold, digits, cifar10, celeba), a RUN folder (its config.yaml) or a "
+            help=f"A preset ({', '.join(preset_names())}), a RUN folder (its config.yaml) or a "
             "YAML file laid over the digits preset. Default: digits (em-train's default for images; "
             "manifold is the default for vector data).",
         ),
     ] = None,
     sets: Annotated[
-        list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one key: train.lr=2e-4."),
     ] = None,
 ) -> None:
     """Print the effective configuration as YAML: every key, defaults filled in, validated."""

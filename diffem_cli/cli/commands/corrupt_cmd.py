@@ -27,7 +27,11 @@ def corrupt(
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Samples per chunk (memory, not output)."),
 ) -> None:
-    """Corrupt every sample of SOURCE with a channel; write OUT (+ manifest) reproducibly."""
+    """Corrupt clean data through a channel into observations.
+
+    Every sample of SOURCE is corrupted with its own seed; OUT (+ manifest) is the same, byte for
+    byte, for the same --seed.
+    """
     from diffem_cli.io import registry
     from diffem_cli.io.sources import load_source
     from diffem_cli.io.store import read_dataset

@@ -7,14 +7,12 @@ from typing import Annotated
 
 import typer
 
-from diffem_cli.core.progress import console
+from diffem_cli.cli.commands._help import config_help, method_help
+from diffem_cli.core.tracking import LOG_HELP
 
-
-def method_help(what: str) -> str:
-    """``--method`` help naming the installed methods (``diffem methods`` lists them in full)."""
-    from diffem_cli.methods.registry import declared_names
-
-    return f"Method: {', '.join(declared_names())} ({what}; 'diffem methods' describes them)."
+ANOTHER_CONFIGURATION = "holds another configuration"
+"""The words of the RUN's refusal of a changed configuration (``Run.prepare``), which em-train
+completes with how to continue the RUN instead."""
 
 
 def em_train_command(
@@ -25,14 +23,28 @@ def em_train_command(
         Path, typer.Argument(metavar="RUN", help="RUN folder: created, or resumed when it exists.")
     ],
     laps: Annotated[
-        int | None, typer.Option("--laps", "-k", help="Number of EM laps (default: the config's).")
+        int | None,
+        typer.Option(
+            "--laps",
+            "-k",
+            help="Number of EM laps (default: the config's); 0 computes the start (lap 0) alone.",
+        ),
     ] = None,
     config: Annotated[
         str | None,
-        typer.Option("--config", "-c", help="Preset (manifold, digits, cifar10, celeba) or a YAML file."),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="PRESET|FILE|RUN",
+            help=config_help(
+                "Default: an existing RUN's own (so --laps alone extends it; not with --force), else the "
+                "preset for the data's shape."
+            ),
+        ),
     ] = None,
     sets: Annotated[
-        list[str] | None, typer.Option("--set", "-s", help="Override one key: train.lr=2e-4.")
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one key: train.lr=2e-4."),
     ] = None,
     method: Annotated[
         str | None,
@@ -51,54 +63,82 @@ def em_train_command(
     ] = None,
     eval_clean: Annotated[
         Path | None,
-        typer.Option(help="Clean data folder (from corrupt --clean-out) to evaluate every lap against."),
+        typer.Option(
+            help="Clean data folder (from corrupt --clean-out) to evaluate every lap against; the RUN "
+            "remembers it (and --clean, --warm-start) for the next em-train on it."
+        ),
     ] = None,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Start RUN over even if it holds another run.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start RUN over even if it holds another run.")
+    ] = False,
+    log_with: Annotated[
+        list[str] | None, typer.Option("--log", "--log-with", metavar="TRACKER", help=LOG_HELP)
+    ] = None,
 ) -> None:
-    """Learn a diffusion model from observations alone (DiffEM, or a peer with --method).
+    """Learn a diffusion model from observations alone.
 
-    Lap 0 fits a Gaussian prior (exact posterior for linear channels); each DiffEM lap re-corrupts
-    the reconstructions, fine-tunes the conditional model (M-step) and resamples every observation
-    (E-step). EM-MMPS and DPS-EM train an unconditional prior and sample posteriors by guidance.
-    Re-running on an existing RUN resumes from where it stopped.
+    DiffEM by default, or a peer with --method. Lap 0 fits a Gaussian prior (exact posterior for
+    linear channels); each DiffEM lap re-corrupts the reconstructions, fine-tunes the conditional
+    model (M-step) and resamples every observation (E-step). EM-MMPS and DPS-EM train an
+    unconditional prior and sample posteriors by guidance. Re-running on an existing RUN resumes
+    from where it stopped; a larger --laps extends it with the configuration and options it was
+    started with.
     """
     from diffem_cli.cli.commands._checks import at_least, check_observations, check_run_folder, need_existing
     from diffem_cli.config.run import default_preset, load_config
+    from diffem_cli.core.errors import DiffemError
+    from diffem_cli.core.logs import notice
     from diffem_cli.core.runtime import launch
+    from diffem_cli.core.tracking import check_trackers
     from diffem_cli.io.store import read_dataset
     from diffem_cli.methods import extensions
     from diffem_cli.pipeline.em import em_train
 
     ds, manifest = read_dataset(data)
     check_observations(ds, manifest, data)
-    at_least("--laps", laps)
+    at_least("--laps", laps, 0)
     need_existing(warm_start, "--warm-start checkpoint")
     need_existing(eval_clean, "--eval-clean folder", folder=True)
     need_existing(clean, "--clean folder", folder=True)
     check_run_folder(run, [data, warm_start, eval_clean, clean])
     default = default_preset(manifest.get("data_shape", [0, 0, 0]))
-    cfg = load_config(config, sets or [], default_preset=default, extensions=extensions())
+    continuing = config is None and not force and (run / "config.yaml").is_file()
+    if continuing:
+        notice(f"configuration: {run}/config.yaml (the RUN's own)")
+    source = str(run) if continuing else config
+    cfg = load_config(source, sets or [], default_preset=default, extensions=extensions())
+    track = check_trackers(log_with)
     with launch(device) as ctx:  # one process, or one of several under torchrun / accelerate launch
-        records = em_train(
-            data,
-            run,
-            cfg,
-            laps=laps,
-            method=method,
-            warm_start=warm_start,
-            eval_clean=eval_clean,
-            clean=clean,
-            device=device,
-            force=force,
-            log=lambda s: console.print(s, soft_wrap=True),
-            ctx=ctx,
+        try:
+            records = em_train(
+                data,
+                run,
+                cfg,
+                laps=laps,
+                method=method,
+                warm_start=warm_start,
+                eval_clean=eval_clean,
+                clean=clean,
+                device=device,
+                force=force,
+                log=notice,
+                ctx=ctx,
+                track=track,
+            )
+        except DiffemError as e:
+            if ANOTHER_CONFIGURATION not in str(e) or source == str(run):
+                raise
+            raise DiffemError(f"{e}; or continue it with its own: --config {run}") from None
+        last = len(records) - 1
+        where = (
+            run / "checkpoints" / f"lap_{last:03d}.safetensors" if last else run / "samples" / "lap_000.png"
         )
-        console.print(
-            f"[green]done[/green]: {len(records) - 1} laps in {run}; "
-            f"last checkpoint {run / 'checkpoints' / f'lap_{len(records) - 1:03d}.safetensors'}"
+        notice(
+            f"[green]done[/green]: {last} laps in {run}; last {'checkpoint' if last else 'picture'} {where}",
+            markup=True,
         )
 
 

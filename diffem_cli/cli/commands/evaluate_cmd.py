@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from diffem_cli.core.progress import console
+from diffem_cli.core.logs import notice
 
 
 def evaluate_command(
@@ -35,9 +35,9 @@ def evaluate_command(
     ] = None,
     n_points: Annotated[int, typer.Option(help="Points per set for the Sinkhorn divergence.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and projections.")] = 0,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing --json file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
 ) -> None:
-    """Compare SAMPLES with the clean REFERENCE and print a table of metrics."""
+    """Score SAMPLES against a clean REFERENCE: a table of metrics."""
     from rich.console import Console
     from rich.table import Table
 
@@ -52,7 +52,7 @@ def evaluate_command(
     if json_out is not None:
         if json_out.is_dir():
             raise DiffemError(f"--json {json_out} is a folder; give a file name")
-        check_output(json_out, force, [samples, reference])
+        check_output(json_out, force, [samples, reference], kind="file")
     if n_points < 1:
         raise DiffemError(f"--n-points must be >= 1, got {n_points}")
     names = None if metrics is None else [m for m in metrics.split(",") if m.strip()]
@@ -78,7 +78,7 @@ def evaluate_command(
             "diffem_version": __version__,
         }
         write_text_atomic(json_out, json.dumps(record, indent=2) + "\n")
-        console.print(f"wrote {json_out}")
+        notice(f"wrote {json_out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from diffem_cli.io import registry as channel_registry
-from diffem_cli.methods.registry import MethodInfo, list_methods
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from diffem_cli.methods.registry import MethodInfo
 
 
 def served_channels(info: MethodInfo, channels: list[Any]) -> list[str]:
@@ -43,6 +42,9 @@ def describe(info: MethodInfo, channels: list[Any]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="diffem methods", title_justify="left")
     table.add_column("name", no_wrap=True, style="bold")
     table.add_column("distribution", no_wrap=True)
@@ -70,8 +72,16 @@ def _table(rows: list[dict[str, Any]]) -> Table:
 def methods(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """List the installed methods: kind, option sections (set with --set SECTION.KEY=VALUE), the
-    installed channels each can serve, and broken plugins with their error."""
+    """List the installed methods and the channels each can serve.
+
+    For each method: its kind, its option sections (set with --set SECTION.KEY=VALUE), the
+    installed channels it can serve; broken plugins are listed with their error.
+    """
+    from rich.console import Console
+
+    from diffem_cli.io import registry as channel_registry
+    from diffem_cli.methods.registry import list_methods
+
     channels = [i.cls for i in channel_registry.list_channels(load=True) if i.ok and i.cls is not None]
     rows = [describe(i, channels) for i in list_methods()]
     if as_json:

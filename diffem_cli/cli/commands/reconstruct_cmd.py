@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from diffem_cli.core.progress import console
-from diffem_cli.diffusion.schedule import DEFAULT_SAMPLER, DEFAULT_STEPS
+from diffem_cli.core.logs import notice
+
+CHECKPOINT_DEFAULT = "Default: the checkpoint's (what its run sampled with)."
 
 
 def reconstruct_command(
@@ -23,9 +24,14 @@ def reconstruct_command(
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output datasets folder (columns x, index).")],
     sampler: Annotated[
-        str, typer.Option(help="dpm++ (default), ddim or ddpm (ancestral).")
-    ] = DEFAULT_SAMPLER,
-    steps: Annotated[int, typer.Option(help="Sampler steps = network evaluations.")] = DEFAULT_STEPS,
+        str | None, typer.Option(help=f"dpm++, ddim or ddpm (ancestral). {CHECKPOINT_DEFAULT}")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=f"Sampler steps = network evaluations. {CHECKPOINT_DEFAULT}")
+    ] = None,
+    corrections: Annotated[
+        int | None, typer.Option(help=f"Langevin corrections after each step. {CHECKPOINT_DEFAULT}")
+    ] = None,
     per_observation: Annotated[int, typer.Option(help="Posterior samples per observation.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Observations sampled at once.")] = 4096,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -33,21 +39,21 @@ def reconstruct_command(
         Path | None, typer.Option(help="Also write one PNG per reconstruction into this folder.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite OUT (and --png) if they exist.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and --png) if they exist.")] = False,
 ) -> None:
-    """Sample clean reconstructions x ~ q(x|y) for every observation."""
+    """Sample reconstructions x ~ q(x|y) of every observation."""
     from diffem_cli.cli.commands._checks import (
         at_least,
         check_observations,
         check_sample_options,
+        given_sampling,
         need_existing,
     )
     from diffem_cli.core.runtime import launch
-    from diffem_cli.diffusion.sampling import SampleConfig
     from diffem_cli.io.store import check_apart, check_output, read_dataset
     from diffem_cli.pipeline.reconstruct import reconstruct
 
-    check_sample_options(sampler, steps, batch_size)
+    check_sample_options(sampler, steps, batch_size, corrections)
     at_least("--per-observation", per_observation)
     need_existing(ckpt, "checkpoint")
     ds, manifest = read_dataset(data)
@@ -62,7 +68,7 @@ def reconstruct_command(
             ckpt,
             data,
             out,
-            sample=SampleConfig(sampler, steps, batch_size),
+            sample=given_sampling(sampler, steps, batch_size, corrections),
             per_observation=per_observation,
             seed=seed,
             png_dir=png,
@@ -70,7 +76,7 @@ def reconstruct_command(
             force=force,
             ctx=ctx,
         )
-        console.print(f"wrote {info['rows']} reconstructions to {out} ({sampler}, {steps} steps)")
+        notice(f"wrote {info['rows']} reconstructions to {out} ({info['sampler']}, {info['steps']} steps)")
 
 
 def register(app: typer.Typer) -> None:
