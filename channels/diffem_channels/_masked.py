@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from diffem_channels.base import Channel, Observation, data_kind, per_sample
+from diffem_channels.base import Channel, ImportField, Observation, data_kind, per_sample
 
 if TYPE_CHECKING:
     import torch
@@ -65,6 +65,22 @@ class MaskedChannel(Channel):
 
     def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
         return float(self.sigma)
+
+    def import_fields(self, shape: tuple[int, ...]) -> tuple[ImportField, ...]:
+        """The mask, 1 = observed: mask images (white = observed, black = missing) or a column."""
+        shape = tuple(shape)
+        self.check_data(shape)
+        mask_shape = shape if data_kind(shape) == "vector" else (self.mask_channels(shape), *shape[1:])
+        return (
+            ImportField(
+                "mask",
+                mask_shape,
+                values=(0.0, 1.0),
+                binary=True,
+                sources=("images", "column", "safetensors"),
+                help="1 where the entry is observed, 0 where it is missing (images: white = observed)",
+            ),
+        )
 
     def observation_mask(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The mask broadcast to the data's shape (a mask shared by colour channels is repeated)."""

@@ -20,6 +20,10 @@ keep working unchanged:
 - :meth:`Channel.exact_entries`: the entries an observation gives exactly (no noise), where the
   true posterior puts ``x = y``; methods write ``y`` back there (data consistency). By default the
   observed entries of a noiseless ``masked_observation`` channel; a plugin may declare its own.
+- :meth:`Channel.import_fields`: the per-sample tensors an observation holds beyond ``y`` (a
+  mask, a matrix, a per-sample parameter) as :class:`ImportField` entries, which ``diffem
+  import`` reads from the user's files and validates. By default derived from what
+  :meth:`Channel.corrupt` returns; a non-linear channel with such tensors declares its own.
 
 torch is imported where a channel first works on tensors, not when its module loads, so listing
 the channels (``diffem channels``) does not load torch; a plugin may do the same.
@@ -130,6 +134,33 @@ def non_negative(v: Any) -> str | None:
 
 positive.constraint = "> 0"  # type: ignore[attr-defined]
 non_negative.constraint = ">= 0"  # type: ignore[attr-defined]
+
+
+IMPORT_SOURCES = ("images", "column", "safetensors", "params")
+"""Where ``diffem import`` may read an :class:`ImportField` from: a folder of ``images`` named like
+the observations, a ``column`` of a data set, a tensor in a ``safetensors`` file (one row per
+sample), or a ``params`` table (CSV or JSON keyed by file name; scalars)."""
+
+
+@dataclass(frozen=True)
+class ImportField:
+    """One per-sample tensor of an observation beyond ``y``, as ``diffem import`` reads it.
+
+    ``shape`` is the per-sample shape for the data shape it was declared for; ``values`` the
+    closed interval its entries lie in (None: any finite value), ``binary`` that only the two ends
+    occur (a 0/1 mask); ``sources`` where it may come from (see :data:`IMPORT_SOURCES`); an image
+    file's 8-bit pixel ``v`` reads as ``lo + (hi - lo) * v / 255`` of ``values``. ``check``
+    returns ``None`` for a valid batch ``(B, *shape)`` and a short reason otherwise.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    values: tuple[float, float] | None = None
+    binary: bool = False
+    sources: tuple[str, ...] = ("column", "safetensors")
+    help: str = ""
+    check: Callable[[torch.Tensor], str | None] | None = field(default=None, compare=False)
 
 
 _MASK64 = (1 << 64) - 1
@@ -291,6 +322,34 @@ class Channel:
         if self.masked_observation and self.linear and float(self.noise_std(obs)) == 0.0:
             return self.observation_mask(obs)
         return None
+
+    def import_fields(self, shape: tuple[int, ...]) -> tuple[ImportField, ...]:
+        """(v2) What an observation of data ``shape`` holds beyond ``y``, for ``diffem import``.
+
+        Default: every other tensor :meth:`corrupt` returns, with its shape and dtype and any
+        finite value, from a data set column or a safetensors file (scalars also from a ``params``
+        table). A non-linear channel returning more than ``y`` must declare its own fields: it
+        cannot be imported otherwise.
+        """
+        import torch
+
+        self.check_data(tuple(shape))
+        trial = self.corrupt(torch.zeros(1, *shape), sample_seeds(0, [0]))
+        extra = {k: v for k, v in trial.items() if k != "y"}
+        if extra and not self.linear:
+            raise ChannelError(
+                f"channel {self.name!r} cannot be imported: it is not linear and does not declare what its "
+                f"observation tensors {sorted(extra)} hold (Channel.import_fields)"
+            )
+        return tuple(
+            ImportField(
+                k,
+                tuple(v.shape[1:]),
+                str(v.dtype).removeprefix("torch."),
+                sources=("column", "safetensors", "params") if v.dim() == 1 else ("column", "safetensors"),
+            )
+            for k, v in extra.items()
+        )
 
     def start(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         """A crude clean-space estimate from the observation, used to start EM when the channel

@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from diffem_channels.base import Channel, ChannelError, Observation, Param, non_negative, per_sample
+from diffem_channels.base import (
+    Channel,
+    ChannelError,
+    ImportField,
+    Observation,
+    Param,
+    non_negative,
+    per_sample,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -23,6 +31,16 @@ def _at_least_one(v: int) -> str | None:
 
 
 _at_least_one.constraint = ">= 1"  # type: ignore[attr-defined]
+
+UNIT_ROW_TOL = 1e-4  # float32 rounding of a normalised row stays far below this
+
+
+def _unit_rows(a: torch.Tensor) -> str | None:
+    """``ImportField.check`` of ``A`` under ``normalize``: every row of unit Euclidean norm."""
+    worst = float((a.double().norm(dim=-1) - 1).abs().max()) if a.numel() else 0.0
+    if worst <= UNIT_ROW_TOL:
+        return None
+    return f"rows must have unit norm (normalize=True), off by up to {worst:.3g}"
 
 
 class ProjectionChannel(Channel):
@@ -59,6 +77,18 @@ class ProjectionChannel(Channel):
         if self.sigma > 0:
             y = y + self.sigma * per_sample(seeds, (self.m,), "randn", NOISE_STREAM).to(x)
         return {"y": y, "A": a}
+
+    def import_fields(self, shape: tuple[int, ...]) -> tuple[ImportField, ...]:
+        """The per-sample matrix ``A`` (m x n), from a safetensors file or a column."""
+        self.check_data(tuple(shape))
+        return (
+            ImportField(
+                "A",
+                (self.m, shape[0]),
+                help="the sample's m x n projection matrix",
+                check=_unit_rows if self.normalize else None,
+            ),
+        )
 
     def condition(self, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         import torch

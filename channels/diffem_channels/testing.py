@@ -13,6 +13,8 @@ raises ``AssertionError`` (with a one-line reason) at the first broken promise:
   is 0, ``y == A x`` to rounding;
 - entries declared exact (``exact_entries``) form a 0/1 tensor shaped like the data, and ``y``
   equals ``x`` there bit for bit;
+- import fields (``import_fields``, unless the channel cannot be imported): one per tensor
+  besides ``y``, with its per-sample shape, and the drawn observations within their declared values;
 - the spec round trip: ``spec()`` is JSON-able and rebuilds an equal channel (through the
   registry when the channel is installed, else through its class) that gives the same output;
 - data kinds the channel does not accept are refused by ``check_data`` with a ``ChannelError``.
@@ -135,6 +137,31 @@ def _check_exact(channel: Channel, x: torch.Tensor, obs: dict[str, torch.Tensor]
         raise _fail(channel, "an entry declared exact by exact_entries differs between y and x")
 
 
+def _check_import(channel: Channel, obs: dict[str, torch.Tensor], shape: tuple[int, ...]) -> None:
+    """``import_fields`` describes the tensors ``corrupt`` draws, and those satisfy it."""
+    try:
+        fields = channel.import_fields(shape)
+    except ChannelError:  # a channel that cannot be imported says so
+        return
+    names = sorted(f.name for f in fields)
+    if names != sorted(k for k in obs if k != "y"):
+        held = sorted(k for k in obs if k != "y")
+        raise _fail(channel, f"import_fields declares {names}, the observations hold {held} besides 'y'")
+    for f in fields:
+        t = obs[f.name]
+        if tuple(t.shape[1:]) != tuple(f.shape):
+            got = tuple(t.shape[1:])
+            raise _fail(channel, f"import field {f.name!r} has shape {f.shape}, the observations {got}")
+        if f.values is not None:
+            lo, hi = f.values
+            ok = ((t == lo) | (t == hi)) if f.binary else ((t >= lo) & (t <= hi))
+            if not bool(ok.all()):
+                raise _fail(channel, f"observations of {f.name!r} break its declared values {f.values}")
+        reason = f.check(t) if f.check is not None else None
+        if reason:
+            raise _fail(channel, f"observations of {f.name!r} fail its import check: {reason}")
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() * b.double()).flatten(1).sum(1)
 
@@ -244,6 +271,7 @@ def check_channel(channel: Channel, shape: tuple[int, ...], *, seed: int = 0) ->
     whole = _check_seeding(channel, x, seeds)
     _check_condition(channel, whole, shape)
     _check_exact(channel, x, whole)
+    _check_import(channel, whole, shape)
     if channel.linear:
         _check_linear(channel, x, whole, shape)
     _check_spec(channel, x, seeds, whole)

@@ -3,7 +3,8 @@
 Each subcommand lives in ``diffem_cli.cli.commands.<module>`` and registers itself through that
 module's ``register(app)``. Errors the user can fix are printed as one line on stderr with exit
 code 2, never as a traceback. Usage mistakes (unknown option, missing argument, bad value,
-unknown command) are one line too, exit 2; so is a bare ``diffem``, which prints the help. Typer
+unknown command) are one line too, exit 2; so is a bare ``diffem``, which prints the help, and a
+write the file system refuses (full disk, quota, read-only), whichever library reported it. Typer
 0.29 and later bundle their own copy of click (``typer._click``), older ones use the standalone
 ``click``: both kinds of exception are caught.
 
@@ -35,6 +36,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "channels_cmd",
     "methods_cmd",
     "corrupt_cmd",
+    "import_cmd",
     "em_cmd",
     "reconstruct_cmd",
     "uncond_cmd",
@@ -195,18 +197,16 @@ def run(argv: list[str] | None = None, *, default_threads: bool = False) -> int:
         return _fail("interrupted; run the same command again to resume where supported", 130)
     except MemoryError:
         return _fail("out of memory; try a smaller --batch-size or chunk size", 1)
-    except OSError as e:
-        if os.environ.get(DEBUG_ENV):
-            raise
-        return _fail(os_error_message(e), 1)
     except Exception as e:
         if os.environ.get(DEBUG_ENV):
             raise
         from diffem_cli.io.store import os_error
 
-        wrapped = os_error(e)  # a full disk reported through a library's own exception type
-        if wrapped is not None:
-            return _fail(os_error_message(wrapped), 1)
+        disk = os_error(e)  # a full disk, also when a library wraps it in its own exception type
+        if disk is not None:
+            return _fail(os_error_message(disk))
+        if isinstance(e, OSError):
+            return _fail(os_error_message(e), 1)
         return _fail(f"internal error ({type(e).__name__}: {e}); set {DEBUG_ENV}=1 for the traceback", 1)
     return result if isinstance(result, int) else 0
 

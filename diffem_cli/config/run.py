@@ -36,16 +36,23 @@ class EMConfig:
     init: str = "auto"
     gaussian_iters: int = 16
     gaussian_rank: int = 64
+    gaussian_full_max_dim: int = 768
     recorrupt_every: int = 0
     drop_outside: float = 0.0
 
 
 @dataclass
 class EvalConfig:
-    """Per-lap evaluation against clean data (``--eval-clean``)."""
+    """Per-lap evaluation against clean data (``--eval-clean``).
+
+    ``posterior_n`` / ``posterior_k``: the last lap also draws ``posterior_k`` posterior samples of
+    each of the first ``posterior_n`` observations for the posterior-quality metrics (``post_*``:
+    one sample against the K-sample mean, calibration, spread against error); 0 turns them off."""
 
     metrics: list[str] = field(default_factory=list)
     n_points: int = 4096
+    posterior_n: int = 64
+    posterior_k: int = 8
 
 
 @dataclass
@@ -345,6 +352,7 @@ def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
     choice("em.init", em.init, INITS)
     int_at_least("em.gaussian_iters", em.gaussian_iters, 1)
     int_at_least("em.gaussian_rank", em.gaussian_rank, 1)
+    int_at_least("em.gaussian_full_max_dim", em.gaussian_full_max_dim, 0)
     int_at_least("em.recorrupt_every", em.recorrupt_every, 0)
     if finite("em.drop_outside", em.drop_outside) < 0:
         raise bad("em.drop_outside", em.drop_outside, ">= 0 (0 keeps every reconstruction)")
@@ -358,6 +366,8 @@ def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
     if len(set(cfg.eval.metrics)) != len(cfg.eval.metrics):
         raise bad("eval.metrics", cfg.eval.metrics, "a list without repeats")
     int_at_least("eval.n_points", cfg.eval.n_points, 1)
+    int_at_least("eval.posterior_n", cfg.eval.posterior_n, 0)
+    int_at_least("eval.posterior_k", cfg.eval.posterior_k, 2)
     int_at_least("seed", cfg.seed, 0)
 
 

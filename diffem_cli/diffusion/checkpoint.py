@@ -3,7 +3,8 @@
 Metadata keys: ``format`` ("diffem-checkpoint"), ``diffem_version``, ``kind`` ("conditional" or
 "unconditional"), ``network`` (network config), ``data`` (shape, kind, value range, fingerprint
 of the observations), ``channel`` (the channel spec, conditional models), ``schedule``, ``lap``,
-and any extra entries (``metrics``). A checkpoint file alone is enough to sample or reconstruct.
+``provenance`` (the chain of commands that made it, :mod:`diffem_cli.io.provenance`) and any extra
+entries (``metrics``). A checkpoint file alone is enough to sample or reconstruct.
 Besides the network's weights it may hold a method's auxiliary tensors (names starting with
 ``aux.``, e.g. the Gaussian moments of EM-MMPS's covariance heuristic), which are not weights.
 
@@ -33,6 +34,7 @@ from torch import nn
 from diffem_cli import __version__
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import DataMeta
+from diffem_cli.io.provenance import chain_of
 from diffem_cli.io.store import DISK_ERRNOS, EXPORT_FORMAT, TRUST_ENV, disk_error, trust_unverified
 
 FORMAT = EXPORT_FORMAT
@@ -45,7 +47,8 @@ class CheckpointMeta:
     """The typed view of a checkpoint's metadata: what rebuilds its network and says what it models.
 
     Read with :meth:`from_dict`, which tolerates the entries older checkpoints lack (``cond_size``
-    0, no channel, lap, method); the metadata dict itself stays what is written and read on disk.
+    0, no channel, lap, method, an empty provenance chain); the metadata dict itself stays what is
+    written and read on disk.
     """
 
     kind: str
@@ -56,6 +59,7 @@ class CheckpointMeta:
     lap: int | None = None
     method: str | None = None
     method_config: dict[str, Any] | None = None
+    provenance: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, meta: dict[str, Any]) -> CheckpointMeta:
@@ -82,6 +86,7 @@ class CheckpointMeta:
             lap=int(lap) if isinstance(lap, int) else None,
             method=meta.get("method"),
             method_config=meta.get("method_config"),
+            provenance=chain_of(meta),
         )
 
 

@@ -46,7 +46,8 @@ class SampleConfig:
 
 
 def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:
-    """Check a SampleConfig (sampler name, steps in [1, 1000], batch size >= 1)."""
+    """Check a SampleConfig (sampler name, steps in [1, 1000], batch size >= 1); ``prefix`` "--"
+    names the fields as the command-line options that set them."""
     choice(prefix + "sampler", s.sampler, tuple(SAMPLERS))
     int_at_least(prefix + "steps", s.steps, 1, SCHEDULE["num_train_timesteps"])
     int_at_least(prefix + "batch_size", s.batch_size, 1)

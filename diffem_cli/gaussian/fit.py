@@ -5,10 +5,12 @@
 Works for any linear channel ``y = A x + s * eps`` (the channel offers ``A``, ``A^T`` and
 ``s``) and data of any shape, flattened to dimension ``D``. Two regimes:
 
-* ``D <= full_max_dim`` (128: the manifold, 8x8 digits): a full covariance and exact EM. Each
-  sample's ``A`` is read off the channel (its diagonal when ``A`` is diagonal, as for masks;
-  else materialised on basis vectors) and the posterior solved by batched float64 Cholesky on
-  the informative rows only.
+* ``D <= full_max_dim`` (128 here, 768 in ``em.gaussian_full_max_dim``): a full covariance and exact
+  EM. Each sample's ``A`` is read off the channel (its diagonal when ``A`` is diagonal, as for
+  masks; else materialised on basis vectors) and the posterior solved by batched float64
+  Cholesky on the informative rows only. Above ``WARM_FULL_DIM`` exact EM from the isotropic
+  start converges too slowly, so the low-rank fit below comes first and ``iters // 4`` exact
+  iterations refine it (a blur's spectral fit, already exact, is kept as it is).
 * larger ``D`` (images): ``Sigma = D + F F^T`` with ``F`` of rank ``r``, fitted as in the
   official code by stochastic EM on posterior samples (Matheron's rule) with a PCA M-step, on
   an evenly strided subset of the observations. All float32 and batched. The posterior solve
@@ -86,6 +88,7 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+WARM_FULL_DIM = 128  # above it a full-covariance fit starts from the low-rank one
 INIT_MEAN_ITERS = 8  # CG steps for the initial mean; stopping early regularises an ill-posed A
 INIT_POWER_ITERS = 10  # power iterations for each sample's ||A_i||_2^2
 
@@ -367,11 +370,13 @@ def fit_gaussian(
 
     ``obs_batches()`` returns a fresh iterable of observation dicts each call. Up to
     ``full_max_dim`` dimensions the covariance is full and EM exact (float64, every observation,
-    one pass per iteration). Beyond, ``Sigma`` is ``rank`` factors plus a diagonal (in pixel
-    coordinates, or, for a symmetric ``A`` shared by all samples such as blur, in ``A``'s
-    eigenbasis, stored as ``basis``), fitted by stochastic EM on an evenly strided subset of at
-    most ``max_fit`` observations held on the device: posterior samples (normals from
-    ``generator``, default seed 0), then the mean and a top-``rank`` PCA of the samples.
+    one pass per iteration; above ``WARM_FULL_DIM`` started from the low-rank fit and refined by
+    ``iters // 4`` exact iterations). Beyond, ``Sigma`` is ``rank`` factors plus a diagonal:
+    in pixel coordinates, fitted by stochastic EM on an evenly strided subset of at most
+    ``max_fit`` observations held on the device (posterior samples with normals from
+    ``generator``, default seed 0, then the mean and a top-``rank`` PCA of the samples); or, for
+    a symmetric ``A`` shared by all samples such as blur, by exact EM in ``A``'s eigenbasis
+    (stored as ``basis``) on that subset.
     ``progress(i, iters, stats)`` is called after each iteration; ``stats`` holds ``loglik``
     (exact EM: mean log-likelihood per observation under the prior before the step) or ``var``
     (stochastic EM: mean per-dimension variance of the samples). ``device`` runs the linear
@@ -386,6 +391,26 @@ def fit_gaussian(
     if first is None:
         raise DiffemError("no observations to fit the Gaussian start to")
     dev = torch.device(device) if device is not None else first["y"].device
+    if full and init is None and math.prod(shape) > WARM_FULL_DIM:
+        options = dict(jitter=jitter, cg_iters=cg_iters, cg_tol=cg_tol, max_fit=max_fit)
+        options.update(cache_bytes=cache_bytes, shared_max_dim=shared_max_dim, device=device)
+        warm = fit_gaussian(
+            channel, obs_batches, shape, iters, WARM_FULL_DIM, rank, generator, None, **options
+        )
+        if warm.basis is not None:
+            return warm
+        return fit_gaussian(
+            channel,
+            obs_batches,
+            shape,
+            max(1, iters // 4),
+            full_max_dim,
+            rank,
+            None,
+            progress,
+            warm,
+            **options,
+        )
     if full:
 
         def moved() -> Iterator[Obs]:

@@ -24,16 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffem_channels.base import ChannelError
 from diffem_cli import __version__
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import data_kind
 from diffem_cli.io.lock import RUN_FILES
+from diffem_cli.io.provenance import KEY as PROVENANCE_KEY
+from diffem_cli.io.provenance import describe_folder
 
 MANIFEST = "diffem.json"
 CHECKSUM_KEY = "checksum"
-VOLATILE_MANIFEST_KEYS = frozenset({"diffem_version", CHECKSUM_KEY})
+VOLATILE_MANIFEST_KEYS = frozenset({"diffem_version", CHECKSUM_KEY, PROVENANCE_KEY})
 """Manifest entries left out of :func:`fingerprint_dataset`: they change without the data changing
-(the checksum is computed over everything else)."""
+(the checksum is computed over everything else; the provenance records when a folder was made)."""
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 """Errors of the file system (full disk, quota, read-only, permissions) reported as one line."""
 TRUST_ENV = "DIFFEM_TRUST_UNVERIFIED"
@@ -497,7 +500,8 @@ def write_dataset(
         raise DiffemError("nothing to write: the input holds no samples") from None
     features = _features(first)
     manifest = {**manifest, "diffem_version": __version__}
-    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_KEYS}
+    fingerprint = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def rows() -> Iterator[dict[str, Any]]:
         for chunk in _prepend(first, iterator):
@@ -514,12 +518,16 @@ def write_dataset(
                 rows, features=features, cache_dir=str(cache), fingerprint=fingerprint
             )
             n_rows = len(ds)
+            ds.info.description = describe_folder({**manifest, "num_rows": n_rows})
             ds.save_to_disk(str(target))
             del ds
-        except Exception as e:  # datasets wraps a full disk in its own error types
+        except Exception as e:  # datasets wraps a full disk, and errors the rows raise, in its own types
             disk = os_error(e)
             if disk is not None:  # e.g. a write through fsspec names no file: name OUT
                 raise disk_error(disk, out) from None
+            user = user_error(e)
+            if user is not None and user is not e:
+                raise user from None
             raise
         finally:
             shutil.rmtree(cache, ignore_errors=True)
@@ -542,6 +550,19 @@ def os_error(e: BaseException) -> OSError | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def user_error(e: BaseException) -> BaseException | None:
+    """The one-line error (a ``DiffemError``, or a channel's ``ChannelError``) behind ``e``, if any:
+    the rows given to :func:`write_dataset` may raise one, which ``datasets`` wraps."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DiffemError | ChannelError):
             return current
         current = current.__cause__ or current.__context__
     return None

@@ -41,8 +41,9 @@ from diffem_cli.diffusion.losses import Loss, VLoss
 Refresh = Callable[[int], dict[str, torch.Tensor]]
 Make = Callable[[dict[str, torch.Tensor]], Denoiser]
 """``obs batch (on the sampling device) -> Denoiser`` for those rows."""
-Draw = Callable[[Make, int, str], torch.Tensor]
-"""``draw(make, rows, note)``: samples (CPU) of the first ``rows`` observations with ``make``."""
+Draw = Callable[[Make, int | torch.Tensor, str], torch.Tensor]
+"""``draw(make, rows, note)``: samples (CPU) of the first ``rows`` observations with ``make``, or,
+when ``rows`` is a tensor of row indices, of those observations in that order."""
 
 
 @dataclass

@@ -37,6 +37,22 @@ def fresh_conditioning(
     return conditioning(data, recorrupt(data.channel, x, seed, lap, index), keep_observed)
 
 
+def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any) -> MStep:
+    """The M-step of a conditional model trained on fresh corruptions of ``x`` (DiffEM's
+    reconstructions, the oracle's clean data): pairs ``(x, cond(y~))`` drawn for lap ``lap`` from
+    ``seed``, drawn again every ``em.recorrupt_every`` epochs when that is positive."""
+    keep = cfg.sample.keep_observed
+    pairs = fresh_conditioning(data, x, seed, lap, data.index, keep)
+    refresh: Refresh | None = None
+    if cfg.em.recorrupt_every > 0:
+
+        def refresh(r: int) -> dict[str, torch.Tensor]:
+            more = data.channel.corrupt(x, sample_seeds(seed, data.index, lap, r))
+            return conditioning(data, more, keep)
+
+    return MStep({"x": x, **pairs}, VLoss(cfg.train.t_sampling), refresh)
+
+
 class ConditionalMethod(Method):
     """A method whose model is a conditional denoiser of ``x`` given the channel's conditioning;
     its posterior samples are the conditional sampler's, no guidance."""
@@ -62,17 +78,7 @@ class DiffEM(ConditionalMethod):
     compared_by_default = True
 
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
-        seed = cfg.seed
-        keep = cfg.sample.keep_observed
-        pairs = fresh_conditioning(data, prev, seed, lap, data.index, keep)
-        refresh: Refresh | None = None
-        if cfg.em.recorrupt_every > 0:
-
-            def refresh(r: int) -> dict[str, torch.Tensor]:
-                more = data.channel.corrupt(prev, sample_seeds(seed, data.index, lap, r))
-                return conditioning(data, more, keep)
-
-        return MStep({"x": prev, **pairs}, VLoss(cfg.train.t_sampling), refresh)
+        return recorruption_mstep(data, prev, cfg.seed, lap, cfg)
 
     def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
         return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}

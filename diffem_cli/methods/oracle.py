@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from diffem_channels import mix_seed, sample_seeds
+from diffem_channels import mix_seed
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.diffusion.losses import VLoss
-from diffem_cli.methods.base import MStep, Refresh
-from diffem_cli.methods.diffem import ConditionalMethod, conditioning, fresh_conditioning
+from diffem_cli.methods.base import MStep
+from diffem_cli.methods.diffem import ConditionalMethod, recorruption_mstep
 
 # Sets the oracle's corruption seeds apart from the observed data's and from DiffEM's re-corruptions.
 ORACLE_TAG = 1 << 20
@@ -32,16 +29,7 @@ class Oracle(ConditionalMethod):
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         if clean is None:
             raise DiffemError("method 'oracle' needs clean data: pass --clean DIR")
-        seed, keep = mix_seed(cfg.seed, ORACLE_TAG), cfg.sample.keep_observed
-        pairs = fresh_conditioning(data, clean, seed, lap, data.index, keep)
-        refresh: Refresh | None = None
-        if cfg.em.recorrupt_every > 0:
-
-            def refresh(r: int) -> dict[str, torch.Tensor]:
-                more = data.channel.corrupt(clean, sample_seeds(seed, data.index, lap, r))
-                return conditioning(data, more, keep)
-
-        return MStep({"x": clean, **pairs}, VLoss(cfg.train.t_sampling), refresh)
+        return recorruption_mstep(data, clean, mix_seed(cfg.seed, ORACLE_TAG), lap, cfg)
 
     def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
         return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}

@@ -101,12 +101,6 @@ def list_methods() -> list[MethodInfo]:
     return out
 
 
-def declared_names() -> list[str]:
-    """The names of every declared method, from package metadata alone (no import; for help
-    texts), sorted."""
-    return sorted({ep.name for _, ep in declared(GROUP)})
-
-
 def method_classes() -> dict[str, type[Method]]:
     """Name -> class of every method that loaded without error, in listing order."""
     return {i.name: i.cls for i in list_methods() if i.ok and i.cls is not None}

@@ -150,10 +150,11 @@ def _posterior(
         if len(v) != len(data):
             raise _fail(method, f"posterior extra {k!r} has {len(v)} rows for {len(data)} observations")
 
-    def draw_first(make: Make, n: int, note: str = "") -> torch.Tensor:
+    def draw_first(make: Make, n: int | torch.Tensor, note: str = "") -> torch.Tensor:
+        picked = n.long() if isinstance(n, torch.Tensor) else torch.arange(n)  # row indices, or the first n
         return draw(
-            lambda a, b: make({k: v[a:b] for k, v in rows.items()}),
-            n,
+            lambda a, b: make({k: v[picked[a:b]] for k, v in rows.items()}),
+            len(picked),
             data.shape,
             sampler=cfg.sample.sampler,
             steps=2,

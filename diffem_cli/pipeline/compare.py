@@ -8,8 +8,9 @@ conditional models through ``train-uncond`` on their last reconstructions (in
 runs once per seed (``OUT/METHOD-seedS/`` after the first). ``OUT/compare.json``,
 ``OUT/compare.md``, ``OUT/compare.png`` (every metric per lap) and ``OUT/compare-samples.png``
 (reconstructions and unconditional samples of each method) summarise the comparison: final
-metrics (their mean and 95% Student-t interval over the seeds), the label-free monitor, and the
-compute each method took, counted on the network.
+metrics (their mean and 95% Student-t interval over the seeds), the posterior quality of the last
+lap (``post_*``, a table of its own), the label-free monitor, and the compute each method took,
+counted on the network.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ Logger = Callable[[str], None]
 TIME_KEYS = ("init_s", "corrupt_s", "mstep_s", "estep_s")
 MONITOR_KEYS = ("obs_sw2", "obs_sw2_floor", "observed_residual")
 """The label-free monitor's fields of the last lap record that ``compare`` reports too."""
+POSTERIOR_PREFIX = "post_"
+"""The posterior-quality fields of the last lap record (:mod:`diffem_cli.metrics.posterior_quality`), a
+table of their own in ``compare.md``; ``post_s``, ``post_k`` and ``post_n`` stay in the records."""
 UNCOND_METRICS = {"vector": ["sinkhorn", "sliced_w2"], "image": ["fd_rand", "fd_pixels"]}
 
 
@@ -226,6 +230,8 @@ def _one_run(
     last = records[-1]
     row = {k[5:]: v for k, v in last.items() if k.startswith("eval_") and k != "eval_s"}
     row.update({k: last[k] for k in MONITOR_KEYS if last.get(k) is not None})
+    skip = {f"{POSTERIOR_PREFIX}{k}" for k in ("s", "k", "n")}
+    row.update({k: v for k, v in last.items() if k.startswith(POSTERIOR_PREFIX) and k not in skip})
     row["seconds"] = sum(float(r.get(k) or 0.0) for r in records for k in TIME_KEYS)
     recon, _ = load_recon(run_dir / "recon" / f"lap_{last['lap']:03d}")
     pictures = {"posterior": recon}
@@ -334,7 +340,6 @@ def _write(
             out / "compare.png",
             "lap",
             errors=errors if len(summary["seeds"]) > 1 else None,
-            directions={title: plots.better(title) for title in panels},
         )
     if data.kind == "vector":
         sets = {f"{name} {what}": x for name, d in pictures.items() for what, x in d.items()}
@@ -392,13 +397,11 @@ def lap_panels(
     return panels, errors
 
 
-def markdown_table(summary: dict[str, Any]) -> str:
-    """The final metrics of every method as a Markdown table: with several seeds, each cell the
-    mean and the half-width of its 95% Student-t interval over the seeds."""
-    methods, intervals = summary["methods"], summary.get("intervals") or {}
-    keys: list[str] = []
-    for row in methods.values():
-        keys += [k for k in row if k not in keys]
+def metric_table(
+    methods: dict[str, dict[str, Any]], intervals: dict[str, dict[str, Any]], keys: list[str]
+) -> list[str]:
+    """The lines of a Markdown table of ``keys`` per method, each cell the mean and, with an
+    interval, the half-width of its 95% Student-t interval."""
     lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in methods.items():
         cells = []
@@ -407,6 +410,27 @@ def markdown_table(summary: dict[str, Any]) -> str:
             text = f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
             cells.append(f"{text} ± {half:.2g}" if isinstance(half, float) else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The final metrics of every method as a Markdown table: with several seeds, each cell the
+    mean and the half-width of its 95% Student-t interval over the seeds."""
+    methods, intervals = summary["methods"], summary.get("intervals") or {}
+    keys: list[str] = []
+    for row in methods.values():
+        keys += [k for k in row if k not in keys]
+    lines = metric_table(methods, intervals, [k for k in keys if not k.startswith(POSTERIOR_PREFIX)])
+    posterior = [k for k in keys if k.startswith(POSTERIOR_PREFIX)]
+    if posterior:
+        lines += ["", *metric_table(methods, intervals, posterior)]
+        lines += [
+            "",
+            "Posterior quality (`post_*`): K samples of each of the first `eval.posterior_n` "
+            "observations; `_one` one sample, `_mean` the K-sample mean; `coverage` of the central "
+            "interval per pixel beside `coverage_expected` and `mse_ratio` beside `mse_ratio_exact`, "
+            "their values for exact posterior samples.",
+        ]
     spent = summary.get("accounting") or {}
     if spent:
         keys = ("mstep_examples", "estep_forwards", "estep_vjps", "uncond_examples", "uncond_forwards")

@@ -18,6 +18,7 @@ import torch
 
 from diffem_channels.base import Channel, ChannelError, sample_seeds
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io import provenance
 from diffem_cli.io.datameta import IMAGE, VECTOR, DataMeta
 from diffem_cli.io.sources import Source
 from diffem_cli.io.store import check_apart, check_output, columns, read_dataset, read_manifest, write_dataset
@@ -132,6 +133,14 @@ def corrupt_dataset(
         raise DiffemError(f"channel {channel.name!r} must return a 'y' and no 'index' observation")
 
     n = len(source)
+    local = getattr(source, "path", None)
+    done = provenance.step(
+        "corrupt",
+        inputs=[provenance.input_ref(local) if local is not None else {"path": source.spec}],
+        channel=channel.spec(),
+        params={"seed": seed, "source": common["source"]},
+    )
+    chain = {provenance.KEY: provenance.extend(provenance.read_chain(local), then=done)}
     keep = _Preview(source.kind) if preview is not None else None
     wrote_clean = False
     with progress_display(transient=True) as bar:
@@ -149,7 +158,7 @@ def corrupt_dataset(
                         if task is not None:
                             bar.advance(task, len(x))
 
-                _write(clean_out, clean_chunks(), {"kind": "clean", **common}, force=force)
+                write_dataset(clean_out, clean_chunks(), {"kind": "clean", **common, **chain}, force=force)
                 wrote_clean = True
                 stream = _chunks_from_folder(clean_out, chunk_size)
             else:
@@ -166,8 +175,8 @@ def corrupt_dataset(
                     if task is not None:
                         bar.advance(task, len(x))
 
-            manifest = {"kind": "observations", "channel": channel.spec(), **common}
-            _write(out, observation_chunks(), manifest, force=force)
+            manifest = {"kind": "observations", "channel": channel.spec(), **common, **chain}
+            write_dataset(out, observation_chunks(), manifest, force=force)
         except BaseException:
             if wrote_clean and clean_out is not None:
                 shutil.rmtree(clean_out, ignore_errors=True)
@@ -187,21 +196,6 @@ def _same_clean(path: Path, common: dict[str, Any]) -> bool:
         return False
     wanted = json.loads(json.dumps({"kind": "clean", **common}, default=str))
     return all(manifest.get(k) == v for k, v in wanted.items())
-
-
-def _write(
-    out: Path, chunks: Iterator[dict[str, torch.Tensor]], manifest: dict[str, Any], force: bool
-) -> None:
-    """``write_dataset``, re-raising a one-line error from inside the chunk stream as itself."""
-    try:
-        write_dataset(out, chunks, manifest, force=force)
-    except (DiffemError, ChannelError):
-        raise
-    except Exception as e:  # datasets wraps errors raised by the generator
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, DiffemError | ChannelError):
-            raise cause from None
-        raise
 
 
 def _chunks(source: Source, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -31,6 +31,7 @@ from diffem_cli.diffusion.denoise import Denoiser, KeepObserved
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw, sample_nfe
 from diffem_cli.diffusion.schedule import SCHEDULE
+from diffem_cli.io import provenance
 from diffem_cli.io.observations import Observations, load_clean, load_recon, save_recon
 from diffem_cli.io.store import clean_stale, read_manifest
 from diffem_cli.methods import Method, get_method, method_classes
@@ -66,6 +67,7 @@ def initial_reconstructions(
             data.shape,
             iters=cfg.em.gaussian_iters,
             rank=cfg.em.gaussian_rank,
+            full_max_dim=cfg.em.gaussian_full_max_dim,
             generator=torch.Generator().manual_seed(cfg.seed),
             device=device,
         )
@@ -155,13 +157,16 @@ def posterior_samples(
     post = method.posterior(counter, data, aux)
     rows = {**data.obs, **post.extra}
 
-    def draw_first(make: Make, n: int, note: str = "") -> torch.Tensor:
+    def draw_first(make: Make, n: int | torch.Tensor, note: str = "") -> torch.Tensor:
+        picked = n.long() if isinstance(n, torch.Tensor) else None  # row indices, or the first n
+
         def for_rows(start: int, stop: int):
-            return make({k: v[start:stop].to(device) for k, v in rows.items()})
+            at = slice(start, stop) if picked is None else picked[start:stop]
+            return make({k: v[at].to(device) for k, v in rows.items()})
 
         return draw(
             for_rows,
-            n,
+            len(picked) if picked is not None else n,
             data.shape,
             sampler=sample.sampler,
             steps=sample.steps,
@@ -303,7 +308,8 @@ def em_train(
         ctx.barrier()
         with Tracking(track if ctx.is_main else (), run.root / "logs", run_name=run.root.name) as tracking:
             tracking.config(cfg.to_dict())
-            driver = _Driver(run, data, cfg, m, ctx, log, evaluation, train_clean, warm, tracking)
+            sources = [provenance.input_ref(p) for p in (warm_start, clean) if p is not None]
+            driver = _Driver(run, data, cfg, m, ctx, log, evaluation, train_clean, warm, tracking, sources)
             records = driver.execute(laps)
     return records
 
@@ -319,8 +325,9 @@ def _check_config(cfg: RunConfig, data: Observations) -> None:
 class _Driver:
     """One em-train invocation: the laps, in order, each completed or skipped."""
 
-    def __init__(self, run, data, cfg, method, ctx, log, evaluation, clean, warm, tracking=None):
+    def __init__(self, run, data, cfg, method, ctx, log, evaluation, clean, warm, tracking=None, sources=()):
         self.run, self.data, self.cfg, self.m, self.ctx = run, data, cfg, method, ctx
+        self.sources = [provenance.input_ref(data.path, fingerprint=data.fingerprint), *sources]
         self.tracking = tracking or Tracking()
         self.log, self.evaluation, self.clean, self.warm = log, evaluation, clean, warm
         self.said: set[str] = set()  # the notices every lap would repeat, shown once per run
@@ -349,6 +356,8 @@ class _Driver:
             rec = self.lap0() if lap == 0 else self.lap(lap, laps)
             rec.update(self._monitor(lap))
             rec.update(self._evaluate(lap))
+            if lap == laps:
+                rec.update(self._posterior_quality(lap))
             if self.ctx.is_main:
                 self._picture(lap)
                 self.run.log(rec)
@@ -482,7 +491,7 @@ class _Driver:
             save_checkpoint(
                 self.run.checkpoint(lap),
                 result.ema_model,
-                {**self.base_meta, "lap": lap, "train": summary},
+                {**self.base_meta, "lap": lap, "train": summary, **self.lineage(lap)},
                 aux=step.aux,
             )
             self.run.state.unlink(missing_ok=True)
@@ -538,9 +547,25 @@ class _Driver:
         self.ctx.barrier()
         return manifest
 
+    def lineage(self, lap: int) -> dict[str, Any]:
+        """Lap ``lap``'s provenance entry: the observations' (and warm start's) chain, then this
+        em-train step (method, lap, RUN, seed and configuration)."""
+        done = provenance.step(
+            "em-train",
+            inputs=self.sources,
+            channel=self.data.channel.spec(),
+            params={"seed": self.cfg.seed, "config": self.cfg.to_dict()},
+            method=self.m.name,
+            laps=lap,
+            run=self.run.root,
+        )
+        warm = provenance.chain_of(self.warm.meta if self.warm is not None else None)
+        return {provenance.KEY: provenance.extend(provenance.chain_of(self.data.manifest), warm, then=done)}
+
     def recon_meta(self, lap: int) -> dict[str, Any]:
         """What a lap's reconstructions folder records of where it comes from."""
         return {
+            **self.lineage(lap),
             "lap": lap,
             "method": self.m.name,
             "channel": self.data.channel.spec(),
@@ -565,6 +590,15 @@ class _Driver:
         x, _ = load_recon(self.run.recon(lap))
         return evaluate_against(x, self.evaluation, self.data, self.cfg)
 
+    def _posterior_quality(self, lap: int) -> dict[str, float]:
+        if self.evaluation is None or not self.ctx.is_main or lap < 1 or self.cfg.eval.posterior_n == 0:
+            return {}
+        ckpt = load_checkpoint(self.run.checkpoint(lap))
+        seed = lap_seed(self.cfg.seed, lap, "posterior-quality")
+        return posterior_quality_record(
+            self.m, build_model(ckpt), ckpt.aux, self.data, self.evaluation, self.cfg, seed, self.ctx.device
+        )
+
     def _track(self, lap: int, rec: dict[str, Any]) -> None:
         """A lap's numbers and picture to the trackers, at its last epoch: one step axis, epochs."""
         step = lap * self.cfg.train.epochs
@@ -588,6 +622,41 @@ def evaluate_against(
         kwargs = {"sample_index": data.index, "reference_index": data.index, "value_range": data.value_range}
     metrics = evaluate_tensors(x, clean, cfg.eval.metrics or None, n_points=cfg.eval.n_points, **kwargs)
     return {**{f"eval_{k}": v for k, v in metrics.items()}, "eval_s": time.perf_counter() - t0}
+
+
+def posterior_quality_record(
+    method: Method,
+    model: nn.Module,
+    aux: dict[str, torch.Tensor],
+    data: Observations,
+    clean: torch.Tensor,
+    cfg: RunConfig,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Posterior-quality metrics (:mod:`diffem_cli.metrics.posterior_quality`, keys ``post_*``) of
+    ``eval.posterior_k`` samples of each of the first ``eval.posterior_n`` observations, drawn by
+    :func:`posterior_samples` on the observations repeated K times (each copy its own noise)."""
+    from diffem_cli.metrics.posterior_quality import posterior_quality
+
+    n, k = min(cfg.eval.posterior_n, len(data)), cfg.eval.posterior_k
+    first = {name: v[:n] for name, v in data.obs.items()}
+    rows = copy.copy(data)
+    rows.obs = {name: torch.cat([v] * k) for name, v in first.items()}
+    rows.index = torch.cat([data.index[:n]] * k)
+    t0 = time.perf_counter()
+    x, _ = posterior_samples(
+        method, model, aux, rows, cfg.sample, seed_parts=(seed,), device=device, label="posterior quality"
+    )
+    values = posterior_quality(
+        x.reshape(k, n, *data.shape),
+        clean[:n],
+        exact=data.channel.exact_entries(first),
+        channel=data.channel,
+        obs=first,
+        value_range=data.value_range if data.kind == "image" else None,
+    )
+    return {**{f"post_{name}": v for name, v in values.items()}, "post_s": time.perf_counter() - t0}
 
 
 def describe(rec: dict[str, Any]) -> str:

@@ -10,8 +10,10 @@
 
 A checkpoint's auxiliary tensors (``aux.*``, e.g. EM-MMPS's Gaussian moments) go to
 ``diffem_aux.safetensors`` at the top of the folder, with the diffem metadata. ``diffem.json``
-records the checksum of every weights and auxiliary file (``checksums``), verified by
-:func:`load_export`, which rebuilds the checkpoint (weights, auxiliary tensors, metadata).
+records the checksum of every weights and auxiliary file (``checksums``) and its own (``checksum``,
+over its other entries, so over the files too), verified by :func:`load_export`, which rebuilds the
+checkpoint (weights, auxiliary tensors, metadata): like a checkpoint, an export whose files or
+metadata were modified is refused, and one without a checksum is used only when trusted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import (
     AUX_PREFIX,
+    CHECKSUM_KEY,
     FORMAT,
     Checkpoint,
     apply_umask,
@@ -30,10 +33,13 @@ from diffem_cli.diffusion.checkpoint import (
     check_finite_weights,
     load_checkpoint,
     load_tensors,
+    refuse_unverified,
     save_tensors,
     tensors_checksum,
 )
 from diffem_cli.diffusion.schedule import ddpm_scheduler
+from diffem_cli.io.provenance import KEY as PROVENANCE_KEY
+from diffem_cli.io.provenance import chain_of, extend, input_ref, last, step, step_text
 from diffem_cli.io.store import atomic_path
 
 META_FILE = "diffem.json"
@@ -57,9 +63,11 @@ def load_export(folder: Path) -> Checkpoint:
 
     Everything is read from the local folder (never from the Hugging Face Hub, whatever the path
     looks like) and only from safetensors files, so no code runs: a folder lacking its weights is
-    a one-line error, and so is a file whose tensors differ from the checksum ``diffem.json``
-    records (folders exported before checksums were recorded load unverified). The weights' shapes
-    are checked against the network later, by ``build_model``, before any network is allocated.
+    a one-line error, and so are an edited ``diffem.json`` and a file whose tensors differ from the
+    checksum it records. A folder without a checksum (exported by an older diffem, or with the key
+    removed) is refused unless the user trusts it (``DIFFEM_TRUST_UNVERIFIED=1``). The weights'
+    shapes are checked against the network later, by ``build_model``, before any network is
+    allocated.
     """
     path = Path(folder)
     meta_file = path / META_FILE
@@ -76,6 +84,11 @@ def load_export(folder: Path) -> Checkpoint:
         or not isinstance(meta["network"], dict)
     ):
         raise DiffemError(f"{path} is not a model folder written by 'diffem export'")
+    expected = meta.pop(CHECKSUM_KEY, None)
+    if expected is None:
+        refuse_unverified(path)
+    elif _meta_checksum(meta) != expected:
+        raise DiffemError(f"{meta_file}: checksum mismatch (the file was modified or corrupted)")
     checksums = meta.pop(CHECKSUMS_KEY, None) or {}
     if meta["network"].get("type") == "unet":
         weights = path / "unet" / UNET_WEIGHTS
@@ -97,12 +110,21 @@ def load_export(folder: Path) -> Checkpoint:
 
 
 def _load_verified(folder: Path, name: str, checksums: dict[str, str]) -> dict[str, Any]:
-    """The tensors of ``folder/name``, checked against the checksum recorded for ``name`` if any."""
+    """The tensors of ``folder/name``, checked against the checksum recorded for ``name`` (a
+    trusted export without checksums records none)."""
     tensors, _ = load_tensors(folder / name)
     expected = checksums.get(name)
+    if checksums and expected is None:
+        raise DiffemError(f"{folder / name} has no checksum in {META_FILE} (not a file the export wrote)")
     if expected is not None and tensors_checksum(tensors) != expected:
         raise DiffemError(f"{folder / name}: checksum mismatch with {META_FILE} (the file was modified)")
     return tensors
+
+
+def _meta_checksum(entries: dict[str, Any]) -> str:
+    """The checksum of ``diffem.json``'s entries (the files' ``checksums`` among them), computed
+    as a checkpoint's metadata is (:func:`tensors_checksum`), over no tensors."""
+    return tensors_checksum({}, {k: json.dumps(v, sort_keys=True) for k, v in entries.items()})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -113,17 +135,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def provenance(meta: dict[str, Any]) -> dict[str, Any]:
-    """Where a model comes from: corruption channel, EM laps, data source and fingerprint, metrics.
+def origin(meta: dict[str, Any]) -> dict[str, Any]:
+    """Where a model comes from: source, corruption channel, EM method, laps and RUN, fingerprint,
+    metrics, and the provenance chain.
 
-    Taken from the checkpoint's metadata; an unconditional model trained on ``RUN/recon/lap_NNN``
-    whose metadata lacks the channel or source gets them from that folder's manifest and from the
-    RUN's ``run.json`` (and the observations manifest it names), when they are still on disk.
+    Read from the chain the metadata records (:mod:`diffem_cli.io.provenance`); a checkpoint written
+    before chains were recorded falls back on its own entries, and an unconditional model trained on
+    ``RUN/recon/lap_NNN`` on that folder's manifest and the RUN's ``run.json`` (and the observations
+    manifest it names), when they are still on disk.
     """
+    chain = chain_of(meta)
     data = meta.get("data") or {}
-    channel = meta.get("channel") or meta.get("trained_on_channel")
-    laps = meta.get("laps", meta.get("lap"))
-    source = data.get("source")
+    em = last(chain, "em-train")
+    corrupt = last(chain, "corrupt")
+    channel = next((s["channel"] for s in reversed(chain) if s.get("channel")), None)
+    channel = channel or meta.get("channel") or meta.get("trained_on_channel")
+    laps = em["laps"] if em else meta.get("laps", meta.get("lap"))
+    source = ((corrupt or {}).get("params") or {}).get("source") or data.get("source")
     observations = None
     trained_on = meta.get("trained_on")
     if trained_on and (channel is None or source is None or laps is None):
@@ -140,6 +168,7 @@ def provenance(meta: dict[str, Any]) -> dict[str, Any]:
                 laps = int(folder.name[4:])
             if source is None and observations:
                 source = _read_json(Path(observations) / "diffem.json").get("source")
+    own_method = meta.get("method") if meta.get("kind") == "conditional" else None
     metrics = dict(meta.get("metrics") or {})
     train = meta.get("train") or {}
     if "loss" in train and "train_loss" not in metrics:
@@ -147,11 +176,14 @@ def provenance(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         "channel": channel,
         "laps": laps,
+        "em_method": em["method"] if em else own_method,
+        "run": em["run"] if em else None,
         "source": source,
         "fingerprint": data.get("fingerprint"),
         "trained_on": trained_on,
         "observations": observations,
         "metrics": metrics,
+        "chain": chain,
     }
 
 
@@ -163,39 +195,94 @@ def _describe_source(source: Any) -> str:
     return "not recorded" if source is None else str(source)
 
 
-def _model_card(meta: dict[str, Any], aux: list[str]) -> str:
+def hub_dataset(source: Any) -> str | None:
+    """The Hugging Face Hub dataset a source spec ``hf:NAME[:SPLIT]`` names, else None."""
+    spec = source.get("spec") if isinstance(source, dict) else source
+    if not isinstance(spec, str) or not spec.startswith("hf:"):
+        return None
+    return spec[3:].split(":")[0] or None
+
+
+def _front_matter(meta: dict[str, Any], prov: dict[str, Any], license_id: str) -> dict[str, Any]:
+    """The card's YAML front matter (Hub metadata).
+
+    Image models are diffusers folders (``library_name: diffusers``): an unconditional one is a
+    ``DDPMPipeline`` (``unconditional-image-generation``), a conditional one restores an image from
+    its observation (``image-to-image``). Vector models get neither: diffusers cannot load them and
+    no Hub task describes sampling low-dimensional vectors, so a tag would mislead.
+    """
+    image = meta["network"].get("type") == "unet"
+    unconditional = meta["kind"] == "unconditional"
+    front: dict[str, Any] = {"license": license_id}
+    if image:
+        front["library_name"] = "diffusers"
+        front["pipeline_tag"] = "unconditional-image-generation" if unconditional else "image-to-image"
+    task = "unconditional-generation" if unconditional else "posterior-sampling"
+    front["tags"] = ["diffem", "diffusion", task, "images" if image else "vector-data"]
+    dataset = hub_dataset(prov["source"])
+    if dataset:
+        front["datasets"] = [dataset]
+    return front
+
+
+def _model_card(meta: dict[str, Any], aux: list[str], license_id: str, repo: str | None) -> str:
+    import yaml
+
     data = meta.get("data", {})
-    prov = provenance(meta)
+    prov = origin(meta)
     channel = prov["channel"] or {}
     image = meta["network"].get("type") == "unet"
-    pipeline = image and meta["kind"] == "unconditional"
-    task = "unconditional-image-generation" if pipeline else "posterior-sampling"
-    tags = ["diffem", "diffusion", task, "images" if image else "vector-data"]
-    header = ["---"]
-    if image:
-        header.append("library_name: diffusers")  # only image models are diffusers (UNet2DModel) folders
-    header += [f"tags: [{', '.join(tags)}]", "---", ""]
+    unconditional = meta["kind"] == "unconditional"
+    what = "images" if image else "vectors"
+    shape = "x".join(str(s) for s in data.get("shape") or [])
     if channel:
         chan = f"{channel.get('name')} with parameters {json.dumps(channel.get('params'), sort_keys=True)}"
     else:
         chan = "not recorded"
     if meta["kind"] == "conditional":
         laps = f"lap {prov['laps']}" if prov["laps"] is not None else "not recorded"
+        summary = (
+            f"A conditional diffusion model that draws clean {what} of shape {shape} given their "
+            f"observation through the corruption channel {channel.get('name', '(not recorded)')}: "
+            "posterior samples, for restoring corrupted data."
+        )
     else:
         laps = (
             f"reconstructions of EM lap {prov['laps']}" if prov["laps"] is not None else "not from an EM lap"
         )
-    lines = header + [
-        f"# diffem {meta['kind']} diffusion model ({'images' if image else 'vectors'})",
+        summary = f"An unconditional diffusion model of clean {what} of shape {shape}."
+    front = yaml.safe_dump(_front_matter(meta, prov, license_id), sort_keys=False, default_flow_style=None)
+    lines = [
+        "---",
+        front.rstrip("\n"),
+        "---",
         "",
-        "Trained with diffem (DiffEM, arXiv:2510.12691) from corrupted observations only.",
+        f"# diffem {meta['kind']} diffusion model ({what})",
+        "",
+        summary,
+        "It was learnt with diffem (DiffEM, arXiv:2510.12691) from corrupted observations only: "
+        "no clean sample was used in training.",
+        "",
+    ]
+    if license_id == "other":
+        lines += [
+            "**License: not set.** `other` is a placeholder: whoever publishes this model must choose its "
+            "license (`diffem export --license ID`, or edit `license` above), and the license of the "
+            "training data applies.",
+            "",
+        ]
+    lines += [
+        "## How it was made",
         "",
         f"- data: shape {data.get('shape')}, kind {data.get('kind')}, value range {data.get('value_range')}",
         f"- data source: {_describe_source(prov['source'])}",
         f"- data fingerprint: {prov['fingerprint'] or 'not recorded'}",
         f"- corruption channel: {chan}",
+        f"- EM method: {prov['em_method'] or 'not recorded'}",
         f"- EM laps: {laps}",
     ]
+    if prov["run"]:
+        lines.append(f"- EM RUN: {Path(prov['run']).name}")
     if prov["trained_on"]:
         lines.append(f"- trained on: {prov['trained_on']}")
     if meta.get("method"):
@@ -207,25 +294,58 @@ def _model_card(meta: dict[str, Any], aux: list[str]) -> str:
         f"- schedule: {json.dumps(meta.get('schedule'), sort_keys=True)}",
         f"- metrics: {json.dumps(prov['metrics'], sort_keys=True) if prov['metrics'] else 'none recorded'}",
         "",
+        "## Provenance",
+        "",
     ]
-    if pipeline:
+    if prov["chain"]:
+        lines += [f"{i}. {step_text(s)}" for i, s in enumerate(prov["chain"], 1)]
+        lines += ["", f"Every step, with its inputs' checksums, is in `{META_FILE}` under `provenance`.", ""]
+    else:
+        lines += ["Not recorded (the checkpoint predates provenance records).", ""]
+    where = repr(repo) if repo else "'PATH/TO/THIS/FOLDER'"
+    lines += ["## How to use it", ""]
+    if image and unconditional:
         lines += [
             "```python",
             "from diffusers import DDPMPipeline",
-            "pipe = DDPMPipeline.from_pretrained('.')",
+            f"pipe = DDPMPipeline.from_pretrained({where})",
             "images = pipe(batch_size=16, num_inference_steps=50).images",
             "```",
             "",
-            "The scheduler uses trailing timestep spacing, so few-step sampling starts at t = 999.",
+            "The scheduler uses trailing timestep spacing, so few-step sampling starts at t = 999. "
+            "With diffem: `diffem sample THIS_FOLDER OUT -n 16`.",
             "",
         ]
+    elif unconditional:
+        lines += ["Sample with diffem (diffusers cannot load it): `diffem sample THIS_FOLDER OUT`.", ""]
     else:
-        lines += ["Load and sample with diffem: `diffem reconstruct`/`diffem sample` accept this folder.", ""]
-    return "\n".join(lines)
+        lines += [
+            "Load and sample with diffem: `diffem reconstruct THIS_FOLDER OBSERVATIONS OUT` draws a clean "
+            "sample for each observation of the same channel and data shape"
+            + (" (the `unet/` and `scheduler/` folders are in diffusers' format)." if image else "."),
+            "",
+        ]
+    lines += [
+        "## Limits",
+        "",
+        "- It knows the data only through the corruption above: what the channel hides from every "
+        "observation cannot be learnt, and errors in the channel's parameters bias the model.",
+        "- Its quality depends on the number of EM laps, the number of observations and the network's "
+        "size; the metrics above are those its run recorded, not a benchmark.",
+        "- It models the data it was trained on (shape, value range, source); it is not a general-purpose "
+        "generator, and inherits that data's biases and license.",
+    ]
+    if not unconditional:
+        lines.append("- It serves observations of exactly its channel and data shape; diffem refuses others.")
+    return "\n".join(lines) + "\n"
 
 
-def export_checkpoint(ckpt_path: Path, out: Path, *, force: bool = False) -> dict[str, Any]:
-    """Export a diffem checkpoint to ``out`` (see module docstring for the layouts)."""
+def export_checkpoint(
+    ckpt_path: Path, out: Path, *, force: bool = False, license_id: str = "other", repo: str | None = None
+) -> dict[str, Any]:
+    """Export a diffem checkpoint to ``out`` (see module docstring for the layouts), with a model
+    card whose front matter carries ``license_id`` and whose example loads from ``repo`` (a Hub
+    repository id) when given; the export step joins the checkpoint's provenance chain."""
     ckpt = load_checkpoint(ckpt_path)
     info = ckpt.info
     meta = dict(ckpt.meta)
@@ -258,9 +378,76 @@ def export_checkpoint(ckpt_path: Path, out: Path, *, force: bool = False) -> dic
             files.append(AUX_FILE)
         # checksums of the tensors as written, read back: what load_export verifies
         checksums = {name: tensors_checksum(load_tensors(target / name)[0]) for name in files}
-        meta["provenance"] = provenance(meta)
+        done = step(
+            "export",
+            inputs=[input_ref(ckpt_path)],
+            channel=meta.get("channel"),
+            params={"license": license_id, "repo": repo},
+            method=meta.get("method"),
+            laps=meta.get("lap"),
+        )
+        meta[PROVENANCE_KEY] = extend(chain_of(meta), then=done)
         written = {**meta, CHECKSUMS_KEY: checksums}
+        written[CHECKSUM_KEY] = _meta_checksum(written)
         (target / META_FILE).write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-        (target / "README.md").write_text(_model_card(meta, list(ckpt.aux)))
+        (target / "README.md").write_text(_model_card(meta, list(ckpt.aux), license_id, repo))
         apply_umask(target)  # safetensors writes 0600; exported models are meant to be shared
     return meta
+
+
+CONNECTION_ERRORS = frozenset(
+    {"ConnectError", "ConnectTimeout", "ConnectionError", "NetworkError", "TransportError", "Timeout"}
+)
+"""Names of the transport errors the Hub client raises when the Hub cannot be reached (``httpx``,
+``requests``), matched by name so that no client library is imported here."""
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether ``e`` (or an error behind it) says the Hub could not be reached."""
+    current: BaseException | None = e
+    seen: set[int] = set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError | TimeoutError):
+            return True
+        if any(c.__name__ in CONNECTION_ERRORS for c in type(current).__mro__):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def push_to_hub(folder: Path, repo: str) -> str:
+    """Upload an export folder to the Hugging Face Hub model repository ``repo`` (created if need
+    be); returns its URL. Offline, not logged in, unreachable or refused: a one-line DiffemError
+    that says the local export is kept."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    kept = f"the export is kept in {folder}"
+    if constants.HF_HUB_OFFLINE:
+        raise DiffemError(f"cannot push to the Hub repo {repo}: offline (HF_HUB_OFFLINE is set); {kept}")
+    if huggingface_hub.get_token() is None:
+        raise DiffemError(
+            f"cannot push to the Hub repo {repo}: not logged in (run 'hf auth login' or set HF_TOKEN); {kept}"
+        )
+    try:
+        url = huggingface_hub.create_repo(repo, repo_type="model", exist_ok=True)
+        huggingface_hub.upload_folder(
+            repo_id=repo, folder_path=str(folder), repo_type="model", commit_message="diffem export"
+        )
+    except Exception as e:  # the client's errors: its own HTTP errors, transport errors, offline mode
+        if _unreachable(e):
+            raise DiffemError(
+                f"cannot push to the Hub repo {repo}: the Hugging Face Hub cannot be reached "
+                f"(offline?); {kept}"
+            ) from None
+        if isinstance(e, HfHubHTTPError):
+            status = getattr(e.response, "status_code", None)
+            if status in (401, 403):
+                reason = "not logged in, or the token may not write to it"
+            else:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DiffemError(f"cannot push to the Hub repo {repo}: {reason}; {kept}") from None
+        raise
+    return str(url)

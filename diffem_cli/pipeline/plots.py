@@ -35,6 +35,22 @@ REFERENCE_LINES = ("floor",)
 MONITOR_BETTER = {"obs_sw2": "lower"}
 """Which way is better for the label-free monitor's curves (``observed_residual`` should meet the
 noise level, neither way)."""
+TITLES = {
+    "sinkhorn": "Sinkhorn divergence",
+    "sliced_w2": "sliced W2",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "fd_rand": "FD, random-CNN features",
+    "fd_pixels": "FD, pixels",
+    "fid": "FID",
+    "is": "Inception Score",
+    "fd_dinov2": "FD, DINOv2 features",
+    "obs_sw2": "obs SW2 (label-free)",
+    "obs_sw2_floor": "obs SW2 floor",
+    "observed_residual": "observed residual",
+}
+"""The readable title of every metric key (evaluation metrics, the label-free monitor's fields),
+for figure panels and table columns."""
 
 
 def _save(fig: Figure, path: Path, dpi: int = 100, pdf: bool = False) -> Path:
@@ -51,6 +67,13 @@ def _save(fig: Figure, path: Path, dpi: int = 100, pdf: bool = False) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def metric_title(metric: str) -> str:
+    """The readable title of a metric key (``psnr`` or ``eval_psnr``: ``PSNR (dB)``); an unknown
+    key is its own title."""
+    name = metric.removeprefix("eval_")
+    return TITLES.get(name, name)
 
 
 def better(metric: str) -> str | None:
@@ -269,12 +292,11 @@ def save_curve_panels(
     path: Path,
     xlabel: str,
     errors: Mapping[str, Mapping[str, Mapping[float, float]]] | None = None,
-    directions: Mapping[str, str | None] | None = None,
 ) -> Path:
-    """One panel per metric, one line per name in each (e.g. every method's metric per lap);
-    ``errors[panel][name][x]``, when given, the half-height of an error bar at ``x``;
-    ``directions[panel]`` (``"higher"`` or ``"lower"``, see :func:`better`) labels the panel's
-    y axis with the way that is better. Whole-number x values (laps) get whole-number ticks.
+    """One panel per metric key (``psnr``, ``obs_sw2``), one line per name in each (e.g. every
+    method's metric per lap); ``errors[metric][name][x]``, when given, the half-height of an error
+    bar at ``x``. A panel is titled :func:`metric_title` and its y axis says which way is better
+    (:func:`better`). Whole-number x values (laps) get whole-number ticks.
 
     A name drawn in several panels (a method) keeps one colour everywhere and the figure has one
     legend on top; otherwise a panel with several lines has its own legend. Reference lines
@@ -291,7 +313,7 @@ def save_curve_panels(
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows + top))
     axes = fig.subplots(rows, cols, squeeze=False)
     handles: dict[str, Any] = {}
-    for k, (title, curves) in enumerate(panels.items()):
+    for k, (metric, curves) in enumerate(panels.items()):
         ax = axes[k // cols][k % cols]
         xs_all = [float(x) for points in curves.values() for x, _ in points]
         own = [n for n in curves if n not in REFERENCE_LINES]
@@ -300,7 +322,7 @@ def save_curve_panels(
             if not pts:
                 continue
             xs, ys = zip(*pts, strict=True)
-            bars = (errors or {}).get(title, {}).get(name)
+            bars = (errors or {}).get(metric, {}).get(name)
             yerr = [bars.get(x, 0.0) for x in xs] if bars else None
             if name in REFERENCE_LINES:
                 style: dict[str, Any] = {"color": "0.45", "linestyle": "--", "marker": None}
@@ -308,9 +330,9 @@ def save_curve_panels(
                 colour = names.index(name) if shared else own.index(name)
                 style = {"color": f"C{colour % 10}", "marker": "o", "markersize": 3, "capsize": 2}
             handles[name] = ax.errorbar(xs, ys, yerr=yerr, label=name, **style)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(metric_title(metric), fontsize=10)
         ax.set_xlabel(xlabel)
-        way = (directions or {}).get(title)
+        way = better(metric)
         if way:
             ax.set_ylabel(f"{way} is better {'↑' if way == 'higher' else '↓'}", fontsize=8)
         _integer_ticks(ax, xs_all)

@@ -13,6 +13,7 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.diffusion.checkpoint import build_model
 from diffem_cli.diffusion.sampling import SampleConfig, validate_sample
+from diffem_cli.io import provenance
 from diffem_cli.io.observations import Observations, save_recon
 from diffem_cli.io.store import check_output
 from diffem_cli.methods import method_for_checkpoint
@@ -88,6 +89,19 @@ def reconstruct(
         "keep_observed": cfg.keep_observed,
         **residual_record(data, xs[0]),
     }
+    done = provenance.step(
+        "reconstruct",
+        inputs=[
+            provenance.input_ref(ckpt_path),
+            provenance.input_ref(data_path, fingerprint=data.fingerprint),
+        ],
+        channel=meta["channel"],
+        params={k: meta[k] for k in ("sampler", "steps", "corrections", "per_observation", "seed")},
+        method=method.name,
+        laps=ckpt.meta.get("lap"),
+    )
+    chains = (provenance.chain_of(data.manifest), provenance.chain_of(ckpt.meta))
+    meta[provenance.KEY] = provenance.extend(*chains, then=done)
     if not ctx.is_main:
         return {"rows": len(x_all), **meta}
     save_recon(out, x_all, torch.cat(idx), meta, force=force, extra={"sample": torch.cat(rep)})

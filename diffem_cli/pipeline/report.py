@@ -20,8 +20,8 @@ from diffem_cli.io.store import write_text_atomic
 from diffem_cli.pipeline.runs import Run
 
 COLUMNS = (("init_s", "start s"), ("mstep_s", "M-step s"), ("estep_s", "E-step s"), ("loss", "loss"))
-MONITOR = (("obs_sw2", "obs SW2"), ("obs_sw2_floor", "floor"), ("observed_residual", "residual"))
-"""The label-free monitor's lap-record fields (no clean data needed), with their column titles."""
+MONITOR = ("obs_sw2", "obs_sw2_floor", "observed_residual")
+"""The label-free monitor's lap-record fields (no clean data needed)."""
 
 
 def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
@@ -40,17 +40,21 @@ def lap_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def report_table(records: list[dict[str, Any]]) -> Any:
-    """A Rich table: one row per lap, timings, loss, the label-free monitor and every evaluation metric."""
+    """A Rich table: one row per lap, timings, loss, the label-free monitor and every evaluation
+    metric (titled as in the figures)."""
     from rich.table import Table
 
+    from diffem_cli.pipeline.plots import metric_title
+
     metrics = _eval_keys(records)
-    columns = [*COLUMNS, *((k, t) for k, t in MONITOR if any(k in r for r in records))]
+    monitor = [(k, metric_title(k)) for k in MONITOR if any(k in r for r in records)]
+    columns = [*COLUMNS, *monitor]
     table = Table(title="DiffEM per lap")
     table.add_column("lap", justify="right")
     for _, title in columns:
         table.add_column(title, justify="right")
     for m in metrics:
-        table.add_column(m[5:], justify="right")
+        table.add_column(metric_title(m), justify="right")
     for r in records:
         cells = [str(r["lap"])]
         cells += [f"{r[k]:.4g}" if r.get(k) is not None else "" for k, _ in columns]
@@ -68,16 +72,13 @@ def save_metric_curves(path: Path, records: list[dict[str, Any]]) -> None:
         return [(r["lap"], r[key]) for r in records if r.get(key) is not None]
 
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    directions: dict[str, str | None] = {}
     if any("obs_sw2" in r for r in records):
-        panels["obs SW2 (label-free)"] = {"run": points("obs_sw2"), "floor": points("obs_sw2_floor")}
-        directions["obs SW2 (label-free)"] = plots.better("obs_sw2")
+        panels["obs_sw2"] = {"run": points("obs_sw2"), "floor": points("obs_sw2_floor")}
     if any("observed_residual" in r for r in records):
-        panels["observed residual"] = {"run": points("observed_residual")}
+        panels["observed_residual"] = {"run": points("observed_residual")}
     panels.update({m[5:]: {"run": points(m)} for m in _eval_keys(records)})
-    directions.update({m[5:]: plots.better(m) for m in _eval_keys(records)})
     if panels:
-        plots.save_curve_panels(panels, path, "lap", directions=directions)
+        plots.save_curve_panels(panels, path, "lap")
 
 
 def first_observations(run: Run, k: int) -> tuple[Any, Any] | None:

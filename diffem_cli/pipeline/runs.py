@@ -33,7 +33,12 @@ from diffem_cli.io.store import (
     write_text_atomic,
 )
 
-WRITTEN = ("checkpoints", "recon", "samples", "state", "metrics.jsonl", "metrics.png", "gaussian.safetensors")
+WRITTEN = (
+    *("checkpoints", "recon", "samples", "state", "logs", "uncond", "samples-uncond"),
+    *("metrics.jsonl", "metrics.png", "metrics.pdf", "gaussian.safetensors", "report.json", "report.png"),
+)
+"""What diffem writes in a RUN (em-train, train-uncond, report, compare's unconditional samples,
+the trackers' logs): all that starting it over with ``--force`` removes, and nothing else."""
 
 
 def lap_name(lap: int) -> str:

@@ -25,6 +25,7 @@ from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_c
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig, draw_unconditional, sample_tensors
 from diffem_cli.diffusion.schedule import SCHEDULE
+from diffem_cli.io import provenance
 from diffem_cli.io.datameta import data_kind
 from diffem_cli.io.observations import load_recon
 from diffem_cli.io.store import check_finite, check_output, clean_stale, fingerprint_dataset, write_dataset
@@ -126,6 +127,15 @@ def train_uncond(
                 "train": summary,
                 "sample": sampling_record(cfg.sample),
             }
+            done = provenance.step(
+                "train-uncond",
+                inputs=[provenance.input_ref(recon_path, fingerprint=data["fingerprint"])],
+                channel=manifest.get("channel"),
+                params={"seed": cfg.seed, "config": cfg.to_dict()},
+                method="uncond",
+                run=run.root,
+            )
+            meta[provenance.KEY] = provenance.extend(provenance.chain_of(manifest), then=done)
             if ctx.is_main:
                 save_checkpoint(ckpt, result.ema_model, meta)
                 run.state.unlink(missing_ok=True)
@@ -214,6 +224,13 @@ def sample_unconditional(
         "data_kind": data["kind"],
         "value_range": data.get("value_range"),
     }
+    done = provenance.step(
+        "sample",
+        inputs=[provenance.input_ref(ckpt_path)],
+        params={k: manifest[k] for k in ("sampler", "steps", "corrections", "seed")} | {"n": n},
+        method=ckpt.meta.get("method"),
+    )
+    manifest[provenance.KEY] = provenance.extend(provenance.chain_of(ckpt.meta), then=done)
     if ctx.is_main:
         write_dataset(out, ({"x": x[s : s + 8192]} for s in range(0, n, 8192)), manifest, force=force)
         if png_dir is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -69,9 +70,9 @@ def test_bad_values_are_refused_before_anything_is_written(cli, d: Path, tmp_pat
         (("em-train", obs, new, "--laps", "-1"), "--laps must be >= 0"),
         (("train-uncond", d / "clean", new, "--set", "train.batch_size=0"), "'train.batch_size'"),
         (("train-uncond", d / "clean", new, "--config", "digits"), "needs images"),
-        (("reconstruct", ckpt, obs, new, "--batch-size", "0"), "--batch-size must be >= 1"),
-        (("reconstruct", ckpt, obs, new, "--steps", "0"), "--steps must lie in [1, 1000]"),
-        (("reconstruct", ckpt, obs, new, "--sampler", "euler"), "unknown sampler"),
+        (("reconstruct", ckpt, obs, new, "--batch-size", "0"), "--batch-size must be an integer >= 1"),
+        (("reconstruct", ckpt, obs, new, "--steps", "0"), "--steps must be an integer in [1, 1000]"),
+        (("reconstruct", ckpt, obs, new, "--sampler", "euler"), "--sampler must be one of dpm++, ddim, ddpm"),
         (("reconstruct", ckpt, obs, new, "--per-observation", "0"), "--per-observation"),
         (("sample", ckpt, new, "-n", "0"), "-n must be >= 1"),
         (("sample", ckpt, new, "--steps", "2000"), "--steps"),
@@ -199,3 +200,24 @@ def test_corrupt_refusals_leave_the_source_byte_identical(cli, d: Path) -> None:
     code, _, err = cli("corrupt", d / "clean", d / "clean", "-c", "noise", "--force")
     assert code == 2 and "is the input" in error_line(err)
     assert file_bytes(d / "clean") == before
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_one_line_and_exit_2(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    """A write the file system refuses outside diffem's own writers (here matplotlib's, saving a
+    figure) is still one line naming the file, exit 2."""
+    from matplotlib.figure import Figure
+
+    def full(self, fname, **kwargs):
+        raise OSError(code, os.strerror(code), str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    preview = tmp_path / "p.png"
+    status, _, err = cli(
+        "corrupt", "digits", tmp_path / "obs", "-c", "mask", "--limit", 4, "--preview", preview
+    )
+    assert status == 2
+    line = error_line(err)
+    assert str(tmp_path) in line and os.strerror(code) in line and not preview.exists()

@@ -51,6 +51,17 @@ def test_another_preset_is_refused_with_the_way_to_continue(base: Path, run_copy
     assert [r["lap"] for r in _laps(run_copy)] == [0, 1]
 
 
+def test_train_uncond_resumes_with_its_own_configuration(base: Path, tmp_path: Path, cli) -> None:
+    """A finished train-uncond RUN rerun without its --set options is complete, not refused; a
+    changed option is refused with the way to continue it."""
+    recon, urun = base / "run" / "recon" / "lap_001", tmp_path / "urun"
+    run_ok("train-uncond", recon, urun, *TRAIN)
+    code, _, err = cli("train-uncond", recon, urun)
+    assert code == 0 and "already complete" in err and f"{urun}/config.yaml" in err, err
+    code, _, err = cli("train-uncond", recon, urun, "--config", "manifold")
+    assert code == 2 and f"--config {urun}" in error_line(err)
+
+
 def test_laps_zero_computes_the_start_alone(base: Path, tmp_path: Path, cli) -> None:
     run = tmp_path / "start"
     code, _, err = cli("em-train", base / "obs", run, "--laps", 0, *TRAIN)

@@ -153,6 +153,48 @@ def test_blur_start_beats_the_observations_and_stays_in_range(spec, noise):
     assert float(start.abs().max()) < 3.0
 
 
+def test_full_covariance_above_the_warm_dimension_refines_the_low_rank_fit(monkeypatch):
+    """Above ``WARM_FULL_DIM`` a full-covariance fit is the low-rank fit refined by exact EM: its
+    log-likelihood rises at each refinement step and ends above the low-rank fit's; a blur keeps
+    its spectral fit, which is exact already."""
+    monkeypatch.setattr(fit_module, "WARM_FULL_DIM", 8)
+    d, n = 12, 3000
+    truth = random_prior(d, seed=21)
+    x = truth.sample(n, torch.Generator().manual_seed(22))
+    ch = Mask(rho=0.5, sigma=0.05)
+    obs = ch.corrupt(x, sample_seeds(23, range(n)))
+    stats = []
+    full = fit_gaussian(
+        ch,
+        batches(obs, 1000),
+        (d,),
+        iters=16,
+        rank=2,
+        full_max_dim=16,
+        progress=lambda i, t, s: stats.append(s["loglik"]),
+    )
+    assert full.full and len(stats) == 4
+    assert all(b >= a - 1e-9 * abs(a) for a, b in zip(stats, stats[1:], strict=False))
+    low = fit_gaussian(ch, batches(obs, 1000), (d,), iters=16, rank=2, full_max_dim=8)
+    after_low = []
+    fit_gaussian(
+        ch,
+        batches(obs, 1000),
+        (d,),
+        iters=1,
+        full_max_dim=16,
+        init=low,
+        progress=lambda i, t, s: after_low.append(s["loglik"]),
+    )
+    assert stats[0] == pytest.approx(after_low[0], rel=1e-9)  # the refinement starts from the low-rank fit
+    shape = (1, 4, 4)
+    blur = BlurChannel(sigma=0.7, noise_sigma=0.02)
+    xb = torch.randn(500, *shape, generator=torch.Generator().manual_seed(24))
+    obs_b = blur.corrupt(xb, sample_seeds(25, range(500)))
+    spectral = fit_gaussian(blur, batches(obs_b, 500), shape, iters=4, rank=2, full_max_dim=16)
+    assert not spectral.full and spectral.basis is not None
+
+
 def test_fit_on_a_strided_subset_and_a_device():
     """max_fit caps the observations the stochastic EM holds; device= gives the same prior, on the CPU."""
     d, r, n = 32, 3, 4000

@@ -223,6 +223,9 @@ def test_export_folder_without_weights_is_one_line_and_offline(
     }
     (folder / "diffem.json").write_text(json.dumps(meta))
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(DiffemError, match="carries no checksum"):
+        load_model_source(Path("google/ddpm-cifar10-32"))
+    monkeypatch.setenv("DIFFEM_TRUST_UNVERIFIED", "1")  # past the checksum, to the missing weights
     with pytest.raises(DiffemError) as err:
         load_model_source(Path("google/ddpm-cifar10-32"))
     assert str(err.value) == "google/ddpm-cifar10-32/unet cannot be loaded (the folder is missing)"

@@ -1,5 +1,6 @@
 """DPS-EM: the DPS step against its closed form, the channel's differentiable forward model, the
-reset schedule, the adaptive weight, and runs through the CLI (mask, jpeg, a clean warm start)."""
+reset schedule, the weight rules (on residuals known in closed form), and runs through the CLI
+(mask, jpeg, a clean warm start)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from test_guidance import D, GaussianDenoiser, _prior
 from diffem_channels import Channel, sample_seeds
 from diffem_channels.jpeg import JpegChannel
 from diffem_channels.mask import MaskChannel
+from diffem_channels.noise import NoiseChannel
 from diffem_channels.projection import ProjectionChannel
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
@@ -21,6 +23,7 @@ from diffem_cli.diffusion.denoise import alpha_sigma
 from diffem_cli.io.observations import load_recon
 from diffem_cli.io.store import read_manifest
 from diffem_cli.methods import default_config, get_method
+from diffem_cli.methods.dps_em import DPSOptions, dps_posterior, pick_weight, subset_rows
 from diffem_cli.methods.guidance import ALPHA_MIN, DPSDenoiser, residual_norm
 
 
@@ -114,6 +117,92 @@ def test_reset_last_laps_start_from_fresh_weights():
     assert all(fine_tunes(get_method("dps-em", cfg), lap) for lap in range(1, 6))
 
 
+def test_pick_weight_by_each_rule():
+    # Noisy channel, residual c / weight on every row (c = 2): the root-mean-square residuals of the
+    # grid are 2, 1, 0.5, 0.25, 0.125; the discrepancy principle takes the one nearest the noise
+    # level 0.3, i.e. 0.25 (weight 8; the closed form c / s = 6.7 lies between 4 and 8, nearer 8 in
+    # residual), and the smallest-residual rule the largest weight.
+    rows = torch.ones(50, dtype=torch.float64)
+    residuals = {w: 2.0 / w * rows for w in (1.0, 2.0, 4.0, 8.0, 16.0)}
+    assert pick_weight(residuals, 0.3, "discrepancy") == 8.0
+    assert pick_weight(residuals, 0.3, "smallest") == 16.0
+    # Noiseless: weight 8 diverges (left out although its finite rows are the smallest). 4's rows
+    # are 0.5 +- 0.1, mean square 0.5^2 + 0.1^2 = 0.26, the least; 2's is 0.261, within one
+    # standard error of 0.26 (4's squares are 0.36 and 0.16: sd 0.1, over 50 rows 0.014), so the
+    # discrepancy rule keeps the weaker weight 2 and the smallest rule (least mean, 0.5 < 0.51) 4.
+    wobble = 0.1 * torch.tensor([1.0, -1.0] * 25, dtype=torch.float64)
+    noiseless = {
+        1.0: rows.clone(),
+        2.0: (0.25 + 0.01 + 0.001) ** 0.5 * rows,
+        4.0: 0.5 + wobble,
+        8.0: torch.cat([torch.full((49,), 0.01, dtype=torch.float64), torch.tensor([float("nan")])]),
+    }
+    assert pick_weight(noiseless, 0.0, "discrepancy") == 2.0
+    assert pick_weight(noiseless, 0.0, "smallest") == 4.0
+    with pytest.raises(DiffemError, match="every dps.grid weight .* non-finite"):
+        pick_weight({1.0: torch.tensor([float("inf")])}, 0.1, "discrepancy")
+
+
+class _Observed:
+    def __init__(self, channel, n):
+        x = torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        self.channel, self.obs = channel, channel.corrupt(x, sample_seeds(0, range(n)))
+
+    def __len__(self):
+        return len(self.obs["y"])
+
+
+def _fake_draw(data, calls, diverge_above=None):
+    """A sampler whose sample of row i under weight w is y_i + (1 / w) everywhere: its scaled
+    residual ||A x - y|| / sqrt(m) is exactly 1 / w (observed entries move by 1 / w, m of them);
+    weights above ``diverge_above`` give NaN."""
+
+    def draw(make, rows, note):
+        calls.append(rows)
+        weight = make({k: v[rows] for k, v in data.obs.items()}).scale
+        x = data.obs["y"][rows] + 1.0 / weight
+        return x * float("nan") if diverge_above is not None and weight > diverge_above else x
+
+    return draw
+
+
+def test_the_discrepancy_rule_on_a_sampler_with_a_known_residual():
+    model = torch.nn.Linear(1, 1)
+    noisy = _Observed(NoiseChannel(sigma=0.2), 30)
+    dps = DPSOptions(weight_rule="discrepancy", grid=[1.0, 2.0, 4.0, 8.0], subset=10)
+    calls: list[torch.Tensor] = []
+    make, record = dps_posterior(model, noisy, dps).choose(_fake_draw(noisy, calls))
+    # residuals 1, 0.5, 0.25, 0.125 against the noise level 0.2: 0.25 is nearest, weight 4
+    assert record["dps_scale"] == 4.0 and record["dps_rule"] == "discrepancy"
+    assert record["dps_noise"] == pytest.approx(0.2)
+    assert [r for _, r in record["dps_residuals"]] == pytest.approx([1.0, 0.5, 0.25, 0.125])
+    assert make(noisy.obs).scale == 4.0
+    # every weight samples the same 10 random rows, not the first ones, the same at every E-step
+    assert all(torch.equal(c, calls[0]) for c in calls) and len(calls) == 4
+    assert torch.equal(calls[0], subset_rows(30, 10)) and not torch.equal(calls[0], torch.arange(10))
+    assert len(set(calls[0].tolist())) == 10
+
+    # noiseless mask: the residual falls with the weight, weight 8 diverges: 4 is the smallest finite
+    pinned = _Observed(MaskChannel(rho=0.5), 30)
+    _, record = dps_posterior(model, pinned, dps).choose(_fake_draw(pinned, [], diverge_above=4.0))
+    assert record["dps_scale"] == 4.0 and record["dps_noise"] == 0.0
+    assert record["dps_residuals"][-1] == [8.0, None]
+    # the older spelling: dps.adaptive is the smallest-residual rule
+    legacy = DPSOptions(adaptive=True, grid=[1.0, 2.0, 4.0, 8.0], subset=10)
+    assert legacy.rule() == "smallest"
+    _, record = dps_posterior(model, noisy, legacy).choose(_fake_draw(noisy, []))
+    assert record["dps_scale"] == 8.0
+
+
+def test_weight_rule_is_validated():
+    with pytest.raises(DiffemError, match="dps.weight_rule"):
+        DPSOptions(weight_rule="closest").validate()
+    with pytest.raises(DiffemError, match="dps.adaptive"):
+        DPSOptions(weight_rule="discrepancy", adaptive=True).validate()
+    DPSOptions(weight_rule="smallest", adaptive=True).validate()
+    assert DPSOptions().rule() == "fixed"
+
+
 TRAIN = [*FAST, *TINY_UNET]
 
 
@@ -166,6 +255,11 @@ def test_adaptive_run_records_the_weight_with_the_smallest_residual(d):
         assert manifest["dps_scale"] == min(residuals, key=residuals.get)
         assert laps[lap]["dps_scale"] == manifest["dps_scale"]
         assert "eval_psnr" in laps[lap]
+    # the last lap's posterior quality: K = 8 samples of each of the 40 observations (n = 64 > 40)
+    assert "post_coverage" not in laps[1]
+    assert laps[2]["post_k"] == 8 and laps[2]["post_n"] == 40
+    assert laps[2]["post_coverage_expected"] == pytest.approx(7 / 9)
+    assert 0 <= laps[2]["post_coverage"] <= 1 and laps[2]["post_psnr_mean"] > 0
     ckpt = load_checkpoint(d / "run/checkpoints/lap_002.safetensors")
     assert ckpt.kind == "unconditional" and ckpt.meta["method"] == "dps-em"
     assert ckpt.meta["method_config"]["dps"]["grid"] == [0.5, 4.0]

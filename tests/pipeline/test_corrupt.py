@@ -23,7 +23,8 @@ def _tree(folder: Path) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
 
 
-def test_cli_same_seed_gives_identical_folders(tmp_path, capsys):
+def test_cli_same_seed_gives_identical_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # pins the provenance's time, the one byte that moves
     args = ["corrupt", "digits", "--channel", "mask", "-p", "rho=0.5", "-p", "sigma=0.1", "--limit", "300"]
     assert run([*args[:2], str(tmp_path / "a"), *args[2:], "--seed", "3"]) == 0
     assert run([*args[:2], str(tmp_path / "b"), *args[2:], "--seed", "3"]) == 0
@@ -35,7 +36,8 @@ def test_cli_same_seed_gives_identical_folders(tmp_path, capsys):
     assert a.keys() == c.keys() and a != c
 
 
-def test_chunk_size_does_not_change_bytes(tmp_path):
+def test_chunk_size_does_not_change_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")  # pins the provenance's time
     src = load_source("manifold:samples=257")
     chan = _make("projection")
     corrupt_dataset(src, chan, tmp_path / "big", seed=1, chunk_size=1024, progress=False)

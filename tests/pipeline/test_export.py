@@ -14,7 +14,7 @@ import torch
 from helpers import FAST, TINY_MLP, TINY_UNET, error_line, fast_em_lap, fast_uncond, read_x, run_ok, sets
 
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.diffusion.checkpoint import load_checkpoint, save_tensors
+from diffem_cli.diffusion.checkpoint import CHECKSUM_KEY, load_checkpoint, save_tensors
 from diffem_cli.pipeline.export import AUX_FILE, CHECKSUMS_KEY, load_export
 
 
@@ -91,7 +91,9 @@ def test_model_cards_carry_provenance(d):
     )
     assert "corruption channel: projection" in vec and "None" not in vec
     meta = json.loads((d / "m_cond_exp" / "diffem.json").read_text())
-    assert meta["provenance"]["channel"]["name"] == "projection" and meta["provenance"]["laps"] == 1
+    steps = meta["provenance"]  # the chain: the checkpoint's, then the export
+    assert [s["command"] for s in steps] == ["corrupt", "em-train", "export"] and steps[1]["laps"] == 1
+    assert steps[0]["channel"]["name"] == "projection" and steps[1]["method"] == "diffem"
 
 
 def test_exported_files_follow_the_umask(d):
@@ -194,7 +196,12 @@ def _same_checkpoint(back, ckpt) -> None:
     assert set(back.tensors) == set(ckpt.tensors)
     for name, value in ckpt.tensors.items():
         assert torch.equal(back.tensors[name], value), name
-    assert {k: v for k, v in back.meta.items() if k != "provenance"} == ckpt.meta
+    assert {k: v for k, v in back.meta.items() if k != "provenance"} == {
+        k: v for k, v in ckpt.meta.items() if k != "provenance"
+    }
+    # the export's chain is the checkpoint's and the export step (none before chains existed)
+    assert back.meta["provenance"][:-1] == ckpt.meta.get("provenance", [])
+    assert back.meta["provenance"][-1]["command"] == "export"
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +225,7 @@ def mmps(tmp_path_factory) -> Path:
     return root
 
 
-def test_export_keeps_the_gaussian_moments(mmps, cli, tmp_path):
+def test_export_keeps_the_gaussian_moments(mmps, cli, tmp_path, monkeypatch):
     ckpt_path = mmps / "run/checkpoints/lap_001.safetensors"
     ckpt = load_checkpoint(ckpt_path)
     assert {"moments.mean", "moments.cov"} <= set(ckpt.aux)
@@ -232,20 +239,21 @@ def test_export_keeps_the_gaussian_moments(mmps, cli, tmp_path):
         assert code == 0, err
     a = read_x(tmp_path / "a")
     assert a.shape == (64, 5) and torch.equal(a, read_x(tmp_path / "b"))
-    # the moments matter: an export stripped of them (the old behaviour) samples otherwise
+    # the moments matter: an export stripped of them (the old behaviour, trusted) samples otherwise
     stripped = tmp_path / "stripped"
     shutil.copytree(folder, stripped)
     (stripped / AUX_FILE).unlink()
     meta = json.loads((stripped / "diffem.json").read_text())
-    del meta[CHECKSUMS_KEY]
+    del meta[CHECKSUMS_KEY], meta[CHECKSUM_KEY]
     (stripped / "diffem.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("DIFFEM_TRUST_UNVERIFIED", "1")
     assert load_export(stripped).aux == {}
     code, _, err = cli("reconstruct", stripped, mmps / "obs", tmp_path / "c", "--steps", 3)
     assert code == 0, err
     assert not torch.equal(a, read_x(tmp_path / "c"))
 
 
-def test_export_checksums_are_verified(mmps, d, tmp_path):
+def test_export_checksums_are_verified(mmps, d, tmp_path, monkeypatch):
     folder = tmp_path / "exp"
     shutil.copytree(mmps / "exp", folder)
     (folder / AUX_FILE).unlink()  # the aux file the checksums promise went missing
@@ -261,13 +269,38 @@ def test_export_checksums_are_verified(mmps, d, tmp_path):
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(DiffemError, match="checksum mismatch"):
         load_export(folder)
-    # exports written before checksums were recorded still load, unverified
+    # exports written before checksums were recorded (or with them removed) load only when trusted
     old = tmp_path / "old"
     shutil.copytree(d / "m_cond_exp", old)
     meta = json.loads((old / "diffem.json").read_text())
-    assert set(meta.pop(CHECKSUMS_KEY)) == {"model.safetensors"}
+    assert set(meta.pop(CHECKSUMS_KEY)) == {"model.safetensors"} and meta.pop(CHECKSUM_KEY)
     (old / "diffem.json").write_text(json.dumps(meta))
+    with pytest.raises(DiffemError, match="carries no checksum"):
+        load_export(old)
+    monkeypatch.setenv("DIFFEM_TRUST_UNVERIFIED", "1")
     _same_checkpoint(load_export(old), load_checkpoint(d / "m_cond.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda meta: meta["data"].update(value_range=[-9, 9]),  # another clipping, same weights
+        lambda meta: meta[CHECKSUMS_KEY].pop("model.safetensors"),  # a file no longer verified
+        lambda meta: meta.update({CHECKSUM_KEY: "sha256:" + "0" * 64}),
+    ],
+    ids=["channel", "file-checksum", "checksum"],
+)
+def test_a_tampered_export_is_refused_with_one_line(d, cli, tmp_path, tamper):
+    """An edit of diffem.json (which says how to use the weights) is caught like one of the weights,
+    with trust or without: only a missing checksum can be trusted."""
+    folder = tmp_path / "exp"
+    shutil.copytree(d / "m_cond_exp", folder)
+    meta = json.loads((folder / "diffem.json").read_text())
+    tamper(meta)
+    (folder / "diffem.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    code, _, err = cli("reconstruct", folder, d / "mobs", out, "--steps", 2)
+    assert code == 2 and "diffem.json: checksum mismatch" in error_line(err) and not out.exists()
 
 
 def test_exports_without_aux_tensors_have_no_aux_file(d):

@@ -83,10 +83,30 @@ def test_panels_say_which_way_is_better_and_write_a_pdf(tmp_path):
         None,
     )
     panels = {"psnr": {"run": [(0, 10.0), (1, 12.0), (2, 13.0)]}, "fd_pixels": {"run": [(0, 3.0), (1, 2.0)]}}
-    path = save_curve_panels(panels, tmp_path / "m.png", "lap", directions={t: better(t) for t in panels})
+    path = save_curve_panels(panels, tmp_path / "m.png", "lap")
     _png(path)
     pdf = path.with_suffix(".pdf")
     first = pdf.read_bytes()
     assert first.startswith(b"%PDF")
-    save_curve_panels(panels, path, "lap", directions={t: better(t) for t in panels})
+    save_curve_panels(panels, path, "lap")
     assert pdf.read_bytes() == first  # no creation date: the same numbers give the same file
+
+
+def test_every_metric_key_has_a_readable_title_on_its_panel(tmp_path, monkeypatch):
+    """Evaluation metrics and the label-free monitor's fields (what report and compare draw) are
+    titled from the one table, never by their raw keys."""
+    from matplotlib.axes import Axes
+
+    from diffem_cli.metrics.evaluate import METRICS
+    from diffem_cli.pipeline.compare import MONITOR_KEYS
+    from diffem_cli.pipeline.plots import TITLES, metric_title, save_curve_panels
+    from diffem_cli.pipeline.report import MONITOR
+
+    assert set(METRICS) | set(MONITOR_KEYS) | set(MONITOR) <= set(TITLES)
+    assert metric_title("eval_psnr") == metric_title("psnr") == "PSNR (dB)"
+    assert metric_title("seconds") == "seconds"
+    drawn = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, text, **kw: drawn.append(text))
+    panels = {"obs_sw2": {"a": [(0, 1.0)], "floor": [(0, 0.5)]}, "observed_residual": {"a": [(0, 0.1)]}}
+    save_curve_panels(panels, tmp_path / "c.png", "lap")
+    assert drawn == ["obs SW2 (label-free)", "observed residual"]

@@ -175,7 +175,7 @@ def _bad_files(src: Path, root: Path) -> dict[str, Path]:
         ("checkpoint_as_data", "not a dataset folder"),
         ("zero_per_observation", "--per-observation"),
         ("zero_steps", "--steps"),
-        ("unknown_sampler", "unknown sampler"),
+        ("unknown_sampler", "--sampler must be one of"),
     ],
 )
 def test_bad_input(d, cli, tmp_path, case, match):

@@ -172,6 +172,22 @@ def test_force_starts_over_a_run_but_never_a_foreign_folder(tmp_path: Path) -> N
     assert json.loads((skeleton / "run.json").read_text()) == INFO
 
 
+def test_force_removes_every_file_diffem_wrote_and_keeps_the_rest(tmp_path: Path) -> None:
+    """Starting over leaves no stale output of the old run (a figure's PDF, a report, the
+    unconditional samples compare reuses), and keeps the user's own files."""
+    run = _run(tmp_path / "run", laps=1)
+    for name in ("metrics.png", "metrics.pdf", "report.json", "report.png", "notes.txt"):
+        (run.root / name).write_text("old")
+    for name in ("samples-uncond", "uncond", "logs"):
+        (run.root / name).mkdir()
+        (run.root / name / "diffem.json").write_text("{}")
+    cfg = _cfg()
+    cfg.seed += 1
+    run.prepare(cfg, INFO, force=True)
+    kept = sorted(p.relative_to(run.root).as_posix() for p in run.root.rglob("*"))
+    assert kept == ["checkpoints", "config.yaml", "notes.txt", "recon", "run.json", "samples", "state"]
+
+
 # --- through the command line ----------------------------------------------------------------------
 
 TRAIN = [*TINY_MLP, *sets("train.batch_size=32", "train.epochs=1"), *QUICK]

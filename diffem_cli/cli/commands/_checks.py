@@ -47,26 +47,14 @@ def check_observations(ds: object, manifest: dict, path: Path) -> None:
     check_manifest_columns(ds, manifest, path)
 
 
-def check_sample_options(
-    sampler: str | None, steps: int | None, batch_size: int, corrections: int | None = None
-) -> None:
-    """``--sampler``, ``--steps`` in [1, 1000], ``--batch-size`` >= 1 and ``--corrections`` in
-    [0, 16], those given, before any work."""
-    from diffem_cli.diffusion.schedule import SAMPLERS, SCHEDULE
-
-    if sampler is not None and sampler not in SAMPLERS:
-        raise DiffemError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    most = SCHEDULE["num_train_timesteps"]
-    if steps is not None and not 1 <= steps <= most:
-        raise DiffemError(f"--steps must lie in [1, {most}], got {steps}")
-    at_least("--batch-size", batch_size)
-    if corrections is not None and not 0 <= corrections <= 16:
-        raise DiffemError(f"--corrections must lie in [0, 16], got {corrections}")
-
-
 def given_sampling(
     sampler: str | None, steps: int | None, batch_size: int, corrections: int | None
 ) -> dict[str, object]:
-    """The sampling options a user set (None: not given), to lay over a checkpoint's own settings."""
+    """The sampling options a user set (None: not given), to lay over a checkpoint's own settings;
+    checked before any work by the library's rules (``validate_sample``), naming the options."""
+    from diffem_cli.diffusion.sampling import SampleConfig, validate_sample
+
     given = {"sampler": sampler, "steps": steps, "batch_size": batch_size, "corrections": corrections}
-    return {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None}
+    validate_sample(SampleConfig(**given), prefix="--")
+    return given

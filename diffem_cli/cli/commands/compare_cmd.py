@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from diffem_cli.cli.commands._help import config_help, method_help
+from diffem_cli.cli.commands._options import Device, Trackers
 from diffem_cli.core.logs import notice
-from diffem_cli.core.tracking import LOG_HELP
 
 
 def compare_command(
@@ -62,13 +62,15 @@ def compare_command(
             "Student-t interval."
         ),
     ] = 1,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Start every method's RUN over.")] = False,
-    log_with: Annotated[
-        list[str] | None, typer.Option("--log", "--log-with", metavar="TRACKER", help=LOG_HELP)
-    ] = None,
+    device: Device = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Start every method's RUN over (in a compare OUT diffem wrote; never another folder).",
+        ),
+    ] = False,
+    log_with: Trackers = None,
 ) -> None:
     """Compare methods on the same observations and budget.
 

@@ -24,7 +24,11 @@ def corrupt(
     limit: int | None = typer.Option(None, "--limit", help="Use only the first N samples."),
     clean_out: Path | None = typer.Option(None, "--clean-out", help="Also write the clean samples here."),
     preview: Path | None = typer.Option(None, "--preview", help="Write a PNG of the first examples."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace outputs diffem wrote (never another folder) and an existing --preview file.",
+    ),
     chunk_size: int = typer.Option(1024, "--chunk-size", help="Samples per chunk (memory, not output)."),
 ) -> None:
     """Corrupt clean data through a channel into observations.

@@ -8,11 +8,7 @@ from typing import Annotated
 import typer
 
 from diffem_cli.cli.commands._help import config_help, method_help
-from diffem_cli.core.tracking import LOG_HELP
-
-ANOTHER_CONFIGURATION = "holds another configuration"
-"""The words of the RUN's refusal of a changed configuration (``Run.prepare``), which em-train
-completes with how to continue the RUN instead."""
+from diffem_cli.cli.commands._options import Device, Trackers
 
 
 def em_train_command(
@@ -68,15 +64,15 @@ def em_train_command(
             "remembers it (and --clean, --warm-start) for the next em-train on it."
         ),
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda when available).")
-    ] = None,
+    device: Device = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Start RUN over even if it holds another run.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Start RUN over even if it holds another run (removes only what diffem wrote in it).",
+        ),
     ] = False,
-    log_with: Annotated[
-        list[str] | None, typer.Option("--log", "--log-with", metavar="TRACKER", help=LOG_HELP)
-    ] = None,
+    log_with: Trackers = None,
 ) -> None:
     """Learn a diffusion model from observations alone.
 
@@ -88,8 +84,8 @@ def em_train_command(
     started with.
     """
     from diffem_cli.cli.commands._checks import at_least, check_observations, check_run_folder, need_existing
+    from diffem_cli.cli.commands._run_config import config_source, suggest_own_config
     from diffem_cli.config.run import default_preset, load_config
-    from diffem_cli.core.errors import DiffemError
     from diffem_cli.core.logs import notice
     from diffem_cli.core.runtime import launch
     from diffem_cli.core.tracking import check_trackers
@@ -105,33 +101,26 @@ def em_train_command(
     need_existing(clean, "--clean folder", folder=True)
     check_run_folder(run, [data, warm_start, eval_clean, clean])
     default = default_preset(manifest.get("data_shape", [0, 0, 0]))
-    continuing = config is None and not force and (run / "config.yaml").is_file()
-    if continuing:
-        notice(f"configuration: {run}/config.yaml (the RUN's own)")
-    source = str(run) if continuing else config
+    source = config_source(run, config, force)
     cfg = load_config(source, sets or [], default_preset=default, extensions=extensions())
     track = check_trackers(log_with)
-    with launch(device) as ctx:  # one process, or one of several under torchrun / accelerate launch
-        try:
-            records = em_train(
-                data,
-                run,
-                cfg,
-                laps=laps,
-                method=method,
-                warm_start=warm_start,
-                eval_clean=eval_clean,
-                clean=clean,
-                device=device,
-                force=force,
-                log=notice,
-                ctx=ctx,
-                track=track,
-            )
-        except DiffemError as e:
-            if ANOTHER_CONFIGURATION not in str(e) or source == str(run):
-                raise
-            raise DiffemError(f"{e}; or continue it with its own: --config {run}") from None
+    # one process, or one of several under torchrun / accelerate launch
+    with launch(device) as ctx, suggest_own_config(run, source):
+        records = em_train(
+            data,
+            run,
+            cfg,
+            laps=laps,
+            method=method,
+            warm_start=warm_start,
+            eval_clean=eval_clean,
+            clean=clean,
+            device=device,
+            force=force,
+            log=notice,
+            ctx=ctx,
+            track=track,
+        )
         last = len(records) - 1
         where = (
             run / "checkpoints" / f"lap_{last:03d}.safetensors" if last else run / "samples" / "lap_000.png"

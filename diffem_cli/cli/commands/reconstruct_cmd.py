@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
+from diffem_cli.cli.commands._options import Corrections, Device, Sampler, Steps
 from diffem_cli.core.logs import notice
-
-CHECKPOINT_DEFAULT = "Default: the checkpoint's (what its run sampled with)."
 
 
 def reconstruct_command(
@@ -23,37 +22,28 @@ def reconstruct_command(
         Path, typer.Argument(metavar="DATA", help="Observations folder written by 'diffem corrupt'.")
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output datasets folder (columns x, index).")],
-    sampler: Annotated[
-        str | None, typer.Option(help=f"dpm++, ddim or ddpm (ancestral). {CHECKPOINT_DEFAULT}")
-    ] = None,
-    steps: Annotated[
-        int | None, typer.Option(help=f"Sampler steps = network evaluations. {CHECKPOINT_DEFAULT}")
-    ] = None,
-    corrections: Annotated[
-        int | None, typer.Option(help=f"Langevin corrections after each step. {CHECKPOINT_DEFAULT}")
-    ] = None,
+    sampler: Sampler = None,
+    steps: Steps = None,
+    corrections: Corrections = None,
     per_observation: Annotated[int, typer.Option(help="Posterior samples per observation.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Observations sampled at once.")] = 4096,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     png: Annotated[
         Path | None, typer.Option(help="Also write one PNG per reconstruction into this folder.")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and --png) if they exist.")] = False,
+    device: Device = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace OUT (and --png) if diffem wrote them; never another folder."),
+    ] = False,
 ) -> None:
     """Sample reconstructions x ~ q(x|y) of every observation."""
-    from diffem_cli.cli.commands._checks import (
-        at_least,
-        check_observations,
-        check_sample_options,
-        given_sampling,
-        need_existing,
-    )
+    from diffem_cli.cli.commands._checks import at_least, check_observations, given_sampling, need_existing
     from diffem_cli.core.runtime import launch
     from diffem_cli.io.store import check_apart, check_output, read_dataset
     from diffem_cli.pipeline.reconstruct import reconstruct
 
-    check_sample_options(sampler, steps, batch_size, corrections)
+    sampling = given_sampling(sampler, steps, batch_size, corrections)
     at_least("--per-observation", per_observation)
     need_existing(ckpt, "checkpoint")
     ds, manifest = read_dataset(data)
@@ -68,7 +58,7 @@ def reconstruct_command(
             ckpt,
             data,
             out,
-            sample=given_sampling(sampler, steps, batch_size, corrections),
+            sample=sampling,
             per_observation=per_observation,
             seed=seed,
             png_dir=png,

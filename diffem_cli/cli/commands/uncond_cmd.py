@@ -8,9 +8,8 @@ from typing import Annotated
 import typer
 
 from diffem_cli.cli.commands._help import config_help
-from diffem_cli.cli.commands.reconstruct_cmd import CHECKPOINT_DEFAULT
+from diffem_cli.cli.commands._options import Corrections, Device, Sampler, Steps, Trackers
 from diffem_cli.core.logs import notice
-from diffem_cli.core.tracking import LOG_HELP
 
 
 def train_uncond_command(
@@ -28,21 +27,30 @@ def train_uncond_command(
             "--config",
             "-c",
             metavar="PRESET|FILE|RUN",
-            help=config_help("Default: the preset for the data's shape."),
+            help=config_help(
+                "Default: an existing RUN's own (not with --force), else the preset for the data's shape."
+            ),
         ),
     ] = None,
     sets: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one key: train.epochs=50."),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Start RUN over if it holds another run.")] = False,
-    log_with: Annotated[
-        list[str] | None, typer.Option("--log", "--log-with", metavar="TRACKER", help=LOG_HELP)
-    ] = None,
+    device: Device = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Start RUN over if it holds another run (removes only what diffem wrote in it)."
+        ),
+    ] = False,
+    log_with: Trackers = None,
 ) -> None:
-    """Train an unconditional diffusion model on reconstructions."""
+    """Train an unconditional diffusion model on reconstructions.
+
+    Re-running on an existing RUN resumes it with the configuration it was started with.
+    """
     from diffem_cli.cli.commands._checks import check_run_folder
+    from diffem_cli.cli.commands._run_config import config_source, suggest_own_config
     from diffem_cli.config.run import check_config_for_data, default_preset, load_config
     from diffem_cli.core.errors import DiffemError
     from diffem_cli.core.runtime import launch
@@ -57,10 +65,11 @@ def train_uncond_command(
     if "x" not in ds.column_names:
         raise DiffemError(f"{recon} has no column 'x' (columns: {', '.join(ds.column_names)})")
     shape = tuple(columns(ds, ["x"], 0, 1)["x"].shape[1:])
-    cfg = load_config(config, sets or [], default_preset=default_preset(shape), extensions=extensions())
+    source = config_source(run, config, force)
+    cfg = load_config(source, sets or [], default_preset=default_preset(shape), extensions=extensions())
     check_config_for_data(cfg, None, shape)
     track = check_trackers(log_with)
-    with launch(device) as ctx:
+    with launch(device) as ctx, suggest_own_config(run, source):
         ckpt = train_uncond(recon, run, cfg, device=device, force=force, log=notice, ctx=ctx, track=track)
         notice(f"[green]done[/green]: {ckpt}", markup=True)
 
@@ -71,27 +80,26 @@ def sample_command(
     ],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output datasets folder (column x).")],
     n: Annotated[int, typer.Option("-n", help="Number of samples.")] = 64,
-    sampler: Annotated[str | None, typer.Option(help=f"dpm++, ddim or ddpm. {CHECKPOINT_DEFAULT}")] = None,
-    steps: Annotated[
-        int | None, typer.Option(help=f"Sampler steps = network evaluations. {CHECKPOINT_DEFAULT}")
-    ] = None,
-    corrections: Annotated[
-        int | None, typer.Option(help=f"Langevin corrections after each step. {CHECKPOINT_DEFAULT}")
-    ] = None,
+    sampler: Sampler = None,
+    steps: Steps = None,
+    corrections: Corrections = None,
     batch_size: Annotated[int, typer.Option(help="Samples drawn at once.")] = 4096,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     png: Annotated[Path | None, typer.Option(help="Also write one PNG per image into this folder.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT (and --png) if they exist.")] = False,
+    device: Device = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace OUT (and --png) if diffem wrote them; never another folder."),
+    ] = False,
 ) -> None:
     """Draw samples from an unconditional model."""
-    from diffem_cli.cli.commands._checks import at_least, check_sample_options, given_sampling, need_existing
+    from diffem_cli.cli.commands._checks import at_least, given_sampling, need_existing
     from diffem_cli.core.runtime import launch
     from diffem_cli.io.store import check_apart, check_output
     from diffem_cli.pipeline.uncond import sample_unconditional
 
     at_least("-n", n)
-    check_sample_options(sampler, steps, batch_size, corrections)
+    sampling = given_sampling(sampler, steps, batch_size, corrections)
     need_existing(ckpt, "checkpoint")
     check_output(out, force, [ckpt])
     if png is not None:
@@ -103,7 +111,7 @@ def sample_command(
             ckpt,
             out,
             n,
-            sample_cfg=given_sampling(sampler, steps, batch_size, corrections),
+            sample_cfg=sampling,
             seed=seed,
             png_dir=png,
             device=device,
