@@ -16,12 +16,14 @@ reflect-padded blur and meaningful for any basis.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 _F64 = torch.float64
 FIT_STEPS = 200  # L-BFGS iterations on a handful of parameters
-LN2 = 0.6931471805599453
+LN2 = math.log(2.0)
 
 
 def grid_frequencies(basis: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -50,7 +52,7 @@ def fit_power_spectrum(energy: Tensor, gain: Tensor, freq: Tensor, noise_var: fl
     informative = g2 >= 0.5 * g2.max()
     guess = ((e - noise_var).clamp_min(1e-12) / g2.clamp_min(1e-12) * (f + f0)).where(informative, 0.0)
     amp = (guess.sum(1) / informative.sum(1).clamp_min(1)).clamp_min(1e-12).log()
-    params = torch.cat([amp, torch.tensor([0.0, float(torch.tensor(f0).log())], dtype=_F64)])
+    params = torch.cat([amp, torch.tensor([0.0, math.log(f0)], dtype=_F64)])
     params.requires_grad_(True)
     floor = max(noise_var, 1e-12 * float(e.mean().clamp_min(1e-30)))
 
