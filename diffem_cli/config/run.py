@@ -47,7 +47,8 @@ class EvalConfig:
 
     ``posterior_n`` / ``posterior_k``: the last lap also draws ``posterior_k`` posterior samples of
     each of the first ``posterior_n`` observations for the posterior-quality metrics (``post_*``:
-    one sample against the K-sample mean, calibration, spread against error); 0 turns them off."""
+    one sample against the K-sample mean, calibration, spread against error) on image data, whose
+    clean rows are paired with the observations; 0 turns them off."""
 
     metrics: list[str] = field(default_factory=list)
     n_points: int = 4096

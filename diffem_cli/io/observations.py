@@ -100,11 +100,14 @@ def load_recon(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:
     return columns(ds, ["x"])["x"], manifest
 
 
-def load_clean(path: Path, data: Observations, what: str = "--eval-clean") -> torch.Tensor:
+def load_clean(
+    path: Path, data: Observations, what: str = "--eval-clean", *, paired: bool = True
+) -> torch.Tensor:
     """The clean data of the observations (for evaluation or the oracle), row ``i`` the clean
     sample of observation ``i``: paired by the ``index`` column (``corrupt --clean-out`` writes
     it), by position in a folder without one. Refuses a folder whose indices are not exactly
-    the observations'."""
+    the observations'. With ``paired=False`` (a reference set for metrics that compare
+    distributions, such as a held-out clean set) a folder of other samples comes back as it is."""
     ds, _ = read_dataset(path)
     if "x" not in ds.column_names:
         raise DiffemError(f"{what} {path} has no column 'x' (columns: {', '.join(ds.column_names)})")
@@ -116,7 +119,7 @@ def load_clean(path: Path, data: Observations, what: str = "--eval-clean") -> to
             f"{what} {path} holds data of shape {tuple(x.shape[1:])}, observations are {data.shape}"
         )
     if "index" not in cols:
-        if len(x) != len(data):
+        if len(x) != len(data) and paired:
             raise DiffemError(
                 f"{what} {path} holds {len(x)} rows and no index column, the observations {len(data)}"
             )
@@ -125,6 +128,8 @@ def load_clean(path: Path, data: Observations, what: str = "--eval-clean") -> to
     order = torch.argsort(index)
     ours = data.index.long().reshape(-1)
     if len(index) != len(ours) or not torch.equal(index[order], torch.sort(ours).values):
+        if not paired:
+            return x
         raise DiffemError(
             f"{what} {path} holds other indices than the observations ({len(index)} rows against "
             f"{len(ours)}): pass the --clean-out folder of the same 'diffem corrupt'"

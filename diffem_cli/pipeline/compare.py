@@ -110,7 +110,7 @@ def compare(
     if foreign is not None:  # an em-train RUN or someone else's folder, --force or not
         raise DiffemError(f"OUT {out} {foreign}; give a new folder or an earlier compare OUT")
     data = Observations(data_path)
-    clean = load_clean(eval_clean, data)
+    clean = load_clean(eval_clean, data, paired=data.kind == "image")
     fit = []
     for name in methods:  # every refusal before any training
         try:

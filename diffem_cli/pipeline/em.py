@@ -278,7 +278,7 @@ def em_train(
     _check_config(cfg, data)
     m = get_method(cfg.em.method, cfg)
     m.check(data)
-    evaluation = load_clean(eval_clean, data) if eval_clean else None
+    evaluation = load_clean(eval_clean, data, paired=data.kind == "image") if eval_clean else None
     if m.needs_clean and clean is None:
         raise DiffemError(f"method {m.name!r} needs clean data: pass --clean DIR")
     train_clean = load_clean(clean, data, "--clean") if clean else None
@@ -591,7 +591,11 @@ class _Driver:
         return evaluate_against(x, self.evaluation, self.data, self.cfg)
 
     def _posterior_quality(self, lap: int) -> dict[str, float]:
+        # per-observation scores need clean rows paired with the observations: load_clean pairs
+        # them for images; vector data are scored against a reference set (distributions)
         if self.evaluation is None or not self.ctx.is_main or lap < 1 or self.cfg.eval.posterior_n == 0:
+            return {}
+        if self.data.kind != "image":
             return {}
         ckpt = load_checkpoint(self.run.checkpoint(lap))
         seed = lap_seed(self.cfg.seed, lap, "posterior-quality")

@@ -37,6 +37,17 @@ def test_clean_folders_with_other_indices_are_refused(folders, tmp_path, case):
         load_clean(tmp_path / "other", data)
 
 
+def test_an_unpaired_reference_set_comes_back_as_it_is(folders, tmp_path):
+    """Vector metrics compare distributions: a held-out clean set of other samples is a reference."""
+    data = Observations(folders / "obs")
+    clean = read_x(folders / "clean")
+    save_recon(tmp_path / "heldout", clean[:5], data.index[:5] + 1000, {})
+    assert torch.equal(load_clean(tmp_path / "heldout", data, paired=False), clean[:5])
+    perm = torch.randperm(len(clean), generator=torch.Generator().manual_seed(0))
+    save_recon(tmp_path / "shuffled", clean[perm], data.index[perm], {})
+    assert torch.equal(load_clean(tmp_path / "shuffled", data, paired=False), clean)
+
+
 def test_clean_folders_without_index_pair_by_position_of_the_same_length(folders, tmp_path):
     data = Observations(folders / "obs")
     clean = read_x(folders / "clean")
