@@ -14,13 +14,21 @@ the ``manifold`` MLP; every one conditioned on ``mask``, the MLP on ``projection
 
 The measurements alternate (bare, diffem, bare, diffem, ...) in one process so that the ratios
 compare figures taken under the same machine load; ``os.getloadavg()`` is recorded beside each
-figure. The target is a ratio of at least 0.8 to the bare rate. A thread study times the digits
+figure. The target is a ratio of at least 0.8 to the bare rate.
+
+The roofline (:mod:`bench.roofline`): the FLOPs of one training step (forward + backward) and of
+one forward, and the rate at which this machine runs exactly those matrix products and
+convolutions alone; the M-step and E-step are then reported as achieved FLOP/s and as a fraction
+of that limit. Every case runs at 1 torch thread and at every core (``--threads``). With
+``--compile``, the M-step is also timed with ``train.compile=on`` (``torch.compile``), after a
+first step whose time, the compilation's, is reported apart. A thread study times the digits
 M-step in a fresh process per variant (1 thread, 2 threads, 2 threads with
 ``OMP_WAIT_POLICY=PASSIVE``), as the machine is and with a busy job beside it (a second process
 multiplying matrices). Writes ``bench/results/speed.json`` and ``.md``; ``--cases`` with no name
 reruns only the thread study and keeps the last case figures.
 
     python -m bench.bench_speed [--quick] [--cases digits unet16 ...] [--rounds 2] [--no-threads]
+        [--threads 1 2] [--compile mlp digits]
 """
 
 from __future__ import annotations
@@ -36,18 +44,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the diffem command sets it, before torch loads
 
-from bench.common import machine, write_results
-from diffem_cli.diffusion.nets import build_network, count_parameters, default_network
-from diffem_cli.diffusion.sampling import SampleConfig
-from diffem_cli.diffusion.train import TrainConfig, train_denoiser
-from diffem_cli.io.observations import Observations
-from diffem_cli.io.registry import make_channel
-from diffem_cli.io.sources import TensorSource
-from diffem_cli.methods import get_method, load_config
-from diffem_cli.pipeline.corrupt import corrupt_dataset
-from diffem_cli.pipeline.em import posterior_samples
+import torch  # noqa: E402
+
+from bench.common import machine, write_results  # noqa: E402
+from bench.roofline import dense_limit, dense_ops, flops_of  # noqa: E402
+from diffem_cli.diffusion.nets import build_network, count_parameters, default_network  # noqa: E402
+from diffem_cli.diffusion.sampling import SampleConfig  # noqa: E402
+from diffem_cli.diffusion.train import TrainConfig, train_denoiser  # noqa: E402
+from diffem_cli.io.observations import Observations  # noqa: E402
+from diffem_cli.io.registry import make_channel  # noqa: E402
+from diffem_cli.io.sources import TensorSource  # noqa: E402
+from diffem_cli.methods import get_method, load_config  # noqa: E402
+from diffem_cli.pipeline.corrupt import corrupt_dataset  # noqa: E402
+from diffem_cli.pipeline.em import posterior_samples  # noqa: E402
 
 DEV = torch.device("cpu")
 
@@ -178,17 +189,69 @@ def bare_train(case: Case, model: torch.nn.Module, steps: int, with_step: bool) 
     return {"rate": steps * case.batch / seconds, "seconds": seconds, "load": load1()}
 
 
-def mstep(case: Case, model: torch.nn.Module, steps: int) -> dict[str, float]:
-    """Examples/s of ``train_denoiser`` over ``steps`` steps on random data (one epoch)."""
+def mstep(case: Case, model: torch.nn.Module, steps: int, compile: str = "off") -> dict[str, float]:
+    """Examples/s of ``train_denoiser`` over ``steps`` steps on random data (one epoch), with
+    ``train.compile`` set to ``compile``."""
     n = case.batch * steps
     gen = torch.Generator().manual_seed(3)
     data = {
         "x": torch.randn((n, *case.shape), generator=gen).clamp(-1, 1),
         "cond": torch.randn((n, model.cond_size, *case.shape[1:]), generator=gen),
     }
-    cfg = dataclasses.replace(case.train_cfg, batch_size=case.batch, epochs=1)
+    cfg = dataclasses.replace(case.train_cfg, batch_size=case.batch, epochs=1, compile=compile)
     result = train_denoiser(model, data, cfg, seed=0, device=DEV, label=f"{case.name} M-step")
     return {"rate": result.steps * case.batch / result.seconds, "seconds": result.seconds, "load": load1()}
+
+
+def roofline(case: Case, model: torch.nn.Module) -> dict[str, float]:
+    """FLOPs per training example (forward + backward) and per evaluated row (forward), and the
+    rate at which this machine runs that network's own dense ops alone (:mod:`bench.roofline`)."""
+    x, t, cond = _inputs(case, model, case.batch, torch.Generator().manual_seed(5))
+    target = torch.randn_like(x)
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        torch.mean((model(x, t, cond) - target) ** 2).backward()
+
+    xs, _, cs = _inputs(case, model, case.sample_batch, torch.Generator().manual_seed(6))
+    ts = torch.full((1,), 500, dtype=torch.long)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(xs, ts, cs)
+
+    model.train()
+    train_limit = dense_limit(dense_ops(train_step))
+    train_flops = flops_of(train_step) / case.batch
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    fwd_limit = dense_limit(dense_ops(forward))
+    fwd_flops = flops_of(forward) / case.sample_batch
+    return {
+        "train_flops_per_example": train_flops,
+        "train_limit": train_limit["rate"],
+        "fwd_flops_per_row": fwd_flops,
+        "fwd_limit": fwd_limit["rate"],
+    }
+
+
+def compiled_mstep(case: Case, net: torch.nn.Module, rounds: int) -> dict[str, Any]:
+    """The M-step with ``train.compile=on`` against eager, alternating: the first compiled call's
+    seconds (compilation, then one epoch of 2 steps) apart, then ``rounds`` pairs of timed epochs."""
+    t0 = time.perf_counter()
+    mstep(case, net, 2, compile="on")
+    first = time.perf_counter() - t0
+    eager, compiled = [], []
+    for _ in range(rounds):
+        eager.append(mstep(case, net, case.steps))
+        compiled.append(mstep(case, net, case.steps, compile="on"))
+    rows = case.batch * case.steps
+    return {
+        "first_call_s": first,
+        "eager_rate": rows * rounds / sum(r["seconds"] for r in eager),
+        "compiled_rate": rows * rounds / sum(r["seconds"] for r in compiled),
+        "load": [r["load"] for r in eager + compiled],
+    }
 
 
 def observations(case: Case, work: Path, n: int) -> Observations:
@@ -215,8 +278,9 @@ def estep(case: Case, model: CountCalls, data: Observations) -> dict[str, float]
     return {"rate": model.rows / seconds, "seconds": seconds, "calls": model.calls, "load": load1()}
 
 
-def run_case(case: Case, rounds: int, work: Path) -> dict[str, Any]:
-    """Alternate bare and diffem measurements ``rounds`` times; ratios of the summed times."""
+def run_case(case: Case, rounds: int, work: Path, compile_study: bool = False) -> dict[str, Any]:
+    """Alternate bare and diffem measurements ``rounds`` times; ratios of the summed times; the
+    roofline; with ``compile_study``, the compiled M-step against eager."""
     name, params = case.channel
     cond_size = make_channel(name, params).cond_size(case.shape)
     torch.manual_seed(0)
@@ -259,11 +323,21 @@ def run_case(case: Case, rounds: int, work: Path) -> dict[str, Any]:
     out["estep_ratio"] = out["estep_rate"] / out["fwd_rate"]
     out["mstep_ratio"] = out["mstep_rate"] / out["fb_rate"]
     out["mstep_ratio_step"] = out["mstep_rate"] / out["fbs_rate"]
+    out["threads"] = torch.get_num_threads()
+    out.update(roofline(case, net))
+    out["mstep_flops"] = out["mstep_rate"] * out["train_flops_per_example"]
+    out["estep_flops"] = out["estep_rate"] * out["fwd_flops_per_row"]
+    out["mstep_fraction"] = out["mstep_flops"] / out["train_limit"]
+    out["estep_fraction"] = out["estep_flops"] / out["fwd_limit"]
+    if compile_study:
+        out["compile"] = compiled_mstep(case, net, rounds)
     print(
-        f"{case.name}: E-step {out['estep_rate']:.0f} / fwd {out['fwd_rate']:.0f} "
-        f"= {out['estep_ratio']:.2f}; "
+        f"{case.name} ({out['threads']} thread(s)): E-step {out['estep_rate']:.0f} / fwd "
+        f"{out['fwd_rate']:.0f} = {out['estep_ratio']:.2f}; "
         f"M-step {out['mstep_rate']:.0f} / fb {out['fb_rate']:.0f} = {out['mstep_ratio']:.2f} "
-        f"(/ fbs {out['fbs_rate']:.0f} = {out['mstep_ratio_step']:.2f}); load {out['load']}",
+        f"(/ fbs {out['fbs_rate']:.0f} = {out['mstep_ratio_step']:.2f}); roofline M "
+        f"{out['mstep_fraction']:.2f}, E {out['estep_fraction']:.2f}; "
+        f"compile {out.get('compile')}; load {out['load']}",
         flush=True,
     )
     return out
@@ -381,19 +455,67 @@ def markdown(result: dict[str, Any]) -> str:
         "`posterior` (DPM-Solver++, network evaluations = rows x calls). Bare fb: forward + MSE + "
         "backward; fbs: the same + AdamW step; M-step: `train_denoiser` (examples/s). Target: ratio >= 0.8.",
         "",
-        "| network | params | shape | batch (M / E) | bare fwd /s | E-step evals/s | E ratio | "
+        "| network | threads | params | shape | batch (M / E) | bare fwd /s | E-step evals/s | E ratio | "
         "bare fb /s | bare fbs /s | M-step ex/s | M ratio (fb) | M ratio (fbs) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in result["cases"].items():
-        load = r["load"]
+    for key, r in result["cases"].items():
+        load, name = r["load"], key.split("/")[0]
         lines.append(
-            f"| {name} | {r['parameters'] / 1e6:.2f} M | {'x'.join(map(str, r['shape']))} | "
+            f"| {name} | {r.get('threads', '')} | {r['parameters'] / 1e6:.2f} M | "
+            f"{'x'.join(map(str, r['shape']))} | "
             f"{r['batch_size']} / {r['sample_batch_size']} | {r['fwd_rate']:,.0f} | {r['estep_rate']:,.0f} | "
             f"**{r['estep_ratio']:.2f}** | {r['fb_rate']:,.0f} | {r['fbs_rate']:,.0f} | "
             f"{r['mstep_rate']:,.0f} | "
             f"**{r['mstep_ratio']:.2f}** | {r['mstep_ratio_step']:.2f} | {min(load):.1f}-{max(load):.1f} |"
         )
+    roof = [(k, r) for k, r in result["cases"].items() if "mstep_fraction" in r]
+    if roof:
+        lines += [
+            "",
+            "## Roofline",
+            "",
+            "FLOPs by `torch.utils.flop_counter` (matrix products and convolutions; a multiply-add is 2). "
+            "Limit: this machine's rate for exactly the network's own dense ops (a training step's "
+            "forward and backward, or a forward at the E-step batch), each replayed alone on fresh "
+            "tensors of the same layout, best of 5, in the same process just after the measurements "
+            "(`bench/roofline.py`). Fraction: achieved FLOP/s over that limit; the rest of the time goes "
+            "to everything else (activations, normalisations, loss, optimiser, EMA, sampler, data).",
+            "",
+            "| network | threads | train GFLOP/ex | dense limit GFLOP/s | M-step GFLOP/s | M fraction | "
+            "fwd MFLOP/row | dense limit GFLOP/s | E-step GFLOP/s | E fraction | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key, r in roof:
+            load = r["load"]
+            lines.append(
+                f"| {key.split('/')[0]} | {r['threads']} | {r['train_flops_per_example'] / 1e9:.4f} | "
+                f"{r['train_limit'] / 1e9:.1f} | {r['mstep_flops'] / 1e9:.1f} | "
+                f"**{r['mstep_fraction']:.2f}** | "
+                f"{r['fwd_flops_per_row'] / 1e6:.2f} | {r['fwd_limit'] / 1e9:.1f} | "
+                f"{r['estep_flops'] / 1e9:.1f} | **{r['estep_fraction']:.2f}** | "
+                f"{min(load):.1f}-{max(load):.1f} |"
+            )
+    comp = [(k, r["compile"]) for k, r in result["cases"].items() if r.get("compile")]
+    if comp:
+        lines += [
+            "",
+            "## torch.compile (M-step, CPU: Inductor's C++ code generation)",
+            "",
+            "`train_denoiser` with `train.compile=on` against eager, alternating in one process. First "
+            "call: compiling plus one 2-step epoch (Inductor's on-disk cache may serve a graph compiled "
+            "by an earlier run).",
+            "",
+            "| network | threads | first call s | eager ex/s | compiled ex/s | compiled / eager | load |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, c in comp:
+            name, threads = key.split("/")[0], result["cases"][key]["threads"]
+            lines.append(
+                f"| {name} | {threads} | {c['first_call_s']:.1f} | {c['eager_rate']:,.0f} | "
+                f"{c['compiled_rate']:,.0f} | **{c['compiled_rate'] / c['eager_rate']:.2f}** | "
+                f"{min(c['load']):.1f}-{max(c['load']):.1f} |"
+            )
     threads = result.get("threads")
     if threads:
         lines += [
@@ -430,6 +552,12 @@ def main() -> None:
     ap.add_argument(
         "--thread-variants", type=int, nargs="+", help="indices into THREAD_VARIANTS (default: all)"
     )
+    ap.add_argument(
+        "--threads", type=int, nargs="+", default=[1, os.cpu_count() or 1], help="torch threads per pass"
+    )
+    ap.add_argument(
+        "--compile", nargs="*", default=["mlp", "digits"], help="cases whose M-step is also timed compiled"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
 
@@ -444,8 +572,15 @@ def main() -> None:
     if not chosen and previous.exists():  # only the thread study: keep the last case figures
         result["cases"] = json.loads(previous.read_text()).get("cases", {})
     with tempfile.TemporaryDirectory(prefix="diffem-speed-") as tmp:
-        for case in chosen:
-            result["cases"][case] = run_case(all_cases[case], 1 if args.quick else args.rounds, Path(tmp))
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for case in chosen:
+                result["cases"][f"{case}/{threads}"] = run_case(
+                    all_cases[case],
+                    1 if args.quick else args.rounds,
+                    Path(tmp),
+                    compile_study=case in args.compile and not args.quick,
+                )
     if not (args.quick or args.no_threads):
         rows = thread_study(args.thread_steps, args.thread_repeats, args.thread_variants)
         result["threads"] = {"rows": rows, "summary": summarise_threads(rows), "steps": args.thread_steps}

@@ -28,6 +28,7 @@ BENCHES = (
     "bench_metrics",
     "bench_gaussian",
     "bench_manifold",
+    "bench_budget",
     "bench_digits",
     "bench_estep",
     "bench_oracle",
@@ -40,6 +41,16 @@ QUICK_ARGS = {
     "bench_gaussian": ["--cifar-n", "512", "--cifar-iters", "2", "--results", QUICK_RESULTS],
     # bench_manifold wipes its work folder: keep the full run's checkpoints (bench_speed reads them)
     "bench_manifold": ["--quick", "--work", "bench/work/manifold-quick"],
+    "bench_budget": [
+        "--curves",
+        "0",
+        "--laps",
+        "1",
+        "--out",
+        QUICK_RESULTS,
+        "--work",
+        "bench/work/budget-quick",
+    ],
 }
 
 

@@ -17,7 +17,9 @@ flags read as flags (``--force``; ``--uncond / --no-uncond`` where both make sen
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import sys
 from typing import Annotated, Any
@@ -26,6 +28,10 @@ import typer
 
 # Before torch loads OpenMP: waiting threads sleep instead of spinning (see diffem_cli.core.threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from diffem_cli.core.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # before torch allocates: freed activations are reused, not re-faulted
 
 from diffem_channels.base import ChannelError  # noqa: E402
 from diffem_cli import __version__  # noqa: E402
@@ -136,6 +142,79 @@ def _root(
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"diffem_cli.cli.commands.{_name}").register(app)
+
+
+def _set_verbosity(level: int) -> Any:
+    def callback(value: bool) -> None:
+        if value:
+            from diffem_cli.core.logs import configure
+
+            configure(level)
+
+    return callback
+
+
+VERBOSITY = (
+    inspect.Parameter(
+        "_verbose",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                "--verbose",
+                "-v",
+                help="Also show debug messages (progress bars unchanged).",
+                callback=_set_verbosity(1),
+                expose_value=False,
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "_quiet",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                "--quiet",
+                "-q",
+                help="Show only warnings and errors (progress bars unchanged).",
+                callback=_set_verbosity(-1),
+                expose_value=False,
+            ),
+        ],
+    ),
+)
+
+
+def _with_verbosity(typer_app: typer.Typer) -> None:
+    """Give every command of ``typer_app`` (nested groups included) ``-v``/``-q`` after its name,
+    as the root takes them before it: two extra parameters in the signature typer reads, never
+    passed to the function (``expose_value=False``; their callbacks set the level)."""
+    for info in typer_app.registered_commands:
+        fn = info.callback
+        if fn is None or getattr(fn, "__diffem_verbosity__", False):
+            continue
+
+        @functools.wraps(fn)
+        def command(*args: Any, __fn: Any = fn, **kwargs: Any) -> Any:
+            kwargs.pop("_verbose", None)
+            kwargs.pop("_quiet", None)
+            return __fn(*args, **kwargs)
+
+        sig = inspect.signature(fn, eval_str=True)  # typer reads the objects, not the strings
+        params = list(sig.parameters.values())
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+        command.__signature__ = sig.replace(parameters=[*params[:at], *VERBOSITY, *params[at:]])
+        command.__diffem_verbosity__ = True
+        info.callback = command
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _with_verbosity(group.typer_instance)
+
+
+_with_verbosity(app)
 
 
 def _one_line(text: str) -> str:

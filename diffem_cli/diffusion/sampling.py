@@ -26,6 +26,7 @@ from diffem_channels import mix_seed
 from diffem_cli.core.checks import bad, choice, finite, int_at_least
 from diffem_cli.core.progress import progress
 from diffem_cli.core.runtime import Context
+from diffem_cli.diffusion.compiled import COMPILE_MODES
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.diffusion.schedule import SAMPLERS, SCHEDULE, sampler_scheduler
 
@@ -35,7 +36,9 @@ class SampleConfig:
     """How reconstructions and samples are drawn: ``corrections`` Langevin corrections of step
     ``corrector_tau`` after each step make it a predictor-corrector sampler. ``keep_observed``:
     posterior samples keep ``y`` on the entries a noiseless channel gives exactly
-    (``Channel.exact_entries``), and conditional models train on the other entries only."""
+    (``Channel.exact_entries``), and conditional models train on the other entries only.
+    ``compile``: run the network through ``torch.compile`` (``on``, ``off``, or ``auto``: on CUDA
+    only)."""
 
     sampler: str = "dpm++"
     steps: int = 32
@@ -43,12 +46,14 @@ class SampleConfig:
     corrections: int = 0
     corrector_tau: float = 0.1
     keep_observed: bool = True
+    compile: str = "auto"
 
 
 def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:
     """Check a SampleConfig (sampler name, steps in [1, 1000], batch size >= 1); ``prefix`` "--"
     names the fields as the command-line options that set them."""
     choice(prefix + "sampler", s.sampler, tuple(SAMPLERS))
+    choice(prefix + "compile", s.compile, COMPILE_MODES)
     int_at_least(prefix + "steps", s.steps, 1, SCHEDULE["num_train_timesteps"])
     int_at_least(prefix + "batch_size", s.batch_size, 1)
     int_at_least(prefix + "corrections", s.corrections, 0, 16)

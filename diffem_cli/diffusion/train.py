@@ -29,6 +29,7 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.progress import progress
 from diffem_cli.core.runtime import Context, all_mean, autocast, generator, same_on_all
 from diffem_cli.diffusion.checkpoint import load_tensors, save_tensors
+from diffem_cli.diffusion.compiled import COMPILE_MODES, maybe_compile
 from diffem_cli.diffusion.losses import T_SAMPLING, Loss, VLoss
 from diffem_cli.diffusion.schedule import ddpm_scheduler
 
@@ -76,7 +77,8 @@ WARMUP_FRACTION = 0.05
 
 @dataclass
 class TrainConfig:
-    """One training phase (an M-step, or train-uncond)."""
+    """One training phase (an M-step, or train-uncond). ``compile``: run the network through
+    ``torch.compile`` (``on``, ``off``, or ``auto``: on CUDA only)."""
 
     batch_size: int = 256
     epochs: int = 50
@@ -87,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     weight_decay: float = 0.0
     t_sampling: str = "uniform"
+    compile: str = "auto"
 
 
 def validate_train(t: TrainConfig, p: str = "train.") -> None:
@@ -105,6 +108,7 @@ def validate_train(t: TrainConfig, p: str = "train.") -> None:
     if finite(p + "weight_decay", t.weight_decay) < 0:
         raise bad(p + "weight_decay", t.weight_decay, ">= 0")
     choice(p + "t_sampling", t.t_sampling, T_SAMPLING)
+    choice(p + "compile", t.compile, COMPILE_MODES)
 
 
 def effective_warmup(total: int, cfg: TrainConfig) -> int:
@@ -228,7 +232,7 @@ def train_denoiser(
             start_epoch, step, loss_value = restored
     if not same_on_all(start_epoch, ctx):
         raise DiffemError(f"{label}: the processes found different training states in {state_path}")
-    net, share = _data_parallel(model, ctx), _share(bs, ctx)
+    net, share = maybe_compile(_data_parallel(model, ctx), cfg.compile, device), _share(bs, ctx)
     on_dev = {k: v.to(device) for k, v in data.items()}
     t0 = time.perf_counter()
     with progress() if main else contextlib.nullcontext() as bar:

@@ -27,6 +27,7 @@ from diffem_cli.core.logs import get_logger
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.core.tracking import Tracking
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
+from diffem_cli.diffusion.compiled import maybe_compile
 from diffem_cli.diffusion.denoise import Denoiser, KeepObserved
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw, sample_nfe
@@ -153,7 +154,7 @@ def posterior_samples(
     ``estep_forwards``, ``estep_vjps``, in samples)."""
     from diffem_cli.pipeline.accounting import CountingNetwork
 
-    counter = CountingNetwork(model.to(device).eval())
+    counter = CountingNetwork(maybe_compile(model.to(device).eval(), sample.compile, device))
     post = method.posterior(counter, data, aux)
     rows = {**data.obs, **post.extra}
 

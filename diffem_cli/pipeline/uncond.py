@@ -22,6 +22,7 @@ from diffem_cli.core.logs import get_logger
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.core.tracking import Tracking
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_checkpoint
+from diffem_cli.diffusion.compiled import maybe_compile
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.sampling import SampleConfig, draw_unconditional, sample_tensors
 from diffem_cli.diffusion.schedule import SCHEDULE
@@ -203,7 +204,7 @@ def sample_unconditional(
     from diffem_cli.pipeline.accounting import CountingNetwork
 
     method = method_for_checkpoint(ckpt.meta)  # a method may sample its model its own way
-    counter = CountingNetwork(build_model(ckpt).to(ctx.device).eval())
+    counter = CountingNetwork(maybe_compile(build_model(ckpt).to(ctx.device).eval(), cfg.compile, ctx.device))
     prior = method.prior(counter, ckpt.meta, seed)
     t0 = time.perf_counter()
     x = draw_unconditional(

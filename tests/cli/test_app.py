@@ -180,3 +180,21 @@ def test_usage_errors_from_the_console_script() -> None:
     )
     assert proc.returncode == 2
     _one_error_line(proc.stderr)
+
+
+def test_verbosity_options_follow_any_command():
+    import logging
+
+    from diffem_cli.cli.app import run
+    from diffem_cli.core.logs import configure
+
+    try:
+        assert run(["channels", "-q"]) == 0
+        assert logging.getLogger("diffem").level == logging.WARNING
+        assert run(["channels", "--verbose"]) == 0
+        assert logging.getLogger("diffem").level == logging.DEBUG
+        for argv, cmd in _commands():
+            names = {n for p in cmd.params for n in getattr(p, "opts", [])}
+            assert {"-v", "--verbose", "-q", "--quiet"} <= names, argv
+    finally:
+        configure(0)

@@ -1,0 +1,73 @@
+"""``torch.compile`` for the training and sampling loops, with a one-line fallback to eager.
+
+``train.compile`` and ``sample.compile`` choose: ``on``, ``off``, or ``auto`` (compiled on CUDA,
+where Triton fuses the normalisations and activations between the matrix products; eager on CPU,
+where the C++ code generation did not beat eager for diffem's networks in
+``bench/results/speed.md``). The compiled graphs are kept for the whole process (every lap of an
+EM run reuses them) and Inductor's on-disk cache serves later processes.
+
+A compiler can be missing or fail (no C++ toolchain, an unsupported operation): the first call
+then logs one line and the network runs eagerly from there on. Compiled and eager results agree
+to float rounding, not bitwise: fused kernels sum in another order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffem_cli.core.logs import get_logger
+
+COMPILE_MODES = ("auto", "on", "off")
+
+log = get_logger(__name__)
+
+
+def compile_wanted(mode: str, device: torch.device) -> bool:
+    """Whether ``mode`` (one of :data:`COMPILE_MODES`) compiles networks on ``device``."""
+    if mode == "auto":
+        return device.type == "cuda"
+    return mode == "on"
+
+
+class CompiledNetwork(nn.Module):
+    """``net`` run through ``torch.compile``; eager for good when the first compiled call fails.
+
+    Holds ``net`` itself as a submodule, so parameters, ``state_dict`` keys and attributes such
+    as ``cond_size`` are the wrapped network's (``net.<name>`` here; callers keep a handle on
+    ``net`` for saving)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        # not a registered submodule: parameters and state_dict stay those of ``net`` alone
+        object.__setattr__(self, "_compiled", torch.compile(net))
+        self._state = "untried"
+
+    @property
+    def compiled(self) -> bool:
+        """True once a compiled call has succeeded; False before, or after a fallback."""
+        return self._state == "ok"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if self._state == "eager":
+            return self.net(*args, **kwargs)
+        if self._state == "ok":
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as e:  # any compiler failure; an error of the network itself recurs eagerly
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, first[:200])
+            self._state = "eager"
+            return self.net(*args, **kwargs)
+        self._state = "ok"
+        return out
+
+
+def maybe_compile(net: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """``net`` wrapped in :class:`CompiledNetwork` when ``mode`` asks for it on ``device``, else
+    ``net`` itself."""
+    return CompiledNetwork(net) if compile_wanted(mode, device) else net
