@@ -77,7 +77,7 @@ def compare(
     methods: list[str],
     cfg: RunConfig,
     *,
-    eval_clean: Path,
+    eval_clean: Path | None = None,
     laps: int | None = None,
     uncond: bool = True,
     n_samples: int | None = None,
@@ -92,6 +92,12 @@ def compare(
     ``cfg.seed + 1``, ...; seeds after the first in ``out/METHOD-seedS``) and write the
     comparison files: per method the mean of every metric over the seeds and, with several
     seeds, its 95% Student-t interval.
+
+    Without ``eval_clean`` (observations with no clean counterpart) every method is scored by
+    label-free measures only: the lap monitor's ``obs_sw2`` (real observations against fresh
+    corruptions of its reconstructions), the observed-entry residual, and ``uncond_obs_sw2``, the
+    same distance for corruptions of its unconditional samples; a method that trains on clean data
+    is refused.
 
     A method that cannot serve the observations (its ``check`` refuses them) is refused
     before anything trains, or, with ``skip_unfit`` (``--methods all``), left out with a line
@@ -110,10 +116,12 @@ def compare(
     if foreign is not None:  # an em-train RUN or someone else's folder, --force or not
         raise DiffemError(f"OUT {out} {foreign}; give a new folder or an earlier compare OUT")
     data = Observations(data_path)
-    clean = load_clean(eval_clean, data, paired=data.kind == "image")
+    clean = None if eval_clean is None else load_clean(eval_clean, data, paired=data.kind == "image")
     fit = []
     for name in methods:  # every refusal before any training
         try:
+            if eval_clean is None and get_method(name, cfg).needs_clean:
+                raise DiffemError(f"method {name!r} trains on clean data: give --eval-clean")
             get_method(name, cfg).check(data)
         except DiffemError as e:
             if not skip_unfit:
@@ -133,6 +141,7 @@ def compare(
         "laps": {},
         "config": cfg.to_dict(),
         "data": str(data_path),
+        "clean": None if eval_clean is None else str(eval_clean),
     }
     pictures: dict[str, dict[str, torch.Tensor]] = {}
     for name in methods:
@@ -197,8 +206,8 @@ def _one_run(
     name: str,
     cfg: RunConfig,
     data: Observations,
-    clean: torch.Tensor,
-    eval_clean: Path,
+    clean: torch.Tensor | None,
+    eval_clean: Path | None,
     *,
     laps: int | None,
     uncond: bool,
@@ -238,17 +247,17 @@ def _one_run(
     drawn: dict[str, Any] = {}
     if uncond:
         t0 = time.perf_counter()
-        samples, drawn = _unconditional_samples(
-            run_dir, last["lap"], cfg, len(clean) if n_samples is None else n_samples, device, force, log,
-            track,
-        )  # fmt: skip
-        from diffem_cli.metrics.evaluate import evaluate_tensors
+        n = n_samples if n_samples is not None else len(clean) if clean is not None else len(data)
+        samples, drawn = _unconditional_samples(run_dir, last["lap"], cfg, n, device, force, log, track)
+        if clean is not None:
+            from diffem_cli.metrics.evaluate import evaluate_tensors
 
-        metrics = UNCOND_METRICS["vector" if data.kind == "vector" else "image"]
-        values = evaluate_tensors(
-            samples, clean, metrics, value_range=data.value_range, n_points=cfg.eval.n_points
-        )
-        row.update({f"uncond_{k}": v for k, v in values.items()})
+            metrics = UNCOND_METRICS["vector" if data.kind == "vector" else "image"]
+            values = evaluate_tensors(
+                samples, clean, metrics, value_range=data.value_range, n_points=cfg.eval.n_points
+            )
+            row.update({f"uncond_{k}": v for k, v in values.items()})
+        row.update(uncond_monitor(data, samples, cfg))
         row["uncond_seconds"] = time.perf_counter() - t0
         pictures["samples"] = samples
     done = [r for r in Run(run_dir / "uncond").records() if r.get("event") == "done"]
@@ -293,6 +302,18 @@ def accounting(
     else:
         out["network_passes"] = 2 * sum(v or 0.0 for v in examples) + sum(v or 0.0 for v in passes)
     return out
+
+
+def uncond_monitor(data: Observations, samples: torch.Tensor, cfg: RunConfig) -> dict[str, float]:
+    """``uncond_obs_sw2``: the label-free monitor's distance for an unconditional model, sample
+    ``i`` corrupted as observation ``i`` was (its mask, operator...) and compared with the real
+    observations of the other half; {} with fewer samples than observations."""
+    from diffem_cli.pipeline.monitor import monitor_record
+
+    if len(samples) < len(data):
+        return {}
+    record = monitor_record(data, samples[: len(data)], cfg.seed, 0, cfg.eval.n_points)
+    return {"uncond_obs_sw2": record["obs_sw2"]} if "obs_sw2" in record else {}
 
 
 def _unconditional_samples(

@@ -137,3 +137,44 @@ def test_compare_seeds_give_means_and_student_intervals(tmp_path, cli):
     assert (tmp_path / "cmp/compare.png").stat().st_size > 0
     code, _, err = cli(*argv, tmp_path / "clean", "--seeds", 0, *TRAIN)
     assert code == 2 and "--seeds" in error_line(err)
+
+
+def test_compare_without_clean_data_scores_label_free(tmp_path, cli):
+    _projections(tmp_path, 64)
+    argv = ["compare", tmp_path / "obs", tmp_path / "cmp", "--laps", 1, *TRAIN]
+    code, _, err = cli(*argv, "--methods", "diffem,oracle")
+    assert code == 2 and "oracle" in error_line(err) and "--eval-clean" in error_line(err)
+    assert not (tmp_path / "cmp").exists()  # refused before anything trains or is written
+    code, _, err = cli(*argv, "--methods", "diffem,em-mmps")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cmp/compare.json").read_text())
+    assert summary["clean"] is None
+    for name, row in summary["methods"].items():
+        assert "sinkhorn" not in row and "uncond_sinkhorn" not in row, name  # nothing needs clean data
+        assert row["obs_sw2"] > 0 and row["obs_sw2_floor"] > 0, name
+        # the unconditional model's samples, corrupted like the observations: as many as observations
+        assert row["uncond_obs_sw2"] > 0 and summary["accounting"][name]["uncond_forwards"] % 64 == 0, name
+    for f in ("compare.md", "compare.png", "compare-samples.png"):
+        assert (tmp_path / "cmp" / f).stat().st_size > 0
+
+
+def test_uncond_monitor_tells_the_data_distribution_from_a_wrong_one(tmp_path):
+    import torch
+
+    from diffem_cli.io.observations import Observations, load_clean
+    from diffem_cli.methods import load_config
+    from diffem_cli.pipeline.compare import uncond_monitor
+    from diffem_cli.pipeline.monitor import monitor_record
+
+    _projections(tmp_path, 512)
+    data, cfg = Observations(tmp_path / "obs"), load_config("manifold", [])
+    clean = load_clean(tmp_path / "clean", data)
+    exact = uncond_monitor(
+        data, clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(0))], cfg
+    )
+    floor = monitor_record(data, clean, cfg.seed, 0, cfg.eval.n_points)["obs_sw2_floor"]
+    wrong = uncond_monitor(data, 0.5 * clean, cfg)
+    # samples from the data distribution itself sit at the floor's scale (both compare two sets of
+    # 256 observations); shrinking the data by half is far above it
+    assert exact["uncond_obs_sw2"] < 2 * floor < wrong["uncond_obs_sw2"]
+    assert uncond_monitor(data, clean[:10], cfg) == {}

@@ -29,12 +29,13 @@ def compare_command(
         ),
     ] = None,
     eval_clean: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="Clean data folder (corrupt --clean-out): evaluation, and the data of methods that "
-            "train on clean data."
+            "train on clean data. Without it, methods are scored by label-free measures only "
+            "(obs_sw2, observed_residual, uncond_obs_sw2: lower is better)."
         ),
-    ] = ...,
+    ] = None,
     config: Annotated[
         str | None,
         typer.Option(
@@ -85,10 +86,11 @@ def compare_command(
     from diffem_cli.pipeline.compare import compare, markdown_table, parse_methods
 
     need_existing(data, "observations folder", folder=True)
-    need_existing(eval_clean, "--eval-clean folder", folder=True)
+    if eval_clean is not None:
+        need_existing(eval_clean, "--eval-clean folder", folder=True)
     at_least("--laps", laps)
     at_least("--seeds", seeds)
-    check_run_folder(out, [data, eval_clean])
+    check_run_folder(out, [p for p in (data, eval_clean) if p is not None])
     names = parse_methods(methods)
     manifest = read_manifest(data)
     default = default_preset(manifest.get("data_shape", [0, 0, 0]))
