@@ -11,7 +11,7 @@ DEMO ?= demo_out
 DEMO_SET ?=
 STAMP := $(VENV)/.diffem-installed
 
-.PHONY: install test test-all demo demo-digits lint docs bench bench-quick clean
+.PHONY: install test test-all test-deepinv demo demo-digits lint docs bench bench-quick clean
 
 install: $(STAMP)
 
@@ -43,9 +43,9 @@ demo: install
 	  --clean-out $(DEMO)/clean --preview $(DEMO)/corruption.png
 	$(BIN)/diffem corrupt manifold:seed=0,draw_seed=7 $(DEMO)/heldout-obs --channel projection \
 	  --limit 4096 --clean-out $(DEMO)/heldout
-	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --laps 6 --eval-clean $(DEMO)/heldout $(DEMO_SET)
+	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --eval-clean $(DEMO)/heldout $(DEMO_SET)
 	$(BIN)/diffem report $(DEMO)/run --clean $(DEMO)/clean
-	$(BIN)/diffem reconstruct $(DEMO)/run/checkpoints/lap_006.safetensors $(DEMO)/obs $(DEMO)/recon
+	$(BIN)/diffem reconstruct $(DEMO)/run/checkpoints/lap_012.safetensors $(DEMO)/obs $(DEMO)/recon
 	$(BIN)/diffem train-uncond $(DEMO)/recon $(DEMO)/uncond --config manifold --set train.epochs=60 $(DEMO_SET)
 	$(BIN)/diffem sample $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/samples -n 4096
 	$(BIN)/diffem export $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/exported
@@ -80,3 +80,19 @@ bench-quick: install
 
 clean:
 	rm -rf $(DEMO) $(DEMO)-digits bench/work .pytest_cache .ruff_cache
+
+# deepinv's operators as channels (plugins/diffem-deepinv), tested in their own environment:
+# deepinv imports torchvision, which does not import beside the CPU torch 2.13.0 of $(VENV).
+# On this project's machines pip takes this torch/torchvision pair from local disk.
+DEEPINV_VENV ?= .venv-deepinv
+DEEPINV_TORCH ?= torch==2.14.1 torchvision==0.29.1
+DEEPINV_STAMP := $(DEEPINV_VENV)/.diffem-deepinv-installed
+
+$(DEEPINV_STAMP): pyproject.toml plugins/diffem-deepinv/pyproject.toml
+	@[ -x $(DEEPINV_VENV)/bin/python ] || $(PYTHON) -m venv $(DEEPINV_VENV)
+	$(DEEPINV_VENV)/bin/python -m pip install -q $(DEEPINV_TORCH)
+	$(DEEPINV_VENV)/bin/python -m pip install -q -e . -e plugins/diffem-deepinv pytest
+	@touch $(DEEPINV_STAMP)
+
+test-deepinv: $(DEEPINV_STAMP)
+	$(DEEPINV_VENV)/bin/python -m pytest plugins/diffem-deepinv/tests
