@@ -51,6 +51,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluate_cmd",
     "config_cmd",
     "compare_cmd",
+    "images_cmd",
 )
 
 DEBUG_ENV = "DIFFEM_DEBUG"

@@ -16,6 +16,7 @@ import torch
 from diffem_channels import Channel, sample_seeds
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import DataMeta
+from diffem_cli.io.rowmeta import RowColumns, found_columns, read_rows, tensor_names
 from diffem_cli.io.store import (
     check_finite,
     check_manifest_columns,
@@ -51,10 +52,14 @@ class Observations:
         self.shape = self.meta.shape
         self.kind = self.meta.kind
         self.value_range = self.meta.range_list()
-        names = [c for c in ds.column_names if c != "index"]
-        self.obs = columns(ds, names)
+        self.obs = columns(ds, tensor_names(ds.column_names))  # never file names or labels
         check_finite(self.obs, f"observations {path}")
         self.index = columns(ds, ["index"])["index"] if "index" in ds.column_names else torch.arange(len(ds))
+        self.rows: RowColumns = read_rows(ds)
+        """Per-row metadata (``file_name``, ``label``), row ``i`` of observation ``i``; {} when the
+        folder has none (written before they were carried, or from a source without them)."""
+        self.row_features: dict[str, Any] = {k: ds.features[v] for k, v in found_columns(ds).items()}
+        """The ``datasets`` features of :attr:`rows` (a label's ClassLabel), for folders that carry them."""
 
     def __len__(self) -> int:
         return len(self.index)
@@ -80,16 +85,22 @@ def save_recon(
     meta: dict[str, Any],
     force: bool = True,
     extra: dict[str, torch.Tensor] | None = None,
+    *,
+    rows: RowColumns | None = None,
+    row_features: dict[str, Any] | None = None,
 ) -> None:
-    """Write reconstructions (columns ``x``, ``index`` and any ``extra``) as a datasets folder."""
+    """Write reconstructions (columns ``x``, ``index`` and any ``extra``) as a datasets folder,
+    with ``rows``, the per-row metadata of their observations (``file_name``, ``label``, one value
+    per row of ``x``; their ``datasets`` features in ``row_features``), when there are any."""
     chunk = 8192
-    cols = {"x": x, "index": index, **(extra or {})}
+    cols: dict[str, Any] = {"x": x, "index": index, **(extra or {}), **(rows or {})}
 
-    def chunks() -> Iterator[dict[str, torch.Tensor]]:
+    def chunks() -> Iterator[dict[str, Any]]:
         for s in range(0, len(x), chunk):
             yield {k: v[s : s + chunk] for k, v in cols.items()}
 
-    write_dataset(path, chunks(), {"kind": "reconstructions", **meta}, force=force)
+    feats = {k: v for k, v in (row_features or {}).items() if k in cols}
+    write_dataset(path, chunks(), {"kind": "reconstructions", **meta}, force=force, features=feats)
 
 
 def load_recon(path: Path) -> tuple[torch.Tensor, dict[str, Any]]:

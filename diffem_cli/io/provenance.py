@@ -204,6 +204,7 @@ KIND_TEXT = {
     "clean": "Clean samples",
     "reconstructions": "Reconstructions (posterior samples of the clean data given the observations)",
     "samples": "Samples of an unconditional diffusion model",
+    "images": "Images (PNG, a datasets.Image column) of a diffem data folder",
 }
 
 

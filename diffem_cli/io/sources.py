@@ -2,7 +2,9 @@
 
 A source yields float32 batches in a fixed order with bounded memory, already on diffem's one
 scale: images ``(C, H, W)`` in [-1, 1], manifold vectors ``(n,)`` in [-2, 2]. ``corrupt`` reads
-a source once to write observations; evaluation reads one for the clean reference.
+a source once to write observations; evaluation reads one for the clean reference. A source may
+also know each sample's file name and label (:meth:`Source.columns`), which ``corrupt`` writes
+beside the observations.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ import numpy as np
 import torch
 
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.io import rowmeta
 from diffem_cli.io.datameta import VECTOR, data_kind
+from diffem_cli.io.rowmeta import FILE_NAME, LABEL, RowColumns, check_rows, read_rows, take
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_RANGE = (-1.0, 1.0)
@@ -38,6 +42,8 @@ class Source:
     shape: tuple[int, ...] = ()
     value_range: tuple[float, float] = IMAGE_RANGE
     path: Path | None = None  # the local folder it reads, if any (outputs must stay clear of it)
+    label_names: tuple[str, ...] | None = None
+    """The class names of integer labels (written as a ``datasets.ClassLabel``), when known."""
 
     @property
     def kind(self) -> str:
@@ -50,6 +56,13 @@ class Source:
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Samples ``start:stop`` as one float32 tensor ``(stop - start, *shape)``."""
         raise NotImplementedError
+
+    def columns(self, start: int, stop: int) -> RowColumns:
+        """Per-row metadata of samples ``start:stop``: ``file_name`` (str) and ``label`` (int or
+        str), each a list of ``stop - start`` values, for the sources that know them; ``{}`` (the
+        default) when a source has none. The same keys for every range. See
+        :mod:`diffem_cli.io.rowmeta`."""
+        return {}
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         """All samples in order, ``batch_size`` at a time (the last batch may be smaller)."""
@@ -76,18 +89,29 @@ class TensorSource(Source):
     """A source over a tensor already in memory (tests, benchmarks, library use)."""
 
     def __init__(
-        self, x: torch.Tensor, spec: str = "tensor", value_range: tuple[float, float] | None = None
+        self,
+        x: torch.Tensor,
+        spec: str = "tensor",
+        value_range: tuple[float, float] | None = None,
+        *,
+        rows: RowColumns | None = None,
+        label_names: Sequence[str] | None = None,
     ) -> None:
         self.x = x.detach().float().cpu()
         self.spec = spec
         self.shape = tuple(self.x.shape[1:])
         self.value_range = value_range or (MANIFOLD_RANGE if self.kind == VECTOR else IMAGE_RANGE)
+        self.rows = check_rows(rows or {}, len(self.x), f"source {spec}")
+        self.label_names = tuple(label_names) if label_names is not None else None
 
     def __len__(self) -> int:
         return len(self.x)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         return self.x[start:stop].clone()
+
+    def columns(self, start: int, stop: int) -> RowColumns:
+        return take(self.rows, start, stop)
 
 
 # --- the manifold ------------------------------------------------------------------------------
@@ -190,8 +214,15 @@ def _manifold(options: str) -> ManifoldSource:
 def _digits() -> TensorSource:
     from sklearn.datasets import load_digits
 
-    pixels = torch.from_numpy(load_digits().data.astype(np.float32))  # 0..16
-    return TensorSource((pixels / 8.0 - 1.0).reshape(-1, 1, 8, 8), spec="digits", value_range=IMAGE_RANGE)
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.data.astype(np.float32))  # 0..16
+    return TensorSource(
+        (pixels / 8.0 - 1.0).reshape(-1, 1, 8, 8),
+        spec="digits",
+        value_range=IMAGE_RANGE,
+        rows={LABEL: [int(t) for t in digits.target]},
+        label_names=[str(int(t)) for t in digits.target_names],
+    )
 
 
 # --- natural-image patches ---------------------------------------------------------------------
@@ -313,6 +344,10 @@ class ImageFolderSource(Source):
                 images.append(img)
         return _to_tensor(images, self.mode, self.size, lambda i: f"image {files[i]}")
 
+    def columns(self, start: int, stop: int) -> RowColumns:
+        """``file_name``: each file's path relative to the folder (POSIX separators)."""
+        return {FILE_NAME: [f.relative_to(self.root).as_posix() for f in self.files[start:stop]]}
+
     def describe(self) -> dict[str, Any]:
         extra = {"limit": len(self)} if len(self) < self.total else {}
         return {**super().describe(), **extra}
@@ -354,6 +389,7 @@ class DatasetSource(Source):
                 f"{spec} has no image column ('image', 'img' or an Image feature) and no array column 'x' "
                 f"(columns: {', '.join(ds.column_names)})"
             )
+        self.label_names = rowmeta.label_names(ds)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -366,6 +402,11 @@ class DatasetSource(Source):
         images = self.ds[start:stop][self.column]
         return _to_tensor(images, self.mode, self.size, lambda i: f"{self.spec} row {start + i}")
 
+    def columns(self, start: int, stop: int) -> RowColumns:
+        """``file_name`` from a string column ``file_name``, ``file`` or ``path``, ``label`` from an
+        integer, string or ClassLabel column ``label`` (those the data set has)."""
+        return check_rows(read_rows(self.ds, start, stop), min(stop, len(self)) - start, self.spec)
+
 
 class LimitedSource(Source):
     """The first ``limit`` samples of another source."""
@@ -377,12 +418,16 @@ class LimitedSource(Source):
         self.shape = base.shape
         self.value_range = base.value_range
         self.path = base.path
+        self.label_names = base.label_names
 
     def __len__(self) -> int:
         return self.limit
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         return self.base.read(start, min(stop, self.limit))
+
+    def columns(self, start: int, stop: int) -> RowColumns:
+        return self.base.columns(start, min(stop, self.limit))
 
     def describe(self) -> dict[str, Any]:
         return {**self.base.describe(), "n": self.limit, "limit": self.limit}

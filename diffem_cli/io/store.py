@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from diffem_cli.io.datameta import data_kind
 from diffem_cli.io.lock import RUN_FILES
 from diffem_cli.io.provenance import KEY as PROVENANCE_KEY
 from diffem_cli.io.provenance import describe_folder
+from diffem_cli.io.rowmeta import tensor_names
 
 MANIFEST = "diffem.json"
 CHECKSUM_KEY = "checksum"
@@ -50,7 +51,8 @@ DATA_ENTRY = re.compile(r"^(?:.+\.arrow|dataset_info\.json|state\.json|diffem\.j
 EXPORT_ENTRY = re.compile(
     r"^(?:diffem\.json|README\.md|model_index\.json|unet|scheduler|model\.safetensors|diffem_aux\.safetensors)$"
 )
-PNG_ENTRY = re.compile(r"^\d+(?:_\d+)?\.png$")
+PNG_ENTRY = re.compile(r"^\d+(?:_\d+)?(?:_[A-Za-z0-9._-]+)?\.png$")
+"""A PNG of ``--png``: ``INDEX[_DRAW].png``, with ``_STEM`` of its source file name when it has one."""
 COMPARE_ENTRY = re.compile(r"^compare(?:-[a-z0-9-]+)?\.(?:json|md|png|pdf|svg)$")
 
 
@@ -450,11 +452,24 @@ def clean_stale(
     return removed
 
 
-def _features(first: dict[str, np.ndarray]) -> Any:
+def _features(first: dict[str, Any], given: Mapping[str, Any] | None = None) -> Any:
+    """The ``datasets`` features of the first chunk: ``given`` ones as they are, arrays by their
+    dtype and per-row shape, lists (per-row metadata such as file names) by their values."""
     import datasets
 
     feats = {}
     for name, arr in first.items():
+        if given and name in given:
+            feats[name] = given[name]
+            continue
+        if isinstance(arr, list):
+            if all(isinstance(v, str) for v in arr):
+                feats[name] = datasets.Value("string")
+            elif all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in arr):
+                feats[name] = datasets.Value("int64")
+            else:
+                raise DiffemError(f"column {name!r} holds values other than strings or integers")
+            continue
         shape = tuple(arr.shape[1:])
         dtype = str(arr.dtype)
         if len(shape) == 0:
@@ -469,9 +484,13 @@ def _features(first: dict[str, np.ndarray]) -> Any:
     return datasets.Features(feats)
 
 
-def _to_numpy(chunk: dict[str, Any]) -> dict[str, np.ndarray]:
-    out = {}
+def _to_numpy(chunk: dict[str, Any]) -> dict[str, Any]:
+    """Tensors and arrays as contiguous numpy arrays; lists (per-row metadata) as they are."""
+    out: dict[str, Any] = {}
     for k, v in chunk.items():
+        if isinstance(v, list):
+            out[k] = v
+            continue
         if isinstance(v, torch.Tensor):
             v = v.detach().cpu()
             v = v.float() if v.is_floating_point() else v
@@ -481,13 +500,20 @@ def _to_numpy(chunk: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def write_dataset(
-    out: Path, chunks: Iterable[dict[str, Any]], manifest: dict[str, Any], force: bool = False
+    out: Path,
+    chunks: Iterable[dict[str, Any]],
+    manifest: dict[str, Any],
+    force: bool = False,
+    features: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write batches of named arrays (leading batch dimension) as a ``datasets`` folder.
 
     Memory stays bounded by one chunk: rows stream into Arrow files on disk. The same chunks and
-    manifest give byte-identical files. The manifest gains ``num_rows`` and ``checksum`` (see
-    :func:`verify_dataset`). A full disk is a :class:`DiskError` naming the file or ``out``.
+    manifest give byte-identical files. A chunk's value may also be a list, one entry per row
+    (file names, labels: see :mod:`diffem_cli.io.rowmeta`), stored as a string or int64 column
+    unless ``features`` gives its ``datasets`` feature (a ``ClassLabel``, an ``Image``). The
+    manifest gains ``num_rows`` and ``checksum`` (see :func:`verify_dataset`). A full disk is a
+    :class:`DiskError` naming the file or ``out``.
     """
     import datasets
 
@@ -498,7 +524,7 @@ def write_dataset(
         first = _to_numpy(next(iterator))
     except StopIteration:
         raise DiffemError("nothing to write: the input holds no samples") from None
-    features = _features(first)
+    feats = _features(first, features)
     manifest = {**manifest, "diffem_version": __version__}
     stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_KEYS}
     fingerprint = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -515,7 +541,7 @@ def write_dataset(
         datasets.disable_progress_bars()
         try:
             ds = datasets.Dataset.from_generator(
-                rows, features=features, cache_dir=str(cache), fingerprint=fingerprint
+                rows, features=feats, cache_dir=str(cache), fingerprint=fingerprint
             )
             n_rows = len(ds)
             ds.info.description = describe_folder({**manifest, "num_rows": n_rows})
@@ -617,6 +643,9 @@ def columns(ds: Any, names: list[str], start: int = 0, stop: int | None = None) 
     out = {}
     for n in names:
         arr = np.asarray(part[n])
+        if arr.dtype.kind not in "biuf":
+            what = "string" if arr.dtype.kind in "USO" else arr.dtype.name
+            raise DiffemError(f"column {n!r} holds {what} values, not numbers: it is not a tensor")
         t = torch.from_numpy(np.ascontiguousarray(arr))
         out[n] = t.float() if t.is_floating_point() else t
     return out
@@ -785,9 +814,8 @@ def check_manifest_columns(ds: Any, manifest: dict[str, Any], path: Path, channe
         raise DiffemError(f"{path} holds no rows")
     if manifest.get("num_rows") is not None and manifest["num_rows"] != len(ds):
         raise DiffemError(f"{where} says {manifest['num_rows']} rows but the data hold {len(ds)}")
-    names = [c for c in ds.column_names if c != "index"]
-    first = columns(ds, names, 0, 1)
     if manifest.get("kind") != "observations":
+        first = columns(ds, ["x"], 0, 1) if "x" in ds.column_names else {}
         if "x" in first and tuple(first["x"].shape[1:]) != tuple(shape):
             raise DiffemError(
                 f"{where}: data_shape {shape} disagrees with the column x (rows of shape "
@@ -796,6 +824,7 @@ def check_manifest_columns(ds: Any, manifest: dict[str, Any], path: Path, channe
         return
     if "index" not in ds.column_names:
         raise DiffemError(f"{path} has no 'index' column: not an observations folder from 'diffem corrupt'")
+    first = columns(ds, tensor_names(ds.column_names), 0, 1)  # file names and labels are not observed
     from diffem_channels.base import ChannelError, sample_seeds
 
     try:

@@ -18,8 +18,9 @@ import torch
 
 from diffem_channels.base import Channel, ChannelError, sample_seeds
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.io import provenance
+from diffem_cli.io import provenance, rowmeta
 from diffem_cli.io.datameta import IMAGE, VECTOR, DataMeta
+from diffem_cli.io.rowmeta import NOT_TENSORS
 from diffem_cli.io.sources import Source
 from diffem_cli.io.store import check_apart, check_output, columns, read_dataset, read_manifest, write_dataset
 
@@ -105,10 +106,12 @@ def corrupt_dataset(
 ) -> dict[str, Any]:
     """Write ``channel``'s observations of every sample of ``source`` to the folder ``out``.
 
-    Columns: the channel's observation tensors plus ``index`` (int64 sample index). The manifest
-    (``kind: observations``) records the channel spec, seed and source. ``clean_out`` also writes
-    the clean samples (columns ``x``, ``index``; ``kind: clean``); ``preview`` a PNG of the first
-    examples. Inputs and outputs are checked before anything is written. Returns the manifest.
+    Columns: the channel's observation tensors plus ``index`` (int64 sample index) and the
+    source's per-row metadata (:meth:`Source.columns`: ``file_name``, ``label``) when it has any.
+    The manifest (``kind: observations``) records the channel spec, seed and source.
+    ``clean_out`` also writes the clean samples (columns ``x``, ``index`` and the same metadata;
+    ``kind: clean``); ``preview`` a PNG of the first examples. Inputs and outputs are checked
+    before anything is written. Returns the manifest.
     """
     from diffem_cli.core.progress import progress as progress_display
 
@@ -129,8 +132,10 @@ def corrupt_dataset(
     if len(source) == 0:
         raise DiffemError(f"source {source.spec!r} holds no samples")
     trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail here, not mid-way
-    if "y" not in trial or "index" in trial:
-        raise DiffemError(f"channel {channel.name!r} must return a 'y' and no 'index' observation")
+    if "y" not in trial or set(trial) & set(NOT_TENSORS):
+        reserved = ", ".join(map(repr, NOT_TENSORS))
+        raise DiffemError(f"channel {channel.name!r} must return a 'y' and no {reserved} observation")
+    row_features = rowmeta.features(source.columns(0, 1), source.label_names)
 
     n = len(source)
     local = getattr(source, "path", None)
@@ -152,31 +157,33 @@ def corrupt_dataset(
             elif clean_out is not None:
                 task = bar.add_task("clean data", total=n, info="") if show else None
 
-                def clean_chunks() -> Iterator[dict[str, torch.Tensor]]:
+                def clean_chunks() -> Iterator[dict[str, Any]]:
                     for start, x in _chunks(source, chunk_size):
-                        yield {"x": x, "index": torch.arange(start, start + len(x), dtype=torch.int64)}
+                        indices = torch.arange(start, start + len(x), dtype=torch.int64)
+                        yield {"x": x, "index": indices, **source.columns(start, start + len(x))}
                         if task is not None:
                             bar.advance(task, len(x))
 
-                write_dataset(clean_out, clean_chunks(), {"kind": "clean", **common, **chain}, force=force)
+                clean_manifest = {"kind": "clean", **common, **chain}
+                write_dataset(clean_out, clean_chunks(), clean_manifest, force=force, features=row_features)
                 wrote_clean = True
                 stream = _chunks_from_folder(clean_out, chunk_size)
             else:
                 stream = _chunks(source, chunk_size)
             task = bar.add_task(f"corrupt ({channel.name})", total=n, info="") if show else None
 
-            def observation_chunks() -> Iterator[dict[str, torch.Tensor]]:
+            def observation_chunks() -> Iterator[dict[str, Any]]:
                 for start, x in stream:
                     indices = torch.arange(start, start + len(x), dtype=torch.int64)
                     obs = channel.corrupt(x, sample_seeds(seed, indices))
                     if keep is not None:
                         keep.add(x, obs)
-                    yield {**obs, "index": indices}
+                    yield {**obs, "index": indices, **source.columns(start, start + len(x))}
                     if task is not None:
                         bar.advance(task, len(x))
 
             manifest = {"kind": "observations", "channel": channel.spec(), **common, **chain}
-            write_dataset(out, observation_chunks(), manifest, force=force)
+            write_dataset(out, observation_chunks(), manifest, force=force, features=row_features)
         except BaseException:
             if wrote_clean and clean_out is not None:
                 shutil.rmtree(clean_out, ignore_errors=True)

@@ -415,7 +415,7 @@ class _Driver:
                     "init_s": start["seconds"],
                     **residual_record(self.data, start["x"]),
                 }
-                save_recon(self.run.recon(0), start["x"], self.data.index, manifest)
+                save_recon(self.run.recon(0), start["x"], self.data.index, manifest, **self.data_rows())
                 self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s")
             self.ctx.barrier()
             manifest = manifest or self._recon_manifest(0)
@@ -544,9 +544,14 @@ class _Driver:
             **record,
         }
         if self.ctx.is_main:
-            save_recon(self.run.recon(lap), x, self.data.index, manifest)
+            save_recon(self.run.recon(lap), x, self.data.index, manifest, **self.data_rows())
         self.ctx.barrier()
         return manifest
+
+    def data_rows(self) -> dict[str, Any]:
+        """The observations' file names and labels, which every lap's reconstructions carry (row
+        ``i`` reconstructs observation ``i``)."""
+        return {"rows": self.data.rows, "row_features": self.data.row_features}
 
     def lineage(self, lap: int) -> dict[str, Any]:
         """Lap ``lap``'s provenance entry: the observations' (and warm start's) chain, then this

@@ -6,8 +6,9 @@ comes from the files the channel's :meth:`~diffem_channels.Channel.import_fields
 images named like the observations, a data set column, a safetensors tensor, or a CSV/JSON table
 keyed by file name. Everything is checked against the channel's contract while it streams into a
 temporary folder, so a refusal (one line) leaves nothing behind. The folder is the same as
-``corrupt``'s (manifest, checksum, ``index`` column) plus the source's file names (``files`` in
-the manifest, row ``i`` from ``files[i]``), so ``em-train``, ``reconstruct`` and ``compare`` take it.
+``corrupt``'s (manifest, checksum, ``index`` column) plus the source's file names (a ``file_name``
+column, and ``files`` in the manifest, row ``i`` from ``files[i]``) and labels (a ``label``
+column), so ``em-train``, ``reconstruct`` and ``compare`` take it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ import torch
 
 from diffem_channels.base import Channel, ChannelError, ImportField, sample_seeds
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.io import provenance
+from diffem_cli.io import provenance, rowmeta
 from diffem_cli.io.datameta import VECTOR, DataMeta, data_kind
+from diffem_cli.io.rowmeta import FILE_NAME, LABEL, RowColumns, check_rows
 from diffem_cli.io.sources import IMAGE_RANGE, IMAGE_SUFFIXES, MANIFOLD_RANGE, ImageFolderSource
 from diffem_cli.io.store import check_finite, check_output, read_dataset, read_manifest, write_dataset
 
@@ -104,10 +106,13 @@ def _pixels_to(values: tuple[float, float] | None, v: torch.Tensor) -> torch.Ten
 
 
 class ObservedSource:
-    """The observed data: ``y`` row by row, the file names, and same-name inputs it carries."""
+    """The observed data: ``y`` row by row, the file names (and labels), and same-name inputs it
+    carries."""
 
     spec: str = ""
     names: list[str] | None = None
+    labels: list[Any] | None = None
+    label_names: tuple[str, ...] | None = None
     value_range: tuple[float, float] | None = None
 
     def __len__(self) -> int:
@@ -124,6 +129,16 @@ class ObservedSource:
     def keys(self) -> list[str]:
         """The key of each row in a parameter table: its file name, else its row number."""
         return list(self.names) if self.names is not None else [str(i) for i in range(len(self))]
+
+    def columns(self, start: int, stop: int) -> RowColumns:
+        """The per-row metadata of rows ``start:stop`` written beside the observations:
+        ``file_name`` and ``label``, those the source has (see :mod:`diffem_cli.io.rowmeta`)."""
+        rows: RowColumns = {}
+        if self.names is not None:
+            rows[FILE_NAME] = self.names[start:stop]
+        if self.labels is not None:
+            rows[LABEL] = self.labels[start:stop]
+        return rows
 
 
 class FolderSource(ObservedSource):
@@ -161,8 +176,11 @@ class DatasetFolderSource(ObservedSource):
                 f"{', '.join(self.ds.column_names)}); name it with --column"
             )
         self.column = column
-        if "file" in feats:
-            self.names = [str(n) for n in self.ds["file"]]
+        rows = check_rows(rowmeta.read_rows(self.ds), len(self.ds), str(path))
+        names = rows.get(FILE_NAME)
+        self.names = names if names is not None and None not in names else None  # all, or none
+        self.labels = rows.get(LABEL)
+        self.label_names = rowmeta.label_names(self.ds) if self.labels is not None else None
         recorded = manifest.get("value_range")
         self.value_range = tuple(recorded) if recorded else None
         if len(self.ds) == 0:
@@ -608,7 +626,11 @@ def import_observations(
                 obs[name] = _check_field(r.read(start, stop), by_name[name], r.what, start)
             if channel.masked_observation:
                 _check_masked(channel, obs, observed, start, value_range)
-            yield {**obs, "index": torch.arange(start, stop, dtype=torch.int64)}
+            yield {
+                **obs,
+                "index": torch.arange(start, stop, dtype=torch.int64),
+                **observed.columns(start, stop),
+            }
 
     manifest: dict[str, Any] = {
         "kind": "observations",
@@ -633,14 +655,16 @@ def import_observations(
         params={"source": manifest["source"]},
     )
     manifest[provenance.KEY] = provenance.extend(provenance.read_chain(origin), then=done)
-    write_dataset(out, chunks(), manifest, force=force)
+    row_features = rowmeta.features(observed.columns(0, 1), observed.label_names)
+    write_dataset(out, chunks(), manifest, force=force, features=row_features)
     return read_manifest(out)
 
 
 def observed_names(observed: ObservedSource) -> list[str]:
     """The names of the tensors or columns a source holds besides ``y`` (candidate inputs)."""
     if isinstance(observed, DatasetFolderSource):
-        return [c for c in observed.ds.column_names if c not in (observed.column, "file", "index")]
+        skip = {observed.column, "index", *rowmeta.NAME_COLUMNS, rowmeta.LABEL}
+        return [c for c in observed.ds.column_names if c not in skip]
     if isinstance(observed, TensorFileSource):
         return [k for k in observed.tensors if k != observed.column]
     return []

@@ -13,7 +13,7 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.runtime import Context, pick_device
 from diffem_cli.diffusion.checkpoint import build_model
 from diffem_cli.diffusion.sampling import SampleConfig, validate_sample
-from diffem_cli.io import provenance
+from diffem_cli.io import provenance, rowmeta
 from diffem_cli.io.observations import Observations, save_recon
 from diffem_cli.io.store import check_output
 from diffem_cli.methods import method_for_checkpoint
@@ -34,7 +34,8 @@ def reconstruct(
     force: bool = False,
     ctx: Context | None = None,
 ) -> dict[str, Any]:
-    """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index, sample).
+    """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index,
+    sample, and the observations' ``file_name`` and ``label`` when they have them).
 
     The checkpoint's own method draws them (:meth:`~diffem_cli.methods.base.Method.posterior`):
     a conditional model samples ``q(x | y)`` directly, a prior by its method's guidance, with the
@@ -104,10 +105,22 @@ def reconstruct(
     meta[provenance.KEY] = provenance.extend(*chains, then=done)
     if not ctx.is_main:
         return {"rows": len(x_all), **meta}
-    save_recon(out, x_all, torch.cat(idx), meta, force=force, extra={"sample": torch.cat(rep)})
+    rows = rowmeta.repeat(data.rows, per_observation)  # row k reconstructs observation k % len(data)
+    save_recon(
+        out,
+        x_all,
+        torch.cat(idx),
+        meta,
+        force=force,
+        extra={"sample": torch.cat(rep)},
+        rows=rows,
+        row_features=data.row_features,
+    )
     if png_dir is not None:
+        files = rows.get(rowmeta.FILE_NAME) or [None] * len(x_all)
         names = [
-            f"{i:06d}_{r}" for i, r in zip(torch.cat(idx).tolist(), torch.cat(rep).tolist(), strict=True)
+            png_name(i, r, f)
+            for i, r, f in zip(torch.cat(idx).tolist(), torch.cat(rep).tolist(), files, strict=True)
         ]
         write_pngs(png_dir, x_all, names, data.data_meta(), force)
     return {"rows": len(x_all), **meta}
@@ -140,6 +153,15 @@ def _run_sampling(path: Path) -> dict[str, Any]:
     except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
         return {}
     return section if isinstance(section, dict) else {}
+
+
+def png_name(index: int, draw: int | None = None, file_name: str | None = None) -> str:
+    """The stem of one ``--png`` file: the observation's index (6 digits), the posterior draw,
+    then the source file's name made safe (:func:`~diffem_cli.io.rowmeta.safe_stem`) when the
+    observation has one: ``000012_0_cats-tom`` for ``cats/tom.jpg``. The index keeps names unique
+    and in observation order."""
+    name = f"{index:06d}" + (f"_{draw}" if draw is not None else "")
+    return name + (f"_{rowmeta.safe_stem(file_name)}" if file_name else "")
 
 
 def check_png(kind: str) -> None:

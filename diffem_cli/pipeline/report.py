@@ -86,13 +86,14 @@ def first_observations(run: Run, k: int) -> tuple[Any, Any] | None:
     entries they hold (:func:`~diffem_cli.pipeline.plots.observation_row`); None when that
     folder is gone or its observations are not images."""
     from diffem_cli.io.registry import channel_from_spec
+    from diffem_cli.io.rowmeta import tensor_names
     from diffem_cli.io.store import columns, read_dataset
     from diffem_cli.pipeline import plots
 
     try:
         ds, manifest = read_dataset(Path(json.loads(run.info_file.read_text())["data"]))
         channel = channel_from_spec(manifest["channel"])
-        obs = columns(ds, [c for c in ds.column_names if c != "index"], 0, k)
+        obs = columns(ds, tensor_names(ds.column_names), 0, k)
         return plots.observation_row(channel, obs, manifest["data_shape"])
     except (OSError, ValueError, KeyError, TypeError, DiffemError):
         return None

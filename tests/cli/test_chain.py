@@ -82,10 +82,13 @@ def _check_run(root: Path, n: int, shape: tuple[int, ...], cond_size: int, nfe: 
     # observations and clean data open with plain datasets
     assert len(datasets.load_from_disk(str(root / "obs"))) == n
     _x(root / "clean", n, shape)
-    # every lap's reconstructions, one per observation, in observation order
+    # every lap's reconstructions, one per observation, in observation order, with its label (digits)
+    obs = datasets.load_from_disk(str(root / "obs"))
+    carried = [c for c in ("file_name", "label") if c in obs.column_names]
     for lap in range(3):
         ds = datasets.load_from_disk(str(run_dir / "recon" / f"lap_{lap:03d}"))
-        assert set(ds.column_names) == {"x", "index"}
+        assert set(ds.column_names) == {"x", "index", *carried}
+        assert all(list(ds[c]) == list(obs[c]) for c in carried)
         assert torch.equal(columns(ds, ["index"])["index"], torch.arange(n))
         _x(run_dir / "recon" / f"lap_{lap:03d}", n, shape)
         assert read_manifest(run_dir / "recon" / f"lap_{lap:03d}")["lap"] == lap

@@ -41,7 +41,7 @@ def test_chain_without_clean_data(cli, held: Path, tmp_path: Path) -> None:
         "import", held / "images", tmp_path / "obs", "-c", "mask", "-p", "rho=0.5", "--mask", held / "masks"
     )
     assert code == 0, err
-    assert "imported 32 observations (y, mask, index)" in out
+    assert "imported 32 observations (y, mask, index, file_name)" in out
     manifest = read_manifest(tmp_path / "obs")
     assert manifest["kind"] == "observations" and manifest["checksum"].startswith("sha256:")
     assert manifest["files"][:2] == ["digit_00.png", "digit_01.png"]

@@ -30,7 +30,7 @@ def test_cli_same_seed_gives_identical_folders(tmp_path, capsys, monkeypatch):
     assert run([*args[:2], str(tmp_path / "b"), *args[2:], "--seed", "3"]) == 0
     assert run([*args[:2], str(tmp_path / "c"), *args[2:], "--seed", "4"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 3 and out[0].startswith("wrote 300 rows (y, mask, index)")
+    assert len(out) == 3 and out[0].startswith("wrote 300 rows (y, mask, index, label)")
     a, b, c = (file_bytes(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys() and a != c
@@ -48,12 +48,24 @@ def test_chunk_size_does_not_change_bytes(tmp_path, monkeypatch):
 def test_mask_fraction_on_digits(tmp_path):
     assert run(["corrupt", "digits", str(tmp_path / "obs"), "--channel", "mask", "-p", "rho=0.75"]) == 0
     ds = datasets.load_from_disk(str(tmp_path / "obs"))
-    assert set(ds.column_names) == {"y", "mask", "index"} and len(ds) == 1797
+    assert set(ds.column_names) == {"y", "mask", "index", "label"} and len(ds) == 1797
     cols = columns(ds, ["y", "mask", "index"])
     missing = 1 - cols["mask"].mean().item()
     assert abs(missing - 0.75) < 0.01
     assert torch.equal(cols["index"], torch.arange(1797))
     assert (cols["y"][cols["mask"].expand_as(cols["y"]) == 0] == 0).all()
+
+
+def test_digit_labels_survive_corrupt(tmp_path):
+    from sklearn.datasets import load_digits
+
+    argv = ["corrupt", "digits", str(tmp_path / "obs"), "-c", "noise", "--limit", "50"]
+    assert run([*argv, "--clean-out", str(tmp_path / "clean"), "--chunk-size", "16"]) == 0
+    target = load_digits().target[:50].tolist()
+    for name in ("obs", "clean"):
+        ds = datasets.load_from_disk(str(tmp_path / name))
+        assert ds.features["label"] == datasets.ClassLabel(names=list("0123456789"))
+        assert list(ds["label"]) == target and columns(ds, ["index"])["index"].tolist() == list(range(50))
 
 
 def test_projection_on_manifold_with_clean_out_and_preview(tmp_path):

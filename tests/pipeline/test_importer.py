@@ -230,3 +230,26 @@ def test_refuses_images_of_other_sizes_and_out_of_range_columns(tmp_path: Path, 
     datasets.Dataset.from_dict({"y": y}).save_to_disk(str(tmp_path / "raw"))
     _refused(tmp_path, "outside the data range", tmp_path / "raw", make_channel("blur", {}))
     _refused(tmp_path, "does not fit", tmp_path / "raw", make_channel("blur", {}), data_shape=(3, 8, 8))
+
+
+def test_file_names_and_labels_are_carried(tmp_path: Path) -> None:
+    """An image folder gives the column ``file_name``; a saved data set its ``file_name`` (or
+    ``file``, ``path``) and ``label`` columns, a ClassLabel staying one."""
+    _, obs = _corrupt(tmp_path, "digits", "mask", {"rho": 0.5})
+    images, masks = _export_png(obs, tmp_path)
+    import_observations(images, make_channel("mask", {"rho": 0.5}), tmp_path / "a", inputs={"mask": masks})
+    back = Observations(tmp_path / "a")
+    assert back.rows == {"file_name": [f"{i:03d}.png" for i in range(len(obs))]}
+    assert set(back.obs) == {"y", "mask"}
+    # diffem's own observations folder (labels of digits) imported again
+    import_observations(tmp_path / "obs", make_channel("mask", {"rho": 0.5}), tmp_path / "b")
+    again = Observations(tmp_path / "b")
+    assert again.rows == obs.rows and again.rows["label"] == load_source("digits").columns(0, 8)["label"]
+    assert again.row_features["label"].names == list("0123456789")
+    cols = {k: v.numpy() for k, v in obs.obs.items()}
+    names = {"path": [f"scan/{i}.png" for i in range(len(obs))], "label": ["a", "b"] * 4}
+    datasets.Dataset.from_dict({**cols, **names}).save_to_disk(str(tmp_path / "saved"))
+    import_observations(tmp_path / "saved", make_channel("mask", {"rho": 0.5}), tmp_path / "c")
+    third = Observations(tmp_path / "c")
+    assert third.rows == {"file_name": names["path"], "label": names["label"]}
+    assert datasets.load_from_disk(str(tmp_path / "c")).features["label"] == datasets.Value("string")

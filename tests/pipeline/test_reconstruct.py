@@ -62,11 +62,14 @@ def test_lap_checkpoint_alone_reconstructs_images(d, cli, tmp_path):
     assert code == 0 and "error" not in err
     assert "wrote 80 reconstructions" in err
     ds = datasets.load_from_disk(str(tmp_path / "rec"))
-    assert set(ds.column_names) == {"x", "index", "sample"}
+    assert set(ds.column_names) == {"x", "index", "sample", "label"}  # digits carry their labels
     cols = columns(ds, ["x", "index", "sample"])
     assert cols["x"].shape == (80, 1, 8, 8) and torch.isfinite(cols["x"]).all()
     assert torch.equal(cols["index"], torch.arange(40).repeat(2))
     assert torch.equal(cols["sample"], torch.arange(2).repeat_interleave(40))
+    from sklearn.datasets import load_digits
+
+    assert list(ds["label"]) == load_digits().target[:40].tolist() * 2  # by the observation's index
     # two posterior draws per observation differ
     assert not torch.equal(cols["x"][:40], cols["x"][40:])
     manifest = read_manifest(tmp_path / "rec")

@@ -21,7 +21,14 @@ def reconstruct_command(
     data: Annotated[
         Path, typer.Argument(metavar="DATA", help="Observations folder written by 'diffem corrupt'.")
     ],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output datasets folder (columns x, index).")],
+    out: Annotated[
+        Path,
+        typer.Argument(
+            metavar="OUT",
+            help="Output datasets folder (columns x, index, sample, and the observations' file_name "
+            "and label).",
+        ),
+    ],
     sampler: Sampler = None,
     steps: Steps = None,
     corrections: Corrections = None,
@@ -29,7 +36,11 @@ def reconstruct_command(
     batch_size: Annotated[int, typer.Option(help="Observations sampled at once.")] = 4096,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     png: Annotated[
-        Path | None, typer.Option(help="Also write one PNG per reconstruction into this folder.")
+        Path | None,
+        typer.Option(
+            help="Also write one PNG per reconstruction into this folder, named INDEX_DRAW.png "
+            "(INDEX_DRAW_NAME.png after the observation's source file when it has one).",
+        ),
     ] = None,
     device: Device = None,
     force: Annotated[
