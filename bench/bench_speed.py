@@ -14,7 +14,9 @@ the ``manifold`` MLP; every one conditioned on ``mask``, the MLP on ``projection
 
 The measurements alternate (bare, diffem, bare, diffem, ...) in one process so that the ratios
 compare figures taken under the same machine load; ``os.getloadavg()`` is recorded beside each
-figure. The target is a ratio of at least 0.8 to the bare rate.
+figure. The target is a ratio of at least 0.8 to the bare rate. Like the ``diffem`` command, the
+benchmark sets ``OMP_WAIT_POLICY=PASSIVE`` and raises glibc's malloc thresholds
+(:mod:`diffem_cli.core.allocator`) before torch loads.
 
 The roofline (:mod:`bench.roofline`): the FLOPs of one training step (forward + backward) and of
 one forward, and the rate at which this machine runs exactly those matrix products and
@@ -45,6 +47,10 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the diffem command sets it, before torch loads
+
+from diffem_cli.core.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the diffem command does
 
 import torch  # noqa: E402
 
@@ -584,6 +590,10 @@ def main() -> None:
     if not (args.quick or args.no_threads):
         rows = thread_study(args.thread_steps, args.thread_repeats, args.thread_variants)
         result["threads"] = {"rows": rows, "summary": summarise_threads(rows), "steps": args.thread_steps}
+    elif previous.exists():  # keep the last thread study (it is labelled with its own loads)
+        kept = json.loads(previous.read_text()).get("threads")
+        if kept:
+            result["threads"] = kept
     result["load_end"] = load1()
     text = markdown(result)
     write_results(args.out / "quick" if args.quick else args.out, name, result, text)
