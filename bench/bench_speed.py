@@ -15,8 +15,8 @@ the ``manifold`` MLP; every one conditioned on ``mask``, the MLP on ``projection
 The measurements alternate (bare, diffem, bare, diffem, ...) in one process so that the ratios
 compare figures taken under the same machine load; ``os.getloadavg()`` is recorded beside each
 figure. The target is a ratio of at least 0.8 to the bare rate. Like the ``diffem`` command, the
-benchmark sets ``OMP_WAIT_POLICY=PASSIVE`` and raises glibc's malloc thresholds
-(:mod:`diffem_cli.core.allocator`) before torch loads.
+benchmark bounds OpenMP's spinning (:func:`diffem_cli.core.threads.openmp_wait_env`) and raises
+glibc's malloc thresholds (:mod:`diffem_cli.core.allocator`) before torch loads.
 
 The roofline (:mod:`bench.roofline`): the FLOPs of one training step (forward + backward) and of
 one forward, and the rate at which this machine runs exactly those matrix products and
@@ -24,10 +24,10 @@ convolutions alone; the M-step and E-step are then reported as achieved FLOP/s a
 of that limit. Every case runs at 1 torch thread and at every core (``--threads``). With
 ``--compile``, the M-step is also timed with ``train.compile=on`` (``torch.compile``), after a
 first step whose time, the compilation's, is reported apart. A thread study times the digits
-M-step in a fresh process per variant (1 thread, 2 threads, 2 threads with
-``OMP_WAIT_POLICY=PASSIVE``), as the machine is and with a busy job beside it (a second process
-multiplying matrices). Writes ``bench/results/speed.json`` and ``.md``; ``--cases`` with no name
-reruns only the thread study and keeps the last case figures.
+UNet and manifold MLP M-steps in a fresh process per variant (1 thread, 2 threads, 2 threads with
+``OMP_WAIT_POLICY=PASSIVE``, 2 threads with ``GOMP_SPINCOUNT=10000``), as the machine is and with
+a busy job beside it (a second process multiplying matrices). Writes ``bench/results/speed.json``
+and ``.md``; ``--cases`` with no name reruns only the thread study and keeps the last case figures.
 
     python -m bench.bench_speed [--quick] [--cases digits unet16 ...] [--rounds 2] [--no-threads]
         [--threads 1 2] [--compile mlp digits]
@@ -46,10 +46,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the diffem command sets it, before torch loads
-
 from diffem_cli.core.allocator import keep_freed_memory  # noqa: E402
+from diffem_cli.core.threads import openmp_wait_env  # noqa: E402
 
+if "--child-mstep" not in sys.argv:  # a thread-study child gets its variant's environment as it is
+    os.environ.update(openmp_wait_env())  # as the diffem command does, before torch loads
 keep_freed_memory()  # as the diffem command does
 
 import torch  # noqa: E402
@@ -363,13 +364,14 @@ THREAD_VARIANTS: tuple[tuple[str, int, dict[str, str]], ...] = (
     ("1 thread", 1, {}),
     ("2 threads", 2, {}),
     ("2 threads, OMP_WAIT_POLICY=PASSIVE", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("2 threads, GOMP_SPINCOUNT=10000", 2, {"GOMP_SPINCOUNT": "10000"}),
 )
 
 
-def child_mstep(threads: int, steps: int) -> None:
-    """(In a child process) the digits M-step at ``threads`` torch threads; prints examples/s."""
+def child_mstep(threads: int, steps: int, name: str = "digits") -> None:
+    """(In a child process) case ``name``'s M-step at ``threads`` torch threads; prints examples/s."""
     torch.set_num_threads(threads)
-    case = cases(False)["digits"]
+    case = cases(False)[name]
     name, params = case.channel
     torch.manual_seed(0)
     net = build_network(case.network, case.shape, make_channel(name, params).cond_size(case.shape))
@@ -378,10 +380,12 @@ def child_mstep(threads: int, steps: int) -> None:
     print(f"RATE {r['rate']} {r['seconds']}", flush=True)
 
 
-def thread_study(steps: int, repeats: int, variants: list[int] | None = None) -> list[dict[str, Any]]:
-    """The digits M-step (batch 128) in a fresh process per variant (threads, OpenMP wait policy),
-    alternating, as the machine is and with a busy job beside it (a second process multiplying
-    512x512 matrices on 2 threads)."""
+def thread_study(
+    steps: int, repeats: int, variants: list[int] | None = None, names: tuple[str, ...] = ("digits", "mlp")
+) -> list[dict[str, Any]]:
+    """The M-step of each case of ``names`` (digits UNet at batch 128, manifold MLP at 1,024) in a
+    fresh process per variant (threads, OpenMP waiting), alternating, as the machine is and with a
+    busy job beside it (a second process multiplying 512x512 matrices on 2 threads)."""
     variants = list(range(len(THREAD_VARIANTS))) if variants is None else variants
     rows = []
     root = Path(__file__).resolve().parent.parent
@@ -390,11 +394,10 @@ def thread_study(steps: int, repeats: int, variants: list[int] | None = None) ->
         try:
             if proc is not None:
                 time.sleep(2.0)
-            for rep in range(repeats):
+            for rep, name in [(r, n) for r in range(repeats) for n in names]:
                 for label, threads, extra in [THREAD_VARIANTS[i] for i in variants]:
-                    env = {
-                        k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
-                    }
+                    unset = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+                    env = {k: v for k, v in os.environ.items() if k not in unset}
                     env.update(extra)
                     env["PYTHONPATH"] = str(root)
                     cmd = [
@@ -403,11 +406,13 @@ def thread_study(steps: int, repeats: int, variants: list[int] | None = None) ->
                         "bench.bench_speed",
                         "--child-mstep",
                         str(threads),
-                        str(steps),
+                        str(steps * (8 if name == "mlp" else 1)),
+                        name,
                     ]
                     out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
                     line = [x for x in out.stdout.splitlines() if x.startswith("RATE ")][-1].split()
                     row = {
+                        "case": name,
                         "busy": busy,
                         "variant": label,
                         "threads": threads,
@@ -428,12 +433,19 @@ def thread_study(steps: int, repeats: int, variants: list[int] | None = None) ->
 def summarise_threads(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean examples/s per (busy, variant) and the load averages seen."""
     out = []
-    for busy in (False, True):
+    for name, busy in [
+        (n, b) for n in dict.fromkeys(r.get("case", "digits") for r in rows) for b in (False, True)
+    ]:
         for label, threads, _ in THREAD_VARIANTS:
-            sel = [r for r in rows if r["busy"] == busy and r["variant"] == label]
+            sel = [
+                r
+                for r in rows
+                if r.get("case", "digits") == name and r["busy"] == busy and r["variant"] == label
+            ]
             if sel:
                 out.append(
                     {
+                        "case": name,
                         "busy": busy,
                         "variant": label,
                         "threads": threads,
@@ -526,25 +538,26 @@ def markdown(result: dict[str, Any]) -> str:
     if threads:
         lines += [
             "",
-            "## Torch threads (digits UNet M-step, batch 128)",
+            "## Torch threads (M-step: digits UNet at batch 128, manifold MLP at 1,024)",
             "",
             "One fresh process per variant, alternating, as the machine was and with a busy job beside "
             "it (a second process multiplying 512x512 matrices on 2 threads).",
             "",
-            "| beside it | variant | examples/s (mean) | min-max | load |",
-            "|---|---|---|---|---|",
+            "| network | beside it | variant | examples/s (mean) | min-max | load |",
+            "|---|---|---|---|---|---|",
         ]
         for r in threads["summary"]:
             lines.append(
-                f"| {'busy job' if r['busy'] else 'as is'} | {r['variant']} | {r['rate']:,.0f} | "
+                f"| {r.get('case', 'digits')} | {'busy job' if r['busy'] else 'as is'} | {r['variant']} | "
+                f"{r['rate']:,.0f} | "
                 f"{r['min']:,.0f}-{r['max']:,.0f} | {min(r['load']):.1f}-{max(r['load']):.1f} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child-mstep":
-        child_mstep(int(sys.argv[2]), int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--child-mstep":
+        child_mstep(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(

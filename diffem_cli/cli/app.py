@@ -26,8 +26,10 @@ from typing import Annotated, Any
 
 import typer
 
-# Before torch loads OpenMP: waiting threads sleep instead of spinning (see diffem_cli.core.threads).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from diffem_cli.core.threads import openmp_wait_env, parse_threads, set_threads
+
+# Before torch loads OpenMP: waiting threads spin briefly, then sleep (see diffem_cli.core.threads).
+os.environ.update(openmp_wait_env())
 
 from diffem_cli.core.allocator import keep_freed_memory  # noqa: E402
 
@@ -36,7 +38,6 @@ keep_freed_memory()  # before torch allocates: freed activations are reused, not
 from diffem_channels.base import ChannelError  # noqa: E402
 from diffem_cli import __version__  # noqa: E402
 from diffem_cli.core.errors import DiffemError  # noqa: E402
-from diffem_cli.core.threads import parse_threads, set_threads  # noqa: E402
 
 COMMAND_MODULES: tuple[str, ...] = (
     "channels_cmd",
