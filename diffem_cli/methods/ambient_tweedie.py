@@ -34,7 +34,7 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser, alpha_sigma, x0_from_v
 from diffem_cli.diffusion.losses import draw_timesteps
 from diffem_cli.methods.base import Method, MStep, Posterior, Prior, model_device
-from diffem_cli.methods.em_mmps import MMPSOptions, mmps_make
+from diffem_cli.methods.em_mmps import MMPSOptions, mmps_make, mmps_passes
 
 
 def first_timestep_above(sigma_n: float, scheduler: Any | None = None) -> int:
@@ -116,6 +116,9 @@ class AmbientTweedie(Method):
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         sigma = float(data.channel.sigma)
         return MStep({"y": data.obs["y"].float()}, TweedieLoss(sigma, cfg.train.t_sampling))
+
+    def passes_per_step(self, channel: Any) -> float:  # noqa: D102
+        return mmps_passes(self.options["mmps"])
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         prior = floored_prior(model, float(data.channel.sigma))

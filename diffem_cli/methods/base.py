@@ -164,6 +164,13 @@ class Method:
         checkpoint's auxiliary tensors ``aux``."""
         raise NotImplementedError
 
+    def passes_per_step(self, channel: Any) -> float:
+        """Network passes (forwards plus vector-Jacobian products) one step of this method's
+        posterior sampler costs per observation on ``channel``: what ``compare --match compute``
+        divides the sampler's steps by. Default 1: one forward pass (a conditional model, or a
+        prior sampled without guidance)."""
+        return 1.0
+
     def prior(self, model: nn.Module, meta: Mapping[str, Any], seed: int) -> Prior:
         """Unconditional sampling with ``model`` (on its device, eval mode) of checkpoint ``meta``;
         default: the network as an unconditional denoiser."""

@@ -142,6 +142,10 @@ def pick_weight(residuals: dict[float, torch.Tensor], noise: float, rule: str) -
     return min(v for v, sq in squares.items() if float(sq.mean()) <= float(spread.mean()) + se)
 
 
+DPS_PASSES = 2.0
+"""Network passes per DPS step: the forward pass and the gradient of the residual through it."""
+
+
 def subset_rows(n: int, k: int) -> torch.Tensor:
     """``k`` of ``n`` rows drawn at random (seed :data:`SUBSET_SEED`), in increasing order."""
     g = torch.Generator().manual_seed(SUBSET_SEED)
@@ -207,6 +211,9 @@ class DPSEM(Method):
         step = prior_mstep(inside_box(prev, cfg.em.drop_outside), lap, cfg, None)
         step.fine_tune = lap <= laps - self.options["dps"].reset_last
         return step
+
+    def passes_per_step(self, channel: Any) -> float:  # noqa: D102
+        return DPS_PASSES
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         return dps_posterior(model, data, self.options["dps"])

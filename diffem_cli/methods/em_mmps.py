@@ -101,6 +101,13 @@ def mmps_make(
     return make
 
 
+def mmps_passes(opts: MMPSOptions) -> float:
+    """Network passes per MMPS step: the forward pass, one vector-Jacobian product per CG
+    iteration with the Tweedie covariance (none with the Gaussian one), and the final covariance
+    product."""
+    return 2.0 if opts.covariance == "gaussian" else 2.0 + opts.cg_iters
+
+
 class EMMMPS(Method):
     name = "em-mmps"
     description = "EM-MMPS: unconditional prior, E-step by moment-matching posterior sampling"
@@ -113,6 +120,9 @@ class EMMMPS(Method):
 
     def mstep(self, data, prev, lap, laps, clean, cfg):  # noqa: D102
         return prior_mstep(inside_box(prev, cfg.em.drop_outside), lap, cfg, self.options["mmps"])
+
+    def passes_per_step(self, channel: Any) -> float:  # noqa: D102
+        return mmps_passes(self.options["mmps"])
 
     def posterior(self, model: nn.Module, data, aux) -> Posterior:  # noqa: D102
         make = mmps_make(NetworkDenoiser(model), data.channel, self.options["mmps"], aux, model_device(model))

@@ -13,8 +13,8 @@ from typing import Any
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import NetworkDenoiser
 from diffem_cli.methods.base import Method, MStep, Posterior, model_device
-from diffem_cli.methods.dps_em import DPSOptions, differentiable_only, dps_posterior
-from diffem_cli.methods.em_mmps import MMPSOptions, linear_only, mmps_make, prior_mstep
+from diffem_cli.methods.dps_em import DPS_PASSES, DPSOptions, differentiable_only, dps_posterior
+from diffem_cli.methods.em_mmps import MMPSOptions, linear_only, mmps_make, mmps_passes, prior_mstep
 
 
 class Naive(Method):
@@ -40,6 +40,9 @@ class Naive(Method):
 
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         return prior_mstep(data.obs["y"], lap, cfg, self.options["mmps"])
+
+    def passes_per_step(self, channel: Any) -> float:  # noqa: D102
+        return mmps_passes(self.options["mmps"]) if getattr(channel, "linear", False) else DPS_PASSES
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         if data.channel.linear:

@@ -82,6 +82,7 @@ def compare(
     uncond: bool = True,
     n_samples: int | None = None,
     seeds: int = 1,
+    match: str = "steps",
     device: str | None = None,
     force: bool = False,
     skip_unfit: bool = False,
@@ -99,6 +100,12 @@ def compare(
     same distance for corruptions of its unconditional samples; a method that trains on clean data
     is refused.
 
+    ``match``: ``steps`` gives every method's posterior sampler the configured steps; ``compute``
+    divides them by the network passes one of its steps costs (:meth:`Method.passes_per_step`:
+    1 for DiffEM and Ambient, 2 for DPS, 2 + CG iterations for MMPS with the Tweedie covariance),
+    so every method spends about the same network passes per observation on each E-step.
+    Unconditional samples keep the configured steps (they are unguided).
+
     A method that cannot serve the observations (its ``check`` refuses them) is refused
     before anything trains, or, with ``skip_unfit`` (``--methods all``), left out with a line
     saying why. ``track``: the trackers each method's RUN logs to (``em_train``'s ``track``)."""
@@ -106,6 +113,8 @@ def compare(
     from diffem_cli.metrics.intervals import t_interval
 
     out = Path(out)
+    if match not in MATCHES:
+        raise DiffemError(f"--match must be one of {', '.join(MATCHES)}, got {match!r}")
     if seeds < 1:
         raise DiffemError(f"--seeds must be >= 1, got {seeds}")
     if out.exists() and not out.is_dir():
@@ -142,14 +151,21 @@ def compare(
         "config": cfg.to_dict(),
         "data": str(data_path),
         "clean": None if eval_clean is None else str(eval_clean),
+        "match": match,
+        "sample_steps": {},
     }
     pictures: dict[str, dict[str, torch.Tensor]] = {}
     for name in methods:
         runs = []
+        steps = matched_steps(
+            get_method(name, cfg), data.channel, cfg.sample.steps, match, cfg.sample.corrections
+        )
+        summary["sample_steps"][name] = steps
         for seed in seed_list:
             log(f"== {name}" + (f" (seed {seed})" if seeds > 1 else ""))
             run_cfg = copy.deepcopy(cfg)
             run_cfg.seed = seed
+            run_cfg.sample.steps = steps
             folder = run_folder(out, name, seed, cfg.seed)
             run = _one_run(
                 data_path,
@@ -166,6 +182,7 @@ def compare(
                 force=force,
                 log=log,
                 track=track,
+                uncond_steps=cfg.sample.steps,
             )
             runs.append(
                 {
@@ -194,6 +211,22 @@ def compare(
     return summary
 
 
+MATCHES = ("steps", "compute")
+
+
+def matched_steps(method: Any, channel: Any, steps: int, match: str, corrections: int = 0) -> int:
+    """The posterior sampler's steps for ``method`` under ``match``: ``steps`` itself, or (``compute``)
+    the step count whose denoiser evaluations (``sample_nfe``: steps plus ``corrections`` after
+    each but the last) times the passes one evaluation costs come nearest to ``steps``' at one
+    pass each; at least 1."""
+    from diffem_cli.diffusion.sampling import sample_nfe
+
+    if match == "steps":
+        return steps
+    target, passes = sample_nfe(steps, corrections), method.passes_per_step(channel)
+    return min(range(1, steps + 1), key=lambda s: (abs(passes * sample_nfe(s, corrections) - target), -s))
+
+
 def run_folder(out: Path, method: str, seed: int, first_seed: int) -> Path:
     """Where ``compare`` runs ``method`` with ``seed``: ``out/METHOD`` for the first seed (so a
     one-seed comparison gains seeds without training it again), ``out/METHOD-seedS`` after."""
@@ -216,6 +249,7 @@ def _one_run(
     force: bool,
     log: Logger,
     track: tuple[str, ...] = (),
+    uncond_steps: int | None = None,
 ) -> dict[str, Any]:
     """One method with one seed: its RUN (trained or resumed), its final row of metrics (the
     last lap's evaluation and label-free monitor, time, unconditional scores), its lap records
@@ -248,7 +282,9 @@ def _one_run(
     if uncond:
         t0 = time.perf_counter()
         n = n_samples if n_samples is not None else len(clean) if clean is not None else len(data)
-        samples, drawn = _unconditional_samples(run_dir, last["lap"], cfg, n, device, force, log, track)
+        ucfg = copy.deepcopy(cfg)
+        ucfg.sample.steps = cfg.sample.steps if uncond_steps is None else uncond_steps
+        samples, drawn = _unconditional_samples(run_dir, last["lap"], ucfg, n, device, force, log, track)
         if clean is not None:
             from diffem_cli.metrics.evaluate import evaluate_tensors
 
@@ -463,6 +499,14 @@ def markdown_table(summary: dict[str, Any]) -> str:
         lines += [
             "",
             "Network passes: a forward or a vector-Jacobian product counts one, a training example two.",
+        ]
+    steps = summary.get("sample_steps") or {}
+    if steps:
+        listed = ", ".join(f"{name} {n}" for name, n in steps.items())
+        how = "equal network passes" if summary.get("match") == "compute" else "equal steps"
+        lines += [
+            "",
+            f"Posterior sampler steps ({how}, `--match {summary.get('match', 'steps')}`): {listed}.",
         ]
     seeds = summary.get("seeds") or []
     if len(seeds) > 1:

@@ -178,3 +178,37 @@ def test_uncond_monitor_tells_the_data_distribution_from_a_wrong_one(tmp_path):
     # 256 observations); shrinking the data by half is far above it
     assert exact["uncond_obs_sw2"] < 2 * floor < wrong["uncond_obs_sw2"]
     assert uncond_monitor(data, clean[:10], cfg) == {}
+
+
+def test_match_compute_gives_every_method_the_same_estep_passes(tmp_path, cli):
+    _projections(tmp_path, 64)
+    argv = ["compare", tmp_path / "obs", tmp_path / "cmp", "--methods", "diffem,em-mmps", "--laps", 1]
+    argv += ["--eval-clean", tmp_path / "clean", "--no-uncond", *TRAIN]
+    code, _, err = cli(*argv, "--match", "compute")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cmp/compare.json").read_text())
+    # the manifold preset's MMPS solves on the Gaussian covariance: a forward and one VJP per
+    # evaluation. DiffEM's 4 steps with one correction after each but the last are 7 evaluations;
+    # MMPS's 2 steps are 3 evaluations of 2 passes (6), its 3 steps 5 of 2 (10): 2 is nearest to 7
+    assert summary["match"] == "compute" and summary["sample_steps"] == {"diffem": 4, "em-mmps": 2}
+    spent = summary["accounting"]
+    diffem_passes = spent["diffem"]["estep_forwards"] + spent["diffem"]["estep_vjps"]
+    mmps_passes = spent["em-mmps"]["estep_forwards"] + spent["em-mmps"]["estep_vjps"]
+    assert (diffem_passes, mmps_passes) == (64 * 7, 64 * 6)
+    assert "--match compute" in (tmp_path / "cmp/compare.md").read_text()
+    code, _, err = cli(*argv, "--match", "flops")
+    assert code == 2 and "--match" in error_line(err)
+
+
+def test_passes_per_step_follow_each_guidance():
+    from diffem_cli.io.registry import make_channel
+    from diffem_cli.methods import get_method, load_config
+
+    projection, jpeg = make_channel("projection", {}), make_channel("jpeg", {})
+    tweedie = load_config("digits", ["mmps.cg_iters=3", "mmps.covariance=tweedie"])
+    gaussian = load_config("digits", ["mmps.covariance=gaussian"])
+    assert get_method("diffem", tweedie).passes_per_step(projection) == 1
+    assert get_method("em-mmps", tweedie).passes_per_step(projection) == 5  # forward, 3 CG VJPs, final VJP
+    assert get_method("em-mmps", gaussian).passes_per_step(projection) == 2
+    assert get_method("dps-em", tweedie).passes_per_step(projection) == 2
+    assert get_method("naive", tweedie).passes_per_step(jpeg) == 2  # DPS for a non-linear channel

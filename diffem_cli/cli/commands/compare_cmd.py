@@ -63,6 +63,16 @@ def compare_command(
             "Student-t interval."
         ),
     ] = 1,
+    match: Annotated[
+        str,
+        typer.Option(
+            "--match",
+            metavar="steps|compute",
+            help="Equal posterior sampler steps for every method, or equal network passes: each "
+            "method's steps divided by the passes one of its steps costs (DPS 2, MMPS 2 + CG "
+            "iterations).",
+        ),
+    ] = "steps",
     device: Device = None,
     force: Annotated[
         bool,
@@ -107,6 +117,7 @@ def compare_command(
         laps=laps,
         uncond=uncond,
         seeds=seeds,
+        match=match,
         device=device,
         force=force,
         skip_unfit=(methods or "").strip() == "all",
