@@ -15,7 +15,7 @@ the ``manifold`` MLP; every one conditioned on ``mask``, the MLP on ``projection
 The measurements alternate (bare, diffem, bare, diffem, ...) in one process so that the ratios
 compare figures taken under the same machine load; ``os.getloadavg()`` is recorded beside each
 figure. The target is a ratio of at least 0.8 to the bare rate. Like the ``diffem`` command, the
-benchmark bounds OpenMP's spinning (:func:`diffem_cli.core.threads.openmp_wait_env`) and raises
+benchmark sets OpenMP's waiting (:func:`diffem_cli.core.threads.openmp_wait_env`) and raises
 glibc's malloc thresholds (:mod:`diffem_cli.core.allocator`) before torch loads.
 
 The roofline (:mod:`bench.roofline`): the FLOPs of one training step (forward + backward) and of
@@ -390,7 +390,8 @@ def thread_study(
     rows = []
     root = Path(__file__).resolve().parent.parent
     for busy in (False, True):
-        proc = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
+        plain = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        proc = subprocess.Popen([sys.executable, "-c", BUSY], env=plain) if busy else None  # OpenMP defaults
         try:
             if proc is not None:
                 time.sleep(2.0)
@@ -458,6 +459,11 @@ def summarise_threads(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _openmp(result: dict[str, Any]) -> str:
+    env = {k: v for k, v in (result.get("openmp") or {}).items() if v is not None}
+    return ", ".join(f"`{k}={v}`" for k, v in env.items()) or "OpenMP's defaults"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The throughput table and the thread study."""
     lines = [
@@ -467,7 +473,8 @@ def markdown(result: dict[str, Any]) -> str:
         "The machine is shared with other jobs: absolute rates are whatever the load left; the ratios "
         "compare measurements taken alternately in one process (bare, diffem, bare, diffem...), "
         "with the 1-minute load average beside them; with other jobs competing for the two cores a "
-        "single figure can be off by tens of percent either way.",
+        "single figure can be off by tens of percent either way. OpenMP waiting of the case and "
+        f"roofline measurements: {_openmp(result)}.",
         "",
         "Bare forward: `net(x_t, t, cond)` under `no_grad` at the E-step batch; E-step: DiffEM's "
         "`posterior` (DPM-Solver++, network evaluations = rows x calls). Bare fb: forward + MSE + "
@@ -587,6 +594,7 @@ def main() -> None:
         ap.error(f"unknown case(s) {', '.join(unknown)} (known: {', '.join(all_cases)})")
     name = "speed-quick" if args.quick else "speed"
     result: dict[str, Any] = {"machine": machine(), "cases": {}, "load_start": load1()}
+    result["openmp"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     previous = (args.out / "quick" if args.quick else args.out) / f"{name}.json"
     if not chosen and previous.exists():  # only the thread study: keep the last case figures
         result["cases"] = json.loads(previous.read_text()).get("cases", {})

@@ -28,7 +28,7 @@ import typer
 
 from diffem_cli.core.threads import openmp_wait_env, parse_threads, set_threads
 
-# Before torch loads OpenMP: waiting threads spin briefly, then sleep (see diffem_cli.core.threads).
+# Before torch loads OpenMP: waiting threads sleep instead of spinning (see diffem_cli.core.threads).
 os.environ.update(openmp_wait_env())
 
 from diffem_cli.core.allocator import keep_freed_memory  # noqa: E402

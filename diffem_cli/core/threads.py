@@ -2,14 +2,15 @@
 
 ``diffem --threads N COMMAND ...`` or ``DIFFEM_THREADS=N`` sets the count; without either, the
 console command uses every core this process may use (:data:`DEFAULT_THREADS`). Before torch
-loads, the command also bounds how long an OpenMP thread spins at a barrier before it sleeps
-(:func:`openmp_wait_env`: ``GOMP_SPINCOUNT=10000``, unless ``OMP_WAIT_POLICY`` or
-``GOMP_SPINCOUNT`` is set). ``bench/bench_speed.py``'s thread study on a shared 2-core machine
-chose it: libgomp's default spin (300,000 rounds) ran the digits M-step 3-7x slower than 1 thread
-whenever another job held a core; sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) fixed that but
-paid a thread wake-up on every small operation, so the manifold MLP's step was no faster on 2
-threads than on 1; a short spin keeps the 2-thread gain on an idle machine and stays within about
-15% of passive waiting beside a busy job. Library use (``import diffem_cli``) leaves torch's
+loads, the command also makes waiting OpenMP threads sleep at once (:func:`openmp_wait_env`:
+``OMP_WAIT_POLICY=PASSIVE``, unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set).
+``bench/bench_speed.py``'s thread study on a shared 2-core machine chose it: with libgomp's
+default spin (300,000 rounds) the digits and manifold M-steps ran 1.5-3x slower than 1 thread
+whenever another job held a core, and passive waiting kept them at the 1-thread rate there. It
+costs on an idle machine: every small operation then pays a thread wake-up, and a short spin
+(``GOMP_SPINCOUNT=10000``) ran the same M-steps 1.5x faster than passive waiting when nothing
+else ran, but up to 3x slower beside a busy job. On a machine of your own, set
+``GOMP_SPINCOUNT=10000`` and diffem keeps it. Library use (``import diffem_cli``) leaves torch's
 settings alone.
 """
 
@@ -20,20 +21,18 @@ import os
 from diffem_cli.core.errors import DiffemError
 
 THREADS_ENV = "DIFFEM_THREADS"
-SPIN_COUNT = "10000"
-"""libgomp's spin rounds at a barrier before a waiting thread sleeps (its default is 300,000)."""
 DEFAULT_THREADS = "all"
 """Every core this process may use (with passive OpenMP waiting, see the module docstring)."""
 
 
 def openmp_wait_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The OpenMP waiting setting the command puts in the environment before torch loads:
-    ``GOMP_SPINCOUNT`` (:data:`SPIN_COUNT`), unless the user set ``OMP_WAIT_POLICY`` or
-    ``GOMP_SPINCOUNT``, whose choice is kept ({} then)."""
+    ``OMP_WAIT_POLICY=PASSIVE``, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``,
+    whose choice is kept ({} then)."""
     environ = os.environ if environ is None else environ
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    return {"GOMP_SPINCOUNT": SPIN_COUNT}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def parse_threads(value: str | int, what: str = "--threads") -> int:
