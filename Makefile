@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO ?= demo_out
 # extra em-train/train-uncond options for the demo, e.g. DEMO_SET="--set train.epochs=5" for a smoke run
 DEMO_SET ?=
+# the demo's EM laps (the manifold preset runs 12; 8 reach about 0.09 of its 0.056 in two thirds of the time)
+DEMO_LAPS ?= 8
 STAMP := $(VENV)/.diffem-installed
 
 .PHONY: install test test-all test-deepinv demo demo-digits lint docs bench bench-quick clean
@@ -37,15 +39,19 @@ lint: install
 
 # The main job on the embedded default data: the manifold with random projections, through the
 # whole chain. Everything lands in $(DEMO)/ (removed first).
+# The demo runs alone on your machine: OpenMP threads spin briefly before sleeping, 1.5x faster than
+# diffem's passive default there (bench/results/findings.md); `make demo GOMP_SPINCOUNT=0` waits passively.
+demo: export GOMP_SPINCOUNT ?= 10000
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
 	$(BIN)/diffem corrupt manifold $(DEMO)/obs --channel projection --seed 0 \
 	  --clean-out $(DEMO)/clean --preview $(DEMO)/corruption.png
 	$(BIN)/diffem corrupt manifold:seed=0,draw_seed=7 $(DEMO)/heldout-obs --channel projection \
 	  --limit 4096 --clean-out $(DEMO)/heldout
-	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --eval-clean $(DEMO)/heldout $(DEMO_SET)
+	$(BIN)/diffem em-train $(DEMO)/obs $(DEMO)/run --config manifold --laps $(DEMO_LAPS) --eval-clean $(DEMO)/heldout $(DEMO_SET)
 	$(BIN)/diffem report $(DEMO)/run --clean $(DEMO)/clean
-	$(BIN)/diffem reconstruct $(DEMO)/run/checkpoints/lap_012.safetensors $(DEMO)/obs $(DEMO)/recon
+	$(BIN)/diffem reconstruct $(DEMO)/run/checkpoints/lap_$(shell printf %03d $(DEMO_LAPS)).safetensors \
+	  $(DEMO)/obs $(DEMO)/recon
 	$(BIN)/diffem train-uncond $(DEMO)/recon $(DEMO)/uncond --config manifold --set train.epochs=60 $(DEMO_SET)
 	$(BIN)/diffem sample $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/samples -n 4096
 	$(BIN)/diffem export $(DEMO)/uncond/checkpoints/uncond.safetensors $(DEMO)/exported

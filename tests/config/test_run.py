@@ -18,10 +18,12 @@ def test_presets_load(name):
     assert cfg.train.epochs > 0
 
 
-def test_manifold_preset_is_the_anchor_budget():
+def test_manifold_preset_spreads_the_anchor_steps_over_more_laps():
     cfg = load_config("manifold")
     assert cfg.network == {"type": "mlp", "width": 256, "depth": 3, "emb_dim": 64}
-    assert cfg.train.batch_size == 1024 and cfg.train.epochs * (16384 // 1024) == 2000
+    # 12 laps of 640 steps (bench/results/manifold-budget-study.md), where the anchor ran 6 of 2,000
+    # (bench_manifold still does)
+    assert cfg.train.batch_size == 1024 and cfg.train.epochs * (16384 // 1024) == 640 and cfg.em.laps == 12
 
 
 def test_set_overrides_and_types():
@@ -110,7 +112,8 @@ def test_mlp_network_against_its_constructor():
 
 def test_methods_from_the_registry_and_valid_values_pass():
     names = method_names()
-    assert names == ("diffem", "em-mmps", "naive", "oracle", "dps-em", "ambient", "ambient-tweedie")
+    baselines = ("ambient", "ambient-tweedie", "noise2self", "sure-score")
+    assert names == ("diffem", "em-mmps", "naive", "oracle", "dps-em", *baselines)
     for method in names:
         assert load_config("digits", [f"em.method={method}"]).em.method == method
     with pytest.raises(DiffemError, match="'em.method' must be one of .*did you mean 'naive'"):
@@ -121,7 +124,19 @@ def test_option_sections_come_from_the_methods():
     cfg = load_config("digits", ["mmps.cg_iters=2", "dps.scale=7", "ambient.delta=0.3"])
     assert (cfg.mmps.cg_iters, cfg.dps.scale, cfg.ambient.delta) == (2, 7.0, 0.3)
     keys = list(cfg.to_dict())  # a RUN's config.yaml: the sections at top level, after em
-    assert keys == ["network", "train", "sample", "em", "mmps", "dps", "ambient", "eval", "seed"]
+    assert keys == [
+        "network",
+        "train",
+        "sample",
+        "em",
+        "mmps",
+        "dps",
+        "ambient",
+        "noise2self",
+        "sure",
+        "eval",
+        "seed",
+    ]
     with pytest.raises(DiffemError, match=r"unknown config key 'mmsp'.*did you mean 'mmps'"):
         load_config("digits", ["mmsp.cg_iters=2"])
     with pytest.raises(DiffemError, match="'mmps.covariance' must be one of"):
@@ -166,7 +181,20 @@ def test_config_show(cli, tmp_path):
     assert code == 0, err
     shown = yaml.safe_load(out)
     assert shown["train"]["epochs"] == 3 and shown["network"]["type"] == "mlp"
-    assert set(shown) == {"network", "train", "sample", "em", "mmps", "dps", "ambient", "eval", "seed"}
+    sections = {
+        "network",
+        "train",
+        "sample",
+        "em",
+        "mmps",
+        "dps",
+        "ambient",
+        "noise2self",
+        "sure",
+        "eval",
+        "seed",
+    }
+    assert set(shown) == sections
     code, out, err = cli("config", "show")
     assert code == 0 and yaml.safe_load(out)["network"]["type"] == "unet"  # digits by default
     run = tmp_path / "run"
