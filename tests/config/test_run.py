@@ -18,6 +18,22 @@ def test_presets_load(name):
     assert cfg.train.epochs > 0
 
 
+# a RUN's config.yaml: the core sections, the methods' option sections after em, then eval and seed
+SECTIONS = [
+    "network",
+    "train",
+    "sample",
+    "em",
+    "mmps",
+    "dps",
+    "ambient",
+    "noise2self",
+    "sure",
+    "eval",
+    "seed",
+]
+
+
 def test_manifold_preset_spreads_the_anchor_steps_over_more_laps():
     cfg = load_config("manifold")
     assert cfg.network == {"type": "mlp", "width": 256, "depth": 3, "emb_dim": 64}
@@ -124,19 +140,7 @@ def test_option_sections_come_from_the_methods():
     cfg = load_config("digits", ["mmps.cg_iters=2", "dps.scale=7", "ambient.delta=0.3"])
     assert (cfg.mmps.cg_iters, cfg.dps.scale, cfg.ambient.delta) == (2, 7.0, 0.3)
     keys = list(cfg.to_dict())  # a RUN's config.yaml: the sections at top level, after em
-    assert keys == [
-        "network",
-        "train",
-        "sample",
-        "em",
-        "mmps",
-        "dps",
-        "ambient",
-        "noise2self",
-        "sure",
-        "eval",
-        "seed",
-    ]
+    assert keys == SECTIONS
     with pytest.raises(DiffemError, match=r"unknown config key 'mmsp'.*did you mean 'mmps'"):
         load_config("digits", ["mmsp.cg_iters=2"])
     with pytest.raises(DiffemError, match="'mmps.covariance' must be one of"):
@@ -181,20 +185,7 @@ def test_config_show(cli, tmp_path):
     assert code == 0, err
     shown = yaml.safe_load(out)
     assert shown["train"]["epochs"] == 3 and shown["network"]["type"] == "mlp"
-    sections = {
-        "network",
-        "train",
-        "sample",
-        "em",
-        "mmps",
-        "dps",
-        "ambient",
-        "noise2self",
-        "sure",
-        "eval",
-        "seed",
-    }
-    assert set(shown) == sections
+    assert set(shown) == set(SECTIONS)
     code, out, err = cli("config", "show")
     assert code == 0 and yaml.safe_load(out)["network"]["type"] == "unet"  # digits by default
     run = tmp_path / "run"

@@ -68,6 +68,26 @@ def test_corrupt_writes_deepinv_observations(inpainting: Path) -> None:
     assert (cols["y"][cols["mask"] == 0] == 0).all()
 
 
+def _train_one_lap_and_reconstruct(tmp_path: Path, channel: str, method: str) -> None:
+    """One lap of ``method`` on ``tmp_path/obs``, then ``reconstruct`` with its checkpoint."""
+    run_ok(
+        "em-train",
+        tmp_path / "obs",
+        tmp_path / "run",
+        "--config",
+        "digits",
+        "--laps",
+        1,
+        "--method",
+        method,
+        *TRAIN,
+    )
+    _check_lap(tmp_path / "run", channel, method)
+    ckpt = tmp_path / "run/checkpoints/lap_001.safetensors"
+    run_ok("reconstruct", ckpt, tmp_path / "obs", tmp_path / "rec", "--steps", 4)
+    assert read_x(tmp_path / "rec").shape == (N, 1, 8, 8)
+
+
 @pytest.mark.parametrize("method", ["diffem", "em-mmps", "dps-em"])
 def test_em_train_on_inpainting(inpainting: Path, tmp_path: Path, method: str) -> None:
     run_dir = tmp_path / "run"
@@ -91,22 +111,7 @@ def test_blur_with_dps_em_and_reconstruct(tmp_path: Path) -> None:
         "--limit",
         N,
     )
-    run_ok(
-        "em-train",
-        tmp_path / "obs",
-        tmp_path / "run",
-        "--config",
-        "digits",
-        "--laps",
-        1,
-        "--method",
-        "dps-em",
-        *TRAIN,
-    )
-    _check_lap(tmp_path / "run", "dinv-blur", "dps-em")
-    ckpt = tmp_path / "run/checkpoints/lap_001.safetensors"
-    run_ok("reconstruct", ckpt, tmp_path / "obs", tmp_path / "rec", "--steps", 4)
-    assert read_x(tmp_path / "rec").shape == (N, 1, 8, 8)
+    _train_one_lap_and_reconstruct(tmp_path, "dinv-blur", "dps-em")
 
 
 def test_compressed_sensing_with_em_mmps_and_reconstruct(tmp_path: Path) -> None:
@@ -126,22 +131,7 @@ def test_compressed_sensing_with_em_mmps_and_reconstruct(tmp_path: Path) -> None
         N,
     )
     assert read_columns(tmp_path / "obs")["y"].shape == (N, 32)
-    run_ok(
-        "em-train",
-        tmp_path / "obs",
-        tmp_path / "run",
-        "--config",
-        "digits",
-        "--laps",
-        1,
-        "--method",
-        "em-mmps",
-        *TRAIN,
-    )
-    _check_lap(tmp_path / "run", "dinv-cs", "em-mmps")
-    ckpt = tmp_path / "run/checkpoints/lap_001.safetensors"
-    run_ok("reconstruct", ckpt, tmp_path / "obs", tmp_path / "rec", "--steps", 4)
-    assert read_x(tmp_path / "rec").shape == (N, 1, 8, 8)
+    _train_one_lap_and_reconstruct(tmp_path, "dinv-cs", "em-mmps")
 
 
 def test_denoising_with_diffem(tmp_path: Path) -> None:
