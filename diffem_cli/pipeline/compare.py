@@ -430,6 +430,7 @@ def lap_panels(
     panel), every method's mean over its seeds at each lap, and the half-width of its 95%
     Student-t interval there (0 with one seed)."""
     from diffem_cli.metrics.intervals import t_interval
+    from diffem_cli.pipeline.plots import FLOOR_LINE
 
     by_lap: dict[str, dict[str, dict[float, list[float]]]] = {}
     for name, seed_runs in runs.items():
@@ -440,7 +441,7 @@ def lap_panels(
                     if (lap_metric or key in MONITOR_KEYS) and value is not None:
                         title, line = (key[5:] if lap_metric else key), name
                         if key == "obs_sw2_floor":  # the same for every method: real observations only
-                            title, line = "obs_sw2", "floor"
+                            title, line = "obs_sw2", FLOOR_LINE
                         lines = by_lap.setdefault(title, {}).setdefault(line, {})
                         lines.setdefault(rec["lap"], []).append(value)
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}

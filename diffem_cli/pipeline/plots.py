@@ -30,7 +30,11 @@ HATCH = ((214, 39, 40), (255, 235, 235))
 HATCH_WIDTH = 3
 """Width of one stripe, in screen pixels (narrower where an image pixel is drawn smaller)."""
 LABEL_SIZE = 9
-REFERENCE_LINES = ("floor",)
+FLOOR_LINE = "real vs real"
+"""The monitor's reference line: ``obs_sw2_floor``, the same distance between two halves of the real
+observations, the score of a perfect model up to sampling noise (not a lower bound: a lap may dip
+below it by that noise)."""
+REFERENCE_LINES = (FLOOR_LINE,)
 """Line names drawn as references (grey, dashed) in curve panels, not as series of their own."""
 MONITOR_BETTER = {"obs_sw2": "lower"}
 """Which way is better for the label-free monitor's curves (``observed_residual`` should meet the

@@ -73,7 +73,7 @@ def save_metric_curves(path: Path, records: list[dict[str, Any]]) -> None:
 
     panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
     if any("obs_sw2" in r for r in records):
-        panels["obs_sw2"] = {"run": points("obs_sw2"), "floor": points("obs_sw2_floor")}
+        panels["obs_sw2"] = {"run": points("obs_sw2"), plots.FLOOR_LINE: points("obs_sw2_floor")}
     if any("observed_residual" in r for r in records):
         panels["observed_residual"] = {"run": points("observed_residual")}
     panels.update({m[5:]: {"run": points(m)} for m in _eval_keys(records)})

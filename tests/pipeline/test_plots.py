@@ -99,7 +99,7 @@ def test_every_metric_key_has_a_readable_title_on_its_panel(tmp_path, monkeypatc
 
     from diffem_cli.metrics.evaluate import METRICS
     from diffem_cli.pipeline.compare import MONITOR_KEYS
-    from diffem_cli.pipeline.plots import TITLES, metric_title, save_curve_panels
+    from diffem_cli.pipeline.plots import FLOOR_LINE, TITLES, metric_title, save_curve_panels
     from diffem_cli.pipeline.report import MONITOR
 
     assert set(METRICS) | set(MONITOR_KEYS) | set(MONITOR) <= set(TITLES)
@@ -107,6 +107,6 @@ def test_every_metric_key_has_a_readable_title_on_its_panel(tmp_path, monkeypatc
     assert metric_title("seconds") == "seconds"
     drawn = []
     monkeypatch.setattr(Axes, "set_title", lambda self, text, **kw: drawn.append(text))
-    panels = {"obs_sw2": {"a": [(0, 1.0)], "floor": [(0, 0.5)]}, "observed_residual": {"a": [(0, 0.1)]}}
+    panels = {"obs_sw2": {"a": [(0, 1.0)], FLOOR_LINE: [(0, 0.5)]}, "observed_residual": {"a": [(0, 0.1)]}}
     save_curve_panels(panels, tmp_path / "c.png", "lap")
     assert drawn == ["obs SW2 (label-free)", "observed residual"]
