@@ -192,8 +192,9 @@ VERBOSITY = (
 
 def _with_verbosity(typer_app: typer.Typer) -> None:
     """Give every command of ``typer_app`` (nested groups included) ``-v``/``-q`` after its name,
-    as the root takes them before it: two extra parameters in the signature typer reads, never
-    passed to the function (``expose_value=False``; their callbacks set the level)."""
+    as the root takes them before it: two keyword parameters added to the signature typer reads,
+    whose callbacks set the level; typer hands their values over all the same, and the wrapper
+    drops them before calling the command's own function."""
     for info in typer_app.registered_commands:
         fn = info.callback
         if fn is None or getattr(fn, "__diffem_verbosity__", False):

@@ -35,9 +35,9 @@ def compile_wanted(mode: str, device: torch.device) -> bool:
 class CompiledNetwork(nn.Module):
     """``net`` run through ``torch.compile``; eager for good when the first compiled call fails.
 
-    Holds ``net`` itself as a submodule, so parameters, ``state_dict`` keys and attributes such
-    as ``cond_size`` are the wrapped network's (``net.<name>`` here; callers keep a handle on
-    ``net`` for saving)."""
+    Holds ``net`` itself as its one submodule, so its parameters are the wrapped network's and
+    its ``state_dict`` keys those of ``net`` under ``net.``; callers keep their handle on ``net``
+    for saving and for the network's own attributes."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
