@@ -4,7 +4,7 @@
 where Triton fuses the normalisations and activations between the matrix products; eager on CPU,
 where the C++ code generation did not beat eager for diffem's networks in
 ``bench/results/speed.md``). The compiled graphs are kept for the whole process (every lap of an
-EM run reuses them) and Inductor's on-disk cache serves later processes.
+EM run reuses them); Inductor's on-disk cache (torch's default) can serve later processes.
 
 A compiler can be missing or fail (no C++ toolchain, an unsupported operation): the first call
 then logs one line and the network runs eagerly from there on. Compiled and eager results agree
