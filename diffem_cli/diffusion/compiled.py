@@ -3,8 +3,9 @@
 ``train.compile`` and ``sample.compile`` choose: ``on``, ``off``, or ``auto`` (compiled on CUDA,
 where Triton fuses the normalisations and activations between the matrix products; eager on CPU,
 where the C++ code generation did not beat eager for diffem's networks in
-``bench/results/speed.md``). The compiled graphs are kept for the whole process (every lap of an
-EM run reuses them); Inductor's on-disk cache (torch's default) can serve later processes.
+``bench/results/speed.md``). Every lap wraps its network anew; torch's own caches (dynamo's
+compiled code for a network of the same structure, Inductor's on-disk graphs) are what make the
+repeats cheaper, as torch provides them: diffem keeps no compiled state of its own.
 
 A compiler can be missing or fail (no C++ toolchain, an unsupported operation): the first call
 then logs one line and the network runs eagerly from there on. Compiled and eager results agree
