@@ -3,9 +3,9 @@
 ``train.compile`` and ``sample.compile`` choose: ``on``, ``off``, or ``auto`` (compiled on CUDA,
 where Triton fuses the normalisations and activations between the matrix products; eager on CPU,
 where the C++ code generation did not beat eager for diffem's networks in
-``bench/results/speed.md``). Every lap wraps its network anew; torch's own caches (dynamo's
-compiled code for a network of the same structure, Inductor's on-disk graphs) are what make the
-repeats cheaper, as torch provides them: diffem keeps no compiled state of its own.
+``bench/results/speed.md``). Every lap wraps its network anew, and torch's caches do the rest: a
+later lap's network of the same structure reuses the code dynamo compiled for the first (no new
+graph), and Inductor's on-disk cache can serve later processes; diffem keeps no compiled state.
 
 A compiler can be missing or fail (no C++ toolchain, an unsupported operation): the first call
 then logs one line and the network runs eagerly from there on. Compiled and eager results agree
