@@ -56,6 +56,8 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 DEBUG_ENV = "DIFFEM_DEBUG"
+VERBOSE_HELP = "Also show debug messages (progress bars unchanged)."
+QUIET_HELP = "Show only warnings and errors (progress bars unchanged)."
 TORCH_FREE: frozenset[str] = frozenset({"channels"})
 """Commands that run without torch: the thread setting (which imports torch) is skipped for them."""
 
@@ -122,12 +124,8 @@ def _root(
             "(docs/reproducibility.md).",
         ),
     ] = None,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Also show debug messages (progress bars unchanged).")
-    ] = False,
-    quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Show only warnings and errors (progress bars unchanged).")
-    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
 ) -> None:
     """Learn clean diffusion models from corrupted data alone (DiffEM and its peers)."""
     from diffem_cli.core.logs import configure
@@ -166,7 +164,7 @@ VERBOSITY = (
             typer.Option(
                 "--verbose",
                 "-v",
-                help="Also show debug messages (progress bars unchanged).",
+                help=VERBOSE_HELP,
                 callback=_set_verbosity(1),
                 expose_value=False,
             ),
@@ -181,7 +179,7 @@ VERBOSITY = (
             typer.Option(
                 "--quiet",
                 "-q",
-                help="Show only warnings and errors (progress bars unchanged).",
+                help=QUIET_HELP,
                 callback=_set_verbosity(-1),
                 expose_value=False,
             ),

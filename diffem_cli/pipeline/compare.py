@@ -129,9 +129,10 @@ def compare(
     fit = []
     for name in methods:  # every refusal before any training
         try:
-            if eval_clean is None and get_method(name, cfg).needs_clean:
+            method = get_method(name, cfg)
+            if eval_clean is None and method.needs_clean:
                 raise DiffemError(f"method {name!r} trains on clean data: give --eval-clean")
-            get_method(name, cfg).check(data)
+            method.check(data)
         except DiffemError as e:
             if not skip_unfit:
                 raise
