@@ -25,6 +25,12 @@ keep working unchanged:
   import`` reads from the user's files and validates. By default derived from what
   :meth:`Channel.corrupt` returns; a non-linear channel with such tensors declares its own.
 
+One more declaration, off by default, is open to every ``api_version`` (a diffem that predates it
+ignores it, and the methods needing it refuse the channel): ``gaussian_denoising``, the channel is
+``y = x + s * eps``, the identity plus Gaussian noise independent across entries at the known level
+``s = noise_std(obs)`` (``noise``). The denoiser baselines (``--method noise2self``,
+``sure-score``) and ``ambient-tweedie`` serve exactly these channels.
+
 torch is imported where a channel first works on tensors, not when its module loads, so listing
 the channels (``diffem channels``) does not load torch; a plugin may do the same.
 """
@@ -236,6 +242,9 @@ class Channel:
     """(v2) :meth:`forward` is differentiable in ``x`` for a non-linear channel (linear ones always are)."""
     masked_observation: ClassVar[bool] = False
     """(v2) ``y`` is the data with entries hidden, and :meth:`observation_mask` says which."""
+    gaussian_denoising: ClassVar[bool] = False
+    """``y = x + s * eps``: ``linear``, ``A`` and ``At`` the identity, ``eps`` standard Gaussian
+    independent across entries, ``s = noise_std(obs) > 0`` one known level for every observation."""
 
     def __init__(self, **values: Any) -> None:
         known = {p.name: p for p in self.params}

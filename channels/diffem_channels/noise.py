@@ -19,6 +19,7 @@ class NoiseChannel(SameShapeChannel):
     description = "Additive Gaussian noise of std sigma (denoising)."
     data_kinds = frozenset({"image", "vector"})
     linear = True
+    gaussian_denoising = True
     params = (Param("sigma", float, 0.1, "std of the additive Gaussian noise", positive),)
 
     def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:

@@ -11,6 +11,10 @@ raises ``AssertionError`` (with a one-line reason) at the first broken promise:
 - linear channels: ``A x`` has ``y``'s shape, ``A^T v`` has ``x``'s, ``A`` is linear, the adjoint
   is exact (``<A x, v> == <x, A^T v>`` to rounding), ``noise_std`` is a number >= 0 and, when it
   is 0, ``y == A x`` to rounding;
+- ``gaussian_denoising`` channels: linear, ``A x == x`` and ``A^T y == y`` bit for bit,
+  ``noise_std`` > 0, and the residuals ``y - x`` of a fixed batch of at least
+  :data:`DENOISING_ENTRIES` entries have mean 0, standard deviation ``noise_std`` and no
+  correlation between neighbouring entries, each to 5 standard errors (see ``_check_denoising``);
 - entries declared exact (``exact_entries``) form a 0/1 tensor shaped like the data, and ``y``
   equals ``x`` there bit for bit;
 - import fields (``import_fields``, unless the channel cannot be imported): one per tensor
@@ -26,6 +30,7 @@ Tolerances follow from float32 arithmetic: a sum of ``K`` float32 products is ex
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -37,6 +42,8 @@ U32 = 2.0**-24  # float32 unit roundoff
 U64 = 2.0**-53
 
 _OTHER_SHAPES = {"vector": (6,), "image": (3, 8, 8)}
+DENOISING_ENTRIES = 2**14
+"""Noise entries drawn, at least, to check a ``gaussian_denoising`` channel's noise statistics."""
 
 
 def _fail(channel: Channel, message: str) -> AssertionError:
@@ -207,6 +214,54 @@ def _check_linear(
             raise _fail(channel, f"noise_std is 0 but y differs from A x by {float(err):.3g}")
 
 
+def _check_denoising(channel: Channel, shape: tuple[int, ...], seed: int) -> None:
+    """A ``gaussian_denoising`` channel is ``y = x + s * eps``: ``A`` and ``At`` the identity bit for
+    bit, and the residuals ``r = y - x`` of ``n`` entries look like ``n`` independent ``N(0, s^2)``.
+
+    Each statistic gets 5 standard errors of ``n`` such draws: the mean ``s / sqrt(n)``; the root
+    mean square (the standard deviation about the promised mean 0) ``s sqrt(1 / (2 n))``, as for a
+    sample standard deviation; the mean product of horizontal neighbours over ``s^2`` (their
+    correlation) ``1 / sqrt(pairs)``. The float32 rounding of ``y``, up to ``u max|y|`` per entry,
+    is added to the first two (and, relative to ``s``, to the third).
+    """
+    if not channel.linear:
+        raise _fail(channel, "declares gaussian_denoising but is not linear (set linear = True)")
+    batch = max(BATCH, math.ceil(DENOISING_ENTRIES / math.prod(shape)))
+    x = _data(shape, batch, seed=3)
+    obs = channel.corrupt(x, sample_seeds(seed, range(batch)))
+    y = obs["y"]
+    if not torch.equal(channel.A(obs, x), x):
+        raise _fail(channel, "declares gaussian_denoising but A(obs, x) is not x bit for bit")
+    if not torch.equal(channel.At(obs, y), y):
+        raise _fail(channel, "declares gaussian_denoising but At(obs, y) is not y bit for bit")
+    s = float(channel.noise_std(obs))
+    if not s > 0:
+        raise _fail(channel, f"declares gaussian_denoising but noise_std is {s:g}, not > 0")
+    r = y.double() - x.double()
+    n = r.numel()
+    rounding = 2.0 * U32 * float(y.abs().max())
+    mean, rms = float(r.mean()), float(r.pow(2).mean().sqrt())
+    if abs(mean) > (tol := 5.0 * s / math.sqrt(n) + rounding):
+        raise _fail(
+            channel, f"declares gaussian_denoising but y - x has mean {mean:.3g} (tolerance {tol:.2g})"
+        )
+    if abs(rms - s) > (tol := 5.0 * s * math.sqrt(1.0 / (2 * n)) + rounding):
+        raise _fail(
+            channel,
+            f"declares gaussian_denoising with noise_std {s:.6g} but y - x has standard deviation "
+            f"{rms:.6g} about 0 (tolerance {tol:.2g} over {n} entries)",
+        )
+    pairs = r[..., 1:] * r[..., :-1]
+    if pairs.numel():
+        corr = float(pairs.mean()) / (s * s)
+        if abs(corr) > (tol := 5.0 / math.sqrt(pairs.numel()) + 2.0 * rounding / s):
+            raise _fail(
+                channel,
+                f"declares gaussian_denoising but neighbouring entries of y - x correlate ({corr:.3g}, "
+                f"tolerance {tol:.2g}): the noise must be independent across entries",
+            )
+
+
 def _check_spec(
     channel: Channel, x: torch.Tensor, seeds: torch.Tensor, whole: dict[str, torch.Tensor]
 ) -> None:
@@ -274,4 +329,6 @@ def check_channel(channel: Channel, shape: tuple[int, ...], *, seed: int = 0) ->
     _check_import(channel, whole, shape)
     if channel.linear:
         _check_linear(channel, x, whole, shape)
+    if channel.gaussian_denoising:
+        _check_denoising(channel, shape, seed)
     _check_spec(channel, x, seeds, whole)

@@ -169,6 +169,8 @@ def _scalar(path: str, kind: type, value: Any) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ValueError
+    if kind is str and isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        return "on" if value else "off"
     if isinstance(value, bool) or value is None or isinstance(value, list | dict):
         raise ValueError
     if kind is int:

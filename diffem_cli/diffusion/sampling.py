@@ -28,7 +28,7 @@ from diffem_cli.core.progress import progress
 from diffem_cli.core.runtime import Context
 from diffem_cli.diffusion.compiled import COMPILE_MODES
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
-from diffem_cli.diffusion.schedule import SAMPLERS, SCHEDULE, sampler_scheduler
+from diffem_cli.diffusion.schedule import SAMPLERS, SCHEDULE, SPACINGS, sampler_scheduler
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SampleConfig:
     posterior samples keep ``y`` on the entries a noiseless channel gives exactly
     (``Channel.exact_entries``), and conditional models train on the other entries only.
     ``compile``: run the network through ``torch.compile`` (``on``, ``off``, or ``auto``: on CUDA
-    only)."""
+    only). ``spacing``: where the steps fall (:data:`~diffem_cli.diffusion.schedule.SPACINGS`)."""
 
     sampler: str = "dpm++"
     steps: int = 32
@@ -47,6 +47,7 @@ class SampleConfig:
     corrector_tau: float = 0.1
     keep_observed: bool = True
     compile: str = "auto"
+    spacing: str = "trailing"
 
 
 def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:
@@ -54,6 +55,9 @@ def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:
     names the fields as the command-line options that set them."""
     choice(prefix + "sampler", s.sampler, tuple(SAMPLERS))
     choice(prefix + "compile", s.compile, COMPILE_MODES)
+    choice(prefix + "spacing", s.spacing, SPACINGS)
+    if s.spacing == "linspace" and s.sampler == "ddim":
+        raise bad(prefix + "spacing", s.spacing, "with sampler dpm++ or ddpm (ddim takes trailing steps)")
     int_at_least(prefix + "steps", s.steps, 1, SCHEDULE["num_train_timesteps"])
     int_at_least(prefix + "batch_size", s.batch_size, 1)
     int_at_least(prefix + "corrections", s.corrections, 0, 16)
@@ -84,13 +88,14 @@ def sample_loop(
     clip_range: float | None = None,
     corrections: int = 0,
     corrector_tau: float = 0.1,
+    spacing: str = "trailing",
 ) -> torch.Tensor:
     """Integrate from pure noise ``noise`` to samples with ``steps * (1 + corrections)``
     denoiser evaluations (no correction after the last step).
 
     Autograd is enabled only when ``denoiser.needs_grad``; the samples carry no graph.
     """
-    sched = sampler_scheduler(sampler, steps)
+    sched = sampler_scheduler(sampler, steps, spacing)
     x = noise * sched.init_noise_sigma
     extra = {"generator": generator} if sampler == "ddpm" else {}
     grad = torch.enable_grad() if denoiser.needs_grad else torch.no_grad()
@@ -144,6 +149,7 @@ def draw(
     ctx: Context | None = None,
     corrections: int = 0,
     corrector_tau: float = 0.1,
+    spacing: str = "trailing",
 ) -> torch.Tensor:
     """``n`` samples (CPU tensor), ``batch_size`` at a time; ``make_denoiser(start, stop)`` gives
     the denoiser of rows ``start:stop`` (their conditioning or observations).
@@ -174,6 +180,7 @@ def draw(
                 clip_range=clip_range,
                 corrections=corrections,
                 corrector_tau=corrector_tau,
+                spacing=spacing,
             )
             out[start:stop] = x.float().cpu()
             if show:  # the main process shows everyone's progress, assuming equal speed
@@ -213,6 +220,7 @@ def draw_unconditional(
         ctx=ctx,
         corrections=sample.corrections,
         corrector_tau=sample.corrector_tau,
+        spacing=sample.spacing,
     )
 
 

@@ -20,6 +20,11 @@ SCHEDULE: dict[str, Any] = {
 }
 
 SAMPLERS = ("dpm++", "ddim", "ddpm")
+SPACINGS = ("trailing", "linspace")
+"""Where a sampler's timesteps fall: ``trailing`` (evenly from the last training step down, so the
+last network evaluation is at step ``1000 / steps``, a noise level that grows as steps shrink) or
+``linspace`` (DPM-Solver++ and DDPM: evenly from the last step to step 0, so the last evaluation
+is at the smallest noise level whatever the step count)."""
 
 
 def ddpm_scheduler(clip_range: float | None = None, **extra: Any) -> Any:
@@ -35,27 +40,33 @@ def ddpm_scheduler(clip_range: float | None = None, **extra: Any) -> Any:
     )
 
 
-def sampler_scheduler(name: str, steps: int) -> Any:
-    """A fresh scheduler for ``name`` (``dpm++``, ``ddim``, ``ddpm``) set to ``steps`` steps.
+def sampler_scheduler(name: str, steps: int, spacing: str = "trailing") -> Any:
+    """A fresh scheduler for ``name`` (``dpm++``, ``ddim``, ``ddpm``) set to ``steps`` steps
+    placed by ``spacing`` (:data:`SPACINGS`).
 
     Samplers are fed x0 estimates (``prediction_type="sample"``) by the sampling loop, which
     clips them itself, so guidance and clipping work the same way for every sampler.
     """
     if steps < 1 or steps > SCHEDULE["num_train_timesteps"]:
         raise DiffemError(f"--steps must lie in [1, {SCHEDULE['num_train_timesteps']}], got {steps}")
+    if spacing not in SPACINGS or (spacing == "linspace" and name == "ddim"):
+        raise DiffemError(
+            f"sample.spacing {spacing!r} is not one of {', '.join(SPACINGS)} "
+            "(linspace: dpm++ and ddpm; diffusers' DDIM steps assume even trailing steps)"
+        )
+    if steps == 1:  # one step starts from pure noise at the last training step either way
+        spacing = "trailing"
     schedule = {**SCHEDULE, "prediction_type": "sample"}
     if name == "ddpm":
         from diffusers import DDPMScheduler
 
         sched = DDPMScheduler(
-            **schedule, clip_sample=False, variance_type="fixed_small", timestep_spacing="trailing"
+            **schedule, clip_sample=False, variance_type="fixed_small", timestep_spacing=spacing
         )
     elif name == "ddim":
         from diffusers import DDIMScheduler
 
-        sched = DDIMScheduler(
-            **schedule, clip_sample=False, timestep_spacing="trailing", set_alpha_to_one=False
-        )
+        sched = DDIMScheduler(**schedule, clip_sample=False, timestep_spacing=spacing, set_alpha_to_one=False)
     elif name == "dpm++":
         from diffusers import DPMSolverMultistepScheduler
 
@@ -70,5 +81,9 @@ def sampler_scheduler(name: str, steps: int) -> Any:
         )
     else:
         raise DiffemError(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    sched.set_timesteps(steps)
+    if spacing == "linspace":  # evenly from the last step to step 0 (DPM++'s own stops short)
+        last = SCHEDULE["num_train_timesteps"] - 1
+        sched.set_timesteps(timesteps=[round(last * (1 - i / (steps - 1))) for i in range(steps)])
+    else:
+        sched.set_timesteps(steps)
     return sched

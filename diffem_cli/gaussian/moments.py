@@ -22,11 +22,11 @@ FULL_MAX_DIM = 128
 _F64 = torch.float64
 
 
-def fit_moments(x: Tensor, rank: int = 64, seed: int = 0) -> GaussianPrior:
+def fit_moments(x: Tensor, rank: int = 64, seed: int = 0, full_max_dim: int = FULL_MAX_DIM) -> GaussianPrior:
     """``N(mean, Sigma)`` of the rows of ``x`` (any shape, flattened): the sample covariance up to
-    ``FULL_MAX_DIM`` dimensions, else its top-``rank`` PCA plus a per-coordinate diagonal."""
+    ``full_max_dim`` dimensions, else its top-``rank`` PCA plus a per-coordinate diagonal."""
     flat = x.reshape(len(x), -1)
-    if flat.shape[1] <= FULL_MAX_DIM:
+    if flat.shape[1] <= full_max_dim:
         f = flat.to(_F64)
         mean = f.mean(0)
         xc = f - mean

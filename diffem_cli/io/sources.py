@@ -463,7 +463,19 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         return False
 
 
-def _hub(name: str, split: str) -> DatasetSource:
+def hub_spec(spec: str) -> tuple[str, str] | None:
+    """``(NAME, SPLIT)`` of a Hub source ``hf:NAME[:SPLIT]`` (split ``train`` when not given), else None."""
+    head, _, rest = str(spec).strip().partition(":")
+    if head != "hf" or not rest:
+        return None
+    name, _, split = rest.partition(":")
+    return name, split or "train"
+
+
+def load_hub_dataset(name: str, split: str) -> Any:
+    """The ``split`` of the Hub data set ``name`` (a ``datasets.Dataset``), through
+    ``datasets.load_dataset``; no connection, an unknown name or split: one line naming ``hf:NAME``.
+    ``corrupt`` (:func:`load_source`) and ``import`` both read Hub data through it."""
     if not hub_reachable():
         host = os.environ.get("HF_ENDPOINT") or HUB_ENDPOINT
         raise DiffemError(
@@ -473,14 +485,13 @@ def _hub(name: str, split: str) -> DatasetSource:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, missing split: all reported as one line
         detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DiffemError(
             f"could not load hf:{name} split {split!r}: the Hugging Face Hub could not be reached or has no "
             f"such data set ({detail}); save_to_disk it on a connected machine and pass that folder"
         ) from None
-    return DatasetSource(ds, f"hf:{name}:{split}")
 
 
 def load_source(spec: str, *, limit: int | None = None) -> Source:
@@ -504,9 +515,8 @@ def load_source(spec: str, *, limit: int | None = None) -> Source:
         source = _digits()
     elif head == "patches":
         source = _patches(rest)
-    elif head == "hf" and rest:
-        name, _, split = rest.partition(":")
-        source = _hub(name, split or "train")
+    elif (hub := hub_spec(spec)) is not None:
+        source = DatasetSource(load_hub_dataset(*hub), f"hf:{hub[0]}:{hub[1]}")
     else:
         path = Path(rest if head == "folder" and rest else spec).expanduser()
         if not spec or not path.is_dir():

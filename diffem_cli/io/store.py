@@ -52,7 +52,8 @@ EXPORT_ENTRY = re.compile(
     r"^(?:diffem\.json|README\.md|model_index\.json|unet|scheduler|model\.safetensors|diffem_aux\.safetensors)$"
 )
 PNG_ENTRY = re.compile(r"^\d+(?:_\d+)?(?:_[A-Za-z0-9._-]+)?\.png$")
-"""A PNG of ``--png``: ``INDEX[_DRAW].png``, with ``_STEM`` of its source file name when it has one."""
+"""A PNG of ``--png``: a grid ``FIRST_LAST_drawD.png``, or with ``--png-single`` one image
+``INDEX[_DRAW].png``, with ``_STEM`` of its source file name when it has one."""
 COMPARE_ENTRY = re.compile(r"^compare(?:-[a-z0-9-]+)?\.(?:json|md|png|pdf|svg)$")
 
 

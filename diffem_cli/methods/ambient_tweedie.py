@@ -1,6 +1,7 @@
 """Ambient-Tweedie (ambient-laws, Daras et al.): the exact, EM-free prior for Gaussian noise.
 
-For the ``noise`` channel, ``y = x + sigma_n eps`` with ``sigma_n`` known. In diffem's VP
+For the channels that declare ``gaussian_denoising`` (``noise``, or a plugin's),
+``y = x + sigma_n eps`` with ``sigma_n`` known (the channel's ``noise_std``). In diffem's VP
 schedule ``x_t = alpha_t x + sigma_t z`` the VE noise level is ``s_t = sigma_t / alpha_t``; at
 levels ``s_t > sigma_n`` a noisy sample can be built from the observation alone:
 
@@ -18,7 +19,8 @@ minimiser is ``y_hat = E[y | x_t]``, i.e. ``x0_hat = E[x | x_t]``: exact, no EM.
 uses timesteps ``t >= t_min``, the first with ``s_t > sigma_n`` (the training distribution of
 ``t`` is squeezed onto ``[t_min, 1000)``).
 
-Sampling is the plain sampler (``diffem sample``) and MMPS for posteriors (a prior, like naive).
+Sampling is the plain sampler (``diffem sample``) and MMPS for posteriors (a prior, like naive);
+the checkpoint records ``sigma_n`` (``ambient_tweedie.noise_std``) for the sampler.
 Below ``t_min`` the network was never trained: there it is evaluated at ``t_min`` on the input
 rescaled to ``alpha_{t_min} x_t / alpha_t`` (the VE input ``x_t / alpha_t`` read as if at noise
 level ``sigma_n``), a slight over-smoothing of the last steps instead of an extrapolation.
@@ -34,6 +36,7 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser, alpha_sigma, x0_from_v
 from diffem_cli.diffusion.losses import draw_timesteps
 from diffem_cli.methods.base import Method, MStep, Posterior, Prior, model_device
+from diffem_cli.methods.denoisers import denoising_only, denoising_sigma
 from diffem_cli.methods.em_mmps import MMPSOptions, mmps_make, mmps_passes
 
 
@@ -106,25 +109,25 @@ class AmbientTweedie(Method):
     option_classes = {"mmps": MMPSOptions}
 
     def accepts(self, channel: Any) -> str | None:  # noqa: D102
-        if channel.name == "noise":
-            return None
-        return (
-            f"method 'ambient-tweedie' is for the 'noise' channel (known Gaussian noise); "
-            f"{channel.name!r} is not it"
-        )
+        return denoising_only(self.name, channel)
 
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
-        sigma = float(data.channel.sigma)
-        return MStep({"y": data.obs["y"].float()}, TweedieLoss(sigma, cfg.train.t_sampling))
+        return MStep({"y": data.obs["y"].float()}, TweedieLoss(denoising_sigma(data), cfg.train.t_sampling))
 
     def passes_per_step(self, channel: Any) -> float:  # noqa: D102
         return mmps_passes(self.options["mmps"])
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
-        prior = floored_prior(model, float(data.channel.sigma))
+        prior = floored_prior(model, denoising_sigma(data))
         return Posterior(mmps_make(prior, data.channel, self.options["mmps"], aux, model_device(model)))
 
+    def checkpoint_meta(self, data) -> dict[str, Any]:
+        """The noise level ``sigma_n`` the prior was trained above (what ``diffem sample`` floors at)."""
+        return {"ambient_tweedie": {"noise_std": denoising_sigma(data)}}
+
     def prior(self, model, meta, seed) -> Prior:  # noqa: D102
-        sigma_n = float(((meta.get("channel") or {}).get("params") or {})["sigma"])
-        denoiser = floored_prior(model, sigma_n)
+        recorded = (meta.get("ambient_tweedie") or {}).get("noise_std")
+        if recorded is None:  # written before the record: the 'noise' channel, its sigma
+            recorded = ((meta.get("channel") or {}).get("params") or {})["sigma"]
+        denoiser = floored_prior(model, float(recorded))
         return Prior(lambda _start, _stop: denoiser)

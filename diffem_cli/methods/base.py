@@ -1,8 +1,8 @@
 """The method protocol: what a learning-from-corrupted-data method brings to the lap driver.
 
 A method is a class registered in the entry-point group ``diffem.methods`` (see
-:mod:`.registry`). An instance holds its option sections and nothing else; every hook is a
-function of its arguments, and every result a return value:
+:mod:`.registry`). An instance holds its option sections and nothing else (DPS's methods: also
+their run's seed); every hook is a function of its arguments, and every result a return value:
 
 - :meth:`Method.accepts` / :meth:`Method.check`: refuse a channel, or observations, it cannot
   serve (one-line :class:`~diffem_cli.core.errors.DiffemError`);
@@ -139,7 +139,8 @@ class Method:
     def accepts(self, channel: Any) -> str | None:
         """Why this method cannot serve ``channel``, as a one-line message, or None. ``channel`` is
         a channel class or instance, read through its class-level declarations only (``name``,
-        ``linear``, ``differentiable``, ``masked_observation``), so ``diffem methods`` can ask
+        ``linear``, ``differentiable``, ``masked_observation``, ``gaussian_denoising``), so
+        ``diffem methods`` can ask
         without data."""
         return None
 

@@ -1,14 +1,15 @@
 """What the denoiser baselines (``noise2self``, ``sure-score``) share: a network trained on the
 noisy observations alone as a denoiser ``f(y)``, whose outputs are the reconstructions.
 
-Both are rows of EMDiffusion's Table 1 for the ``noise`` channel (``y = x + sigma eps``,
-pixel-independent Gaussian noise of known ``sigma``) and refuse every other channel with one
-line. Neither is EM. How they sit in the lap structure:
+Both are rows of EMDiffusion's Table 1 for denoising (``y = x + sigma eps``, pixel-independent
+Gaussian noise of known ``sigma``): they serve the channels that declare ``gaussian_denoising``
+(the built-in ``noise``, or a plugin's) and refuse every other with one line. Neither is EM.
+How they sit in the lap structure:
 
 - **Model.** The lap's network is the denoiser, the configured architecture (``network``) with the
   channel's conditioning slot, evaluated at the fixed timestep :data:`DENOISER_T`, its output the
   clean estimate itself (no ``v``). Its checkpoint ``kind`` is ``conditional``: like DiffEM's it is
-  a model of ``x`` given ``y``, checked against the observations' channel (its ``sigma``) by
+  a model of ``x`` given ``y``, checked against the observations' channel (its spec) by
   ``reconstruct``, refused by ``sample``, and ``compare`` gives it an unconditional model by
   ``train-uncond`` on its last reconstructions, which is exactly the baselines' "train a diffusion
   model on the denoised outputs".
@@ -43,16 +44,22 @@ DENOISER_T = 0
 """The timestep the denoiser network is always evaluated at (its time embedding is a constant)."""
 
 
-def noise_only(method: str, channel: Any) -> str | None:
-    """The baselines serve the ``noise`` channel alone: pixel-independent Gaussian noise of known
-    ``sigma`` on the identity (SURE needs both; Noise2Self needs the independence)."""
-    name = getattr(channel, "name", None)
-    if name == "noise":
+def denoising_only(method: str, channel: Any) -> str | None:
+    """None for a channel class or instance declaring ``gaussian_denoising`` (pixel-independent
+    Gaussian noise of known ``sigma`` on the identity: SURE and Ambient-Tweedie need both,
+    Noise2Self the independence); a one-line refusal naming the capability otherwise."""
+    if getattr(channel, "gaussian_denoising", False):
         return None
     return (
-        f"method {method!r} is a denoiser for the 'noise' channel (pixel-independent Gaussian noise "
-        f"of known sigma); {name!r} is not it"
+        f"method {method!r} needs a denoising channel, one declaring gaussian_denoising (y = x + sigma "
+        f"eps, pixel-independent Gaussian noise of known sigma, e.g. 'noise'); "
+        f"{getattr(channel, 'name', None)!r} does not"
     )
+
+
+def denoising_sigma(data: Any) -> float:
+    """The noise level ``sigma`` of observations ``data`` on a ``gaussian_denoising`` channel."""
+    return float(data.channel.noise_std(data.obs))
 
 
 def apply_net(model: nn.Module, inp: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -92,7 +99,7 @@ class DenoiserMethod(Method):
     kind = "conditional"
 
     def accepts(self, channel: Any) -> str | None:  # noqa: D102
-        return noise_only(self.name, channel)
+        return denoising_only(self.name, channel)
 
     def check(self, data: Any) -> None:  # noqa: D102
         super().check(data)

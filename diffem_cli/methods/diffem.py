@@ -14,61 +14,82 @@ import torch
 from diffem_channels import sample_seeds
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.diffusion.losses import VLoss
-from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Refresh, model_device
+from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Refresh, lap_seed, model_device
+from diffem_cli.methods.conditioning import (
+    CondOptions,
+    cond_size,
+    condition,
+    feature_prior,
+    fit_feature_prior,
+    gaussian_only_linear,
+    uses_gaussian,
+)
 
 
-def conditioning(data: Any, obs: dict[str, torch.Tensor], keep_observed: bool) -> dict[str, torch.Tensor]:
-    """What a conditional model trains on for observations ``obs``: ``cond``, and with
-    ``keep_observed`` on a channel that gives entries exactly, ``weight`` = 0 there (the model takes
-    them from ``y``; see :class:`~diffem_cli.diffusion.denoise.KeepObserved`), 1 elsewhere."""
-    out = {"cond": data.channel.condition(obs, data.shape)}
+def conditioning(
+    data: Any, obs: dict[str, torch.Tensor], keep_observed: bool, prior: Any = None
+) -> dict[str, torch.Tensor]:
+    """What a conditional model trains on for observations ``obs``: ``cond`` (with the Gaussian
+    feature of ``prior`` when given, see :mod:`.conditioning`), and with ``keep_observed`` on a
+    channel that gives entries exactly, ``weight`` = 0 there (the model takes them from ``y``; see
+    :class:`~diffem_cli.diffusion.denoise.KeepObserved`), 1 elsewhere."""
+    out = {"cond": condition(data.channel, obs, data.shape, prior)}
     exact = data.channel.exact_entries(obs) if keep_observed else None
     if exact is not None:
         out["weight"] = 1.0 - exact.float()
     return out
 
 
-def fresh_conditioning(
-    data: Any, x: torch.Tensor, seed: int, lap: int, index: torch.Tensor, keep_observed: bool = True
-) -> dict[str, torch.Tensor]:
-    """:func:`conditioning` of a fresh corruption of ``x`` (rows ``index``) for lap ``lap``."""
-    from diffem_cli.io.observations import recorrupt
-
-    return conditioning(data, recorrupt(data.channel, x, seed, lap, index), keep_observed)
-
-
-def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any) -> MStep:
+def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any, cond: CondOptions) -> MStep:
     """The M-step of a conditional model trained on fresh corruptions of ``x`` (DiffEM's
     reconstructions, the oracle's clean data): pairs ``(x, cond(y~))`` drawn for lap ``lap`` from
-    ``seed``, drawn again every ``em.recorrupt_every`` epochs when that is positive."""
+    ``seed``, drawn again every ``em.recorrupt_every`` epochs when that is positive. With the
+    Gaussian feature (``cond.gaussian_mean``), the Gaussian of ``x`` is fitted here and saved with
+    the checkpoint."""
+    from diffem_cli.io.observations import recorrupt
+
     keep = cfg.sample.keep_observed
-    pairs = fresh_conditioning(data, x, seed, lap, data.index, keep)
+    gaussian = uses_gaussian(cond, data.channel, data.shape)
+    aux = fit_feature_prior(x, cfg, lap_seed(seed, lap, "cond")) if gaussian else {}
+    prior = feature_prior(aux) if aux else None
+    pairs = conditioning(data, recorrupt(data.channel, x, seed, lap, data.index), keep, prior)
     refresh: Refresh | None = None
     if cfg.em.recorrupt_every > 0:
 
         def refresh(r: int) -> dict[str, torch.Tensor]:
             more = data.channel.corrupt(x, sample_seeds(seed, data.index, lap, r))
-            return conditioning(data, more, keep)
+            return conditioning(data, more, keep, prior)
 
-    return MStep({"x": x, **pairs}, VLoss(cfg.train.t_sampling), refresh)
+    return MStep({"x": x, **pairs}, VLoss(cfg.train.t_sampling), refresh, aux=aux)
 
 
 class ConditionalMethod(Method):
-    """A method whose model is a conditional denoiser of ``x`` given the channel's conditioning;
-    its posterior samples are the conditional sampler's, no guidance."""
+    """A method whose model is a conditional denoiser of ``x`` given the channel's conditioning
+    (section ``cond``: plus a Gaussian feature); its posterior samples are the conditional
+    sampler's, no guidance."""
 
     kind = "conditional"
+    option_classes = {"cond": CondOptions}
+
+    def accepts(self, channel: Any) -> str | None:  # noqa: D102
+        return gaussian_only_linear(self.options["cond"], channel)
 
     def model_spec(self, data) -> ModelSpec:  # noqa: D102
-        return ModelSpec(self.kind, data.channel.cond_size(data.shape))
+        gaussian = uses_gaussian(self.options["cond"], data.channel, data.shape)
+        return ModelSpec(self.kind, cond_size(data.channel, data.shape, gaussian))
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         device, shape = model_device(model), data.shape
+        gaussian = uses_gaussian(self.options["cond"], data.channel, shape)
+        prior = feature_prior(aux).to(device) if gaussian else None
 
         def make(obs: dict[str, torch.Tensor]) -> Denoiser:
-            return NetworkDenoiser(model, data.channel.condition(obs, shape).to(device))
+            return NetworkDenoiser(model, condition(data.channel, obs, shape, prior).to(device))
 
         return Posterior(make)
+
+    def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
+        return {**super().config_record(cfg), "em": {"recorrupt_every": cfg.em.recorrupt_every}}
 
 
 class DiffEM(ConditionalMethod):
@@ -78,7 +99,4 @@ class DiffEM(ConditionalMethod):
     compared_by_default = True
 
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
-        return recorruption_mstep(data, prev, cfg.seed, lap, cfg)
-
-    def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
-        return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}
+        return recorruption_mstep(data, prev, cfg.seed, lap, cfg, self.options["cond"])

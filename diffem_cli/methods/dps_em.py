@@ -7,8 +7,10 @@ residual ``||y - F(x0)||`` through the denoiser at every sampler step, with like
 ``dps.scale``.
 
 ``dps.weight_rule`` chooses the weight afresh at every E-step instead: each value of ``dps.grid``
-samples the same seeded random ``dps.subset`` observations (same noise for every value), and one
-value samples them all, recorded in the lap's record (``dps_scale``). ``smallest`` (also spelt
+samples the same random ``dps.subset`` observations (same noise for every value), and one value
+samples them all, recorded in the lap's record (``dps_scale``). The rows are drawn under the run's
+seed: the same at every E-step of a run (and in ``reconstruct`` from its checkpoints, which record
+the seed), other rows for another seed. ``smallest`` (also spelt
 ``dps.adaptive = true``) is EMDiffusion's rule: the smallest mean residual ``||y - F(x)||``; it
 rewards fitting the noise, so it drifts to the largest weight. ``discrepancy`` is Morozov's
 discrepancy principle: the value whose root-mean-square scaled residual ``||y - F(x)|| / sqrt(m)``
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffem_channels import ChannelError
+from diffem_channels import ChannelError, mix_seed
 from diffem_cli.core.checks import bad, choice, finite, int_at_least
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
@@ -44,8 +46,8 @@ from diffem_cli.methods.base import Draw, Make, Method, MStep, Posterior, inside
 from diffem_cli.methods.em_mmps import prior_mstep
 
 WEIGHT_RULES = ("fixed", "smallest", "discrepancy")
-SUBSET_SEED = 0
-"""Seed of the random rows the weight rules sample (the same rows at every E-step)."""
+SUBSET_TAG = 0x445053
+"""Mixed with the run's seed into the seed of the random rows the weight rules sample."""
 
 
 @dataclass
@@ -146,16 +148,18 @@ DPS_PASSES = 2.0
 """Network passes per DPS step: the forward pass and the gradient of the residual through it."""
 
 
-def subset_rows(n: int, k: int) -> torch.Tensor:
-    """``k`` of ``n`` rows drawn at random (seed :data:`SUBSET_SEED`), in increasing order."""
-    g = torch.Generator().manual_seed(SUBSET_SEED)
+def subset_rows(n: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` of ``n`` rows drawn at random under the run's ``seed`` (hashed with
+    :data:`SUBSET_TAG`, so neighbouring seeds pick unrelated rows), in increasing order."""
+    g = torch.Generator().manual_seed(mix_seed(seed, SUBSET_TAG))
     return torch.randperm(n, generator=g)[:k].sort().values
 
 
-def dps_posterior(model: nn.Module, data: Any, dps: DPSOptions) -> Posterior:
+def dps_posterior(model: nn.Module, data: Any, dps: DPSOptions, seed: int) -> Posterior:
     """DPS posterior sampling with the prior ``model``: weight ``dps.scale``, or the grid value
-    ``dps.weight_rule`` picks on ``dps.subset`` random observations (same noise for every value);
-    the chosen weight, the rule and every value's residual are the E-step's record."""
+    ``dps.weight_rule`` picks on ``dps.subset`` observations drawn under the run's ``seed`` (same
+    noise for every value); the chosen weight, the rule and every value's residual are the
+    E-step's record."""
     from diffem_cli.methods.guidance import DPSDenoiser
 
     prior = NetworkDenoiser(model)
@@ -173,7 +177,7 @@ def dps_posterior(model: nn.Module, data: Any, dps: DPSOptions) -> Posterior:
         return Posterior(with_scale(scale), record={"dps_scale": scale})
 
     def choose(draw: Draw) -> tuple[Make, dict[str, Any]]:
-        rows = subset_rows(len(data), min(int(dps.subset), len(data)))
+        rows = subset_rows(len(data), min(int(dps.subset), len(data)), seed)
         obs = {n: v[rows] for n, v in data.obs.items()}
         noise = noise_level(channel, obs)
         residuals = {}
@@ -198,7 +202,29 @@ def dps_posterior(model: nn.Module, data: Any, dps: DPSOptions) -> Posterior:
     return Posterior(choose=choose)
 
 
-class DPSEM(Method):
+class RunSeeded(Method):
+    """A method that remembers its run's seed (``cfg.seed``, or the ``run`` section of a
+    checkpoint's record), for DPS's weight-rule rows: the one value it holds besides its options."""
+
+    seed = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Method:  # noqa: D102
+        method = super().from_config(cfg)
+        method.seed = int(cfg.seed)
+        return method
+
+    @classmethod
+    def from_record(cls, record: Any) -> Method:  # noqa: D102
+        method = super().from_record(record)
+        method.seed = int(((record or {}).get("run") or {}).get("seed", 0))
+        return method
+
+    def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
+        return {**super().config_record(cfg), "run": {"seed": self.seed}}
+
+
+class DPSEM(RunSeeded):
     name = "dps-em"
     description = "DPS-EM (EMDiffusion): unconditional prior, E-step by diffusion posterior sampling"
     order = 50
@@ -216,4 +242,4 @@ class DPSEM(Method):
         return DPS_PASSES
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
-        return dps_posterior(model, data, self.options["dps"])
+        return dps_posterior(model, data, self.options["dps"], self.seed)

@@ -12,12 +12,12 @@ from typing import Any
 
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.denoise import NetworkDenoiser
-from diffem_cli.methods.base import Method, MStep, Posterior, model_device
-from diffem_cli.methods.dps_em import DPS_PASSES, DPSOptions, differentiable_only, dps_posterior
+from diffem_cli.methods.base import MStep, Posterior, model_device
+from diffem_cli.methods.dps_em import DPS_PASSES, DPSOptions, RunSeeded, differentiable_only, dps_posterior
 from diffem_cli.methods.em_mmps import MMPSOptions, linear_only, mmps_make, mmps_passes, prior_mstep
 
 
-class Naive(Method):
+class Naive(RunSeeded):
     name = "naive"
     description = "naive: a prior trained on the observations as if clean, MMPS (or DPS) posterior"
     order = 30
@@ -48,4 +48,4 @@ class Naive(Method):
         if data.channel.linear:
             prior = NetworkDenoiser(model)
             return Posterior(mmps_make(prior, data.channel, self.options["mmps"], aux, model_device(model)))
-        return dps_posterior(model, data, self.options["dps"])
+        return dps_posterior(model, data, self.options["dps"], self.seed)

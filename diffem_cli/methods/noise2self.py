@@ -1,7 +1,8 @@
 """Noise2Self (Batson & Royer 2019, official code czbiohub-sf/noise2self ``mask.py``): a
-J-invariant blind-spot denoiser trained on the noisy observations alone, for the ``noise``
-channel; its outputs are the reconstructions, and a diffusion model trained on them
-(``train-uncond``, which ``compare`` runs) is the baseline's generator (EMDiffusion's Table 1 row).
+J-invariant blind-spot denoiser trained on the noisy observations alone, for the channels that
+declare ``gaussian_denoising`` (``noise``, or a plugin's); its outputs are the reconstructions,
+and a diffusion model trained on them (``train-uncond``, which ``compare`` runs) is the
+baseline's generator (EMDiffusion's Table 1 row).
 
 How it sits in the lap structure (no EM) is shared with ``sure-score``:
 :mod:`diffem_cli.methods.denoisers`.

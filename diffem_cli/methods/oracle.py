@@ -8,8 +8,6 @@ observations with this network and budget.
 
 from __future__ import annotations
 
-from typing import Any
-
 from diffem_channels import mix_seed
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.methods.base import MStep
@@ -29,7 +27,4 @@ class Oracle(ConditionalMethod):
     def mstep(self, data, prev, lap, laps, clean, cfg) -> MStep:  # noqa: D102
         if clean is None:
             raise DiffemError("method 'oracle' needs clean data: pass --clean DIR")
-        return recorruption_mstep(data, clean, mix_seed(cfg.seed, ORACLE_TAG), lap, cfg)
-
-    def config_record(self, cfg) -> dict[str, Any]:  # noqa: D102
-        return {"em": {"recorrupt_every": cfg.em.recorrupt_every}}
+        return recorruption_mstep(data, clean, mix_seed(cfg.seed, ORACLE_TAG), lap, cfg, self.options["cond"])

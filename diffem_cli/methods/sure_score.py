@@ -1,8 +1,8 @@
 """SURE-Score (Aali et al. 2023, arXiv:2305.01166), as the two-stage baseline EMDiffusion's Table 1
 row stands for: a denoiser trained on the noisy observations with Stein's unbiased risk estimate,
 its outputs the reconstructions, and a diffusion model trained on them (``train-uncond``, which
-``compare`` runs). For the ``noise`` channel only: SURE needs Gaussian noise of known ``sigma`` on
-the identity.
+``compare`` runs). For ``gaussian_denoising`` channels only (``noise``, or a plugin's): SURE needs
+Gaussian noise of known ``sigma`` on the identity.
 
 **The deviation from the paper.** SURE-Score trains *one* score network (NCSNv2, VE) jointly: the
 SURE loss of the denoiser the network gives at the data's noise level, plus denoising score
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from diffem_cli.core.checks import bad, finite
-from diffem_cli.methods.denoisers import DenoiserMethod, apply_net, full_precision
+from diffem_cli.methods.denoisers import DenoiserMethod, apply_net, denoising_sigma, full_precision
 
 
 @dataclass
@@ -88,7 +88,7 @@ class SureScore(DenoiserMethod):
     option_classes = {"sure": SureOptions}
 
     def loss(self, data, cfg) -> SureLoss:  # noqa: D102
-        return SureLoss(float(data.channel.sigma), self.options["sure"].eps)
+        return SureLoss(denoising_sigma(data), self.options["sure"].eps)
 
     def denoise(self, model: nn.Module, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return apply_net(model, y, torch.zeros_like(y)).float()

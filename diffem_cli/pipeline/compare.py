@@ -4,13 +4,14 @@ Each method runs as a normal, resumable RUN in ``OUT/METHOD/`` with the same con
 (network, steps per lap, laps, sampler), evaluated every lap against the clean data. After its
 laps, each method's unconditional model is sampled: priors directly (their own sampler),
 conditional models through ``train-uncond`` on their last reconstructions (in
-``OUT/METHOD/uncond/``, the same training budget as one lap). With several seeds each method
-runs once per seed (``OUT/METHOD-seedS/`` after the first). ``OUT/compare.json``,
-``OUT/compare.md``, ``OUT/compare.png`` (every metric per lap) and ``OUT/compare-samples.png``
-(reconstructions and unconditional samples of each method) summarise the comparison: final
-metrics (their mean and 95% Student-t interval over the seeds), the posterior quality of the last
-lap (``post_*``, a table of its own), the label-free monitor, and the compute each method took,
-counted on the network.
+``OUT/METHOD/uncond/``, from scratch, with the training budget of all K laps: see
+:func:`compare`). With several seeds each method runs once per seed (``OUT/METHOD-seedS/``
+after the first). ``OUT/compare.json``, ``OUT/compare.md``, ``OUT/compare.png`` (every metric
+per lap) and ``OUT/compare-samples.png`` (reconstructions and unconditional samples of each
+method) summarise the comparison: final metrics (their mean and 95% Student-t interval over the
+seeds), the posterior quality of the last lap (``post_*``, a table of its own), the label-free
+monitor, and the compute each method took, counted on the network, with each conditional
+method's unconditional budget in laps (``uncond_budget_laps``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from diffem_cli.config.run import RunConfig
 from diffem_cli.core.errors import DiffemError
@@ -105,6 +107,14 @@ def compare(
     1 for DiffEM and Ambient, 2 for DPS, 2 + CG iterations for MMPS with the Tweedie covariance),
     so every method spends about the same network passes per observation on each E-step.
     Unconditional samples keep the configured steps (they are unguided).
+
+    Unconditional models at equal budget: a prior method samples its prior, trained over all K
+    laps (each lap fine-tuning the previous lap's); a conditional method (model kind
+    ``conditional``: DiffEM, the oracle, the denoiser baselines) gets one from ``train-uncond`` on
+    its last reconstructions, trained from scratch for K x ``train.epochs`` epochs, the optimiser
+    steps and examples a prior received over its K laps. From scratch on the final
+    reconstructions is the DiffEM paper's recipe, equal total steps the fairest budget; the
+    conditional network cannot seed it, its architecture differs (extra input channels).
 
     A method that cannot serve the observations (its ``check`` refuses them) is refused
     before anything trains, or, with ``skip_unfit`` (``--methods all``), left out with a line
@@ -285,6 +295,7 @@ def _one_run(
         n = n_samples if n_samples is not None else len(clean) if clean is not None else len(data)
         ucfg = copy.deepcopy(cfg)
         ucfg.sample.steps = cfg.sample.steps if uncond_steps is None else uncond_steps
+        ucfg.train.epochs = last["lap"] * cfg.train.epochs  # all K laps' budget, as a prior had
         samples, drawn = _unconditional_samples(run_dir, last["lap"], ucfg, n, device, force, log, track)
         if clean is not None:
             from diffem_cli.metrics.evaluate import evaluate_tensors
@@ -297,8 +308,11 @@ def _one_run(
         row.update(uncond_monitor(data, samples, cfg))
         row["uncond_seconds"] = time.perf_counter() - t0
         pictures["samples"] = samples
-    done = [r for r in Run(run_dir / "uncond").records() if r.get("event") == "done"]
-    spent = accounting(records, done[-1] if done and uncond else {}, drawn, row["seconds"])
+    uncond_run = Run(run_dir / "uncond")
+    done = [r for r in uncond_run.records() if r.get("event") == "done"]
+    trained = done[-1] if done and uncond else {}
+    spent = accounting(records, trained, drawn, row["seconds"])
+    spent["uncond_budget_laps"] = budget_laps(uncond_run, cfg.train.epochs) if trained else 0.0
     return {"dir": run_dir, "row": row, "records": records, "pictures": pictures, "accounting": spent}
 
 
@@ -339,6 +353,13 @@ def accounting(
     else:
         out["network_passes"] = 2 * sum(v or 0.0 for v in examples) + sum(v or 0.0 for v in passes)
     return out
+
+
+def budget_laps(uncond_run: Run, lap_epochs: int) -> float:
+    """The training budget of a conditional method's unconditional model in laps: its RUN's
+    ``train.epochs`` over one lap's (what it was trained with, whichever compare started it)."""
+    saved = yaml.safe_load(uncond_run.config_file.read_text())
+    return saved["train"]["epochs"] / lap_epochs
 
 
 def uncond_monitor(data: Observations, samples: torch.Tensor, cfg: RunConfig) -> dict[str, float]:
@@ -419,8 +440,17 @@ def _write(
                 labels.append(f"{name} {what}")
                 held.append(None)
         value_range = tuple(data.value_range or (-1, 1))
+        from diffem_cli.pipeline.report import spread_rows
+
+        # each method's posterior spread: its first seed's last lap, as its picture rows above
+        first = {n: (Path(r[0]["run"]), r[0]["laps"][-1]["lap"]) for n, r in summary["runs"].items()}
         plots.save_image_grid(
-            rows, out / "compare-samples.png", labels=labels, value_range=value_range, observed=held
+            rows,
+            out / "compare-samples.png",
+            labels=labels,
+            value_range=value_range,
+            observed=held,
+            spread=spread_rows(first),
         )
 
 
@@ -502,6 +532,16 @@ def markdown_table(summary: dict[str, Any]) -> str:
             "",
             "Network passes: a forward or a vector-Jacobian product counts one, a training example two.",
         ]
+        budgets = {n: a["uncond_budget_laps"] for n, a in spent.items() if a.get("uncond_budget_laps")}
+        if budgets:
+            listed = ", ".join(f"{name} {laps:g}" for name, laps in budgets.items())
+            lines += [
+                "",
+                "Unconditional models: a prior method samples its prior, trained over all its laps; a "
+                "conditional method's is trained from scratch on its last reconstructions for its "
+                f"laps x `train.epochs` epochs (in laps: {listed}), the steps and examples a prior "
+                "received over its laps.",
+            ]
     steps = summary.get("sample_steps") or {}
     if steps:
         listed = ", ".join(f"{name} {n}" for name, n in steps.items())

@@ -37,7 +37,7 @@ from diffem_cli.io.observations import Observations, load_clean, load_recon, sav
 from diffem_cli.io.store import clean_stale, read_manifest
 from diffem_cli.methods import Method, get_method, method_classes
 from diffem_cli.methods.base import Make, lap_seed
-from diffem_cli.methods.registry import checkpoint_method_name
+from diffem_cli.methods.registry import checkpoint_method_name, method_for_checkpoint
 from diffem_cli.metrics.consistency import mean_observed_residual
 from diffem_cli.pipeline.run_options import remembered_paths
 from diffem_cli.pipeline.runs import Run
@@ -89,9 +89,12 @@ def initial_reconstructions(
     return {"x": x, "init": init, "seconds": time.perf_counter() - t0}
 
 
-def check_checkpoint_for(meta: dict[str, Any], data: Observations, path: Path | None) -> None:
+def check_checkpoint_for(
+    meta: dict[str, Any], data: Observations, path: Path | None, method: Method | None = None
+) -> None:
     """A checkpoint must match the observations' data shape, and a conditional one their
-    channel (its whole spec) and conditioning size."""
+    channel (its whole spec) and the conditioning size ``method`` (default: the checkpoint's own,
+    configured as it was) gives for them."""
     if tuple(meta["data"]["shape"]) != data.shape:
         raise DiffemError(
             f"{path} was trained on data of shape {tuple(meta['data']['shape'])}, "
@@ -106,9 +109,12 @@ def check_checkpoint_for(meta: dict[str, Any], data: Observations, path: Path | 
     )
     if diff:
         raise DiffemError(f"{path} was trained for another channel than these observations: {diff}")
-    ours = data.channel.spec()
-    if data.channel.cond_size(data.shape) != int(meta.get("cond_size", -1)):
-        raise DiffemError(f"{path} expects another conditioning size than channel {ours['name']!r} gives")
+    method = method or method_for_checkpoint(meta)
+    if method.model_spec(data).cond_size != int(meta.get("cond_size", -1)):
+        raise DiffemError(
+            f"{path} expects another conditioning size than method {method.name!r} gives for channel "
+            f"{data.channel.name!r} (are its cond.* settings the checkpoint's?)"
+        )
 
 
 def warm_sampler(warm_meta: dict[str, Any], method: Method, data: Observations, cfg: RunConfig) -> Method:
@@ -125,7 +131,9 @@ def warm_sampler(warm_meta: dict[str, Any], method: Method, data: Observations, 
     for name in names:
         if classes[name].kind != kind:
             continue
-        candidate = classes[name].from_config(cfg)
+        candidate = (
+            method_for_checkpoint(warm_meta, cfg.options) if name == own else classes[name].from_config(cfg)
+        )
         try:
             candidate.check(data)
         except DiffemError:
@@ -179,6 +187,7 @@ def posterior_samples(
             ctx=ctx,
             corrections=sample.corrections,
             corrector_tau=sample.corrector_tau,
+            spacing=sample.spacing,
         )
 
     def keeping(inner: Make) -> Make:
@@ -285,7 +294,7 @@ def em_train(
     train_clean = load_clean(clean, data, "--clean") if clean else None
     warm = load_checkpoint(warm_start) if warm_start else None
     if warm is not None:
-        check_checkpoint_for(warm.meta, data, warm_start)
+        check_checkpoint_for(warm.meta, data, warm_start, m if warm.kind == m.kind else None)
         if warm.kind == m.kind and warm.meta["network"] != cfg.network:  # fine-tuning keeps its architecture
             log(f"network: the warm start's {json.dumps(warm.meta['network'])}")
             cfg.network = dict(warm.meta["network"])
@@ -603,10 +612,13 @@ class _Driver:
             return {}
         if self.data.kind != "image":
             return {}
+        from diffem_cli.pipeline.report import spread_file
+
         ckpt = load_checkpoint(self.run.checkpoint(lap))
         seed = lap_seed(self.cfg.seed, lap, "posterior-quality")
+        model, keep = build_model(ckpt), spread_file(self.run.root, lap)
         return posterior_quality_record(
-            self.m, build_model(ckpt), ckpt.aux, self.data, self.evaluation, self.cfg, seed, self.ctx.device
+            self.m, model, ckpt.aux, self.data, self.evaluation, self.cfg, seed, self.ctx.device, keep=keep
         )
 
     def _track(self, lap: int, rec: dict[str, Any]) -> None:
@@ -643,10 +655,13 @@ def posterior_quality_record(
     cfg: RunConfig,
     seed: int,
     device: torch.device,
+    keep: Path | None = None,
 ) -> dict[str, float]:
     """Posterior-quality metrics (:mod:`diffem_cli.metrics.posterior_quality`, keys ``post_*``) of
     ``eval.posterior_k`` samples of each of the first ``eval.posterior_n`` observations, drawn by
-    :func:`posterior_samples` on the observations repeated K times (each copy its own noise)."""
+    :func:`posterior_samples` on the observations repeated K times (each copy its own noise).
+    ``keep``: where to keep the first observations' spread for ``report.png``
+    (:func:`~diffem_cli.pipeline.report.save_spread`)."""
     from diffem_cli.metrics.posterior_quality import posterior_quality
 
     n, k = min(cfg.eval.posterior_n, len(data)), cfg.eval.posterior_k
@@ -658,8 +673,13 @@ def posterior_quality_record(
     x, _ = posterior_samples(
         method, model, aux, rows, cfg.sample, seed_parts=(seed,), device=device, label="posterior quality"
     )
+    samples = x.reshape(k, n, *data.shape)
+    if keep is not None:
+        from diffem_cli.pipeline.report import save_spread
+
+        save_spread(keep, samples, data.index[:n])
     values = posterior_quality(
-        x.reshape(k, n, *data.shape),
+        samples,
         clean[:n],
         exact=data.channel.exact_entries(first),
         channel=data.channel,

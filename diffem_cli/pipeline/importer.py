@@ -1,14 +1,16 @@
 """Import data that are already corrupted into an observations folder like the one ``corrupt`` writes.
 
-The observed images (or arrays) come from an image folder, a saved ``datasets`` folder or a
-safetensors file; what the channel needs beyond ``y`` (a mask, a matrix, per-sample parameters)
-comes from the files the channel's :meth:`~diffem_channels.Channel.import_fields` allows: mask
-images named like the observations, a data set column, a safetensors tensor, or a CSV/JSON table
-keyed by file name. Everything is checked against the channel's contract while it streams into a
-temporary folder, so a refusal (one line) leaves nothing behind. The folder is the same as
-``corrupt``'s (manifest, checksum, ``index`` column) plus the source's file names (a ``file_name``
-column, and ``files`` in the manifest, row ``i`` from ``files[i]``) and labels (a ``label``
-column), so ``em-train``, ``reconstruct`` and ``compare`` take it.
+The observed images (or arrays) come from an image folder, a saved ``datasets`` folder, a
+safetensors file or a Hub data set (``hf:NAME[:SPLIT]``, read as ``corrupt`` reads it); what the
+channel needs beyond ``y`` (a mask, a matrix, per-sample parameters) comes from the files the
+channel's :meth:`~diffem_channels.Channel.import_fields` allows: mask images named like the
+observations, a data set column, a safetensors tensor, or a CSV/JSON table keyed by file name.
+Everything is checked against the channel's contract while it streams into a temporary folder, so
+a refusal (one line) leaves nothing behind. The folder is the same as ``corrupt``'s (manifest,
+checksum, ``index`` column) plus the source's file names (a ``file_name`` column, and ``files`` in
+the manifest, row ``i`` from ``files[i]``) and labels (a ``label`` column), so ``em-train``,
+``reconstruct`` and ``compare`` take it. Its provenance step records the source (a Hub data set
+by its ``hf:NAME:SPLIT``), the channel and the options it was imported with.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.io import provenance, rowmeta
 from diffem_cli.io.datameta import VECTOR, DataMeta, data_kind
 from diffem_cli.io.rowmeta import FILE_NAME, LABEL, RowColumns, check_rows
-from diffem_cli.io.sources import IMAGE_RANGE, IMAGE_SUFFIXES, MANIFOLD_RANGE, ImageFolderSource
+from diffem_cli.io.sources import (
+    IMAGE_RANGE,
+    IMAGE_SUFFIXES,
+    MANIFOLD_RANGE,
+    ImageFolderSource,
+    hub_spec,
+    load_hub_dataset,
+)
 from diffem_cli.io.store import check_finite, check_output, read_dataset, read_manifest, write_dataset
 
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
@@ -157,14 +166,17 @@ class FolderSource(ObservedSource):
         return Input(f"images in {self.spec}", len(self), self.images.read, tuple(self.images.shape))
 
 
-class DatasetFolderSource(ObservedSource):
-    """A saved ``datasets`` folder: ``y`` from ``column`` (default ``y``, else an image column)."""
+class DatasetObservedSource(ObservedSource):
+    """A ``datasets.Dataset`` (a saved folder, or a Hub split): ``y`` from ``column`` (default ``y``,
+    else an image column); ``manifest``: a diffem folder's, for its ``value_range``."""
 
-    def __init__(self, path: Path, column: str | None) -> None:
+    def __init__(
+        self, ds: Any, spec: str, column: str | None, manifest: Mapping[str, Any] | None = None
+    ) -> None:
         import datasets
 
-        self.ds, manifest = read_dataset(path)
-        self.spec = str(path)
+        self.ds = ds
+        self.spec = spec
         feats = self.ds.features
         if column is None:
             images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
@@ -172,19 +184,19 @@ class DatasetFolderSource(ObservedSource):
             column = (preferred or images or [None])[0]
         if column is None or column not in feats:
             raise DiffemError(
-                f"{path} has no column {column or 'y'!r} of observations (columns: "
+                f"{spec} has no column {column or 'y'!r} of observations (columns: "
                 f"{', '.join(self.ds.column_names)}); name it with --column"
             )
         self.column = column
-        rows = check_rows(rowmeta.read_rows(self.ds), len(self.ds), str(path))
+        rows = check_rows(rowmeta.read_rows(self.ds), len(self.ds), spec)
         names = rows.get(FILE_NAME)
         self.names = names if names is not None and None not in names else None  # all, or none
         self.labels = rows.get(LABEL)
         self.label_names = rowmeta.label_names(self.ds) if self.labels is not None else None
-        recorded = manifest.get("value_range")
+        recorded = (manifest or {}).get("value_range")
         self.value_range = tuple(recorded) if recorded else None
         if len(self.ds) == 0:
-            raise DiffemError(f"{path} holds no rows")
+            raise DiffemError(f"{spec} holds no rows")
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -266,16 +278,22 @@ class TensorFileSource(ObservedSource):
 
 
 def open_observed(source: Path | str, column: str | None = None) -> ObservedSource:
-    """Open observed data: an image folder, a saved ``datasets`` folder or a ``.safetensors`` file."""
+    """Open observed data: an image folder, a saved ``datasets`` folder, a ``.safetensors`` file or a
+    Hub data set ``hf:NAME[:SPLIT]`` (read as ``corrupt`` reads it, :func:`load_hub_dataset`)."""
+    hub = hub_spec(str(source))
+    if hub is not None:
+        return DatasetObservedSource(load_hub_dataset(*hub), f"hf:{hub[0]}:{hub[1]}", column)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".safetensors":
         return TensorFileSource(path, column)
     if not path.is_dir():
         raise DiffemError(
-            f"source {source} not found: give an image folder, a saved dataset or a .safetensors file"
+            f"source {source} not found: give an image folder, a saved dataset, a .safetensors file "
+            "or hf:NAME[:SPLIT]"
         )
     if any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
-        return DatasetFolderSource(path, column)
+        ds, manifest = read_dataset(path)
+        return DatasetObservedSource(ds, str(path), column, manifest)
     if column is not None:
         raise DiffemError(f"--column names a data set column, but {source} is a folder of images")
     return FolderSource(path)
@@ -544,7 +562,8 @@ def import_observations(
     force: bool = False,
     chunk_size: int = 1024,
 ) -> dict[str, Any]:
-    """Write the observations held in ``source`` (seen through ``channel``) as an observations folder.
+    """Write the observations held in ``source`` (seen through ``channel``) as an observations folder;
+    ``source``: an image folder, a saved data set, a ``.safetensors`` file or ``hf:NAME[:SPLIT]``.
 
     ``inputs`` maps a field of the channel (:meth:`Channel.import_fields`, e.g. ``mask``) to
     ``column:COL``, a folder of images named like the observations, or a ``.safetensors`` file;
@@ -557,7 +576,8 @@ def import_observations(
         raise DiffemError(f"chunk size must be >= 1, got {chunk_size}")
     inputs = dict(inputs or {})
     given = [Path(str(v)) for v in inputs.values() if not str(v).startswith("column:")]
-    check_output(out, force, [Path(source).expanduser(), *given, params_file])
+    local = None if hub_spec(str(source)) else Path(source).expanduser()  # None: a Hub data set
+    check_output(out, force, [local, *given, params_file])
     observed = open_observed(source, column)
     y_in = observed.y()
     y_first = y_in.read(0, 1)
@@ -647,14 +667,22 @@ def import_observations(
     }
     if observed.names is not None:
         manifest["files"] = observed.names
-    origin = Path(source).expanduser()
+    options = {
+        "column": column,
+        "fields": dict(inputs) or None,
+        "params_file": str(params_file) if params_file is not None else None,
+        "data_shape": list(data_shape) if data_shape else None,
+    }
     done = provenance.step(
         "import",
-        inputs=[provenance.input_ref(f) for f in (origin, *given, params_file) if f is not None],
+        inputs=[
+            provenance.input_ref(local) if local is not None else {"path": observed.spec},
+            *(provenance.input_ref(f) for f in (*given, params_file) if f is not None),
+        ],
         channel=channel.spec(),
-        params={"source": manifest["source"]},
+        params={"source": manifest["source"], **{k: v for k, v in options.items() if v is not None}},
     )
-    manifest[provenance.KEY] = provenance.extend(provenance.read_chain(origin), then=done)
+    manifest[provenance.KEY] = provenance.extend(provenance.read_chain(local), then=done)
     row_features = rowmeta.features(observed.columns(0, 1), observed.label_names)
     write_dataset(out, chunks(), manifest, force=force, features=row_features)
     return read_manifest(out)
@@ -662,7 +690,7 @@ def import_observations(
 
 def observed_names(observed: ObservedSource) -> list[str]:
     """The names of the tensors or columns a source holds besides ``y`` (candidate inputs)."""
-    if isinstance(observed, DatasetFolderSource):
+    if isinstance(observed, DatasetObservedSource):
         skip = {observed.column, "index", *rowmeta.NAME_COLUMNS, rowmeta.LABEL}
         return [c for c in observed.ds.column_names if c not in skip]
     if isinstance(observed, TensorFileSource):

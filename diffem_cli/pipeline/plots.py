@@ -5,12 +5,14 @@ and written atomically: to a temporary file beside the target, then renamed into
 also go to a PDF beside the PNG (vector graphics for a paper; no creation date, so a redrawn
 figure of the same numbers is the same file). In image grids, entries an observation does not
 hold are hatched in red, so that they never pass for real dark or grey pixels; row labels get the
-room they need. Curve panels say which way is better and put laps on integer ticks.
+room they need; a posterior-spread row is a heat map with its colour bar. Curve panels say which
+way is better and put laps on integer ticks. ``--png`` grids caption every tile with its index.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,8 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -30,6 +35,12 @@ HATCH = ((214, 39, 40), (255, 235, 235))
 HATCH_WIDTH = 3
 """Width of one stripe, in screen pixels (narrower where an image pixel is drawn smaller)."""
 LABEL_SIZE = 9
+SPREAD_CMAP = "viridis"
+"""The colour map of posterior-spread rows (perceptually uniform, dark for no spread)."""
+SCALE_LABEL = "std per pixel"
+"""The label left of the spread rows' colour bar."""
+CAPTION = 14
+"""Height, in pixels, of the caption strip under each tile of a ``--png`` grid."""
 FLOOR_LINE = "real vs real"
 """The monitor's reference line: ``obs_sw2_floor``, the same distance between two halves of the real
 observations, the score of a perfect model up to sampling noise (not a lower bound: a lap may dip
@@ -57,15 +68,18 @@ TITLES = {
 for figure panels and table columns."""
 
 
-def _save(fig: Figure, path: Path, dpi: int = 100, pdf: bool = False) -> Path:
-    """Write ``fig`` as the PNG ``path`` (and, with ``pdf``, a PDF beside it), atomically."""
+def _save(
+    fig: Figure, path: Path, dpi: int = 100, pdf: bool = False, text: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``fig`` as the PNG ``path`` (and, with ``pdf``, a PDF beside it), atomically; ``text``:
+    entries of the PNG's text chunks."""
     path = Path(path)
     FigureCanvasAgg(fig)
     targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])
     for target, fmt in targets:
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
         try:
-            meta = {"CreationDate": None} if fmt == "pdf" else None
+            meta = {"CreationDate": None} if fmt == "pdf" else dict(text) if text else None
             fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
             os.replace(tmp, target)
         finally:
@@ -97,6 +111,26 @@ def _integer_ticks(ax: Axes, xs: Sequence[float]) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def _tile_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The drawn size of an ``h x w`` image whose longer side becomes ``size``."""
+    return round(h * size / max(h, w)), round(w * size / max(h, w))
+
+
+def _spread_map(spread: torch.Tensor) -> torch.Tensor:
+    """Per-entry posterior std ``(B, C, H, W)`` (or ``(B, H, W)``) -> one value per pixel ``(B, 1, H, W)``:
+    the mean over channels."""
+    s = spread.detach().float().cpu()
+    return s.unsqueeze(1) if s.dim() == 3 else s.mean(dim=1, keepdim=True)
+
+
+def _heat_tiles(spread: torch.Tensor, size: int, vmax: float) -> np.ndarray:
+    """Per-pixel spread ``(B, 1, H, W)`` -> uint8 RGB tiles, :data:`SPREAD_CMAP` over ``[0, vmax]``."""
+    out_size = _tile_size(*spread.shape[-2:], size)
+    s = torch.nn.functional.interpolate(spread, size=out_size, mode="nearest")[:, 0].numpy()
+    rgba = colormaps[SPREAD_CMAP](np.clip(s / vmax, 0.0, 1.0))
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
 def _tiles(
     batch: torch.Tensor,
     size: int,
@@ -114,7 +148,7 @@ def _tiles(
     lo, hi = value_range
     x = ((x - lo) / (hi - lo)).clamp(0, 1)
     h, w = x.shape[-2:]
-    out_size = (round(h * size / max(h, w)), round(w * size / max(h, w)))
+    out_size = _tile_size(h, w, size)
     x = torch.nn.functional.interpolate(x, size=out_size, mode="nearest")
     tiles = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     if observed is not None:
@@ -158,13 +192,17 @@ def save_image_grid(
     value_range: tuple[float, float] = (-1.0, 1.0),
     max_cols: int = 16,
     observed: Sequence[torch.Tensor | None] | None = None,
+    spread: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """One row of images per batch ``(B, C, H, W)``, labelled on the left.
 
     Three channels show as RGB, any other count as the first channel in grey; small images are
     upscaled (nearest) to at least 64 px, and rows of different sizes are shown at one size.
     ``observed[i]``, when given for row ``i``, marks the entries its images hold (1) or miss (0):
-    missing ones are hatched in red, and a note under the grid says so.
+    missing ones are hatched in red, and a note under the grid says so. ``spread`` maps a label to
+    the posterior standard deviation of the first observations ``(B, C, H, W)``: a heat-map row
+    each (mean over channels, at most as many tiles as the widest image row), on one scale from 0
+    to the largest value shown, whose colour bar is drawn under the grid.
     """
     held = list(observed or [])
     held += [None] * (len(rows) - len(held))
@@ -176,29 +214,50 @@ def save_image_grid(
         raise ValueError("save_image_grid needs at least one non-empty row")
     size = max(MIN_TILE, *(max(r.shape[-2:]) for r in rows))
     tiles = [_tiles(r, size, value_range, max_cols, m) for r, m in zip(rows, held, strict=True)]
+    cols = max(len(t) for t in tiles)
+    heat = {k: _spread_map(v[:cols]) for k, v in (spread or {}).items() if len(v)}
+    vmax = max((float(v.max()) for v in heat.values()), default=0.0) or 1.0  # all zero: any scale
+    tiles += [_heat_tiles(v, size, vmax) for v in heat.values()]
+    names += list(heat)
     tile_h = max(t.shape[1] for t in tiles)
     tile_w = max(t.shape[2] for t in tiles)
-    cols = max(len(t) for t in tiles)
-    canvas = np.full((len(rows) * (tile_h + GAP) + GAP, cols * (tile_w + GAP) + GAP, 3), 255, np.uint8)
+    canvas = np.full((len(tiles) * (tile_h + GAP) + GAP, cols * (tile_w + GAP) + GAP, 3), 255, np.uint8)
     for i, row in enumerate(tiles):
         for j, tile in enumerate(row):
             top, left = GAP + i * (tile_h + GAP), GAP + j * (tile_w + GAP)
             canvas[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
     fig = Figure()
-    margin = _label_width(fig, names) + 0.15 if any(names) else 0.1
+    shown = [*names, SCALE_LABEL] if heat else names
+    margin = _label_width(fig, shown) + 0.15 if any(shown) else 0.1
     note = 0.22 if any(m is not None for m in held) else 0.0
-    fig_w, fig_h = canvas.shape[1] / 100 + margin + 0.05, canvas.shape[0] / 100 + 0.2 + note
+    bar = 0.45 if heat else 0.0  # the colour bar of the spread rows, its ticks below it
+    below = 0.1 + note + bar
+    grid_w, grid_h = canvas.shape[1] / 100, canvas.shape[0] / 100
+    fig_w, fig_h = grid_w + margin + 0.05, grid_h + 0.1 + below
     fig.set_size_inches(fig_w, fig_h)
-    ax = fig.add_axes(
-        (margin / fig_w, (0.1 + note) / fig_h, 1 - (margin + 0.05) / fig_w, 1 - (0.2 + note) / fig_h)
-    )
+    ax = fig.add_axes((margin / fig_w, below / fig_h, grid_w / fig_w, grid_h / fig_h))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([GAP + i * (tile_h + GAP) + tile_h / 2 for i in range(len(rows))])
+    ax.set_yticks([GAP + i * (tile_h + GAP) + tile_h / 2 for i in range(len(tiles))])
     ax.set_yticklabels(names, fontsize=LABEL_SIZE)
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
+    if heat:
+        top = note + 0.42
+        cax = fig.add_axes((margin / fig_w, (top - 0.12) / fig_h, min(grid_w, 4.0) / fig_w, 0.12 / fig_h))
+        scale = ScalarMappable(Normalize(0.0, vmax), colormaps[SPREAD_CMAP])
+        fig.colorbar(scale, cax=cax, orientation="horizontal")
+        cax.xaxis.set_major_locator(MaxNLocator(4))
+        cax.tick_params(labelsize=LABEL_SIZE - 2, length=2, pad=1)
+        fig.text(
+            (margin - 0.08) / fig_w,
+            (top - 0.06) / fig_h,
+            SCALE_LABEL,
+            fontsize=LABEL_SIZE,
+            ha="right",
+            va="center",
+        )
     if note:
         fig.text(
             margin / fig_w,
@@ -208,6 +267,42 @@ def save_image_grid(
             color="#b02020",
         )
     return _save(fig, path)
+
+
+def save_tile_grid(
+    images: torch.Tensor,
+    path: Path,
+    captions: Sequence[str],
+    title: str,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    cols: int = 8,
+    names: Sequence[str] | None = None,
+) -> Path:
+    """Images ``(B, C, H, W)`` in rows of ``cols``, each captioned underneath (its index), under
+    ``title``; small images upscaled (nearest) to at least 64 px. ``names``, one per image, go to
+    the PNG's text chunk ``diffem:tiles`` (a JSON list, in tile order), for programs."""
+    if not len(images) or len(captions) != len(images):
+        raise ValueError("save_tile_grid needs images and one caption each")
+    tiles = _tiles(images, max(MIN_TILE, *images.shape[-2:]), value_range, len(images))
+    tile_h, tile_w = tiles.shape[1:3]
+    cell_h, cell_w = tile_h + CAPTION + GAP, tile_w + GAP
+    n_rows = -(-len(tiles) // cols)
+    canvas = np.full((n_rows * cell_h + GAP, cols * cell_w + GAP, 3), 255, np.uint8)
+    for k, tile in enumerate(tiles):
+        top, left = GAP + (k // cols) * cell_h, GAP + (k % cols) * cell_w
+        canvas[top : top + tile_h, left : left + tile_w] = tile
+    grid_w, grid_h = canvas.shape[1] / 100, canvas.shape[0] / 100
+    fig_w, fig_h = grid_w + 0.2, grid_h + 0.45
+    fig = Figure(figsize=(fig_w, fig_h))
+    ax = fig.add_axes((0.1 / fig_w, 0.1 / fig_h, grid_w / fig_w, grid_h / fig_h))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
+    for k, caption in enumerate(captions):
+        top, left = GAP + (k // cols) * cell_h, GAP + (k % cols) * cell_w
+        ax.text(left + tile_w / 2, top + tile_h + 1, caption, fontsize=LABEL_SIZE - 2, ha="center", va="top")
+    fig.text(0.1 / fig_w, 1 - 0.08 / fig_h, title, fontsize=LABEL_SIZE, va="top")
+    text = {"diffem:tiles": json.dumps(list(names))} if names is not None else None
+    return _save(fig, path, text=text)
 
 
 def _pairs(n: int, dims: Sequence[int] | None) -> list[tuple[int, int]]:

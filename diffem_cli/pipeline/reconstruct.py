@@ -1,4 +1,8 @@
-"""``reconstruct``: posterior samples for every observation from a conditional checkpoint."""
+"""``reconstruct``: posterior samples for every observation from a conditional checkpoint.
+
+With ``--png DIR`` the images also go to PNGs: grids of up to :data:`GRID_SIZE` (the default, to
+look at), or one file per image (``--png-single``, to feed other tools).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from diffem_cli.methods import method_for_checkpoint
 from diffem_cli.pipeline.em import check_checkpoint_for, posterior_samples, residual_record
 from diffem_cli.pipeline.export import load_model_source
 
+GRID_SIZE = 64
+"""Images per ``--png`` grid (8 rows of 8)."""
+
 
 def reconstruct(
     ckpt_path: Path,
@@ -30,12 +37,14 @@ def reconstruct(
     per_observation: int = 1,
     seed: int = 0,
     png_dir: Path | None = None,
+    png_single: bool = False,
     device: str | None = None,
     force: bool = False,
     ctx: Context | None = None,
 ) -> dict[str, Any]:
     """Write ``per_observation`` posterior samples per observation to ``out`` (columns x, index,
-    sample, and the observations' ``file_name`` and ``label`` when they have them).
+    sample, and the observations' ``file_name`` and ``label`` when they have them), and to
+    ``png_dir`` as grids (:func:`write_png_grids`), or one PNG each with ``png_single``.
 
     The checkpoint's own method draws them (:meth:`~diffem_cli.methods.base.Method.posterior`):
     a conditional model samples ``q(x | y)`` directly, a prior by its method's guidance, with the
@@ -118,11 +127,12 @@ def reconstruct(
     )
     if png_dir is not None:
         files = rows.get(rowmeta.FILE_NAME) or [None] * len(x_all)
-        names = [
-            png_name(i, r, f)
-            for i, r, f in zip(torch.cat(idx).tolist(), torch.cat(rep).tolist(), files, strict=True)
-        ]
-        write_pngs(png_dir, x_all, names, data.data_meta(), force)
+        index, draws = torch.cat(idx).tolist(), torch.cat(rep).tolist()
+        names = [png_name(i, r, f) for i, r, f in zip(index, draws, files, strict=True)]
+        if png_single:
+            write_pngs(png_dir, x_all, names, data.data_meta(), force)
+        else:
+            write_png_grids(png_dir, x_all, index, draws, names, data.data_meta(), force)
     return {"rows": len(x_all), **meta}
 
 
@@ -184,3 +194,46 @@ def write_pngs(png_dir: Path, x: torch.Tensor, names: list[str], data: dict[str,
             arr = ((xi.clamp(lo, hi) - lo) / (hi - lo) * 255).round().to(torch.uint8)
             arr = arr[0].numpy() if arr.shape[0] == 1 else arr.permute(1, 2, 0).numpy()
             Image.fromarray(arr).save(target / f"{name}.png")
+
+
+def grid_name(first: int, last: int, draw: int) -> str:
+    """The stem of one ``--png`` grid: the first and last observation index it shows (6 digits
+    each) and the posterior draw, ``000000_000063_draw0``."""
+    return f"{first:06d}_{last:06d}_draw{draw}"
+
+
+def write_png_grids(
+    png_dir: Path,
+    x: torch.Tensor,
+    index: list[int],
+    draws: list[int],
+    names: list[str],
+    data: dict[str, Any],
+    force: bool,
+) -> None:
+    """``x`` as grids of up to :data:`GRID_SIZE` images of one posterior draw each, in row order,
+    every tile captioned with its observation's index, into a folder written atomically; the
+    title says which observations and draw, the PNG text chunk ``diffem:tiles`` lists each tile's
+    single-file name (:func:`png_name`: index, draw and the source file's name)."""
+    from diffem_cli.io.store import atomic_path
+    from diffem_cli.pipeline import plots
+
+    check_png(data["kind"])
+    value_range = tuple(data.get("value_range") or (-1, 1))
+    starts = [k for k in range(len(x)) if k == 0 or draws[k] != draws[k - 1]]  # one block per draw
+    ends = [*starts[1:], len(x)]
+    parts = [
+        (a, min(a + GRID_SIZE, e)) for s, e in zip(starts, ends, strict=True) for a in range(s, e, GRID_SIZE)
+    ]
+    with atomic_path(png_dir, force) as target:
+        target.mkdir()
+        for a, b in parts:
+            first, last, draw = index[a], index[b - 1], draws[a]
+            plots.save_tile_grid(
+                x[a:b],
+                target / f"{grid_name(first, last, draw)}.png",
+                captions=[str(i) for i in index[a:b]],
+                title=f"reconstructions of observations {first} to {last}, posterior draw {draw}",
+                value_range=value_range,
+                names=names[a:b],
+            )

@@ -2,26 +2,36 @@
 
 Reads ``metrics.jsonl``; draws ``report.png`` (vectors: pairwise scatter of the clean data when
 known, the lap-0 start and the last lap; images: clean data when known, observations with their
-missing entries hatched, lap 0 and the last lap; the clean data are ``--clean``, else the
-``--eval-clean`` folder the RUN remembers) and
-``metrics.png`` (the label-free monitor and the evaluation metrics per lap).
+missing entries hatched, lap 0, the last lap and, when the last lap measured its posterior quality,
+the posterior spread: the per-pixel standard deviation of its K samples of each of the first
+observations, as a heat map; the clean data are ``--clean``, else the ``--eval-clean`` folder the
+RUN remembers) and ``metrics.png`` (the label-free monitor and the evaluation metrics per lap).
+
+The spread is kept by ``em-train`` in ``RUN/samples/lap_NNN.spread.safetensors`` (the standard
+deviation of the first :data:`SPREAD_ROWS` observations only, a few kB; the K samples themselves
+are not kept), so neither ``report`` nor ``compare`` samples anything again.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import VECTOR, data_kind
 from diffem_cli.io.observations import load_recon
 from diffem_cli.io.store import write_text_atomic
-from diffem_cli.pipeline.runs import Run
+from diffem_cli.pipeline.runs import Run, lap_name
 
 COLUMNS = (("init_s", "start s"), ("mstep_s", "M-step s"), ("estep_s", "E-step s"), ("loss", "loss"))
 MONITOR = ("obs_sw2", "obs_sw2_floor", "observed_residual")
 """The label-free monitor's lap-record fields (no clean data needed)."""
+SPREAD_ROWS = 16
+"""How many observations' posterior spread a lap keeps: one row of ``report.png``."""
 
 
 def _eval_keys(records: list[dict[str, Any]]) -> list[str]:
@@ -79,6 +89,44 @@ def save_metric_curves(path: Path, records: list[dict[str, Any]]) -> None:
     panels.update({m[5:]: {"run": points(m)} for m in _eval_keys(records)})
     if panels:
         plots.save_curve_panels(panels, path, "lap")
+
+
+def spread_file(run_dir: Path, lap: int) -> Path:
+    """Where ``lap``'s posterior spread is kept: ``RUN/samples/lap_NNN.spread.safetensors``."""
+    return Run(run_dir).samples_dir / f"{lap_name(lap)}.spread.safetensors"
+
+
+def save_spread(path: Path, samples: torch.Tensor, index: torch.Tensor) -> None:
+    """Keep the per-entry standard deviation (unbiased, as the posterior-quality metrics take it)
+    of K posterior samples ``(K, N, *shape)`` of the first :data:`SPREAD_ROWS` observations, with
+    their ``index`` and K."""
+    from diffem_cli.diffusion.checkpoint import save_tensors
+
+    m = min(SPREAD_ROWS, samples.shape[1])
+    std = samples[:, :m].float().std(dim=0)
+    save_tensors(path, {"std": std, "index": index[:m].to(torch.int64)}, {"k": int(samples.shape[0])})
+
+
+def spread_rows(runs: Mapping[str, tuple[Path, int]]) -> dict[str, torch.Tensor]:
+    """The posterior spread of each named RUN's lap, ``{label: std}``, for the spread rows of an
+    image grid (:func:`~diffem_cli.pipeline.plots.save_image_grid`): labelled ``posterior spread
+    (K=8)``, after the name when it has one. A RUN that kept none (vector data, no ``--eval-clean``,
+    ``eval.posterior_n=0``, written before spreads were kept) or whose file fails its checksum is
+    left out."""
+    from diffem_cli.diffusion.checkpoint import load_tensors
+
+    out = {}
+    for name, (run_dir, lap) in runs.items():
+        path = spread_file(run_dir, lap)
+        if not path.is_file():
+            continue
+        try:
+            tensors, meta = load_tensors(path)
+        except DiffemError:
+            continue
+        label = f"posterior spread (K={meta.get('k')})"
+        out[f"{name} {label}" if name else label] = tensors["std"]
+    return out
 
 
 def first_observations(run: Run, k: int) -> tuple[Any, Any] | None:
@@ -164,7 +212,12 @@ def _write_report(run_dir: Path, clean: Path | None = None) -> dict[str, Any]:
             held.insert(0, None)
         value_range = tuple(start_meta.get("value_range") or (-1.0, 1.0))
         plots.save_image_grid(
-            rows, run.root / "report.png", labels=labels, value_range=value_range, observed=held
+            rows,
+            run.root / "report.png",
+            labels=labels,
+            value_range=value_range,
+            observed=held,
+            spread=spread_rows({"": (run_dir, last)}),
         )
     save_metric_curves(run.root / "metrics.png", records)
     return summary

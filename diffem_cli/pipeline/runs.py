@@ -161,8 +161,11 @@ class Run:
         return False
 
     def has_results(self) -> bool:
-        """Whether the RUN holds any finished work (a lap record or a checkpoint)."""
+        """Whether the RUN holds any finished work (a lap record, a checkpoint, or a training state
+        to resume: a ``train-uncond`` killed mid-training has only that)."""
         if self.lap_records() or any(r.get("event") == "done" for r in self.records()):
+            return True
+        if self.state.exists():
             return True
         return self.ckpt_dir.exists() and any(self.ckpt_dir.glob("*.safetensors"))
 

@@ -177,3 +177,61 @@ def test_exact_entries_of_the_built_in_masks() -> None:
         is None
     )
     assert NoiseChannel(sigma=0.1).exact_entries(NoiseChannel(sigma=0.1).corrupt(x, seeds)) is None
+
+
+class Denoise(Scale):
+    """A correct ``gaussian_denoising`` channel: ``y = x + s eps``; subclasses break one promise each."""
+
+    gaussian_denoising = True
+    params = (Param("c", float, 1.0), Param("s", float, 0.1))
+
+
+class WrongLevel(Denoise):
+    def noise_std(self, obs: Mapping[str, torch.Tensor]) -> float:
+        return 1.1 * self.s  # 10% off: 23 standard errors at 2^14 entries
+
+
+class Biased(Denoise):
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        return {"y": super().corrupt(x, seeds)["y"] + 0.01}
+
+
+class Correlated(Denoise):
+    def corrupt(self, x: torch.Tensor, seeds: torch.Tensor) -> Observation:
+        eps = per_sample(seeds, tuple(x.shape[1:]))
+        return {"y": x + self.s * (eps + eps.roll(1, -1)) / 2**0.5}  # std s, neighbours correlate 0.5
+
+
+class NotIdentity(Denoise):
+    def At(self, obs: Mapping[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return y * (1 + 2.0**-20)  # an adjoint to rounding, but not the identity
+
+
+class NotLinear(Denoise):
+    linear = False
+
+
+def test_a_gaussian_denoising_channel_passes() -> None:
+    assert NoiseChannel.gaussian_denoising and not Scale.gaussian_denoising
+    check_channel(Denoise(), (7,))
+    check_channel(Denoise(s=0.3), (1,))  # no neighbours to correlate
+    check_channel(NoiseChannel(sigma=0.05), (3, 8, 8))
+    check_channel(NoiseChannel(sigma=1e-9), (5,))  # below float32 rounding of y: within tolerance
+
+
+@pytest.mark.parametrize(
+    ("channel", "match"),
+    [
+        (WrongLevel(), "standard deviation"),
+        (Biased(), "has mean"),
+        (Correlated(), "correlate"),
+        (Denoise(c=0.5), r"A\(obs, x\) is not x"),
+        (NotIdentity(), r"At\(obs, y\) is not y"),
+        (NotLinear(), "not linear"),
+        (Denoise(s=0.0), "not > 0"),
+    ],
+)
+def test_broken_gaussian_denoising_channels_are_caught(channel: Channel, match: str) -> None:
+    with pytest.raises(AssertionError, match=match) as info:
+        check_channel(channel, (7,))
+    assert "\n" not in str(info.value) and "gaussian_denoising" in str(info.value)

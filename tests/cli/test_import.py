@@ -3,6 +3,7 @@ reconstruct with no clean data anywhere; bad inputs are one line, exit 2, and wr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,13 @@ def test_chain_without_clean_data(cli, held: Path, tmp_path: Path) -> None:
     )
     rec = read_manifest(tmp_path / "rec")
     assert rec["kind"] == "reconstructions" and rec["num_rows"] == 32
+    # import -> em-train -> train-uncond -> export: the export's chain starts with the import step
+    run_ok("train-uncond", tmp_path / "run/recon/lap_001", tmp_path / "urun", *FAST, *TINY_UNET)
+    run_ok("export", tmp_path / "urun/checkpoints/uncond.safetensors", tmp_path / "exp")
+    chain = json.loads((tmp_path / "exp/diffem.json").read_text())["provenance"]
+    assert [s["command"] for s in chain] == ["import", "em-train", "train-uncond", "export"]
+    assert chain[0] == manifest["provenance"][-1]
+    assert chain[1]["inputs"][0]["checksum"] == manifest["checksum"]  # em-train read this import
     # --force replaces the import it wrote
     code, _, err = cli(
         "import",
@@ -71,6 +79,28 @@ def test_chain_without_clean_data(cli, held: Path, tmp_path: Path) -> None:
         "--force",
     )
     assert code == 0, err
+
+
+def test_import_records_its_provenance(held: Path, tmp_path: Path) -> None:
+    """The manifest's chain ends with the import step: command, source, channel with its
+    parameters, the options and inputs it read, version and time; read back from the folder."""
+    from diffem_cli import __version__
+    from diffem_cli.io.provenance import read_chain
+
+    run_ok(
+        "import", held / "images", tmp_path / "obs", "-c", "mask", "-p", "rho=0.5", "--mask", held / "masks"
+    )
+    chain = read_chain(tmp_path / "obs")
+    assert [s["command"] for s in chain] == ["import"]  # an image folder has no chain of its own
+    step = chain[0]
+    assert step["channel"]["name"] == "mask" and step["channel"]["params"]["rho"] == 0.5
+    source = step["params"]["source"]
+    assert source["spec"] == str(held / "images") and source["n"] == 32 and source["shape"] == [1, 8, 8]
+    assert source["imported"]["mask"] == f"mask images in {held / 'masks'}"
+    assert step["params"]["fields"] == {"mask": str(held / "masks")}
+    assert [i["path"] for i in step["inputs"]] == [str((held / s).resolve()) for s in ("images", "masks")]
+    assert step["diffem_version"] == __version__ and step["created"]
+    assert step["method"] is None and step["laps"] is None
 
 
 def test_refusals_write_nothing(cli, held: Path, tmp_path: Path) -> None:

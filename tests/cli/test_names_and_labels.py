@@ -1,5 +1,5 @@
 """File names and labels travel with the data: image folder -> corrupt -> em-train -> reconstruct
-(and ``--png``, ``to-images``), each row with the name of the file its observation came from."""
+(and ``--png --png-single``, ``to-images``), each row with the name of the file its observation came from."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def chain(tmp_path_factory) -> Path:
         2,
         "--png",
         root / "png",
+        "--png-single",
     )
     return root
 
@@ -75,6 +76,7 @@ def test_png_files_are_named_after_the_source_files(chain):
         4,
         "--png",
         chain / "png",
+        "--png-single",
         "--force",
     )
     assert len(list((chain / "png").iterdir())) == 16

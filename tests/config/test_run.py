@@ -24,6 +24,7 @@ SECTIONS = [
     "train",
     "sample",
     "em",
+    "cond",
     "mmps",
     "dps",
     "ambient",

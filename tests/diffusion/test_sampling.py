@@ -102,3 +102,32 @@ def test_bad_sampler_and_steps():
         sampler_scheduler("euler-magic", 10)
     with pytest.raises(DiffemError, match="steps"):
         sampler_scheduler("ddim", 0)
+
+
+@pytest.mark.parametrize("name", ["dpm++", "ddpm"])
+def test_linspace_spacing_ends_at_the_smallest_noise_level(name):
+    calls = []
+
+    class Counting(OracleV):
+        def forward(self, x, t, cond=None):
+            calls.append(int(t[0]))
+            return super().forward(x, t, cond)
+
+    mu = torch.tensor([1.5, -0.5, 0.25])
+    noise = torch.randn(8, 3, generator=_gen())
+    x = sample_loop(
+        NetworkDenoiser(Counting(mu)), noise, sampler=name, steps=6, generator=_gen(1), spacing="linspace"
+    )
+    assert calls == sorted(calls, reverse=True) and len(calls) == 6 and (calls[0], calls[-1]) == (999, 0)
+    # what the last step can leave is the noise at step 0, sigma_0 times a normal: under 5 sigma_0
+    assert torch.allclose(x, mu.expand(8, 3), atol=5 * alpha_sigma(0)[1])
+    calls.clear()
+    sample_loop(NetworkDenoiser(Counting(mu)), noise, sampler=name, steps=1, spacing="linspace")
+    assert calls == [999]  # one step starts from pure noise
+
+
+def test_bad_spacing():
+    with pytest.raises(DiffemError, match="spacing"):
+        sampler_scheduler("dpm++", 10, "karras")
+    with pytest.raises(DiffemError, match="linspace"):
+        sampler_scheduler("ddim", 10, "linspace")

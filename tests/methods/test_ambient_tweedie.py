@@ -109,7 +109,7 @@ def test_refuses_other_channels():
     class _Data:
         channel = MaskChannel()
 
-    with pytest.raises(DiffemError, match="for the 'noise' channel.*'mask' is not it"):
+    with pytest.raises(DiffemError, match="'ambient-tweedie' needs .*gaussian_denoising.*'mask' does not"):
         get_method("ambient-tweedie", default_config()).check(_Data())
 
 
@@ -163,4 +163,4 @@ def test_tweedie_refused_for_masks_through_the_cli(cli, tmp_path):
     code, _, err = cli(
         "em-train", tmp_path / "m", tmp_path / "r", "--laps", 1, "--method", "ambient-tweedie", *FAST
     )
-    assert code != 0 and "'noise' channel" in error_line(err)
+    assert code != 0 and "gaussian_denoising" in error_line(err)

@@ -171,7 +171,7 @@ def test_the_discrepancy_rule_on_a_sampler_with_a_known_residual():
     noisy = _Observed(NoiseChannel(sigma=0.2), 30)
     dps = DPSOptions(weight_rule="discrepancy", grid=[1.0, 2.0, 4.0, 8.0], subset=10)
     calls: list[torch.Tensor] = []
-    make, record = dps_posterior(model, noisy, dps).choose(_fake_draw(noisy, calls))
+    make, record = dps_posterior(model, noisy, dps, 0).choose(_fake_draw(noisy, calls))
     # residuals 1, 0.5, 0.25, 0.125 against the noise level 0.2: 0.25 is nearest, weight 4
     assert record["dps_scale"] == 4.0 and record["dps_rule"] == "discrepancy"
     assert record["dps_noise"] == pytest.approx(0.2)
@@ -179,19 +179,37 @@ def test_the_discrepancy_rule_on_a_sampler_with_a_known_residual():
     assert make(noisy.obs).scale == 4.0
     # every weight samples the same 10 random rows, not the first ones, the same at every E-step
     assert all(torch.equal(c, calls[0]) for c in calls) and len(calls) == 4
-    assert torch.equal(calls[0], subset_rows(30, 10)) and not torch.equal(calls[0], torch.arange(10))
+    assert torch.equal(calls[0], subset_rows(30, 10, 0)) and not torch.equal(calls[0], torch.arange(10))
     assert len(set(calls[0].tolist())) == 10
 
     # noiseless mask: the residual falls with the weight, weight 8 diverges: 4 is the smallest finite
     pinned = _Observed(MaskChannel(rho=0.5), 30)
-    _, record = dps_posterior(model, pinned, dps).choose(_fake_draw(pinned, [], diverge_above=4.0))
+    _, record = dps_posterior(model, pinned, dps, 0).choose(_fake_draw(pinned, [], diverge_above=4.0))
     assert record["dps_scale"] == 4.0 and record["dps_noise"] == 0.0
     assert record["dps_residuals"][-1] == [8.0, None]
     # the older spelling: dps.adaptive is the smallest-residual rule
     legacy = DPSOptions(adaptive=True, grid=[1.0, 2.0, 4.0, 8.0], subset=10)
     assert legacy.rule() == "smallest"
-    _, record = dps_posterior(model, noisy, legacy).choose(_fake_draw(noisy, []))
+    _, record = dps_posterior(model, noisy, legacy, 0).choose(_fake_draw(noisy, []))
     assert record["dps_scale"] == 8.0
+
+
+def test_the_weight_rule_rows_follow_the_run_seed():
+    """Another run seed, other rows; the same seed, the same rows, from the config or a checkpoint."""
+    assert torch.equal(subset_rows(200, 16, 3), subset_rows(200, 16, 3))
+    picks = {tuple(subset_rows(200, 16, seed).tolist()) for seed in range(4)}
+    assert len(picks) == 4
+    cfg = default_config()
+    cfg.seed = 3
+    cfg.dps.weight_rule, cfg.dps.grid, cfg.dps.subset = "discrepancy", [1.0, 2.0], 10
+    method = get_method("dps-em", cfg)
+    restored = type(method).from_record(json.loads(json.dumps(method.config_record(cfg))))
+    noisy = _Observed(NoiseChannel(sigma=0.2), 30)
+    for m in (method, restored):
+        calls: list[torch.Tensor] = []
+        m.posterior(torch.nn.Linear(1, 1), noisy, {}).choose(_fake_draw(noisy, calls))
+        assert m.seed == 3 and torch.equal(calls[0], subset_rows(30, 10, 3))
+    assert not torch.equal(subset_rows(30, 10, 3), subset_rows(30, 10, 0))
 
 
 def test_weight_rule_is_validated():

@@ -127,7 +127,7 @@ def test_masked_loss_is_minimised_at_the_blind_spot_shrinkage_near_the_mmse_one(
 def test_refuses_other_channels_and_bad_options():
     method = get_method("noise2self", default_config())
     data, _ = tiny_data(MaskChannel(rho=0.5), (1, 8, 8))
-    with pytest.raises(DiffemError, match=r"denoiser for the 'noise' channel.*'mask' is not it"):
+    with pytest.raises(DiffemError, match=r"'noise2self' needs .*gaussian_denoising.*'mask' does not"):
         method.check(data)
     with pytest.raises(DiffemError, match="noise2self.width"):
         Noise2SelfOptions(width=1).validate()
@@ -188,4 +188,4 @@ def test_cli_refuses_masks(cli, tmp_path):
         "em-train", tmp_path / "m", tmp_path / "r", "--laps", 1, "--method", "noise2self", *FAST,
         *sets("noise2self.infer=single-pass"),
     )  # fmt: skip
-    assert code != 0 and "'noise' channel" in error_line(err)
+    assert code != 0 and "gaussian_denoising" in error_line(err)

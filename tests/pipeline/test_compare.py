@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets
@@ -65,6 +66,32 @@ def test_compare_runs_every_method_and_resumes(tmp_path, cli):
     before = (tmp_path / "cmp/em-mmps/metrics.jsonl").read_text()
     assert cli(*argv)[0] == 0  # a rerun resumes: nothing is trained again
     assert (tmp_path / "cmp/em-mmps/metrics.jsonl").read_text() == before
+
+
+def test_a_conditional_methods_unconditional_model_gets_all_its_laps_budget(tmp_path, cli):
+    """DiffEM's unconditional model trains from scratch for K laps' epochs: as many examples as
+    EM-MMPS's prior over its K laps; a compare killed before the samples were kept resumes."""
+    _projections(tmp_path, 128)
+    argv = ["compare", tmp_path / "obs", tmp_path / "cmp", "--methods", "diffem,em-mmps", "--laps", 2]
+    argv += [*TRAIN, *sets("em.drop_outside=0")]  # the prior trains on every reconstruction too
+    code, _, err = cli(*argv)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "cmp/compare.json").read_text())
+    diffem, prior = summary["accounting"]["diffem"], summary["accounting"]["em-mmps"]
+    one_lap = summary["laps"]["em-mmps"][1]["examples"]
+    assert one_lap == 128  # one epoch: two full batches of 64
+    assert diffem["uncond_examples"] == 2 * one_lap == prior["mstep_examples"] == diffem["mstep_examples"]
+    assert diffem["uncond_steps"] == prior["mstep_steps"] == 4
+    assert diffem["uncond_budget_laps"] == 2 and prior["uncond_budget_laps"] == prior["uncond_examples"] == 0
+    assert "(in laps: diffem 2)" in (tmp_path / "cmp/compare.md").read_text()
+    uncond_log = tmp_path / "cmp/diffem/uncond/metrics.jsonl"
+    before = uncond_log.read_text()
+    shutil.rmtree(tmp_path / "cmp/diffem/samples-uncond")
+    code, _, err = cli(*argv)
+    assert code == 0, err  # the unconditional RUN's configuration is the same again
+    assert uncond_log.read_text() == before  # nothing trained again
+    again = json.loads((tmp_path / "cmp/compare.json").read_text())["accounting"]["diffem"]
+    assert again["uncond_examples"] == diffem["uncond_examples"] and again["uncond_budget_laps"] == 2
 
 
 def test_compare_refuses_unknown_methods_before_training(tmp_path, cli):

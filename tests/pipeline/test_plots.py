@@ -73,6 +73,50 @@ def test_long_labels_get_room(tmp_path):
     assert long.size[0] > short.size[0] + 150 and long.size[1] == short.size[1]
 
 
+def test_spread_rows_are_a_heat_map_with_a_colour_bar(tmp_path):
+    """A posterior-spread row is coloured by the spread colour map (grey image rows never are), one
+    tile per image column at most, with its colour bar and scale label under the grid."""
+    from matplotlib import colormaps
+
+    from diffem_cli.pipeline.plots import SPREAD_CMAP
+
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    spread = torch.zeros(6, 3, 8, 8)
+    spread[:, :, 4:] = 0.5  # the bottom half spreads: the top half takes the lowest colour
+    plain = _png(save_image_grid([x], tmp_path / "p.png", labels=["lap 3"]))
+    heat = _png(
+        save_image_grid([x], tmp_path / "h.png", labels=["lap 3"], spread={"posterior spread (K=8)": spread})
+    )
+    assert heat.size[0] > plain.size[0]  # the longer label gets its room
+    assert heat.size[1] >= plain.size[1] + 64 + 40  # one more row of tiles, and the colour bar
+    arr = np.asarray(heat.convert("RGB")).astype(int)
+    for value in (0.0, 1.0):  # both ends of the scale are drawn: no spread, and the largest
+        colour = np.array(colormaps[SPREAD_CMAP](value)[:3]) * 255
+        assert (np.abs(arr - colour).sum(axis=-1) < 6).sum() > 4 * 32 * 64  # 4 half-tiles at least
+    grey = _png(save_image_grid([x[:, :1]], tmp_path / "g.png"))
+    rgb = np.asarray(grey.convert("RGB")).astype(int)
+    assert (rgb.max(axis=-1) - rgb.min(axis=-1)).max() == 0  # grey images stay grey
+    # at most as many spread tiles as the widest image row: 6 are drawn as 4
+    four = {"posterior spread (K=8)": spread[:4]}
+    assert _png(save_image_grid([x], tmp_path / "s.png", labels=["lap 3"], spread=four)).size == heat.size
+
+
+def test_tile_grid_captions_and_names(tmp_path):
+    """A ``--png`` grid: rows of 8 upscaled tiles under a title, the tiles' names in a text chunk."""
+    import json
+
+    from diffem_cli.pipeline.plots import save_tile_grid
+
+    x = torch.rand(11, 1, 8, 8) * 2 - 1
+    path = save_tile_grid(
+        x, tmp_path / "t.png", [str(i) for i in range(11)], "draw 0", names=list("abcdefghijk")
+    )
+    img = _png(path)
+    assert img.size[0] >= 8 * 64 and img.size[1] >= 2 * (64 + 14)  # two rows of 8 columns
+    assert json.loads(img.text["diffem:tiles"]) == list("abcdefghijk")
+    assert "diffem:tiles" not in _png(save_tile_grid(x[:1], tmp_path / "o.png", ["0"], "one")).text
+
+
 def test_panels_say_which_way_is_better_and_write_a_pdf(tmp_path):
     from diffem_cli.pipeline.plots import better, save_curve_panels
 

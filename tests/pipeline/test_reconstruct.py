@@ -75,7 +75,9 @@ def test_lap_checkpoint_alone_reconstructs_images(d, cli, tmp_path):
     manifest = read_manifest(tmp_path / "rec")
     assert manifest["kind"] == "reconstructions" and manifest["channel"]["name"] == "mask"
     assert manifest["data_shape"] == [1, 8, 8] and manifest["steps"] == 4
-    assert len(list((tmp_path / "png").glob("*.png"))) == 80
+    # --png: one grid per posterior draw (40 images each, under 64), each tile captioned with its index
+    grids = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert grids == ["000000_000039_draw0.png", "000000_000039_draw1.png"]
 
 
 def test_vector_reconstructions_and_samplers(d, cli, tmp_path):
@@ -233,3 +235,46 @@ def test_existing_output_needs_force(d, cli, tmp_path, existing):
     assert code == 2 and "already exists" in error_line(err) and "--force" in error_line(err)
     assert file_bytes(target) == {"keep.txt": b"mine"}
     assert not (png if existing == "out" else out).exists()
+
+
+def test_png_grids_hold_64_images_of_one_draw_each(tmp_path):
+    """``--png``'s grids: up to 64 images, never two draws in one, named by first and last index
+    and draw (names ``--force`` recognises as diffem's), the tiles' single-file names in a PNG text
+    chunk; a folder of grids is replaced by single files and back."""
+    import json
+
+    from PIL import Image
+
+    from diffem_cli.io.store import PNG_ENTRY, foreign_output
+    from diffem_cli.pipeline.reconstruct import png_name, write_png_grids, write_pngs
+
+    n = 70
+    x = torch.rand(2 * n, 1, 8, 8) * 2 - 1
+    index, draws = list(range(n)) * 2, [0] * n + [1] * n
+    names = [png_name(i, r, "cats/tom.png" if i == 3 else None) for i, r in zip(index, draws, strict=True)]
+    data = {"kind": "image", "value_range": [-1.0, 1.0]}
+    write_png_grids(tmp_path / "png", x, index, draws, names, data, force=False)
+    grids = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert grids == [
+        "000000_000063_draw0.png",
+        "000000_000063_draw1.png",
+        "000064_000069_draw0.png",
+        "000064_000069_draw1.png",
+    ]
+    assert all(PNG_ENTRY.match(g) for g in grids) and foreign_output(tmp_path / "png") is None
+    with Image.open(tmp_path / "png" / grids[0]) as img:
+        tiles = json.loads(img.text["diffem:tiles"])
+        assert img.size[0] >= 8 * 64 and img.size[1] >= 8 * 64  # 8 x 8 tiles of at least 64 px
+    assert len(tiles) == 64 and tiles[3] == "000003_0_cats-tom" and tiles[0] == "000000_0"
+    with Image.open(tmp_path / "png" / grids[3]) as img:
+        assert json.loads(img.text["diffem:tiles"]) == [f"{i:06d}_1" for i in range(64, 70)]
+    write_pngs(tmp_path / "png", x, names, data, force=True)  # --png-single over grids
+    assert len(list((tmp_path / "png").iterdir())) == 2 * n
+    write_png_grids(tmp_path / "png", x, index, draws, names, data, force=True)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == grids
+
+
+def test_png_single_needs_png(d, cli, tmp_path):
+    code, _, err = cli("reconstruct", d / "digits.safetensors", d / "mask", tmp_path / "r", "--png-single")
+    assert code == 2 and "--png-single needs --png" in error_line(err)
+    assert not (tmp_path / "r").exists()

@@ -123,3 +123,48 @@ def test_sample_bad_input(d, cli, tmp_path):
     assert cli("sample", ckpt, out, "-n", 2, "--steps", 2, "--force")[0] == 0
     assert cli("sample", ckpt, out, "-n", 4, "--steps", 2, "--force")[0] == 0
     assert len(datasets.load_from_disk(str(out))) == 4
+
+
+def test_a_killed_train_uncond_resumes_its_epochs(d, cli, tmp_path: Path) -> None:
+    """A kill mid-training leaves only a training state (no lap record, no checkpoint): the rerun
+    goes on from the state's epoch instead of wiping the RUN."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diffem_cli.diffusion.checkpoint import load_tensors
+
+    run_dir, log = tmp_path / "urun", tmp_path / "first.log"
+    args = ["train-uncond", str(d / "run/recon/lap_001"), str(run_dir), *map(str, TRAIN)]
+    args += ["--set", "train.epochs=40", "--set", "train.batch_size=8"]
+    state = run_dir / "state" / "mstep.safetensors"
+    with open(log, "wb") as sink:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffem_cli", *args], env=env, stdout=sink, stderr=sink
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while not state.exists():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no training state appeared"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert not (run_dir / "checkpoints/uncond.safetensors").exists(), "killed too late: training had finished"
+    saved = int(load_tensors(state)[1]["epoch"])
+    before = (run_dir / "metrics.jsonl").read_text()  # its timings differ from any rerun's
+    code, _, err = cli(*args)
+    assert code == 0, err
+    after = (run_dir / "metrics.jsonl").read_text()
+    assert after.startswith(before), "the first run's records were lost: the RUN was wiped"
+    records = [json.loads(line) for line in after.splitlines()]
+    epochs = [r["epoch"] for r in records if r["event"] == "epoch"]
+    assert epochs == list(range(1, 41)) and saved >= 1
+    assert not state.exists()

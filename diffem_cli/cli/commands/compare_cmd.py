@@ -53,7 +53,12 @@ def compare_command(
         typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one key: train.lr=2e-4."),
     ] = None,
     uncond: Annotated[
-        bool, typer.Option(help="Also sample each method's unconditional model and score it.")
+        bool,
+        typer.Option(
+            help="Also sample each method's unconditional model and score it: a prior method's prior, "
+            "a conditional method's trained from scratch on its last reconstructions for laps x "
+            "train.epochs epochs (the budget of a prior over its laps)."
+        ),
     ] = True,
     seeds: Annotated[
         int,

@@ -13,11 +13,12 @@ from diffem_cli.core.errors import DiffemError
 
 def import_command(
     source: Annotated[
-        Path,
+        str,
         typer.Argument(
             metavar="SOURCE",
             help="The observed data: a folder of images (PNG, JPEG; sorted by name), a saved data set "
-            "(datasets.save_to_disk) or a .safetensors file holding y.",
+            "(datasets.save_to_disk), a .safetensors file holding y, or hf:NAME[:SPLIT] (a Hub data "
+            "set, online).",
         ),
     ],
     out: Annotated[

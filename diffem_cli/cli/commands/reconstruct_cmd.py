@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from diffem_cli.cli.commands._options import Corrections, Device, Sampler, Steps
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.logs import notice
 
 
@@ -38,10 +39,19 @@ def reconstruct_command(
     png: Annotated[
         Path | None,
         typer.Option(
-            help="Also write one PNG per reconstruction into this folder, named INDEX_DRAW.png "
-            "(INDEX_DRAW_NAME.png after the observation's source file when it has one).",
+            help="Also write the reconstructions as PNG grids of up to 64 into this folder, one "
+            "posterior draw per grid, each image captioned with its observation's index "
+            "(FIRST_LAST_drawD.png).",
         ),
     ] = None,
+    png_single: Annotated[
+        bool,
+        typer.Option(
+            "--png-single",
+            help="With --png: one PNG per reconstruction instead of grids, named INDEX_DRAW.png "
+            "(INDEX_DRAW_NAME.png after the observation's source file when it has one).",
+        ),
+    ] = False,
     device: Device = None,
     force: Annotated[
         bool,
@@ -56,6 +66,8 @@ def reconstruct_command(
 
     sampling = given_sampling(sampler, steps, batch_size, corrections)
     at_least("--per-observation", per_observation)
+    if png_single and png is None:
+        raise DiffemError("--png-single needs --png DIR: the folder the PNGs go to")
     need_existing(ckpt, "checkpoint")
     ds, manifest = read_dataset(data)
     check_observations(ds, manifest, data)
@@ -73,6 +85,7 @@ def reconstruct_command(
             per_observation=per_observation,
             seed=seed,
             png_dir=png,
+            png_single=png_single,
             device=device,
             force=force,
             ctx=ctx,

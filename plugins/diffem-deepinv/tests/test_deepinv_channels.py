@@ -280,6 +280,9 @@ def test_denoising_is_x_plus_sigma_eps() -> None:
     eps = per_sample(seeds, (1, 8, 8), "randn", 1)
     assert torch.equal(channel.corrupt(x, seeds)["y"], x + torch.tensor(0.2) * eps)
     assert torch.equal(channel.A({}, x), x) and torch.equal(channel.At({}, x), x)
+    assert channel.gaussian_denoising and not any(
+        make_channel(name, {}).gaussian_denoising for name in NAMES if name != "dinv-denoising"
+    )
 
 
 @pytest.mark.parametrize(

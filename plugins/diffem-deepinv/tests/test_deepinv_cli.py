@@ -1,5 +1,6 @@
 """Tiny end-to-end chains through diffem's CLI on deepinv channels: corrupt, em-train (DiffEM,
-EM-MMPS, DPS-EM), reconstruct and compare, on scikit-learn's 8x8 digits with tiny networks."""
+EM-MMPS, DPS-EM; Noise2Self, SURE-Score, Ambient-Tweedie on dinv-denoising), reconstruct, sample
+and compare, on scikit-learn's 8x8 digits with tiny networks."""
 
 from __future__ import annotations
 
@@ -140,6 +141,42 @@ def test_denoising_with_diffem(tmp_path: Path) -> None:
     )
     run_ok("em-train", tmp_path / "obs", tmp_path / "run", "--config", "digits", "--laps", 1, *TRAIN)
     _check_lap(tmp_path / "run", "dinv-denoising", "diffem")
+
+
+@pytest.fixture(scope="module")
+def denoising(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("denoising")
+    run_ok("corrupt", "digits", root / "obs", "-c", "dinv-denoising", "-p", "noise_sigma=0.2", "--limit", N)
+    return root
+
+
+@pytest.mark.parametrize("method", ["noise2self", "sure-score", "ambient-tweedie"])
+def test_denoiser_methods_serve_dinv_denoising(denoising: Path, tmp_path: Path, method: str) -> None:
+    """The channel declares gaussian_denoising: the methods read its level from noise_std, not
+    from a parameter called sigma (it has noise_sigma)."""
+    run_ok(
+        "em-train",
+        denoising / "obs",
+        tmp_path / "run",
+        "--config",
+        "digits",
+        "--laps",
+        1,
+        "--method",
+        method,
+        *TRAIN,
+    )
+    ckpt_path = tmp_path / "run/checkpoints/lap_001.safetensors"
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt.meta["channel"]["name"] == "dinv-denoising" and ckpt.meta["method"] == method
+    assert [r["lap"] for r in _laps(tmp_path / "run")] == [0, 1]
+    run_ok("reconstruct", ckpt_path, denoising / "obs", tmp_path / "rec", "--steps", 4)
+    x = read_x(tmp_path / "rec")
+    assert x.shape == (N, 1, 8, 8) and torch.isfinite(x).all()
+    if method == "ambient-tweedie":  # a prior: it samples from the level its checkpoint records
+        assert ckpt.meta["ambient_tweedie"]["noise_std"] == pytest.approx(0.2)
+        run_ok("sample", ckpt_path, tmp_path / "s", "-n", 3, "--steps", 4)
+        assert read_x(tmp_path / "s").shape == (3, 1, 8, 8)
 
 
 def test_compare_on_downsampling(tmp_path: Path) -> None:

@@ -495,11 +495,14 @@ class CompressedSensingChannel(DeepinvChannel):
 
 
 class DenoisingChannel(DeepinvChannel):
-    """deepinv's ``Denoising``: the identity operator with its Gaussian noise."""
+    """deepinv's ``Denoising``: the identity operator with its Gaussian noise, declared
+    ``gaussian_denoising`` so that diffem's denoiser methods (Noise2Self, SURE-Score,
+    Ambient-Tweedie) serve it as they serve diffem's ``noise``."""
 
     name = "dinv-denoising"
     description = "deepinv Denoising: the identity plus deepinv GaussianNoise of std noise_sigma."
     data_kinds = frozenset({"image", "vector"})
+    gaussian_denoising = True
     float64_corrupt = False  # y = x + sigma * eps is elementwise
     params = (_noise_param(0.1, positive),)
 

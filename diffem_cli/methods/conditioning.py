@@ -1,0 +1,98 @@
+"""What a conditional model is conditioned on: the channel's conditioning, and optionally the
+posterior mean of ``x`` given ``y`` under a Gaussian fitted to the lap's training data.
+
+The Gaussian feature (section ``cond``, ``cond.gaussian_mean``) is the image analogue of the
+``A^+ y`` features of the projection channel: a closed-form estimate of the clean data that the
+network refines instead of rebuilding it from the raw observation, so a lap trained from scratch
+starts near what a Gaussian already gives. The Gaussian is the sample mean and covariance of the
+rows the M-step trains on (the previous lap's reconstructions; the oracle's clean data): full up
+to ``em.gaussian_full_max_dim`` dimensions, else top-``em.gaussian_rank`` PCA plus a diagonal. It is
+saved with the checkpoint (auxiliary tensors ``cond_gaussian.*``) so the E-step and ``reconstruct``
+compute the same feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from diffem_cli.core.checks import choice
+from diffem_cli.core.errors import DiffemError
+
+AUX_PREFIX = "cond_gaussian."
+
+
+GAUSSIAN_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+@dataclass
+class CondOptions:
+    """Conditioning of conditional models (section ``cond``): ``gaussian_mean`` adds the Gaussian
+    posterior mean of ``x`` given the observation as conditioning channels: ``on`` (linear
+    channels only), ``off``, or ``auto`` (on for image data through a linear channel)."""
+
+    gaussian_mean: str = "off"
+
+    def validate(self) -> None:
+        """One-line DiffemError for a bad value."""
+        choice("cond.gaussian_mean", self.gaussian_mean, GAUSSIAN_MODES)
+
+
+def uses_gaussian(options: CondOptions, channel: Any, shape: tuple[int, ...]) -> bool:
+    """Whether a conditional model of data ``shape`` through ``channel`` takes the feature."""
+    if options.gaussian_mean == "auto":
+        return bool(getattr(channel, "linear", False)) and len(shape) == 3
+    return options.gaussian_mean == "on"
+
+
+def gaussian_only_linear(options: CondOptions, channel: Any) -> str | None:
+    """Why ``cond.gaussian_mean=on`` cannot serve ``channel`` (no linear form), or None."""
+    if options.gaussian_mean != "on" or getattr(channel, "linear", False):
+        return None
+    return (
+        f"cond.gaussian_mean=on needs a linear channel; {channel.name!r} has no linear form "
+        "(set cond.gaussian_mean=auto or off)"
+    )
+
+
+def fit_feature_prior(x: torch.Tensor, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
+    """The Gaussian of the rows ``x`` the M-step trains on, as checkpoint auxiliary tensors."""
+    from diffem_cli.gaussian.moments import fit_moments
+
+    prior = fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim)
+    return {AUX_PREFIX + k: v for k, v in prior.to_tensors().items()}
+
+
+def feature_prior(aux: Mapping[str, torch.Tensor]) -> Any:
+    """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` saved by :func:`fit_feature_prior`."""
+    from diffem_cli.gaussian.prior import GaussianPrior
+
+    found = {k[len(AUX_PREFIX) :]: v for k, v in aux.items() if k.startswith(AUX_PREFIX)}
+    if not found:
+        raise DiffemError(
+            "this checkpoint was trained with cond.gaussian_mean but holds no cond_gaussian tensors"
+        )
+    return GaussianPrior.from_tensors(found)
+
+
+def condition(
+    channel: Any, obs: Mapping[str, torch.Tensor], shape: tuple[int, ...], prior: Any = None
+) -> torch.Tensor:
+    """The channel's conditioning of ``obs``, followed, when ``prior`` is given, by the Gaussian
+    posterior mean of ``x`` given each observation (``shape[0]`` more channels or features)."""
+    cond = channel.condition(obs, shape)
+    if prior is None:
+        return cond
+    from diffem_cli.gaussian.posterior import posterior_mean
+
+    mean = posterior_mean(prior, channel, dict(obs), tuple(shape), device=cond.device)
+    return torch.cat([cond, mean.to(cond)], dim=1)
+
+
+def cond_size(channel: Any, shape: tuple[int, ...], gaussian: bool) -> int:
+    """Conditioning channels (images) or features (vectors) :func:`condition` gives, with the
+    Gaussian feature or without."""
+    return channel.cond_size(shape) + (shape[0] if gaussian else 0)

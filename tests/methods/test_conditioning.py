@@ -1,0 +1,93 @@
+"""The Gaussian conditioning feature (``cond.gaussian_mean``): the closed-form posterior mean, its
+round trip through a checkpoint into ``reconstruct``, and its refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, TINY_UNET, error_line, read_x, run_ok, sets
+
+from diffem_channels import sample_seeds
+from diffem_cli.diffusion.checkpoint import load_checkpoint
+from diffem_cli.gaussian.moments import fit_moments
+from diffem_cli.io.observations import Observations
+from diffem_cli.io.registry import make_channel
+from diffem_cli.methods.conditioning import (
+    AUX_PREFIX,
+    CondOptions,
+    cond_size,
+    condition,
+    feature_prior,
+    uses_gaussian,
+)
+
+SETTINGS = [*FAST, *TINY_UNET, *sets("sample.steps=2", "cond.gaussian_mean=on")]
+
+
+def test_the_feature_is_the_closed_form_posterior_mean() -> None:
+    d, n, s = 6, 5, 0.1
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    cov = q @ torch.diag(torch.linspace(0.5, 2.0, d, dtype=torch.float64)) @ q.T
+    mu = torch.linspace(-0.5, 0.5, d, dtype=torch.float64)
+    x = (mu + torch.randn(4096, d, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).float()
+    prior = fit_moments(x)  # d <= 128: the sample mean and covariance, full
+    channel = make_channel("mask", {"rho": 0.5, "sigma": s})
+    obs = channel.corrupt(x[:n], sample_seeds(1, torch.arange(n), 0))
+    got = condition(channel, obs, (d,), prior)
+    assert got.shape == (n, channel.cond_size((d,)) + d) == (n, cond_size(channel, (d,), True))
+    assert torch.equal(got[:, : channel.cond_size((d,))], channel.condition(obs, (d,)))
+    sig, m = prior.covariance(), prior.mean
+    for i in range(n):
+        o = obs["mask"][i].bool()
+        gain = sig[:, o] @ torch.linalg.inv(sig[o][:, o] + s * s * torch.eye(int(o.sum()), dtype=sig.dtype))
+        want = m + gain @ (obs["y"][i][o].double() - m[o])
+        # a float64 solve, eigenvalues in [0.5, 2]: its jitter (1e-8 of the mean variance) moves the
+        # result by under 3e-8 relative; the float32 output rounds by 2^-24 relative, values < 8
+        torch.testing.assert_close(got[i, -d:].double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cond")
+    run_ok("corrupt", "digits", root / "obs", "-c", "mask", "-p", "rho=0.5", "--limit", 24)
+    run_ok("em-train", root / "obs", root / "run", "--laps", 1, *SETTINGS)
+    return root
+
+
+def test_the_checkpoint_carries_the_gaussian_and_reconstruct_uses_it(trained: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(trained / "run/checkpoints/lap_001.safetensors")
+    data = Observations(trained / "obs")
+    assert ckpt.meta["cond_size"] == data.channel.cond_size(data.shape) + data.shape[0]
+    assert ckpt.meta["method_config"]["cond"] == {"gaussian_mean": "on"}
+    prior = feature_prior(ckpt.aux)
+    assert prior.dim == 64 and prior.full
+    assert any(k.startswith(AUX_PREFIX) for k in ckpt.aux)
+    run_ok("reconstruct", trained / "run/checkpoints/lap_001.safetensors", trained / "obs", tmp_path / "rec")
+    x, exact = read_x(tmp_path / "rec"), data.channel.exact_entries(data.obs)
+    assert torch.equal(x * exact, data.obs["y"] * exact)
+
+
+def test_a_warm_start_with_other_conditioning_is_refused(trained: Path, cli, tmp_path: Path) -> None:
+    warm = trained / "run/checkpoints/lap_001.safetensors"
+    args = ["--laps", 1, *FAST, *TINY_UNET, "--warm-start", warm, *sets("cond.gaussian_mean=off")]
+    code, _, err = cli("em-train", trained / "obs", tmp_path / "run", *args)
+    assert code == 2 and "conditioning size" in error_line(err) and "cond." in error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_channel_without_linear_form_is_refused(tmp_path: Path, cli) -> None:
+    run_ok("corrupt", "digits", tmp_path / "obs", "-c", "jpeg", "--limit", 8)
+    code, _, err = cli("em-train", tmp_path / "obs", tmp_path / "run", "--laps", 1, *SETTINGS)
+    assert code == 2 and "cond.gaussian_mean=on needs a linear channel" in error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_takes_the_feature_for_images_through_a_linear_channel() -> None:
+    mask, jpeg = make_channel("mask", {"rho": 0.5}), make_channel("jpeg", {})
+    auto, on, off = CondOptions("auto"), CondOptions("on"), CondOptions("off")
+    assert uses_gaussian(auto, mask, (1, 8, 8)) and not uses_gaussian(auto, jpeg, (1, 8, 8))
+    assert not uses_gaussian(auto, mask, (5,)) and uses_gaussian(on, mask, (5,))
+    assert not uses_gaussian(off, mask, (1, 8, 8))
