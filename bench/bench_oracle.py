@@ -9,7 +9,9 @@ clean image. Cases (``--cases``):
 * ``digits-mask0.5``, ``digits-mask0.75``: the first ``--n`` of scikit-learn's 8x8 digits,
   random pixel masks, the ``digits`` preset;
 * ``shapes16-mask0.5``: ``--n`` procedural 16x16 RGB images (``bench.images``: gradients, soft
-  blobs, discs and rectangles; seed 0), the ``img16`` preset.
+  blobs, discs and rectangles; seed 0), the ``img16`` preset;
+* ``patches16-mask0.5``: ``--n`` 16x16 RGB patches of scikit-learn's two photographs
+  (``patches:size=16``, seed 0), the ``img16`` preset.
 
 The budget is cut to keep each case to minutes on a 2-core CPU: ``--laps`` laps of ``--epochs``
 epochs, ``--steps`` sampler steps (the presets train 32-40 epochs per lap and sample with 32
@@ -38,6 +40,7 @@ from diffem_cli.pipeline.corrupt import corrupt_dataset
 
 CASES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "shapes16-mask0.5": ("shapes16", "mask", {"rho": 0.5}, "img16"),
+    "patches16-mask0.5": ("patches16", "mask", {"rho": 0.5}, "img16"),
     "digits-mask0.5": ("digits", "mask", {"rho": 0.5}, "digits"),
     "digits-mask0.75": ("digits", "mask", {"rho": 0.75}, "digits"),
 }
@@ -45,9 +48,12 @@ GOAL_DB = 1.0
 
 
 def source(name: str, n: int):
-    """The clean data of a case: the first ``n`` digits, or ``n`` procedural 16x16 images."""
+    """The clean data of a case: the first ``n`` digits, ``n`` natural-image 16x16 patches (seed
+    0), or ``n`` procedural 16x16 images."""
     if name == "digits":
         return LimitedSource(load_source("digits"), n)
+    if name == "patches16":
+        return load_source(f"patches:size=16,n={n},seed=0")
     return TensorSource(shapes_images(n, 16, seed=0), spec=f"bench.images:shapes16:n={n},seed=0")
 
 

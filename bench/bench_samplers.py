@@ -66,7 +66,12 @@ def run_variant(
     )
     seconds = time.perf_counter() - t0
     scores = evaluate_tensors(
-        x, clean[:n], ["psnr", "ssim", "fd_pixels"], value_range=tuple(data.value_range)
+        x,
+        clean[:n],
+        ["psnr", "ssim", "fd_pixels"],
+        sample_index=one.index,
+        reference_index=one.index,
+        value_range=tuple(data.value_range),
     )
     few = first_rows(data, k_n)
     draws = [x[:k_n]] + [

@@ -49,6 +49,34 @@ def fast_uncond(data: Path, run_dir: Path, *settings: object) -> None:
     run_ok("train-uncond", data, run_dir, *FAST, *settings)
 
 
+def kill_when_written(argv: list[str], path: Path, log: Path, timeout: float = 180.0) -> None:
+    """Run ``python -m diffem_cli *argv`` on one thread and SIGKILL it as soon as ``path`` exists
+    (its output goes to the file ``log``: a full pipe would stall it)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "diffem_cli", *argv], env=env, stdout=sink, stderr=sink
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while not path.exists():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, f"{path} did not appear"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
 def error_line(err: str) -> str:
     """The one ``error:`` line, last on stderr (progress lines may precede it), no traceback."""
     lines = err.strip().splitlines()

@@ -52,9 +52,10 @@ METRICS: dict[str, Metric] = {
         Metric("ssim", ("image",), True, "SSIM of each sample against its clean image", False),
         Metric("fd_rand", ("image",), False, "Frechet distance in a fixed random-CNN feature space"),
         Metric("fd_pixels", ("image",), False, "Frechet distance on raw pixels"),
-        Metric("fid", ("image",), False, "FID (opt-in: torchmetrics, downloads Inception weights)"),
+        Metric("fid", ("image",), False, "FID (opt-in: torchmetrics and local Inception weights)"),
+        Metric("kid", ("image",), False, "KID, the kernel Inception distance (opt-in, as fid)"),
         Metric("is", ("image",), False, "Inception Score of the samples (opt-in, as fid)", False),
-        Metric("fd_dinov2", ("image",), False, "Frechet distance in DINOv2 features (opt-in: transformers)"),
+        Metric("fd_dinov2", ("image",), False, "Frechet distance in DINOv2 features (opt-in: local weights)"),
     )
 }
 
@@ -198,7 +199,7 @@ def _evaluate(
         raise DiffemError(f"value range must be (low, high) with high > low, got {value_range}")
     vr = (vr[0], vr[1])
     out: dict[str, float] = {}
-    needs_all = [n for n in chosen if n in ("sinkhorn", "sliced_w2", "fid", "is", "fd_dinov2")]
+    needs_all = [n for n in chosen if n in ("sinkhorn", "sliced_w2", "fid", "kid", "is", "fd_dinov2")]
     if needs_all:
         xs, xr = samples.all(), reference.all()
         for name in needs_all:
@@ -227,6 +228,8 @@ def _whole(
 
     if name == "fid":
         return online.fid(xs, xr, vr)
+    if name == "kid":
+        return online.kid(xs, xr, vr)
     if name == "is":
         return online.inception_score(xs, vr)
     return online.fd_dinov2(xs, xr, vr)

@@ -1,14 +1,19 @@
-"""Opt-in metrics that need extra packages and downloaded weights: FID, IS and FD-DINOv2.
+"""Opt-in metrics that need extra packages and network weights: FID, KID, IS and FD-DINOv2.
 
-They are the field's standard numbers but depend on networks fetched at run time
-(Inception via torchmetrics/torch-fidelity, DINOv2 via transformers), which cannot happen on a
-machine without internet. They are never defaults; asking for one without its package or weights
-raises a one-line ``DiffemError`` saying what to install.
+They are the field's standard numbers but depend on pretrained networks (Inception through
+torchmetrics/torch-fidelity, DINOv2 through transformers). diffem never downloads them: a user who
+has the weights points at them, ``DIFFEM_INCEPTION_WEIGHTS`` (torch-fidelity's Inception file,
+``pt_inception-2015-12-05-6726825d.pth``; torch-fidelity reads it with ``torch.load``) or
+``DIFFEM_DINOV2`` (a local ``facebook/dinov2-base`` folder), also settable with ``diffem evaluate
+--inception-weights`` / ``--dinov2``. Asking for one without its package or weights raises a
+one-line ``DiffemError`` saying how to enable it. They are never defaults.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,20 +22,36 @@ from diffem_cli.core.errors import DiffemError
 from diffem_cli.metrics.frechet import frechet_distance
 
 DINOV2_MODEL = "facebook/dinov2-base"
+INCEPTION_ENV = "DIFFEM_INCEPTION_WEIGHTS"
+DINOV2_ENV = "DIFFEM_DINOV2"
 
-_NEEDS = {
-    "fid": "torchmetrics[image] and internet access to download Inception weights once; "
-    "install with pip install 'diffem[fid]'",
-    "is": "torchmetrics[image] and internet access to download Inception weights once; "
-    "install with pip install 'diffem[fid]'",
-    "fd_dinov2": f"transformers and internet access to download {DINOV2_MODEL} once; "
-    "install with pip install 'diffem[dinov2]'",
+_PACKAGE = {
+    "fid": "pip install 'diffem[fid]'",
+    "kid": "pip install 'diffem[fid]'",
+    "is": "pip install 'diffem[fid]'",
+    "fd_dinov2": "pip install 'diffem[dinov2]'",
+}
+_WEIGHTS = {
+    "fid": (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    "kid": (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    "is": (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    "fd_dinov2": (DINOV2_ENV, f"a local copy of the {DINOV2_MODEL} model folder"),
 }
 
 
-def _unavailable(metric: str, cause: BaseException) -> DiffemError:
-    detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return DiffemError(f"metric {metric!r} needs {_NEEDS[metric]} ({type(cause).__name__}: {detail})")
+def weights_path(metric: str) -> str:
+    """The local weights of ``metric``'s network, from its environment variable; a one-line
+    DiffemError saying how to enable the metric when it is unset or names nothing."""
+    env, what = _WEIGHTS[metric]
+    value = os.environ.get(env, "").strip()
+    if not value:
+        raise DiffemError(
+            f"metric {metric!r} is off: diffem never downloads weights; set {env} to {what} "
+            f"(and {_PACKAGE[metric]})"
+        )
+    if not Path(value).exists():
+        raise DiffemError(f"metric {metric!r}: {env}={value} does not exist")
+    return value
 
 
 def _load(metric: str, make: Callable[[], Any]) -> Any:
@@ -38,8 +59,12 @@ def _load(metric: str, make: Callable[[], Any]) -> Any:
         return make()
     except DiffemError:
         raise
-    except (ImportError, OSError, RuntimeError, ValueError) as e:
-        raise _unavailable(metric, e) from None
+    except (ImportError, OSError, RuntimeError, ValueError, TypeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiffemError(
+            f"metric {metric!r} could not load its network ({type(e).__name__}: {detail}); "
+            f"it needs {_PACKAGE[metric]} and {_WEIGHTS[metric][0]}"
+        ) from None
 
 
 def _unit_rgb(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
@@ -58,18 +83,48 @@ def fid(
     batch_size: int = 256,
 ) -> float:
     """FID (torchmetrics ``FrechetInceptionDistance``, 2048-d pool features) of samples vs reference."""
+    path = weights_path("fid")
 
     def make() -> Any:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        return FrechetInceptionDistance(feature=2048, normalize=True)
+        return FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=path)
 
     metric = _load("fid", make)
+    _feed(metric, samples, reference, value_range, batch_size)
+    return float(metric.compute())
+
+
+def kid(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    batch_size: int = 256,
+) -> float:
+    """KID (torchmetrics ``KernelInceptionDistance``: the mean over its subsets of the unbiased
+    polynomial-kernel MMD on 2048-d Inception features), unbiased at small sample counts."""
+    path = weights_path("kid")
+    subset = min(1000, len(samples), len(reference))
+
+    def make() -> Any:
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        return KernelInceptionDistance(
+            feature=2048, subset_size=subset, normalize=True, feature_extractor_weights_path=path
+        )
+
+    metric = _load("kid", make)
+    _feed(metric, samples, reference, value_range, batch_size)
+    mean, _ = metric.compute()
+    return float(mean)
+
+
+def _feed(metric: Any, samples: torch.Tensor, reference: torch.Tensor, value_range, batch_size: int) -> None:
+    """Reference images as ``real``, samples as fake, in batches."""
     for s in range(0, len(reference), batch_size):
         metric.update(_unit_rgb(reference[s : s + batch_size], value_range), real=True)
     for s in range(0, len(samples), batch_size):
         metric.update(_unit_rgb(samples[s : s + batch_size], value_range), real=False)
-    return float(metric.compute())
 
 
 def inception_score(
@@ -77,10 +132,12 @@ def inception_score(
 ) -> float:
     """Inception Score (torchmetrics ``InceptionScore``, mean over its splits) of the samples."""
 
+    path = weights_path("is")
+
     def make() -> Any:
         from torchmetrics.image.inception import InceptionScore
 
-        return InceptionScore(normalize=True)
+        return InceptionScore(normalize=True, feature_extractor_weights_path=path)
 
     metric = _load("is", make)
     for s in range(0, len(samples), batch_size):
@@ -92,13 +149,16 @@ def inception_score(
 def dinov2_features(
     x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 64
 ) -> torch.Tensor:
-    """DINOv2 (``facebook/dinov2-base``) class-token features of images, via transformers."""
+    """DINOv2 (``facebook/dinov2-base``, from its local folder) class-token features of images,
+    via transformers, offline."""
+    path = weights_path("fd_dinov2")
 
     def make() -> Any:
         from transformers import AutoImageProcessor, AutoModel
 
-        return AutoImageProcessor.from_pretrained(DINOV2_MODEL), AutoModel.from_pretrained(
-            DINOV2_MODEL
+        local = {"local_files_only": True}
+        return AutoImageProcessor.from_pretrained(path, **local), AutoModel.from_pretrained(
+            path, **local
         ).eval()
 
     processor, model = _load("fd_dinov2", make)

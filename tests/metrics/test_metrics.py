@@ -254,18 +254,40 @@ def test_fd_rand_takes_colour_and_rejects_mismatched_shapes() -> None:
 # --- opt-in online metrics ----------------------------------------------------------------------
 
 
-def test_online_metrics_fail_with_one_line_when_unavailable() -> None:
+def test_online_metrics_are_off_without_local_weights(monkeypatch, tmp_path) -> None:
     from diffem_cli.metrics import online
 
     x = torch.rand(4, 3, 8, 8) * 2 - 1
-    try:
-        import torchmetrics  # noqa: F401
-    except ImportError:
-        with pytest.raises(DiffemError, match=r"pip install 'diffem\[fid\]'") as err:
-            online.fid(x, x)
-        assert "\n" not in str(err.value)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        with pytest.raises(DiffemError, match="fd_dinov2.*transformers"):
-            online.fd_dinov2(x, x)
+    monkeypatch.delenv(online.INCEPTION_ENV, raising=False)
+    monkeypatch.delenv(online.DINOV2_ENV, raising=False)
+    for metric, call in (("fid", online.fid), ("kid", online.kid), ("fd_dinov2", online.fd_dinov2)):
+        with pytest.raises(DiffemError, match=f"metric '{metric}' is off: diffem never downloads") as err:
+            call(x, x)
+        assert "\n" not in str(err.value) and "DIFFEM_" in str(err.value)
+    with pytest.raises(DiffemError, match="metric 'is' is off"):
+        online.inception_score(x)
+    monkeypatch.setenv(online.INCEPTION_ENV, str(tmp_path / "missing.pth"))
+    with pytest.raises(DiffemError, match="missing.pth does not exist"):
+        online.fid(x, x)
+
+
+def test_evaluate_names_the_variable_that_enables_fid(cli, tmp_path, monkeypatch) -> None:
+    from helpers import error_line, run_ok
+
+    monkeypatch.delenv("DIFFEM_INCEPTION_WEIGHTS", raising=False)
+    run_ok(
+        "corrupt", "digits", tmp_path / "obs", "-c", "mask", "--limit", 8, "--clean-out", tmp_path / "clean"
+    )
+    code, _, err = cli("evaluate", tmp_path / "clean", "--reference", tmp_path / "clean", "--metrics", "kid")
+    assert code == 2 and "DIFFEM_INCEPTION_WEIGHTS" in error_line(err)
+    code, _, err = cli(
+        "evaluate",
+        tmp_path / "clean",
+        "--reference",
+        tmp_path / "clean",
+        "--metrics",
+        "fid",
+        "--inception-weights",
+        tmp_path / "nowhere.pth",
+    )
+    assert code == 2 and "nowhere.pth does not exist" in error_line(err)

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
+from helpers import QUICK, TINY_MLP, error_line, kill_when_written, run_ok, sets, snapshot
 
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, load_tensors
 from diffem_cli.io.observations import load_recon
@@ -239,9 +234,6 @@ def test_warm_start_keeps_its_network(base, cli, tmp_path):
 def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):
     run_dir = tmp_path / "run"
     args = [
-        sys.executable,
-        "-m",
-        "diffem_cli",
         "em-train",
         str(base / "obs"),
         str(run_dir),
@@ -253,24 +245,8 @@ def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):
         "--set",
         "train.batch_size=16",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     state = run_dir / "state" / "mstep.safetensors"
-    log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would stall the child
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(args, env=env, stdout=sink, stderr=sink)
-        try:
-            deadline = time.monotonic() + 180
-            while not state.exists():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "no M-step state appeared"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_written(args, state, tmp_path / "first.log")
     assert not (run_dir / "checkpoints/lap_001.safetensors").exists(), "killed too late: lap 1 had finished"
     _, meta = load_tensors(state)
     saved_epoch = meta["epoch"]
@@ -281,7 +257,7 @@ def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code, _, err = cli(*args[3:])
+        code, _, err = cli(*args)
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err

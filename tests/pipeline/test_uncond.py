@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from helpers import QUICK, TINY_MLP, error_line, run_ok, sets, snapshot
+from helpers import QUICK, TINY_MLP, error_line, kill_when_written, run_ok, sets, snapshot
 
 from diffem_cli.diffusion.checkpoint import load_checkpoint
 from diffem_cli.io.store import columns, read_manifest
@@ -128,35 +128,13 @@ def test_sample_bad_input(d, cli, tmp_path):
 def test_a_killed_train_uncond_resumes_its_epochs(d, cli, tmp_path: Path) -> None:
     """A kill mid-training leaves only a training state (no lap record, no checkpoint): the rerun
     goes on from the state's epoch instead of wiping the RUN."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from diffem_cli.diffusion.checkpoint import load_tensors
 
     run_dir, log = tmp_path / "urun", tmp_path / "first.log"
     args = ["train-uncond", str(d / "run/recon/lap_001"), str(run_dir), *map(str, TRAIN)]
     args += ["--set", "train.epochs=40", "--set", "train.batch_size=8"]
     state = run_dir / "state" / "mstep.safetensors"
-    with open(log, "wb") as sink:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "diffem_cli", *args], env=env, stdout=sink, stderr=sink
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while not state.exists():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "no training state appeared"
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+    kill_when_written(args, state, log)
     assert not (run_dir / "checkpoints/uncond.safetensors").exists(), "killed too late: training had finished"
     saved = int(load_tensors(state)[1]["epoch"])
     before = (run_dir / "metrics.jsonl").read_text()  # its timings differ from any rerun's

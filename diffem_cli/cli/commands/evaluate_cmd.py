@@ -27,7 +27,8 @@ def evaluate_command(
         typer.Option(
             help="Comma-separated metric names (default: sinkhorn,sliced_w2 for vectors; "
             "psnr,ssim,fd_rand,fd_pixels for images). All: sinkhorn, sliced_w2, psnr, ssim, "
-            "fd_rand, fd_pixels, and opt-in fid, is, fd_dinov2."
+            "fd_rand, fd_pixels, and opt-in fid, kid, is (local Inception weights), fd_dinov2 "
+            "(local DINOv2 weights)."
         ),
     ] = None,
     json_out: Annotated[
@@ -36,6 +37,19 @@ def evaluate_command(
     n_points: Annotated[int, typer.Option(help="Points per set for the Sinkhorn divergence.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and projections.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="torch-fidelity's Inception weights file, for fid, kid and is "
+            "(default: $DIFFEM_INCEPTION_WEIGHTS; nothing is downloaded)."
+        ),
+    ] = None,
+    dinov2: Annotated[
+        Path | None,
+        typer.Option(
+            help="A local facebook/dinov2-base model folder, for fd_dinov2 (default: $DIFFEM_DINOV2)."
+        ),
+    ] = None,
 ) -> None:
     """Score SAMPLES against a clean REFERENCE: a table of metrics."""
     from rich.console import Console
@@ -55,9 +69,16 @@ def evaluate_command(
         check_output(json_out, force, [samples, reference], kind="file")
     if n_points < 1:
         raise DiffemError(f"--n-points must be >= 1, got {n_points}")
+    import os
+    from unittest import mock
+
+    from diffem_cli.metrics.online import DINOV2_ENV, INCEPTION_ENV
+
+    weights = {env: str(p) for env, p in ((INCEPTION_ENV, inception_weights), (DINOV2_ENV, dinov2)) if p}
     names = None if metrics is None else [m for m in metrics.split(",") if m.strip()]
     t0 = time.perf_counter()
-    results = evaluate_folders(samples, reference, names, n_points=n_points, seed=seed)
+    with mock.patch.dict(os.environ, weights):  # for this command only
+        results = evaluate_folders(samples, reference, names, n_points=n_points, seed=seed)
     seconds = time.perf_counter() - t0
 
     table = Table(title=f"{samples} vs {reference}")
