@@ -34,7 +34,7 @@ class CondOptions:
     posterior mean of ``x`` given the observation as conditioning channels: ``on`` (linear
     channels only), ``off``, or ``auto`` (on for image data through a linear channel)."""
 
-    gaussian_mean: str = "off"
+    gaussian_mean: str = "auto"
 
     def validate(self) -> None:
         """One-line DiffemError for a bad value."""

@@ -71,6 +71,13 @@ class ConditionalMethod(Method):
     kind = "conditional"
     option_classes = {"cond": CondOptions}
 
+    @classmethod
+    def from_record(cls, record: Any) -> Method:  # noqa: D102
+        # a checkpoint written before the ``cond`` section existed took no Gaussian feature
+        record = dict(record or {})
+        record.setdefault("cond", {"gaussian_mean": "off"})
+        return super().from_record(record)
+
     def accepts(self, channel: Any) -> str | None:  # noqa: D102
         return gaussian_only_linear(self.options["cond"], channel)
 

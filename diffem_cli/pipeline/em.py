@@ -454,7 +454,14 @@ class _Driver:
 
     def _initial_model(self, lap: int, fine_tune: bool) -> nn.Module:
         if lap > 1 and fine_tune:
-            return build_model(load_checkpoint(self.run.checkpoint(lap - 1)))
+            prev = load_checkpoint(self.run.checkpoint(lap - 1))
+            if int(prev.meta.get("cond_size", 0)) != self.spec.cond_size:
+                raise DiffemError(
+                    f"lap {lap - 1}'s checkpoint takes another conditioning than this run's settings give "
+                    "(written before cond.gaussian_mean defaulted to auto?): continue this RUN with "
+                    "--set cond.gaussian_mean=off"
+                )
+            return build_model(prev)
         if lap == 1 and self.warm is not None and self.warm.kind == self.spec.kind:
             if int(self.warm.meta.get("cond_size", 0)) == self.spec.cond_size:
                 return build_model(self.warm)

@@ -58,6 +58,7 @@ TITLES = {
     "fd_rand": "FD, random-CNN features",
     "fd_pixels": "FD, pixels",
     "fid": "FID",
+    "kid": "KID",
     "is": "Inception Score",
     "fd_dinov2": "FD, DINOv2 features",
     "obs_sw2": "obs SW2 (label-free)",

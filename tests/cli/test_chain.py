@@ -150,7 +150,7 @@ def test_manifold_chain(manifold):
 
 
 def test_digits_chain(digits):
-    _check_run(digits, 64, (1, 8, 8), cond_size=2)
+    _check_run(digits, 64, (1, 8, 8), cond_size=2 + 1)  # y, mask, the Gaussian posterior mean
     _check_uncond(digits, (1, 8, 8))
     pngs = sorted(p.name for p in (digits / "rec_png").iterdir())  # one grid of 64 per draw
     assert pngs == ["000000_000063_draw0.png", "000000_000063_draw1.png"]

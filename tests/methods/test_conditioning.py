@@ -91,3 +91,12 @@ def test_auto_takes_the_feature_for_images_through_a_linear_channel() -> None:
     assert uses_gaussian(auto, mask, (1, 8, 8)) and not uses_gaussian(auto, jpeg, (1, 8, 8))
     assert not uses_gaussian(auto, mask, (5,)) and uses_gaussian(on, mask, (5,))
     assert not uses_gaussian(off, mask, (1, 8, 8))
+
+
+def test_a_checkpoint_from_before_the_option_reads_as_off() -> None:
+    from diffem_cli.methods.registry import method_for_checkpoint
+
+    old = method_for_checkpoint({"method": "diffem", "method_config": {"em": {"recorrupt_every": 0}}})
+    assert old.options["cond"].gaussian_mean == "off"
+    new = method_for_checkpoint({"method": "oracle", "method_config": {"cond": {"gaussian_mean": "auto"}}})
+    assert new.options["cond"].gaussian_mean == "auto"

@@ -117,7 +117,7 @@ def test_exported_image_models_load_back(d, cli, tmp_path):
         assert code == 0, err
     assert torch.equal(read_x(tmp_path / "a"), read_x(tmp_path / "b"))
     meta = json.loads((d / "d_cond_exp/diffem.json").read_text())
-    assert meta["kind"] == "conditional" and meta["channel"]["name"] == "mask" and meta["cond_size"] == 2
+    assert meta["kind"] == "conditional" and meta["channel"]["name"] == "mask" and meta["cond_size"] == 2 + 1
     assert (d / "d_cond_exp/unet/config.json").exists() and not (d / "d_cond_exp/model_index.json").exists()
     assert "mask" in (d / "d_cond_exp/README.md").read_text()
     # unconditional: sample from the pipeline folder == sample from the checkpoint
@@ -304,9 +304,12 @@ def test_a_tampered_export_is_refused_with_one_line(d, cli, tmp_path, tamper):
 
 
 def test_exports_without_aux_tensors_have_no_aux_file(d):
-    for name in ("d_uncond", "d_cond", "m_uncond", "m_cond"):
+    for name in ("d_uncond", "m_uncond", "m_cond"):
         assert not (d / f"{name}_exp" / AUX_FILE).exists()
         _same_checkpoint(load_export(d / f"{name}_exp"), load_checkpoint(d / f"{name}.safetensors"))
+    # a conditional image model holds its Gaussian conditioning feature's moments (cond.gaussian_mean)
+    assert (d / "d_cond_exp" / AUX_FILE).exists()
+    _same_checkpoint(load_export(d / "d_cond_exp"), load_checkpoint(d / "d_cond.safetensors"))
 
 
 def test_pipeline_export_with_aux_tensors_still_loads_in_diffusers(d, tmp_path):
