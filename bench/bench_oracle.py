@@ -6,8 +6,9 @@ the observations allow at that budget. Both run through ``diffem_cli.pipeline.co
 unconditional models), evaluated every lap on one posterior sample per observation against its
 clean image. Cases (``--cases``):
 
-* ``digits-mask0.5``, ``digits-mask0.75``: the first ``--n`` of scikit-learn's 8x8 digits,
-  random pixel masks, the ``digits`` preset;
+* ``digits-mask0.5``, ``digits-mask0.75``, ``digits-noise0.2``: the first ``--n`` of
+  scikit-learn's 8x8 digits, random pixel masks or Gaussian noise of sigma 0.2, the ``digits``
+  preset;
 * ``shapes16-mask0.5``: ``--n`` procedural 16x16 RGB images (``bench.images``: gradients, soft
   blobs, discs and rectangles; seed 0), the ``img16`` preset;
 * ``patches16-mask0.5``: ``--n`` 16x16 RGB patches of scikit-learn's two photographs
@@ -43,6 +44,7 @@ CASES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "patches16-mask0.5": ("patches16", "mask", {"rho": 0.5}, "img16"),
     "digits-mask0.5": ("digits", "mask", {"rho": 0.5}, "digits"),
     "digits-mask0.75": ("digits", "mask", {"rho": 0.75}, "digits"),
+    "digits-noise0.2": ("digits", "noise", {"sigma": 0.2}, "digits"),
 }
 GOAL_DB = 1.0
 
