@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from diffem_channels import Channel, sample_seeds
+from diffem_channels import Channel, ChannelError, sample_seeds
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io.datameta import DataMeta
 from diffem_cli.io.rowmeta import RowColumns, found_columns, read_rows, tensor_names
@@ -76,6 +76,16 @@ class Observations:
                 yield {k: v[s : s + size] for k, v in self.obs.items()}
 
         return gen
+
+
+def binary_fields(channel: Channel, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The observation fields ``channel`` declares 0/1 for data ``shape`` (its binary import
+    fields, e.g. a mask), which observation folders store compactly (uint8)."""
+    try:
+        fields = channel.import_fields(tuple(shape))
+    except ChannelError:
+        return ()
+    return tuple(f.name for f in fields if f.binary)
 
 
 def save_recon(

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -500,12 +500,27 @@ def _to_numpy(chunk: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _compacted(chunk: dict[str, Any], names: Collection[str]) -> dict[str, Any]:
+    """The 0/1 columns ``names`` of a numpy chunk as uint8 (a quarter of float32's bytes); a value
+    other than 0 or 1 there is a DiffemError (the channel declared the field binary)."""
+    out = dict(chunk)
+    for name in names:
+        arr = out.get(name)
+        if arr is None or isinstance(arr, list):
+            continue
+        if not np.isin(arr, (0, 1)).all():
+            raise DiffemError(f"column {name!r} is declared binary but holds values other than 0 and 1")
+        out[name] = arr.astype(np.uint8)
+    return out
+
+
 def write_dataset(
     out: Path,
     chunks: Iterable[dict[str, Any]],
     manifest: dict[str, Any],
     force: bool = False,
     features: Mapping[str, Any] | None = None,
+    compact: Collection[str] = (),
 ) -> Path:
     """Write batches of named arrays (leading batch dimension) as a ``datasets`` folder.
 
@@ -513,8 +528,10 @@ def write_dataset(
     manifest give byte-identical files. A chunk's value may also be a list, one entry per row
     (file names, labels: see :mod:`diffem_cli.io.rowmeta`), stored as a string or int64 column
     unless ``features`` gives its ``datasets`` feature (a ``ClassLabel``, an ``Image``). The
-    manifest gains ``num_rows`` and ``checksum`` (see :func:`verify_dataset`). A full disk is a
-    :class:`DiskError` naming the file or ``out``.
+    manifest gains ``num_rows`` and ``checksum`` (see :func:`verify_dataset`). Columns named in
+    ``compact`` (0/1 fields, e.g. masks) are stored as uint8 and listed in the manifest's
+    ``compact``; :func:`columns` reads them back as float32. A full disk is a :class:`DiskError`
+    naming the file or ``out``.
     """
     import datasets
 
@@ -522,16 +539,19 @@ def write_dataset(
     check_output(out, force)
     iterator = iter(chunks)
     try:
-        first = _to_numpy(next(iterator))
+        first = _compacted(_to_numpy(next(iterator)), compact)
     except StopIteration:
         raise DiffemError("nothing to write: the input holds no samples") from None
     feats = _features(first, features)
     manifest = {**manifest, "diffem_version": __version__}
+    stored = sorted(n for n in compact if n in first and not isinstance(first[n], list))
+    if stored:
+        manifest["compact"] = stored
     stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_KEYS}
     fingerprint = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def rows() -> Iterator[dict[str, Any]]:
-        for chunk in _prepend(first, iterator):
+        for chunk in _prepend(first, (_compacted(_to_numpy(c), compact) for c in iterator)):
             n = len(next(iter(chunk.values())))
             for i in range(n):
                 yield {k: v[i] for k, v in chunk.items()}
@@ -597,8 +617,7 @@ def user_error(e: BaseException) -> BaseException | None:
 
 def _prepend(first: dict[str, np.ndarray], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, np.ndarray]]:
     yield first
-    for chunk in rest:
-        yield _to_numpy(chunk)
+    yield from rest
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -635,7 +654,8 @@ def read_dataset(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def columns(ds: Any, names: list[str], start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows ``start:stop`` of the named columns as float32 (or int64) torch tensors."""
+    """Rows ``start:stop`` of the named columns as float32 (or int64) torch tensors; uint8 columns
+    (0/1 fields stored compactly by :func:`write_dataset`) as float32."""
     missing = [n for n in names if n not in ds.column_names]
     if missing:
         raise DiffemError(f"dataset has no column {missing[0]!r} (columns: {', '.join(ds.column_names)})")
@@ -648,8 +668,15 @@ def columns(ds: Any, names: list[str], start: int = 0, stop: int | None = None) 
             what = "string" if arr.dtype.kind in "USO" else arr.dtype.name
             raise DiffemError(f"column {n!r} holds {what} values, not numbers: it is not a tensor")
         t = torch.from_numpy(np.ascontiguousarray(arr))
-        out[n] = t.float() if t.is_floating_point() else t
+        out[n] = t.float() if t.is_floating_point() or _stored_dtype(ds.features[n]) == "uint8" else t
     return out
+
+
+def _stored_dtype(feature: Any) -> str | None:
+    """The element type a ``datasets`` feature stores (``datasets``' numpy format widens integers
+    to int64 on reading, so a uint8 column is told by its feature)."""
+    inner = getattr(feature, "feature", None)
+    return getattr(feature, "dtype", None) if inner is None else _stored_dtype(inner)
 
 
 def iter_columns(ds: Any, names: list[str], batch_size: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

@@ -20,6 +20,7 @@ from diffem_channels.base import Channel, ChannelError, sample_seeds
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.io import provenance, rowmeta
 from diffem_cli.io.datameta import IMAGE, VECTOR, DataMeta
+from diffem_cli.io.observations import binary_fields
 from diffem_cli.io.rowmeta import NOT_TENSORS
 from diffem_cli.io.sources import Source
 from diffem_cli.io.store import check_apart, check_output, columns, read_dataset, read_manifest, write_dataset
@@ -183,7 +184,10 @@ def corrupt_dataset(
                         bar.advance(task, len(x))
 
             manifest = {"kind": "observations", "channel": channel.spec(), **common, **chain}
-            write_dataset(out, observation_chunks(), manifest, force=force, features=row_features)
+            compact = binary_fields(channel, tuple(source.shape))
+            write_dataset(
+                out, observation_chunks(), manifest, force=force, features=row_features, compact=compact
+            )
         except BaseException:
             if wrote_clean and clean_out is not None:
                 shutil.rmtree(clean_out, ignore_errors=True)

@@ -684,7 +684,8 @@ def import_observations(
     )
     manifest[provenance.KEY] = provenance.extend(provenance.read_chain(local), then=done)
     row_features = rowmeta.features(observed.columns(0, 1), observed.label_names)
-    write_dataset(out, chunks(), manifest, force=force, features=row_features)
+    compact = [f.name for f in fields if f.binary]
+    write_dataset(out, chunks(), manifest, force=force, features=row_features, compact=compact)
     return read_manifest(out)
 
 

@@ -517,3 +517,26 @@ def test_disk_errors_are_one_line_refusals_and_still_oserrors() -> None:
     e = store.disk_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "/data/out")
     assert isinstance(e, OSError) and isinstance(e, DiffemError) and e.exit_code == 2
     assert str(e) == "/data/out: No space left on device" and e.errno == errno.ENOSPC
+
+
+def test_binary_columns_are_stored_as_uint8_and_read_back_as_float32(tmp_path: Path) -> None:
+    import datasets
+
+    from diffem_cli.core.errors import DiffemError
+    from diffem_cli.io.store import columns, read_dataset, write_dataset
+
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.rand(10, 1, 4, 4, generator=gen) < 0.5).float()
+    y = torch.randn(10, 1, 4, 4, generator=gen) * mask
+    chunks = [{"y": y[:6], "mask": mask[:6]}, {"y": y[6:], "mask": mask[6:]}]
+    write_dataset(tmp_path / "d", iter(chunks), {"kind": "test"}, compact=["mask"])
+    ds, manifest = read_dataset(tmp_path / "d")
+    assert manifest["compact"] == ["mask"]
+    assert datasets.load_from_disk(str(tmp_path / "d")).features["mask"].dtype == "uint8"
+    back = columns(ds, ["y", "mask"])
+    assert back["mask"].dtype == torch.float32 and torch.equal(back["mask"], mask)
+    assert torch.equal(back["y"], y)
+    half = [{"y": y, "mask": mask * 0.5}]
+    with pytest.raises(DiffemError, match="'mask' is declared binary"):
+        write_dataset(tmp_path / "e", iter(half), {"kind": "test"}, compact=["mask"])
+    assert not (tmp_path / "e").exists()
