@@ -77,6 +77,24 @@ def kill_when_written(argv: list[str], path: Path, log: Path, timeout: float = 1
     assert proc.returncode == -signal.SIGKILL
 
 
+def cut_network(monkeypatch) -> list[tuple[object, float | None]]:
+    """No proxy or offline setting, and every socket connection refused; returns the list of the
+    connections tried, filled as they are."""
+    import socket
+
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    for var in (*offline, "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    tried: list[tuple[object, float | None]] = []
+
+    def refuse(address: object, timeout: float | None = None) -> None:
+        tried.append((address, timeout))
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return tried
+
+
 def error_line(err: str) -> str:
     """The one ``error:`` line, last on stderr (progress lines may precede it), no traceback."""
     lines = err.strip().splitlines()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, TINY_MLP, error_line, file_bytes, run_ok, snapshot
+from helpers import FAST, TINY_MLP, cut_network, error_line, file_bytes, run_ok, snapshot
 
 from diffem_cli.core.errors import DiffemError
 
@@ -155,26 +155,9 @@ def test_report_with_a_reference_of_another_shape_writes_nothing(cli, d: Path) -
 
 
 def test_hub_unreachable_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
     from diffem_cli.io import sources
 
-    for var in (
-        "HF_HUB_OFFLINE",
-        "HF_DATASETS_OFFLINE",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    tried = []
-
-    def refuse(address, timeout=None):
-        tried.append((address, timeout))
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    tried = cut_network(monkeypatch)
     with pytest.raises(DiffemError, match="no connection to the Hugging Face Hub"):
         sources.load_source("hf:someone/something")
     # one probe, bounded by the short timeout: no retries, no library-level download attempt

@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from helpers import error_line
+from helpers import cut_network, error_line
 from PIL import Image
 
 from diffem_cli.io.provenance import read_chain
@@ -81,22 +81,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_data_set(cli, hub, tmp_path: 
 
 
 def test_no_connection_at_all_is_said_before_any_download(cli, hub, tmp_path, monkeypatch) -> None:
-    import socket
-
-    for var in (
-        "HF_HUB_OFFLINE",
-        "HF_DATASETS_OFFLINE",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-    ):
-        monkeypatch.delenv(var, raising=False)
-
-    def refuse(address: object, timeout: float | None = None) -> None:
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
+    cut_network(monkeypatch)
     code, _, err = cli("import", "hf:someone/noisy", tmp_path / "obs", "-c", "noise")
     assert code == 2
     assert "could not load hf:someone/noisy: no connection to the Hugging Face Hub" in error_line(err)
