@@ -58,16 +58,20 @@ def gaussian_only_linear(options: CondOptions, channel: Any) -> str | None:
     )
 
 
-def fit_feature_prior(x: torch.Tensor, cfg: Any, seed: int) -> dict[str, torch.Tensor]:
-    """The Gaussian of the rows ``x`` the M-step trains on, as checkpoint auxiliary tensors."""
+def fit_feature_prior(x: torch.Tensor, cfg: Any, seed: int) -> Any:
+    """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` of the rows ``x`` the M-step trains on."""
     from diffem_cli.gaussian.moments import fit_moments
 
-    prior = fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim)
+    return fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim)
+
+
+def feature_aux(prior: Any) -> dict[str, torch.Tensor]:
+    """``prior`` as checkpoint auxiliary tensors (read back by :func:`feature_prior`)."""
     return {AUX_PREFIX + k: v for k, v in prior.to_tensors().items()}
 
 
 def feature_prior(aux: Mapping[str, torch.Tensor]) -> Any:
-    """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` saved by :func:`fit_feature_prior`."""
+    """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` saved by :func:`feature_aux`."""
     from diffem_cli.gaussian.prior import GaussianPrior
 
     found = {k[len(AUX_PREFIX) :]: v for k, v in aux.items() if k.startswith(AUX_PREFIX)}

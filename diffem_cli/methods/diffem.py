@@ -19,6 +19,7 @@ from diffem_cli.methods.conditioning import (
     CondOptions,
     cond_size,
     condition,
+    feature_aux,
     feature_prior,
     fit_feature_prior,
     gaussian_only_linear,
@@ -50,8 +51,8 @@ def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any
 
     keep = cfg.sample.keep_observed
     gaussian = uses_gaussian(cond, data.channel, data.shape)
-    aux = fit_feature_prior(x, cfg, lap_seed(seed, lap, "cond")) if gaussian else {}
-    prior = feature_prior(aux) if aux else None
+    prior = fit_feature_prior(x, cfg, lap_seed(seed, lap, "cond")) if gaussian else None
+    aux = feature_aux(prior) if prior is not None else {}
     pairs = conditioning(data, recorrupt(data.channel, x, seed, lap, data.index), keep, prior)
     refresh: Refresh | None = None
     if cfg.em.recorrupt_every > 0:

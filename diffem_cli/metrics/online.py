@@ -31,10 +31,11 @@ _PACKAGE = {
     "is": "pip install 'diffem[fid]'",
     "fd_dinov2": "pip install 'diffem[dinov2]'",
 }
+_INCEPTION = (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)")
 _WEIGHTS = {
-    "fid": (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)"),
-    "kid": (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)"),
-    "is": (INCEPTION_ENV, "torch-fidelity's Inception weights file (pt_inception-2015-12-05-6726825d.pth)"),
+    "fid": _INCEPTION,
+    "kid": _INCEPTION,
+    "is": _INCEPTION,
     "fd_dinov2": (DINOV2_ENV, f"a local copy of the {DINOV2_MODEL} model folder"),
 }
 

@@ -57,8 +57,8 @@ def reconstruct(
         check_output(png_dir, force)
     ckpt = load_model_source(ckpt_path)
     data = Observations(data_path)
-    check_checkpoint_for(ckpt.meta, data, ckpt_path)
     method = method_for_checkpoint(ckpt.meta)
+    check_checkpoint_for(ckpt.meta, data, ckpt_path, method)
     method.check(data)
     if png_dir is not None:
         check_png(data.kind)
@@ -89,6 +89,7 @@ def reconstruct(
         "steps": cfg.steps,
         "corrections": cfg.corrections,
         "corrector_tau": cfg.corrector_tau,
+        "spacing": cfg.spacing,
         "per_observation": per_observation,
         "seed": seed,
         "data_shape": list(data.shape),

@@ -218,6 +218,7 @@ def sample_unconditional(
         "steps": cfg.steps,
         "corrections": cfg.corrections,
         "corrector_tau": cfg.corrector_tau,
+        "spacing": cfg.spacing,
         **counter.totals(ctx),
         "seconds": time.perf_counter() - t0,
         "seed": seed,
