@@ -19,7 +19,8 @@ from diffem_cli.diffusion.schedule import SCHEDULE
 
 
 @lru_cache(maxsize=1)
-def _alphas_cumprod() -> torch.Tensor:
+def alphas_cumprod() -> torch.Tensor:
+    """The schedule's cumulative products ``abar_t`` (float64, 1,000 steps), computed once."""
     from diffem_cli.diffusion.schedule import ddpm_scheduler
 
     return ddpm_scheduler().alphas_cumprod.double()
@@ -27,7 +28,7 @@ def _alphas_cumprod() -> torch.Tensor:
 
 def alpha_sigma(t: int) -> tuple[float, float]:
     """``(alpha_t, sigma_t)`` of the schedule at integer timestep ``t`` in [0, 1000)."""
-    abar = float(_alphas_cumprod()[int(t)])
+    abar = float(alphas_cumprod()[int(t)])
     return abar**0.5, (1.0 - abar) ** 0.5
 
 
@@ -73,7 +74,7 @@ class NetworkDenoiser(Denoiser):
         return x0_from_v(x_t, self.v(x_t, t), a, s)
 
 
-__all__ = ["SCHEDULE", "Denoiser", "NetworkDenoiser", "alpha_sigma", "x0_from_v"]
+__all__ = ["SCHEDULE", "Denoiser", "NetworkDenoiser", "alpha_sigma", "alphas_cumprod", "x0_from_v"]
 
 
 class KeepObserved(Denoiser):

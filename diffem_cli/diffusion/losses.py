@@ -9,6 +9,7 @@ another objective (Ambient-Diffusion's loss on the observed pixels) bring their 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -65,10 +66,12 @@ def noised(
 class VLoss:
     """Mean squared error on ``v`` for ``batch["x"]``, conditioned on ``batch["cond"]`` if present;
     with ``batch["weight"]`` (shaped like ``x``) the weighted mean, e.g. over the entries a model
-    does not take from its observation."""
+    does not take from its observation. ``around`` wraps the model for the loss, e.g. as a residual
+    (:class:`~diffem_cli.diffusion.residual.GaussianResidual`); the trained weights stay the model's."""
 
-    def __init__(self, t_sampling: str = "uniform"):
+    def __init__(self, t_sampling: str = "uniform", around: Callable[[nn.Module], nn.Module] | None = None):
         self.t_sampling = t_sampling
+        self.around = around
 
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor], scheduler: Any, generator: torch.Generator
@@ -76,7 +79,8 @@ class VLoss:
         x0 = batch["x"]
         x_t, t, noise = noised(x0, scheduler, generator, self.t_sampling)
         target = scheduler.get_velocity(x0, noise, t)
-        pred = model(x_t, t, batch.get("cond"))
+        net = self.around(model) if self.around is not None else model
+        pred = net(x_t, t, batch.get("cond"))
         err = (pred.float() - target.float()) ** 2
         weight = batch.get("weight")
         if weight is None:

@@ -49,10 +49,13 @@ when ``rows`` is a tensor of row indices, of those observations in that order.""
 @dataclass
 class ModelSpec:
     """The model a method trains: ``kind`` (``conditional``, ``unconditional``, or the method's
-    own, e.g. ``ambient``) and the conditioning channels (images) or features (vectors) it takes."""
+    own, e.g. ``ambient``), the conditioning channels (images) or features (vectors) it takes,
+    and whether its network is a residual around a closed-form denoiser (``residual``: trained
+    from scratch, its last layer starts at zero, since a zero output is already a denoiser)."""
 
     kind: str
     cond_size: int = 0
+    residual: bool = False
 
 
 @dataclass

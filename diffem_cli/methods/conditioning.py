@@ -9,6 +9,12 @@ rows the M-step trains on (the previous lap's reconstructions; the oracle's clea
 to ``em.gaussian_full_max_dim`` dimensions, else top-``em.gaussian_rank`` PCA plus a diagonal. It is
 saved with the checkpoint (auxiliary tensors ``cond_gaussian.*``) so the E-step and ``reconstruct``
 compute the same feature.
+
+``cond.residual=on`` also makes the network a residual around the closed-form denoiser centred on
+that feature (:class:`~diffem_cli.diffusion.residual.GaussianResidual`), its last layer zero when
+trained from scratch: an untrained model is then the Gaussian's denoiser, not noise. The spread of
+the training rows around the feature (``sigma``) is measured at each M-step and saved with the
+checkpoint (auxiliary tensor ``cond_residual.sigma``).
 """
 
 from __future__ import annotations
@@ -23,22 +29,32 @@ from diffem_cli.core.checks import choice
 from diffem_cli.core.errors import DiffemError
 
 AUX_PREFIX = "cond_gaussian."
+SIGMA_KEY = "cond_residual.sigma"
 
 
 GAUSSIAN_MODES: tuple[str, ...] = ("auto", "on", "off")
+RESIDUAL_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 
 @dataclass
 class CondOptions:
     """Conditioning of conditional models (section ``cond``): ``gaussian_mean`` adds the Gaussian
     posterior mean of ``x`` given the observation as conditioning channels: ``on`` (linear
-    channels only), ``off``, or ``auto`` (on for image data through a linear channel)."""
+    channels only), ``off``, or ``auto`` (on for image data through a linear channel);
+    ``residual`` trains the network as a residual around the closed-form denoiser centred on that
+    feature: ``on`` (it needs the feature), ``off``, or ``auto`` (whenever the feature is taken)."""
 
     gaussian_mean: str = "auto"
+    residual: str = "off"
 
     def validate(self) -> None:
         """One-line DiffemError for a bad value."""
         choice("cond.gaussian_mean", self.gaussian_mean, GAUSSIAN_MODES)
+        choice("cond.residual", self.residual, RESIDUAL_MODES)
+        if self.residual == "on" and self.gaussian_mean == "off":
+            raise DiffemError(
+                "cond.residual=on needs the Gaussian feature: set cond.gaussian_mean=auto or on"
+            )
 
 
 def uses_gaussian(options: CondOptions, channel: Any, shape: tuple[int, ...]) -> bool:
@@ -56,6 +72,52 @@ def gaussian_only_linear(options: CondOptions, channel: Any) -> str | None:
         f"cond.gaussian_mean=on needs a linear channel; {channel.name!r} has no linear form "
         "(set cond.gaussian_mean=auto or off)"
     )
+
+
+def uses_residual(options: CondOptions, channel: Any, shape: tuple[int, ...]) -> bool:
+    """Whether a conditional model of data ``shape`` through ``channel`` is trained as a residual
+    around the Gaussian feature; a one-line DiffemError when it is asked for without the feature."""
+    if options.residual == "off":
+        return False
+    gaussian = uses_gaussian(options, channel, shape)
+    if options.residual == "auto":
+        return gaussian
+    if not gaussian:
+        raise DiffemError(
+            "cond.residual=on needs the Gaussian feature, which cond.gaussian_mean=auto leaves off for "
+            "these data: set cond.gaussian_mean=on (linear channels) or cond.residual=off"
+        )
+    return True
+
+
+def residual_sigma(x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """The spread of training rows ``x`` around their Gaussian feature (the last ``x.shape[1]``
+    conditioning channels): the root of the mean square difference over the entries the loss
+    counts (``weight``), floored at 1e-3 so the closed-form denoiser stays defined."""
+    diff = (x.double() - cond[:, -x.shape[1] :].double()) ** 2
+    if weight is None:
+        mse = diff.mean()
+    else:
+        w = weight.double()
+        mse = (diff * w).sum() / w.sum().clamp_min(1.0)
+    return max(float(mse.sqrt()), 1e-3)
+
+
+def residual_around(sigma: float, channels: int):
+    """``model -> GaussianResidual(model, channels, sigma)``, the wrapper a residual model is
+    trained and sampled through."""
+    from diffem_cli.diffusion.residual import GaussianResidual
+
+    return lambda model: GaussianResidual(model, channels, sigma)
+
+
+def saved_sigma(aux: Mapping[str, torch.Tensor]) -> float:
+    """The ``sigma`` a residual model was trained with, from its checkpoint's auxiliary tensors."""
+    if SIGMA_KEY not in aux:
+        raise DiffemError(
+            "this checkpoint was trained with cond.residual=on but holds no cond_residual.sigma"
+        )
+    return float(aux[SIGMA_KEY])
 
 
 def fit_feature_prior(x: torch.Tensor, cfg: Any, seed: int) -> Any:

@@ -16,6 +16,7 @@ from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.diffusion.losses import VLoss
 from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Refresh, lap_seed, model_device
 from diffem_cli.methods.conditioning import (
+    SIGMA_KEY,
     CondOptions,
     cond_size,
     condition,
@@ -23,7 +24,11 @@ from diffem_cli.methods.conditioning import (
     feature_prior,
     fit_feature_prior,
     gaussian_only_linear,
+    residual_around,
+    residual_sigma,
+    saved_sigma,
     uses_gaussian,
+    uses_residual,
 )
 
 
@@ -46,7 +51,8 @@ def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any
     reconstructions, the oracle's clean data): pairs ``(x, cond(y~))`` drawn for lap ``lap`` from
     ``seed``, drawn again every ``em.recorrupt_every`` epochs when that is positive. With the
     Gaussian feature (``cond.gaussian_mean``), the Gaussian of ``x`` is fitted here and saved with
-    the checkpoint."""
+    the checkpoint; as a residual around it (``cond.residual``), with the rows' spread around the
+    feature measured here and saved too."""
     from diffem_cli.io.observations import recorrupt
 
     keep = cfg.sample.keep_observed
@@ -61,7 +67,12 @@ def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any
             more = data.channel.corrupt(x, sample_seeds(seed, data.index, lap, r))
             return conditioning(data, more, keep, prior)
 
-    return MStep({"x": x, **pairs}, VLoss(cfg.train.t_sampling), refresh, aux=aux)
+    around = None
+    if uses_residual(cond, data.channel, data.shape):
+        sigma = residual_sigma(x, pairs["cond"], pairs.get("weight"))
+        aux[SIGMA_KEY] = torch.tensor(sigma, dtype=torch.float64)
+        around = residual_around(sigma, data.shape[0])
+    return MStep({"x": x, **pairs}, VLoss(cfg.train.t_sampling, around), refresh, aux=aux)
 
 
 class ConditionalMethod(Method):
@@ -82,14 +93,21 @@ class ConditionalMethod(Method):
     def accepts(self, channel: Any) -> str | None:  # noqa: D102
         return gaussian_only_linear(self.options["cond"], channel)
 
+    def check(self, data) -> None:  # noqa: D102
+        super().check(data)
+        uses_residual(self.options["cond"], data.channel, data.shape)
+
     def model_spec(self, data) -> ModelSpec:  # noqa: D102
         gaussian = uses_gaussian(self.options["cond"], data.channel, data.shape)
-        return ModelSpec(self.kind, cond_size(data.channel, data.shape, gaussian))
+        residual = uses_residual(self.options["cond"], data.channel, data.shape)
+        return ModelSpec(self.kind, cond_size(data.channel, data.shape, gaussian), residual=residual)
 
     def posterior(self, model, data, aux) -> Posterior:  # noqa: D102
         device, shape = model_device(model), data.shape
         gaussian = uses_gaussian(self.options["cond"], data.channel, shape)
         prior = feature_prior(aux).to(device) if gaussian else None
+        if uses_residual(self.options["cond"], data.channel, shape):
+            model = residual_around(saved_sigma(aux), shape[0])(model)
 
         def make(obs: dict[str, torch.Tensor]) -> Denoiser:
             return NetworkDenoiser(model, condition(data.channel, obs, shape, prior).to(device))

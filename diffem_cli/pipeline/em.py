@@ -30,6 +30,7 @@ from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, save_c
 from diffem_cli.diffusion.compiled import maybe_compile
 from diffem_cli.diffusion.denoise import Denoiser, KeepObserved
 from diffem_cli.diffusion.nets import build_network
+from diffem_cli.diffusion.residual import zero_output
 from diffem_cli.diffusion.sampling import SampleConfig, clip_range_for, draw, sample_nfe
 from diffem_cli.diffusion.schedule import SCHEDULE
 from diffem_cli.io import provenance
@@ -110,10 +111,16 @@ def check_checkpoint_for(
     if diff:
         raise DiffemError(f"{path} was trained for another channel than these observations: {diff}")
     method = method or method_for_checkpoint(meta)
-    if method.model_spec(data).cond_size != int(meta.get("cond_size", -1)):
+    spec = method.model_spec(data)
+    if spec.cond_size != int(meta.get("cond_size", -1)):
         raise DiffemError(
             f"{path} expects another conditioning size than method {method.name!r} gives for channel "
             f"{data.channel.name!r} (are its cond.* settings the checkpoint's?)"
+        )
+    if spec.residual != bool(meta.get("residual", False)):
+        raise DiffemError(
+            f"{path} was trained {'with' if meta.get('residual') else 'without'} cond.residual, "
+            f"method {method.name!r} is set {'with' if spec.residual else 'without'} it"
         )
 
 
@@ -346,6 +353,7 @@ class _Driver:
             "kind": self.spec.kind,
             "network": cfg.network,
             "cond_size": self.spec.cond_size,
+            "residual": self.spec.residual,
             "channel": data.channel.spec(),
             "data": data.data_meta(),
             "schedule": SCHEDULE,
@@ -466,7 +474,8 @@ class _Driver:
             if int(self.warm.meta.get("cond_size", 0)) == self.spec.cond_size:
                 return build_model(self.warm)
         torch.manual_seed(self.cfg.seed)  # a fresh network starts the same everywhere
-        return build_network(self.cfg.network, self.data.shape, self.spec.cond_size)
+        net = build_network(self.cfg.network, self.data.shape, self.spec.cond_size)
+        return zero_output(net) if self.spec.residual else net
 
     def mstep(self, lap: int, laps: int) -> dict[str, Any]:
         from diffem_cli.diffusion.train import train_denoiser

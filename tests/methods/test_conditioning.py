@@ -10,17 +10,21 @@ import torch
 from helpers import FAST, TINY_UNET, error_line, read_x, run_ok, sets
 
 from diffem_channels import sample_seeds
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import load_checkpoint
 from diffem_cli.gaussian.moments import fit_moments
 from diffem_cli.io.observations import Observations
 from diffem_cli.io.registry import make_channel
 from diffem_cli.methods.conditioning import (
     AUX_PREFIX,
+    SIGMA_KEY,
     CondOptions,
     cond_size,
     condition,
     feature_prior,
+    residual_sigma,
     uses_gaussian,
+    uses_residual,
 )
 
 SETTINGS = [*FAST, *TINY_UNET, *sets("sample.steps=2", "cond.gaussian_mean=on")]
@@ -61,7 +65,7 @@ def test_the_checkpoint_carries_the_gaussian_and_reconstruct_uses_it(trained: Pa
     ckpt = load_checkpoint(trained / "run/checkpoints/lap_001.safetensors")
     data = Observations(trained / "obs")
     assert ckpt.meta["cond_size"] == data.channel.cond_size(data.shape) + data.shape[0]
-    assert ckpt.meta["method_config"]["cond"] == {"gaussian_mean": "on"}
+    assert ckpt.meta["method_config"]["cond"] == {"gaussian_mean": "on", "residual": "off"}
     prior = feature_prior(ckpt.aux)
     assert prior.dim == 64 and prior.full
     assert any(k.startswith(AUX_PREFIX) for k in ckpt.aux)
@@ -100,3 +104,60 @@ def test_a_checkpoint_from_before_the_option_reads_as_off() -> None:
     assert old.options["cond"].gaussian_mean == "off"
     new = method_for_checkpoint({"method": "oracle", "method_config": {"cond": {"gaussian_mean": "auto"}}})
     assert new.options["cond"].gaussian_mean == "auto"
+
+
+def test_the_residual_spread_is_the_weighted_rms_around_the_feature() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    cond = torch.tensor([[9.0, 9.0, 1.0, 2.0, 3.0, 6.0]])  # the channel's part, then the feature
+    assert residual_sigma(x, cond) == pytest.approx(1.0)  # sqrt((0 + 0 + 0 + 4) / 4)
+    weight = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert residual_sigma(x, cond, weight) == pytest.approx(2**0.5)  # sqrt((0 + 4) / 2)
+    assert residual_sigma(x, torch.cat([cond[:, :2], x], dim=1)) == 1e-3  # floored, never 0
+
+
+def test_the_residual_needs_the_feature() -> None:
+    with pytest.raises(DiffemError, match="cond.residual=on needs the Gaussian feature"):
+        CondOptions("off", "on").validate()
+    mask = make_channel("mask", {"rho": 0.5})
+    assert uses_residual(CondOptions("auto", "on"), mask, (1, 8, 8))
+    assert not uses_residual(CondOptions("auto", "off"), mask, (1, 8, 8))
+    with pytest.raises(DiffemError, match="cond.gaussian_mean=auto leaves off"):
+        uses_residual(CondOptions("auto", "on"), mask, (5,))
+    # auto follows the feature, never refuses
+    assert uses_residual(CondOptions("auto", "auto"), mask, (1, 8, 8))
+    assert not uses_residual(CondOptions("auto", "auto"), mask, (5,))
+    CondOptions("off", "auto").validate()
+    assert not uses_residual(CondOptions("off", "auto"), mask, (1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def residual_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("residual")
+    run_ok("corrupt", "digits", root / "obs", "-c", "mask", "-p", "rho=0.5", "--limit", 24)
+    run_ok("em-train", root / "obs", root / "run", "--laps", 1, *SETTINGS, *sets("cond.residual=on"))
+    return root
+
+
+def test_a_residual_checkpoint_carries_its_spread_into_reconstruct(
+    residual_run: Path, tmp_path: Path
+) -> None:
+    ckpt = load_checkpoint(residual_run / "run/checkpoints/lap_001.safetensors")
+    assert ckpt.meta["residual"] is True and ckpt.meta["method_config"]["cond"]["residual"] == "on"
+    assert 0 < float(ckpt.aux[SIGMA_KEY]) < 2  # data in [-1, 1]: a spread around the feature
+    run_ok(
+        "reconstruct",
+        residual_run / "run/checkpoints/lap_001.safetensors",
+        residual_run / "obs",
+        tmp_path / "rec",
+    )
+    data = Observations(residual_run / "obs")
+    x, exact = read_x(tmp_path / "rec"), data.channel.exact_entries(data.obs)
+    assert torch.isfinite(x).all() and torch.equal(x * exact, data.obs["y"] * exact)
+
+
+def test_a_warm_start_across_the_residual_setting_is_refused(residual_run: Path, cli, tmp_path: Path) -> None:
+    warm = residual_run / "run/checkpoints/lap_001.safetensors"
+    args = ["--laps", 1, *SETTINGS, "--warm-start", warm]
+    code, _, err = cli("em-train", residual_run / "obs", tmp_path / "run", *args)
+    assert code == 2 and "trained with cond.residual" in error_line(err)
+    assert not (tmp_path / "run").exists()

@@ -96,7 +96,10 @@ def test_oracle_redraws_its_corruptions_as_diffem_does(obs):
     assert get_method("oracle", cfg).mstep(data, clean, 1, 1, clean, cfg).refresh is None
     cfg.em.recorrupt_every = 2
     oracle = get_method("oracle", cfg)
-    assert oracle.config_record(cfg) == {"cond": {"gaussian_mean": "auto"}, "em": {"recorrupt_every": 2}}
+    assert oracle.config_record(cfg) == {
+        "cond": {"gaussian_mean": "auto", "residual": "off"},
+        "em": {"recorrupt_every": 2},
+    }
     step = oracle.mstep(data, clean, 1, 1, clean, cfg)
     assert step.refresh is not None and torch.equal(step.tensors["x"], clean)
     first, again, other = step.refresh(1), step.refresh(1), step.refresh(2)
