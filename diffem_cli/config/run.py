@@ -404,6 +404,8 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
             cond_size = int(channel.cond_size(shape))
         except ChannelError as e:
             raise DiffemError(str(e)) from None
+        if cfg.sample.project and not getattr(channel, "linear", False):
+            raise DiffemError(f"sample.project needs a linear channel; {channel.name!r} has no linear form")
         if cfg.em.init == "gaussian" and not getattr(channel, "linear", False):
             raise DiffemError(
                 f"em.init=gaussian needs a linear channel; {channel.name!r} has no linear form "

@@ -38,7 +38,9 @@ class SampleConfig:
     posterior samples keep ``y`` on the entries a noiseless channel gives exactly
     (``Channel.exact_entries``), and conditional models train on the other entries only.
     ``compile``: run the network through ``torch.compile`` (``on``, ``off``, or ``auto``: on CUDA
-    only). ``spacing``: where the steps fall (:data:`~diffem_cli.diffusion.schedule.SPACINGS`)."""
+    only). ``spacing``: where the steps fall (:data:`~diffem_cli.diffusion.schedule.SPACINGS`).
+    ``project``: posterior samples end with a projection onto ``{x : A x = y}`` (linear channels:
+    exact data consistency where the channel is noiseless)."""
 
     sampler: str = "dpm++"
     steps: int = 32
@@ -48,6 +50,7 @@ class SampleConfig:
     keep_observed: bool = True
     compile: str = "auto"
     spacing: str = "trailing"
+    project: bool = False
 
 
 def validate_sample(s: SampleConfig, prefix: str = "sample.") -> None:

@@ -214,6 +214,8 @@ def posterior_samples(
         x = draw_first(make, len(data))
     else:
         x = keep_rows(draw_first(keeping(make), len(data)), data)
+    if sample.project:
+        x = project_rows(x, data)
     record.update({f"estep_{k}": v for k, v in counter.totals(ctx).items()})
     return x, record
 
@@ -242,6 +244,19 @@ def keep_rows(x: torch.Tensor, data: Observations, batch_size: int = 4096) -> to
         exact = data.channel.exact_entries(obs)
         if exact is not None:
             out[start:stop] = torch.where(exact > 0, obs["y"].to(x.dtype), x[start:stop])
+    return out
+
+
+def project_rows(x: torch.Tensor, data: Observations, batch_size: int = 4096) -> torch.Tensor:
+    """Samples ``x`` of the first ``len(x)`` observations projected onto ``{x : A x = y}``
+    (``sample.project``), batch by batch."""
+    from diffem_cli.gaussian.consistency import project_onto_observations
+
+    out = x.clone()
+    for start in range(0, len(x), batch_size):
+        stop = min(start + batch_size, len(x))
+        obs = {k: v[start:stop] for k, v in data.obs.items()}
+        out[start:stop] = project_onto_observations(data.channel, obs, x[start:stop])
     return out
 
 
