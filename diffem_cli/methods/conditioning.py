@@ -45,7 +45,7 @@ class CondOptions:
     feature: ``on`` (it needs the feature), ``off``, or ``auto`` (whenever the feature is taken)."""
 
     gaussian_mean: str = "auto"
-    residual: str = "off"
+    residual: str = "auto"
 
     def validate(self) -> None:
         """One-line DiffemError for a bad value."""

@@ -85,9 +85,10 @@ class ConditionalMethod(Method):
 
     @classmethod
     def from_record(cls, record: Any) -> Method:  # noqa: D102
-        # a checkpoint written before the ``cond`` section existed took no Gaussian feature
+        # a checkpoint written before the ``cond`` section existed took no Gaussian feature, and one
+        # written before ``cond.residual`` existed was no residual
         record = dict(record or {})
-        record.setdefault("cond", {"gaussian_mean": "off"})
+        record["cond"] = {"residual": "off", **record.get("cond", {"gaussian_mean": "off"})}
         return super().from_record(record)
 
     def accepts(self, channel: Any) -> str | None:  # noqa: D102

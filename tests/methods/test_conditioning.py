@@ -65,7 +65,8 @@ def test_the_checkpoint_carries_the_gaussian_and_reconstruct_uses_it(trained: Pa
     ckpt = load_checkpoint(trained / "run/checkpoints/lap_001.safetensors")
     data = Observations(trained / "obs")
     assert ckpt.meta["cond_size"] == data.channel.cond_size(data.shape) + data.shape[0]
-    assert ckpt.meta["method_config"]["cond"] == {"gaussian_mean": "on", "residual": "off"}
+    assert ckpt.meta["method_config"]["cond"] == {"gaussian_mean": "on", "residual": "auto"}
+    assert ckpt.meta["residual"] is True
     prior = feature_prior(ckpt.aux)
     assert prior.dim == 64 and prior.full
     assert any(k.startswith(AUX_PREFIX) for k in ckpt.aux)
@@ -102,8 +103,14 @@ def test_a_checkpoint_from_before_the_option_reads_as_off() -> None:
 
     old = method_for_checkpoint({"method": "diffem", "method_config": {"em": {"recorrupt_every": 0}}})
     assert old.options["cond"].gaussian_mean == "off"
-    new = method_for_checkpoint({"method": "oracle", "method_config": {"cond": {"gaussian_mean": "auto"}}})
-    assert new.options["cond"].gaussian_mean == "auto"
+    assert old.options["cond"].residual == "off"
+    before = method_for_checkpoint({"method": "oracle", "method_config": {"cond": {"gaussian_mean": "auto"}}})
+    assert before.options["cond"].gaussian_mean == "auto" and before.options["cond"].residual == "off"
+    new = {"gaussian_mean": "auto", "residual": "auto"}
+    assert (
+        method_for_checkpoint({"method": "diffem", "method_config": {"cond": new}}).options["cond"].residual
+        == "auto"
+    )
 
 
 def test_the_residual_spread_is_the_weighted_rms_around_the_feature() -> None:
@@ -157,7 +164,7 @@ def test_a_residual_checkpoint_carries_its_spread_into_reconstruct(
 
 def test_a_warm_start_across_the_residual_setting_is_refused(residual_run: Path, cli, tmp_path: Path) -> None:
     warm = residual_run / "run/checkpoints/lap_001.safetensors"
-    args = ["--laps", 1, *SETTINGS, "--warm-start", warm]
+    args = ["--laps", 1, *SETTINGS, "--warm-start", warm, *sets("cond.residual=off")]
     code, _, err = cli("em-train", residual_run / "obs", tmp_path / "run", *args)
     assert code == 2 and "trained with cond.residual" in error_line(err)
     assert not (tmp_path / "run").exists()
