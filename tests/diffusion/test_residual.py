@@ -8,16 +8,8 @@ import torch
 from diffem_cli.diffusion.denoise import alpha_sigma, x0_from_v
 from diffem_cli.diffusion.nets import build_network
 from diffem_cli.diffusion.residual import GaussianResidual, zero_output
-
-UNET = {
-    "type": "unet",
-    "block_out_channels": [8, 16],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 4,
-}
-MLP = {"type": "mlp", "width": 16, "depth": 2, "emb_dim": 8}
+from diffem_cli.methods.testing import TINY_MLP as MLP
+from diffem_cli.methods.testing import TINY_UNET as UNET
 
 
 @pytest.mark.parametrize(("config", "shape"), [(UNET, (2, 8, 8)), (MLP, (3,))])
