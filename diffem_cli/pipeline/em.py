@@ -250,7 +250,7 @@ def keep_rows(x: torch.Tensor, data: Observations, batch_size: int = 4096) -> to
 def project_rows(x: torch.Tensor, data: Observations, batch_size: int = 4096) -> torch.Tensor:
     """Samples ``x`` of the first ``len(x)`` observations projected onto ``{x : A x = y}``
     (``sample.project``), batch by batch."""
-    from diffem_cli.gaussian.consistency import project_onto_observations
+    from diffem_cli.gaussian.data_consistency import project_onto_observations
 
     out = x.clone()
     for start in range(0, len(x), batch_size):

@@ -8,7 +8,7 @@ import torch
 from helpers import FAST, TINY_UNET, error_line, read_x, run_ok, sets
 
 from diffem_channels import sample_seeds
-from diffem_cli.gaussian.consistency import project_onto_observations
+from diffem_cli.gaussian.data_consistency import project_onto_observations
 from diffem_cli.io.observations import Observations
 from diffem_cli.io.registry import make_channel
 
