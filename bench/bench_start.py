@@ -106,10 +106,8 @@ def run_case(
     )
     if row["dim"] <= 1024:
         m = min(n, REF_ROWS)
-        flat = clean.reshape(n, -1).double()
-        cov = torch.cov(flat.T) + 1e-6 * torch.eye(flat.shape[1], dtype=torch.float64)
         part = {k: v[:m] for k, v in obs.items()}
-        ref_start, ref_mean = reference(flat.mean(0), cov, ch, part, shape)
+        ref_start, ref_mean = reference(full_gaussian(clean), ch, part, shape)
         row.update(
             clean_full_sample=psnr(ref_start, clean[:m]),
             clean_full_mean=psnr(ref_mean, clean[:m]),
@@ -118,9 +116,7 @@ def run_case(
         )
         if "{s}" in spec:  # a source with a seed has other images to hold out (digits has not)
             other = load_source(spec.format(n=n, s=source_seed + HELD_OUT_SEED), limit=n).read(0, n)
-            other = other.reshape(n, -1).double()
-            cov_other = torch.cov(other.T) + 1e-6 * torch.eye(other.shape[1], dtype=torch.float64)
-            held_start, held_mean = reference(other.mean(0), cov_other, ch, part, shape)
+            held_start, held_mean = reference(full_gaussian(other), ch, part, shape)
             row.update(
                 clean_heldout_sample=psnr(held_start, clean[:m]),
                 clean_heldout_mean=psnr(held_mean, clean[:m]),
@@ -130,17 +126,24 @@ def run_case(
     return row
 
 
+def full_gaussian(images: torch.Tensor) -> GaussianPrior:
+    """The float64 mean and full covariance (plus a 1e-6 jitter) of ``images``, flattened."""
+    flat = images.reshape(images.shape[0], -1).double()
+    cov = torch.cov(flat.T) + 1e-6 * torch.eye(flat.shape[1], dtype=torch.float64)
+    return GaussianPrior(mean=flat.mean(0), cov=cov)
+
+
 def reference(
-    mu: torch.Tensor, cov: torch.Tensor, ch: Any, obs: dict[str, torch.Tensor], shape: tuple[int, ...]
+    prior: GaussianPrior, ch: Any, obs: dict[str, torch.Tensor], shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One posterior sample and the posterior mean per observation under ``N(mu, cov)``: a blur
-    shares one ``A``, so its gain ``K = cov A^T S^-1`` is solved once; masks go through the
-    library's dense per-sample path."""
+    """One posterior sample and the posterior mean per observation under the full Gaussian
+    ``prior``: a blur shares one ``A``, so its gain ``K = cov A^T S^-1`` is solved once; masks go
+    through the library's dense per-sample path."""
     if not isinstance(ch, BlurChannel):
-        prior = GaussianPrior(mean=mu, cov=cov)
         return torch.cat(list(gaussian_start(prior, ch, [obs], shape, seed=1))), posterior_mean(
             prior, ch, obs, shape
         )
+    mu, cov = prior.mean, prior.cov
     a = operator_matrix(ch, {k: v[:1] for k, v in obs.items()}, shape)[0].double()
     s2 = float(ch.noise_std(obs)) ** 2
     s_mat = a @ cov @ a.T
