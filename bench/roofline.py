@@ -2,7 +2,8 @@
 
 :func:`dense_ops` records every matrix product and convolution (forward and backward) that one
 call of a function runs, with the shapes, strides and dtypes of its operands; :func:`dense_limit`
-replays each of them alone on fresh tensors of the same layout, timed, and counts its FLOPs with
+replays each of them alone on fresh tensors of the same layout and device, timed (waiting for
+the device before reading the clock), and counts its FLOPs with
 ``torch.utils.flop_counter``. The limit is then the rate at which this machine runs exactly that
 network's dense work, with nothing else: FLOPs over the summed replay times. A training step or an
 E-step that reaches it spends no time outside its matrix products and convolutions (activations,
@@ -39,16 +40,18 @@ class Spec:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+    device: str = "cpu"
 
     def make(self, gen: torch.Generator) -> torch.Tensor:
-        """A tensor of this layout filled with unit normals."""
+        """A tensor of this layout filled with unit normals (drawn on the CPU, then moved)."""
         t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
-        return t.normal_(generator=gen) if t.is_floating_point() else t.zero_()
+        t = t.normal_(generator=gen) if t.is_floating_point() else t.zero_()
+        return t.to(self.device) if self.device != "cpu" else t
 
 
 def _spec(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
-        return Spec(tuple(x.shape), tuple(x.stride()), x.dtype)
+        return Spec(tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device))
     if isinstance(x, list | tuple):
         return type(x)(_spec(v) for v in x)
     return x
@@ -92,6 +95,23 @@ def flops_of(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def _synchronizer(args: Any) -> Callable[[], None]:
+    """A function that waits for the device of the first CUDA tensor in ``args`` (a no-op on CPU),
+    so that host clocks time work that has finished, not work that was queued."""
+    for x in args if isinstance(args, list | tuple) else (args,):
+        if isinstance(x, torch.Tensor) and x.device.type == "cuda":
+            return lambda dev=x.device: torch.cuda.synchronize(dev)
+        if isinstance(x, list | tuple):
+            inner = _synchronizer(x)
+            if inner is not _no_sync:
+                return inner
+    return _no_sync
+
+
+def _no_sync() -> None:
+    return None
+
+
 def dense_limit(
     ops: list[tuple[Any, Any, Any]], repeats: int = 5, min_seconds: float = 0.05
 ) -> dict[str, float]:
@@ -112,15 +132,20 @@ def dense_limit(
     flops = seconds = 0.0
     for count, func, args, kwargs in counts.values():
         a, k = _build(args, gen), _build(kwargs, gen)
+        sync = _synchronizer(a)
+        chunk = 1 if sync is _no_sync else 20  # a device queues calls: time a run of them, then wait
         with torch.no_grad():
             op_flops = flops_of(lambda func=func, a=a, k=k: func(*a, **k))
             func(*a, **k)
             best = float("inf")
             for _ in range(repeats):
+                sync()
                 n, t0 = 0, time.perf_counter()
                 while True:
-                    func(*a, **k)
-                    n += 1
+                    for _ in range(chunk):
+                        func(*a, **k)
+                    n += chunk
+                    sync()
                     elapsed = time.perf_counter() - t0
                     if elapsed >= min_seconds / repeats or n >= 1000:
                         break

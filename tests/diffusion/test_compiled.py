@@ -48,11 +48,21 @@ def _inputs(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x, t, cond
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-def test_compiled_matches_eager_forward_and_gradients():
+NO_CXX = shutil.which("c++") is None and shutil.which("g++") is None
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param(CPU, marks=pytest.mark.skipif(NO_CXX, reason="no C++ compiler")),
+        pytest.param(CUDA, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
+    ids=["cpu", "cuda"],
+)
+def test_compiled_matches_eager_forward_and_gradients(device):
     torch.manual_seed(0)
-    net = VectorMLP(3, 2, width=32, depth=2, emb_dim=8)
-    x, t, cond = _inputs(torch.Generator().manual_seed(1))
+    net = VectorMLP(3, 2, width=32, depth=2, emb_dim=8).to(device)
+    x, t, cond = (v.to(device) for v in _inputs(torch.Generator().manual_seed(1)))
     ref = net.double()
     out64 = ref(x.double(), t, cond.double())
     out64.square().sum().backward()
@@ -68,12 +78,13 @@ def test_compiled_matches_eager_forward_and_gradients():
         out.square().sum().backward()
         results[name] = (out.detach().double(), [p.grad.double() for p in net.parameters()])
     assert wrapped.compiled
-    # Both float32 evaluations are compared with the float64 one. A dot product of K terms in float32
-    # errs by at most K*u times the sum of the terms' magnitudes (u = 2^-24); fused kernels only
-    # reorder those sums (and LayerNorm's mean and variance over the width). With K <= 45 (the widest
-    # input, 3 + 8 + 2 = 13, or the width 32 plus the bias) per layer, 3 layers forward and as many
-    # backward, and magnitudes bounded by 10x the largest output or gradient (the inputs are unit
-    # normal, LayerNorm rescales to unit variance), 6 * 45 * u * 10 < 2e-4 relative to that scale.
+    # Both float32 evaluations are compared with the float64 one (on CUDA too: matrix products there run
+    # in full float32 unless TF32 is allowed, which torch leaves off by default). A dot product of K
+    # terms in float32 errs by at most K*u times the sum of the terms' magnitudes (u = 2^-24); fused
+    # kernels only reorder those sums (and LayerNorm's mean and variance over the width). With K <= 45
+    # (the widest input, 3 + 8 + 2 = 13, or the width 32 plus the bias) per layer, 3 layers forward and
+    # as many backward, and magnitudes bounded by 10x the largest output or gradient (the inputs are
+    # unit normal, LayerNorm rescales to unit variance), 6 * 45 * u * 10 < 2e-4 relative to that scale.
     u = 2.0**-24
     bound = 6 * 45 * u * 10
     for name, (out, grads) in results.items():
