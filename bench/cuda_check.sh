@@ -22,7 +22,7 @@ timeout 180 $py -m pytest -q -p no:cacheprovider -p no:warnings -m "slow or not 
 echo "rc $?" >>"$log"
 
 stage "bench_cuda"
-timeout 240 $py -m bench.bench_cuda --deadline 90 --commit "$(git rev-parse --short HEAD 2>/dev/null)" \
+timeout 240 $py -m bench.bench_cuda --deadline 90 --commit "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" \
   --out "$out" >>"$log" 2>&1
 echo "rc $?" >>"$log"
 
