@@ -33,7 +33,7 @@ from torch import Tensor
 
 from diffem_channels.base import Channel, per_sample, sample_seeds
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.gaussian.linalg import conjugate_gradient, from_coords, ppca, to_coords
+from diffem_cli.gaussian.linalg import conjugate_gradient, fixed_signs, from_coords, ppca, to_coords
 from diffem_cli.gaussian.operators import (
     Obs,
     Operator,
@@ -317,7 +317,7 @@ def _em_spectral(
         cov = 0.5 * (cov + cov.T)
     vals, vecs = torch.linalg.eigh(cov)
     r = min(rank, d)
-    factor = vecs[:, -r:] * vals[-r:].clamp_min(0).sqrt()
+    factor = fixed_signs(vecs[:, -r:]) * vals[-r:].clamp_min(0).sqrt()
     if r < rank:
         factor = torch.cat([factor, factor.new_zeros(d, rank - r)], 1)
     floor = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-30))
@@ -339,7 +339,7 @@ def _as_form(prior: GaussianPrior, full: bool, rank: int) -> GaussianPrior:
     cov = prior.covariance()
     vals, vecs = torch.linalg.eigh(cov)
     r = min(rank, prior.dim)
-    factor = vecs[:, -r:] * vals[-r:].clamp_min(0).sqrt()
+    factor = fixed_signs(vecs[:, -r:]) * vals[-r:].clamp_min(0).sqrt()
     if r < rank:
         factor = torch.cat([factor, factor.new_zeros(prior.dim, rank - r)], 1)
     diag = (cov.diagonal() - factor.square().sum(1)).clamp_min(1e-3 * float(cov.diagonal().mean()))

@@ -1,6 +1,7 @@
 """The small linear algebra of the Gaussian start and of MMPS: one batched, preconditioned
 conjugate gradient, Matheron's rule by Woodbury for a diagonal operator, the packed factor
-products that rule needs, block-basis coordinate maps and the PCA M-step."""
+products that rule needs, block-basis coordinate maps, the PCA M-step, and the device-independent
+forms of eigen-decompositions (signs fixed; the principal square root)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,23 @@ def from_coords(w: Tensor, basis: Tensor) -> Tensor:
     """The inverse of :func:`to_coords` (the basis is orthonormal)."""
     k = basis.shape[0]
     return (w.reshape(w.shape[0], -1, k) @ basis.T).reshape(w.shape)
+
+
+def fixed_signs(vecs: Tensor) -> Tensor:
+    """``vecs`` with each column negated where needed so that its entry of largest magnitude is
+    positive: an eigensolver may return either sign, and CPU and CUDA solvers differ, so a factor
+    built from its columns would draw other samples from the same seed on another device."""
+    idx = vecs.abs().argmax(0, keepdim=True)
+    sign = torch.where(vecs.gather(0, idx) < 0, -1.0, 1.0).to(vecs)
+    return vecs * sign
+
+
+def psd_sqrt(cov: Tensor) -> Tensor:
+    """The principal square root ``S = V diag(sqrt(max(lambda, 0))) V^T`` of a symmetric matrix:
+    ``S S^T = cov`` (negative eigenvalues clipped), and unique, unlike ``V diag(sqrt(lambda))``,
+    whose columns' signs and whose basis of a repeated eigenvalue are the solver's choice."""
+    vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -147,7 +165,7 @@ def ppca(
     proj = xc @ basis
     vals, vecs = torch.linalg.eigh(proj.T @ proj / n)  # ascending
     r = min(rank, q)
-    factor = (basis @ vecs[:, -r:].flip(1)) * vals[-r:].flip(0).clamp_min(0).sqrt()
+    factor = fixed_signs(basis @ vecs[:, -r:].flip(1)) * vals[-r:].flip(0).clamp_min(0).sqrt()
     if r < rank:
         factor = torch.cat([factor, factor.new_zeros(d, rank - r)], 1)
     floor = 1e-3 * float(var.mean().clamp_min(1e-12))

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from diffem_cli.core.errors import DiffemError
-from diffem_cli.gaussian.linalg import from_coords, to_coords
+from diffem_cli.gaussian.linalg import from_coords, psd_sqrt, to_coords
 
 if TYPE_CHECKING:
     from diffem_cli.gaussian.operators import Probed
@@ -105,13 +105,12 @@ class GaussianPrior:
         return out + (u @ fac) @ fac.T if fac.shape[1] else out
 
     def root(self) -> Tensor:
-        """A float64 ``L`` with ``L L^T = cov`` (full covariance only), from a clipped eigh; cached."""
+        """The float64 principal square root ``L`` (``L L^T = cov``, full covariance only), cached:
+        unique, so a seed draws the same samples on every device up to rounding."""
         if self.cov is None:
             raise ValueError("root() needs a full covariance")
         if self._root is None:
-            cov = self.covariance()
-            vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.T))
-            self._root = vecs * vals.clamp_min(0).sqrt()
+            self._root = psd_sqrt(self.covariance())
         return self._root
 
     def draw(self, z: Tensor) -> Tensor:

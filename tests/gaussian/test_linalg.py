@@ -1,6 +1,6 @@
 """The shared linear algebra against dense float64 solves: batched preconditioned CG (stopping
 rules included), Woodbury's rule for a diagonal operator, the packed factor products and the
-block-basis coordinate maps."""
+block-basis coordinate maps, and the device-independent eigen forms (fixed signs, principal root)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 
 from diffem_cli.gaussian.linalg import (
     conjugate_gradient,
+    fixed_signs,
     from_coords,
     packed_pairs,
+    psd_sqrt,
     to_coords,
     woodbury_sample,
 )
@@ -117,3 +119,31 @@ def test_block_coordinates_round_trip():
     w = to_coords(v, basis)
     torch.testing.assert_close(w, v @ torch.block_diag(basis, basis, basis), atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(from_coords(w, basis), v, atol=1e-12, rtol=1e-12)
+
+
+def test_fixed_signs_is_the_same_for_either_sign_of_each_column():
+    g = torch.Generator().manual_seed(70)
+    vecs = torch.randn(6, 4, generator=g, dtype=F64)
+    flips = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=F64)
+    fixed = fixed_signs(vecs)
+    assert torch.equal(fixed_signs(vecs * flips), fixed)
+    assert torch.equal(fixed.abs(), vecs.abs())
+    top = fixed.gather(0, fixed.abs().argmax(0, keepdim=True))
+    assert bool((top > 0).all())
+
+
+def test_principal_root_of_a_repeated_eigenvalue_is_the_closed_form():
+    """diag(4, 4, 9) in a rotated basis: the principal root is Q diag(2, 2, 3) Q^T whatever basis
+    of the repeated eigenvalue's plane the solver returns (``V sqrt(Lambda)`` would be that basis)."""
+    q = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(71), dtype=F64)).Q
+    cov = (q * torch.tensor([4.0, 4.0, 9.0], dtype=F64)) @ q.T
+    root = psd_sqrt(cov)
+    expected = (q * torch.tensor([2.0, 2.0, 3.0], dtype=F64)) @ q.T
+    # float64 eigh of a 3x3 matrix of norm 9: backward error a few units of 2^-52 times 9
+    torch.testing.assert_close(root, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(root @ root.T, cov, atol=1e-12, rtol=0)
+
+
+def test_principal_root_clips_negative_eigenvalues():
+    cov = torch.tensor([[1.0, 0.0], [0.0, -1e-9]], dtype=F64)
+    torch.testing.assert_close(psd_sqrt(cov), torch.diag(torch.tensor([1.0, 0.0], dtype=F64)))
