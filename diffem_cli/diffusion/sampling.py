@@ -37,8 +37,9 @@ class SampleConfig:
     ``corrector_tau`` after each step make it a predictor-corrector sampler. ``keep_observed``:
     posterior samples keep ``y`` on the entries a noiseless channel gives exactly
     (``Channel.exact_entries``), and conditional models train on the other entries only.
-    ``compile``: run the network through ``torch.compile`` (``on``, ``off``, or ``auto``: on CUDA
-    only). ``spacing``: where the steps fall (:data:`~diffem_cli.diffusion.schedule.SPACINGS`).
+    ``compile``: run the network through ``torch.compile`` (``on``, ``off``, or ``auto``:
+    convolutional networks on CUDA). ``spacing``: where the steps fall
+    (:data:`~diffem_cli.diffusion.schedule.SPACINGS`).
     ``project``: posterior samples end with a projection onto ``{x : A x = y}`` (linear channels:
     exact data consistency where the channel is noiseless)."""
 

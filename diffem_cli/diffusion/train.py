@@ -78,7 +78,7 @@ WARMUP_FRACTION = 0.05
 @dataclass
 class TrainConfig:
     """One training phase (an M-step, or train-uncond). ``compile``: run the network through
-    ``torch.compile`` (``on``, ``off``, or ``auto``: on CUDA only)."""
+    ``torch.compile`` (``on``, ``off``, or ``auto``: convolutional networks on CUDA)."""
 
     batch_size: int = 256
     epochs: int = 50

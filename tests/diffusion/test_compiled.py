@@ -22,6 +22,11 @@ def test_modes_choose_by_device():
     assert compile_wanted("on", CPU) and compile_wanted("on", CUDA)
     assert not compile_wanted("off", CPU) and not compile_wanted("off", CUDA)
     assert compile_wanted("auto", CUDA) and not compile_wanted("auto", CPU)
+    # auto on CUDA: convolutional networks (a UNet inside any wrapper), not the MLP
+    conv = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3)))
+    mlp = VectorMLP(3, 2, width=8, depth=1, emb_dim=4)
+    assert compile_wanted("auto", CUDA, conv) and not compile_wanted("auto", CPU, conv)
+    assert not compile_wanted("auto", CUDA, mlp) and compile_wanted("on", CUDA, mlp)
     net = torch.nn.Linear(2, 2)
     assert maybe_compile(net, "off", CPU) is net
     assert isinstance(maybe_compile(net, "on", CPU), CompiledNetwork)
