@@ -501,6 +501,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['mstep_rate']:,.0f} | "
             f"**{r['mstep_ratio']:.2f}** | {r['mstep_ratio_step']:.2f} | {min(load):.1f}-{max(load):.1f} |"
         )
+    dated = [
+        f"{k.split('/')[0]} ({k.split('/')[1]} thread(s)) {r['date']}"
+        for k, r in result["cases"].items()
+        if r.get("date")
+    ]
+    if dated:
+        rest = "; the other rows in an earlier run" if len(dated) < len(result["cases"]) else ""
+        lines += ["", "Measured on: " + "; ".join(dated) + rest + "."]
     roof = [(k, r) for k, r in result["cases"].items() if "mstep_fraction" in r]
     if roof:
         lines += [
@@ -592,6 +600,9 @@ def main() -> None:
         "--compile", nargs="*", default=["mlp", "digits"], help="cases whose M-step is also timed compiled"
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the last file's other cases (each row carries its date)"
+    )
     args = ap.parse_args()
 
     all_cases = cases(args.quick)
@@ -603,18 +614,20 @@ def main() -> None:
     result: dict[str, Any] = {"machine": machine(), "cases": {}, "load_start": load1()}
     result["openmp"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     previous = (args.out / "quick" if args.quick else args.out) / f"{name}.json"
-    if not chosen and previous.exists():  # only the thread study: keep the last case figures
+    if (args.merge or not chosen) and previous.exists():  # keep the last case figures
         result["cases"] = json.loads(previous.read_text()).get("cases", {})
     with tempfile.TemporaryDirectory(prefix="diffem-speed-") as tmp:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for case in chosen:
-                result["cases"][f"{case}/{threads}"] = run_case(
+                row = run_case(
                     all_cases[case],
                     1 if args.quick else args.rounds,
                     Path(tmp),
                     compile_study=case in args.compile and not args.quick,
                 )
+                row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                result["cases"][f"{case}/{threads}"] = row
     if not (args.quick or args.no_threads):
         rows = thread_study(args.thread_steps, args.thread_repeats, args.thread_variants)
         result["threads"] = {"rows": rows, "summary": summarise_threads(rows), "steps": args.thread_steps}
