@@ -502,7 +502,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"**{r['mstep_ratio']:.2f}** | {r['mstep_ratio_step']:.2f} | {min(load):.1f}-{max(load):.1f} |"
         )
     dated = [
-        f"{k.split('/')[0]} ({k.split('/')[1]} thread(s)) {r['date']}"
+        f"{k.split('/')[0]} ({k.split('/')[1]} thread(s)) {r['date']}, {_openmp(r)}"
         for k, r in result["cases"].items()
         if r.get("date")
     ]
@@ -615,7 +615,9 @@ def main() -> None:
     result["openmp"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     previous = (args.out / "quick" if args.quick else args.out) / f"{name}.json"
     if (args.merge or not chosen) and previous.exists():  # keep the last case figures
-        result["cases"] = json.loads(previous.read_text()).get("cases", {})
+        kept = json.loads(previous.read_text())
+        result["cases"] = kept.get("cases", {})
+        result["openmp"] = kept.get("openmp", result["openmp"])  # the kept rows' setting
     with tempfile.TemporaryDirectory(prefix="diffem-speed-") as tmp:
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -627,6 +629,7 @@ def main() -> None:
                     compile_study=case in args.compile and not args.quick,
                 )
                 row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                row["openmp"] = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
                 result["cases"][f"{case}/{threads}"] = row
     if not (args.quick or args.no_threads):
         rows = thread_study(args.thread_steps, args.thread_repeats, args.thread_variants)
