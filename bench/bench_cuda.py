@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -298,8 +297,9 @@ def main() -> None:
     ap.add_argument("--commit", default="unknown", help="the commit measured, for the page")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_cuda: no CUDA device")
+    if not torch.cuda.is_available():  # nothing to measure here: a skip, not a failure of make bench
+        print("bench_cuda: no CUDA device, nothing measured")
+        return
     device = torch.device("cuda")
     all_cases = cases(False)
     unknown = [c for c in args.cases if c not in all_cases]

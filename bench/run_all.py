@@ -1,7 +1,8 @@
 """Run every benchmark in order, each in its own process, and summarise (``make bench``).
 
 Order: bench_cli, bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits,
-bench_estep, bench_oracle, bench_speed, bench_scaling (scripts that do not exist are skipped). Each runs
+bench_estep, bench_oracle, bench_speed, bench_cuda (on a machine with CUDA; it measures nothing
+elsewhere), bench_scaling (scripts that do not exist are skipped). Each runs
 as ``python -m bench.NAME`` from the repository root with the root on ``PYTHONPATH``, so ``import
 bench.common`` works however this script is started. ``--quick`` is passed to the scripts that take it;
 bench_corrupt gets a smaller ``--n`` and bench_gaussian a smaller image case instead, both writing under
@@ -33,6 +34,7 @@ BENCHES = (
     "bench_estep",
     "bench_oracle",
     "bench_speed",
+    "bench_cuda",
     "bench_scaling",
 )
 QUICK_RESULTS = "bench/results/quick"
