@@ -142,7 +142,7 @@ def dense_limit(
                 sync()
                 n, t0 = 0, time.perf_counter()
                 while True:
-                    for _ in range(chunk):
+                    for _call in range(chunk):
                         func(*a, **k)
                     n += chunk
                     sync()
