@@ -25,7 +25,6 @@ Achieved FLOP/s is reported against the dense limit and against the bf16 matrix 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +32,10 @@ from typing import Any
 
 import torch
 
-from bench.bench_speed import Case, cases, estep_method, observations
+from bench.bench_speed import Case, cases, estep_method, mstep, observations, roofline
 from bench.common import machine, write_results
-from bench.roofline import dense_limit, dense_ops, flops_of
-from diffem_cli.core.runtime import autocast
 from diffem_cli.diffusion.nets import build_network, count_parameters
 from diffem_cli.diffusion.sampling import SampleConfig
-from diffem_cli.diffusion.train import train_denoiser
 from diffem_cli.io.registry import make_channel
 from diffem_cli.pipeline.em import posterior_samples
 
@@ -80,66 +76,6 @@ def ceilings(device: torch.device) -> dict[str, float]:
     return out
 
 
-def _inputs(case: Case, cond_size: int, batch: int, device: torch.device, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *case.shape), generator=gen).to(device)
-    cond = torch.randn((batch, cond_size, *case.shape[1:]), generator=gen).to(device)
-    t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-    return x, t, cond
-
-
-def roofline(case: Case, net: torch.nn.Module, device: torch.device) -> dict[str, float]:
-    """FLOPs per training example and per forward row, and the dense limits of both, under autocast."""
-    x, t, cond = _inputs(case, net.cond_size, case.batch, device, 5)
-    target = torch.randn_like(x)
-
-    def train_step() -> None:
-        net.zero_grad(set_to_none=True)
-        with autocast(device):
-            loss = torch.mean((net(x, t, cond).float() - target) ** 2)
-        loss.backward()
-
-    xs, _, cs = _inputs(case, net.cond_size, case.sample_batch, device, 6)
-    ts = torch.full((1,), 500, dtype=torch.long, device=device)
-
-    def forward() -> None:
-        with torch.no_grad(), autocast(device):
-            net(xs, ts, cs)
-
-    net.train()
-    train_limit = dense_limit(dense_ops(train_step))
-    train_flops = flops_of(train_step) / case.batch
-    net.zero_grad(set_to_none=True)
-    net.eval()
-    fwd_limit = dense_limit(dense_ops(forward))
-    return {
-        "train_flops_per_example": train_flops,
-        "train_limit": train_limit["rate"],
-        "fwd_flops_per_row": flops_of(forward) / case.sample_batch,
-        "fwd_limit": fwd_limit["rate"],
-    }
-
-
-def mstep(
-    case: Case, net: torch.nn.Module, steps: int, device: torch.device, **over: Any
-) -> dict[str, float]:
-    """Examples/s of one epoch of ``train_denoiser`` of ``steps`` steps on random data on ``device``
-    (``over`` replaces training options: ``compile``, ``batch_size``)."""
-    cfg = dataclasses.replace(
-        case.train_cfg, **{"batch_size": case.batch, "epochs": 1, "compile": "off", **over}
-    )
-    n = cfg.batch_size * steps
-    gen = torch.Generator().manual_seed(3)
-    data = {
-        "x": torch.randn((n, *case.shape), generator=gen).clamp(-1, 1),
-        "cond": torch.randn((n, net.cond_size, *case.shape[1:]), generator=gen),
-    }
-    torch.cuda.synchronize(device)
-    result = train_denoiser(net, data, cfg, seed=0, device=device, label=f"{case.name} M-step")
-    torch.cuda.synchronize(device)
-    return {"rate": result.steps * cfg.batch_size / result.seconds, "seconds": result.seconds}
-
-
 def estep(
     case: Case, net: torch.nn.Module, data: Any, device: torch.device, compile: str
 ) -> dict[str, float]:
@@ -168,12 +104,14 @@ def run_case(
     data = observations(case, work, 2 * case.sample_batch)
     steps = 8 * case.steps
     estep(case, net, data, device, "off")  # warm-up: cuDNN's choices, first-call overheads
-    mstep(case, net, 4, device)
-    mstep(case, net, 2, device, batch_size=WIDE * case.batch)
+    mstep(case, net, 4, device=device)
+    mstep(case, net, 2, device=device, batch_size=WIDE * case.batch)
     rows: dict[str, list[dict[str, float]]] = {"mstep": [], "wide": [], "estep": []}
     for _ in range(rounds):
-        rows["mstep"].append(mstep(case, net, steps, device))
-        rows["wide"].append(mstep(case, net, max(2, steps // WIDE), device, batch_size=WIDE * case.batch))
+        rows["mstep"].append(mstep(case, net, steps, device=device))
+        rows["wide"].append(
+            mstep(case, net, max(2, steps // WIDE), device=device, batch_size=WIDE * case.batch)
+        )
         rows["estep"].append(estep(case, net, data, device, "off"))
 
     def rate(key: str) -> float:
@@ -196,12 +134,12 @@ def run_case(
     out["estep_flops"] = out["estep_rate"] * out["fwd_flops_per_row"]
     if compile_study:
         t0 = time.perf_counter()
-        mstep(case, net, 2, device, compile="on")
+        mstep(case, net, 2, "on", device=device)
         first_m = time.perf_counter() - t0
         t0 = time.perf_counter()
         estep(case, net, data, device, "on")
         first_e = time.perf_counter() - t0
-        m = [mstep(case, net, steps, device, compile="on") for _ in range(rounds)]
+        m = [mstep(case, net, steps, "on", device=device) for _ in range(rounds)]
         e = [estep(case, net, data, device, "on") for _ in range(rounds)]
         out["compile"] = {
             "first_mstep_s": first_m,

@@ -57,6 +57,7 @@ import torch  # noqa: E402
 
 from bench.common import machine, write_results  # noqa: E402
 from bench.roofline import dense_limit, dense_ops, flops_of  # noqa: E402
+from diffem_cli.core.runtime import autocast  # noqa: E402
 from diffem_cli.diffusion.nets import build_network, count_parameters, default_network  # noqa: E402
 from diffem_cli.diffusion.sampling import SampleConfig  # noqa: E402
 from diffem_cli.diffusion.train import TrainConfig, train_denoiser  # noqa: E402
@@ -151,12 +152,13 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _inputs(case: Case, model: torch.nn.Module, batch: int, gen: torch.Generator):
+def _inputs(case: Case, model: torch.nn.Module, batch: int, gen: torch.Generator, device: torch.device = DEV):
+    """Random ``x``, timesteps and conditioning for ``batch`` rows, drawn on the CPU, on ``device``."""
     cond_size = model.cond_size
     x = torch.randn((batch, *case.shape), generator=gen)
     cond = torch.randn((batch, cond_size, *case.shape[1:]), generator=gen)
     t = torch.randint(0, 1000, (batch,), generator=gen)
-    return x, t, cond
+    return x.to(device), t.to(device), cond.to(device)
 
 
 def bare_forward(case: Case, model: torch.nn.Module, calls: int) -> dict[str, float]:
@@ -196,35 +198,50 @@ def bare_train(case: Case, model: torch.nn.Module, steps: int, with_step: bool) 
     return {"rate": steps * case.batch / seconds, "seconds": seconds, "load": load1()}
 
 
-def mstep(case: Case, model: torch.nn.Module, steps: int, compile: str = "off") -> dict[str, float]:
-    """Examples/s of ``train_denoiser`` over ``steps`` steps on random data (one epoch), with
-    ``train.compile`` set to ``compile``."""
-    n = case.batch * steps
+def mstep(
+    case: Case,
+    model: torch.nn.Module,
+    steps: int,
+    compile: str = "off",
+    device: torch.device = DEV,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Examples/s of ``train_denoiser`` over ``steps`` steps on random data (one epoch) on ``device``,
+    with ``train.compile`` set to ``compile``, at the case's batch size or ``batch_size``."""
+    bs = batch_size or case.batch
+    n = bs * steps
     gen = torch.Generator().manual_seed(3)
     data = {
         "x": torch.randn((n, *case.shape), generator=gen).clamp(-1, 1),
         "cond": torch.randn((n, model.cond_size, *case.shape[1:]), generator=gen),
     }
-    cfg = dataclasses.replace(case.train_cfg, batch_size=case.batch, epochs=1, compile=compile)
-    result = train_denoiser(model, data, cfg, seed=0, device=DEV, label=f"{case.name} M-step")
-    return {"rate": result.steps * case.batch / result.seconds, "seconds": result.seconds, "load": load1()}
+    cfg = dataclasses.replace(case.train_cfg, batch_size=bs, epochs=1, compile=compile)
+    if (
+        device.type == "cuda"
+    ):  # nothing queued before the loop's clock starts (its epoch-end loss waits at the end)
+        torch.cuda.synchronize(device)
+    result = train_denoiser(model, data, cfg, seed=0, device=device, label=f"{case.name} M-step")
+    return {"rate": result.steps * bs / result.seconds, "seconds": result.seconds, "load": load1()}
 
 
-def roofline(case: Case, model: torch.nn.Module) -> dict[str, float]:
+def roofline(case: Case, model: torch.nn.Module, device: torch.device = DEV) -> dict[str, float]:
     """FLOPs per training example (forward + backward) and per evaluated row (forward), and the
-    rate at which this machine runs that network's own dense ops alone (:mod:`bench.roofline`)."""
-    x, t, cond = _inputs(case, model, case.batch, torch.Generator().manual_seed(5))
+    rate at which ``device`` runs that network's own dense ops alone (:mod:`bench.roofline`), under
+    diffem's autocast as the training loop and the samplers run it (full precision on CPU)."""
+    x, t, cond = _inputs(case, model, case.batch, torch.Generator().manual_seed(5), device)
     target = torch.randn_like(x)
 
     def train_step() -> None:
         model.zero_grad(set_to_none=True)
-        torch.mean((model(x, t, cond) - target) ** 2).backward()
+        with autocast(device):
+            loss = torch.mean((model(x, t, cond).float() - target) ** 2)
+        loss.backward()
 
-    xs, _, cs = _inputs(case, model, case.sample_batch, torch.Generator().manual_seed(6))
-    ts = torch.full((1,), 500, dtype=torch.long)
+    xs, _, cs = _inputs(case, model, case.sample_batch, torch.Generator().manual_seed(6), device)
+    ts = torch.full((1,), 500, dtype=torch.long, device=device)
 
     def forward() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device):
             model(xs, ts, cs)
 
     model.train()
