@@ -54,26 +54,23 @@ class CompiledNetwork(nn.Module):
         # not a registered submodule: parameters and state_dict stay those of ``net`` alone
         object.__setattr__(self, "_compiled", torch.compile(net))
         self._state = "untried"
+        # dynamo warns, while tracing, that it looks through diffusers' lru_cache'd version check:
+        # harmless (a constant), and one warning per traced graph in every user's output. One
+        # filter for that message alone (adding it again replaces it), none on the call path.
+        warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`")
 
     @property
     def compiled(self) -> bool:
         """True once a compiled call has succeeded; False before, or after a fallback."""
         return self._state == "ok"
 
-    def _run(self, *args: Any, **kwargs: Any) -> Any:
-        # dynamo warns, while tracing, that it looks through diffusers' lru_cache'd version check:
-        # harmless (a constant), and a warning per traced graph in every user's output
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`")
-            return self._compiled(*args, **kwargs)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
         if self._state == "eager":
             return self.net(*args, **kwargs)
         if self._state == "ok":
-            return self._run(*args, **kwargs)
+            return self._compiled(*args, **kwargs)
         try:
-            out = self._run(*args, **kwargs)
+            out = self._compiled(*args, **kwargs)
         except Exception as e:  # any compiler failure; an error of the network itself recurs eagerly
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, first[:200])
