@@ -18,10 +18,11 @@ sampling noise.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
-from diffem_cli.metrics.sliced import projections, sliced_from_projections
+from diffem_cli.metrics.sliced import projections, sliced_from_sorted, sorted_projections
 
 
 def observation_vectors(obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -49,22 +50,42 @@ def projected(
     return torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class RealSide:
+    """The real observations' half of the monitor, the same every lap of a run: the directions,
+    the sorted projections of the rows ``first`` and ``second``, and the floor between them."""
+
+    theta: torch.Tensor
+    first: torch.Tensor
+    second: torch.Tensor
+    floor: float
+
+
+def real_side(
+    real: Mapping[str, torch.Tensor], first: torch.Tensor, second: torch.Tensor, seed: int = 0
+) -> RealSide:
+    """The :class:`RealSide` of the real observations ``real`` (256 directions fixed by ``seed``)."""
+    theta = projections(sum(v[0].numel() for v in real.values()), seed=seed)
+    a = sorted_projections(projected(real, first, theta))
+    b = sorted_projections(projected(real, second, theta))
+    return RealSide(theta, a, b, sliced_from_sorted(a, b))
+
+
 def observation_distance(
     real: Mapping[str, torch.Tensor],
     simulated: Mapping[str, torch.Tensor],
     first: torch.Tensor,
     second: torch.Tensor,
     seed: int = 0,
+    side: RealSide | None = None,
 ) -> dict[str, float]:
     """``obs_sw2``: the mean of the sliced W2 distances (256 directions fixed by ``seed``) between
     the real observations of rows ``first`` and the simulated ones of rows ``second``, and the
     other way round (``simulated`` holds the rows ``first`` then ``second``);
     ``obs_sw2_floor``: the same distance between the real observations of ``first`` and
-    ``second``."""
-    dim = sum(v[0].numel() for v in real.values())
-    theta = projections(dim, seed=seed)
-    a, b = projected(real, first, theta), projected(real, second, theta)
-    sim = projected(simulated, torch.arange(len(first) + len(second)), theta)
-    sim_a, sim_b = sim[: len(first)], sim[len(first) :]
-    monitor = (sliced_from_projections(a, sim_b) + sliced_from_projections(b, sim_a)) / 2
-    return {"obs_sw2": monitor, "obs_sw2_floor": sliced_from_projections(a, b)}
+    ``second``. ``side``: :func:`real_side` of the same arguments, computed once for many laps."""
+    side = side if side is not None else real_side(real, first, second, seed)
+    sim = projected(simulated, torch.arange(len(first) + len(second)), side.theta)
+    sim_a, sim_b = sorted_projections(sim[: len(first)]), sorted_projections(sim[len(first) :])
+    monitor = (sliced_from_sorted(side.first, sim_b) + sliced_from_sorted(side.second, sim_a)) / 2
+    return {"obs_sw2": monitor, "obs_sw2_floor": side.floor}

@@ -25,8 +25,11 @@ bench/results/metrics.md). When the drift grows, the hot kernel is re-picked fro
 blocks with a safety margin, kept values recomputed in float64), and the wide set itself is
 re-selected only once the drift since its selection could hide a needed entry. Rows (u-update)
 and columns (v-update) keep separate kernels, each refreshed only when the potential it depends
-on has moved. Cost: two sparse products per iteration (~1M entries at 4,096 points on the curve)
-plus a few dense passes (timings: bench/results/metrics.md). Supports
+on has moved. Cost: two sparse products per iteration (~1M entries at 4,096 points on the curve,
+in torch's CSR layout, which spreads rows over torch's threads and keeps each row's sum in one
+thread: the same bits at 1 and 2 threads, though its vectorised sums may round differently on
+another CPU) plus a few dense passes (timings:
+bench/results/metrics.md). Supports
 are sparse only because reg is small relative to the spread of the costs: for large reg or tiny
 clouds they fill up and the method degrades gracefully to dense products.
 """
@@ -35,10 +38,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import OrderedDict
 
 import numpy as np
-import scipy.sparse as sps
 import torch
 
 from diffem_cli.core.errors import DiffemError
@@ -54,7 +57,6 @@ PRECISION = 50.0  # nats: entries this far below a row's largest term are droppe
 HOT = 150.0  # nats kept in the kernel used by the iterations
 WIDE = 600.0  # nats kept in the wide set the hot kernel is re-picked from
 _CHUNK_ENTRIES = 1 << 22  # entries per float32 block of the dense support selection
-_GATHER = 1 << 20  # kernel entries whose exact costs are computed at once
 
 
 def _points(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
@@ -92,24 +94,31 @@ class _LogKernel:
         self.wide_rows, self.wide_cols = rows, cols
         self.wide_logk = _sq_dists(self.q, self.p, rows, cols)
         self.wide_logk *= -1.0 / self.reg
-        self.wide_logk += w[cols]
+        self.wide_logk += torch.from_numpy(w)[cols]
         self._pick_hot(w)
 
     def _pick_hot(self, w: np.ndarray) -> None:
-        logk = self.wide_logk + (w - self.wide_w0)[self.wide_cols]
-        counts = np.bincount(self.wide_rows, minlength=len(self.q))
-        starts = np.zeros(len(self.q), dtype=np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        top = np.maximum.reduceat(logk, starts)  # every row holds at least its largest term
-        logk -= np.repeat(top, counts)
+        n = len(self.q)
+        logk = self.wide_logk + torch.from_numpy(w - self.wide_w0)[self.wide_cols]
+        top = torch.full((n,), -math.inf, dtype=torch.float64)
+        top.scatter_reduce_(0, self.wide_rows, logk, "amax")  # every row holds its largest term
+        logk -= top[self.wide_rows]
         keep = logk >= -self.hot_nats
-        kept = np.bincount(self.wide_rows[keep], minlength=len(self.q))
-        indptr = np.zeros(len(self.q) + 1, dtype=np.int64)
-        np.cumsum(kept, out=indptr[1:])
-        self.k = sps.csr_matrix(
-            (np.exp(logk[keep]), self.wide_cols[keep], indptr), shape=(len(self.q), len(self.p))
-        )
-        self.max, self.w0 = top, w.copy()
+        indptr = torch.zeros(n + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(self.wide_rows[keep], minlength=n), 0, out=indptr[1:])
+        # torch's CSR product runs on every thread (scipy's on one), twice as fast again with
+        # 32-bit indices; each row is still one sum
+        index = torch.int32 if int(indptr[-1]) < torch.iinfo(torch.int32).max else torch.int64
+        with warnings.catch_warnings():  # torch calls its sparse CSR layout beta, once per process
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            self.k = torch.sparse_csr_tensor(
+                indptr.to(index),
+                self.wide_cols[keep].to(index),
+                logk[keep].exp_(),
+                size=(n, len(self.p)),
+                check_invariants=False,
+            )
+        self.max, self.w0 = top.numpy(), w.copy()
 
     def fresh(self, w: np.ndarray) -> bool:
         return _spread(w - self.w0) <= self.hot_nats - PRECISION
@@ -125,19 +134,22 @@ class _LogKernel:
             self.update(w)
         d = w - self.w0
         top = d.max()
-        return self.max + top + np.log(self.k @ np.exp(d - top))
+        return self.max + top + np.log((self.k @ torch.from_numpy(np.exp(d - top))).numpy())
 
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Row, column and value of every kernel entry."""
-        counts = np.diff(self.k.indptr)
-        return np.repeat(np.arange(len(counts)), counts), self.k.indices, self.k.data
+        counts = self.k.crow_indices().diff().long()
+        rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        return rows, self.k.col_indices().long(), self.k.values()
 
 
-def _sq_dists(q: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``|q_rows - p_cols|^2`` entry by entry, in slices so the (entries, dim) temporaries stay small."""
-    out = np.empty(len(rows))
-    for s in range(0, len(rows), _GATHER):
-        out[s : s + _GATHER] = ((q[rows[s : s + _GATHER]] - p[cols[s : s + _GATHER]]) ** 2).sum(1)
+def _sq_dists(q: np.ndarray, p: np.ndarray, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``|q_rows - p_cols|^2`` entry by entry, one coordinate at a time (a fixed order of the
+    sum)."""
+    qt, pt = torch.from_numpy(q.T.copy()), torch.from_numpy(p.T.copy())
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    for qd, pd in zip(qt, pt, strict=True):
+        out += (qd.index_select(0, rows) - pd.index_select(0, cols)).square_()
     return out
 
 
@@ -147,7 +159,7 @@ def _spread(d: np.ndarray) -> float:
 
 def _select(
     q: np.ndarray, p: np.ndarray, w: np.ndarray, reg: float, nats: float
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (i, j), grouped by i, with ``-M_ij/reg + w_j`` within ``nats`` of row i's maximum.
 
     One dense pass in float32 blocks (``S_ij = (2 q_i.p_j - |p_j|^2) / reg + w_j``, the row-constant
@@ -166,9 +178,9 @@ def _select(
         block = qa[s : s + chunk] @ pa
         block -= block.amax(1, keepdim=True) - (nats + margin)
         r, c = (block >= 0).nonzero(as_tuple=True)
-        rows.append((r + s).to(torch.int32).numpy())
-        cols.append(c.to(torch.int32).numpy())
-    return np.concatenate(rows), np.concatenate(cols)
+        rows.append(r + s)
+        cols.append(c)
+    return torch.cat(rows), torch.cat(cols)
 
 
 def sinkhorn_cost(
@@ -207,7 +219,8 @@ def sinkhorn_cost(
     if not rows.fresh(v):
         rows.update(v)
     i, j, k = rows.entries()
-    plan = k * np.exp(rows.max[i] + u[i] + (v - rows.w0)[j])
+    u_t, v_t, top = torch.from_numpy(u), torch.from_numpy(v - rows.w0), torch.from_numpy(rows.max)
+    plan = k * (top[i] + u_t[i] + v_t[j]).exp()
     return float((_sq_dists(x, y, i, j) * plan).sum())
 
 

@@ -23,12 +23,17 @@ def projections(dim: int, n_projections: int = 256, seed: int = 0) -> torch.Tens
     return theta / theta.norm(dim=0, keepdim=True)
 
 
-def _quantile_w2sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared 1-D W2 per column between the columns of ``a`` (n, P) and ``b`` (m, P), uniform weights."""
-    a, b = a.sort(0).values, b.sort(0).values
-    n, m = len(a), len(b)
+def sorted_projections(a: torch.Tensor) -> torch.Tensor:
+    """A cloud projected on ``P`` directions, ``(n, P)``, as ``(P, n)`` float64 with each direction's
+    values sorted: its quantile function on every line (sorting contiguous rows, not columns)."""
+    return a.double().T.contiguous().sort(1).values
+
+
+def w2sq_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared 1-D W2 per direction between sorted projections ``(P, n)`` and ``(P, m)``, uniform weights."""
+    n, m = a.shape[1], b.shape[1]
     if n == m:
-        return ((a - b) ** 2).mean(0)
+        return ((a - b) ** 2).mean(1)
     # the quantile functions are step functions with jumps at k/n and l/m: integrate piece by piece
     t = torch.cat(
         [torch.arange(1, n + 1, dtype=torch.float64) / n, torch.arange(1, m + 1, dtype=torch.float64) / m]
@@ -38,7 +43,7 @@ def _quantile_w2sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mid = t - width / 2
     ia = (mid * n).long().clamp(max=n - 1)
     ib = (mid * m).long().clamp(max=m - 1)
-    return (width[:, None] * (a[ia] - b[ib]) ** 2).sum(0)
+    return (width * (a[:, ia] - b[:, ib]) ** 2).sum(1)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 256, seed: int = 0) -> float:
@@ -58,4 +63,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int = 25
 def sliced_from_projections(a: torch.Tensor, b: torch.Tensor) -> float:
     """Sliced W2 of two clouds already projected on the same directions, ``(n, P)`` and ``(m, P)``
     (for clouds too large to hold in float64 at once, projected a few rows at a time)."""
-    return float(_quantile_w2sq(a.double(), b.double()).mean().sqrt())
+    return sliced_from_sorted(sorted_projections(a), sorted_projections(b))
+
+
+def sliced_from_sorted(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Sliced W2 of two clouds given as :func:`sorted_projections` on the same directions."""
+    return float(w2sq_sorted(a, b).mean().sqrt())

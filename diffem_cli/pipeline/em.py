@@ -40,6 +40,7 @@ from diffem_cli.methods import Method, get_method, method_classes
 from diffem_cli.methods.base import Make, lap_seed
 from diffem_cli.methods.registry import checkpoint_method_name, method_for_checkpoint
 from diffem_cli.metrics.consistency import mean_observed_residual
+from diffem_cli.pipeline.monitor import Monitor
 from diffem_cli.pipeline.run_options import remembered_paths
 from diffem_cli.pipeline.runs import Run
 
@@ -363,6 +364,7 @@ class _Driver:
         self.tracking = tracking or Tracking()
         self.log, self.evaluation, self.clean, self.warm = log, evaluation, clean, warm
         self.said: set[str] = set()  # the notices every lap would repeat, shown once per run
+        self.monitor: Monitor | None = None  # the label-free monitor, built at the first record
         self.spec = method.model_spec(data)
         self.base_meta = {
             "kind": self.spec.kind,
@@ -625,10 +627,10 @@ class _Driver:
     def _monitor(self, lap: int) -> dict[str, float]:
         if not self.ctx.is_main:  # the main rank alone logs the record
             return {}
-        from diffem_cli.pipeline.monitor import monitor_record
-
+        if self.monitor is None:
+            self.monitor = Monitor(self.data, self.cfg.seed, self.cfg.eval.n_points)
         x, _ = load_recon(self.run.recon(lap))
-        return monitor_record(self.data, x, self.cfg.seed, lap, self.cfg.eval.n_points)
+        return self.monitor(x, lap)
 
     def _evaluate(self, lap: int) -> dict[str, float]:
         if self.evaluation is None or not self.ctx.is_main:  # the main rank alone logs the record

@@ -349,6 +349,12 @@ def save_pairwise_scatter(
                 if lim is not None:
                     ax.set_xlim(*lim)
                     ax.set_ylim(*lim)
+                    # shared limits: ticks on the first column and the last row tell them for all
+                    # (every axis's ticks were most of a figure's cost)
+                    if j > 0:
+                        ax.set_yticks([])
+                    if i < len(data) - 1:
+                        ax.set_xticks([])
                 ax.set_aspect("equal", adjustable="box")
             ax.tick_params(labelsize=6)
             ax.locator_params(nbins=4)  # fewer tick labels: drawing them was most of a figure's cost

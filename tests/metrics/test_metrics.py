@@ -64,6 +64,20 @@ def test_sinkhorn_cost_of_gaussian_clouds_matches_pot_in_3d() -> None:
     assert sinkhorn_cost(x, y) == pytest.approx(float(expected), rel=1e-9)
 
 
+def test_sinkhorn_cost_is_the_same_at_one_and_two_threads() -> None:
+    # each kernel row is summed by one thread: the thread count must not change a bit
+    x, y = sample_manifold(300, draw_seed=1).double(), sample_manifold(280, draw_seed=2).double() + 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sinkhorn_cost(x, y)
+        torch.set_num_threads(2)
+        two = sinkhorn_cost(x, y)
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+
+
 def test_sinkhorn_divergence_floor_and_monotone_in_shift() -> None:
     ref = sample_manifold(1024, draw_seed=3)
     sample = sample_manifold(512, draw_seed=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffem_cli.metrics.monitor import halves, observation_distance, observation_vectors
+from diffem_cli.metrics.monitor import halves, observation_distance, observation_vectors, real_side
 from diffem_cli.metrics.sliced import projections
 
 
@@ -36,3 +36,16 @@ def test_a_shifted_model_scores_its_shift_over_a_zero_floor():
     assert out["obs_sw2"] == pytest.approx(expected, rel=1e-9)
     same = observation_distance(real, real, first, second)
     assert same["obs_sw2"] == 0.0
+
+
+def test_a_kept_real_side_gives_the_numbers_of_a_fresh_one():
+    # a run computes the real observations' side once and reuses it every lap: the same bits
+    gen = torch.Generator().manual_seed(1)
+    real = {"y": torch.randn(40, 3, generator=gen), "A": torch.randn(40, 3, 2, generator=gen)}
+    first, second = halves(40, 100)
+    side = real_side(real, first, second)
+    for shift in (0.0, 0.3):
+        simulated = {k: v[torch.cat([first, second])] + shift for k, v in real.items()}
+        fresh = observation_distance(real, simulated, first, second)
+        assert observation_distance(real, simulated, first, second, side=side) == fresh
+    assert side.floor == fresh["obs_sw2_floor"] > 0
