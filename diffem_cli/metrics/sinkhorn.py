@@ -19,19 +19,18 @@ entries within ``HOT = 150`` nats of its largest term and the log-sum-exp become
 matrix-vector product ``K @ exp(v - v0)`` with ``K = exp(-M/reg + v0 - rowmax)`` fixed, valid
 while the drift ``v - v0`` spreads over less than ``HOT - PRECISION`` nats: every dropped term
 then stays more than ``PRECISION = 50`` nats (a factor 2e-22) below the row's largest, so the
-result agrees with POT to rounding (1e-13 relative or better in tests/test_metrics.py and
-bench/results/metrics.md). When the drift grows, the hot kernel is re-picked from a *wide* set
-(entries within ``WIDE = 600`` nats, found by one dense pass over the cost matrix in float32
+result agrees with POT to rounding (1e-13 relative or better in bench/results/metrics.md;
+tests/metrics/test_metrics.py checks 1e-9). When the drift grows, the hot kernel is re-picked
+from a *wide* set (entries within ``WIDE = 600`` nats, found by one dense pass over the cost matrix in float32
 blocks with a safety margin, kept values recomputed in float64), and the wide set itself is
 re-selected only once the drift since its selection could hide a needed entry. Rows (u-update)
 and columns (v-update) keep separate kernels, each refreshed only when the potential it depends
 on has moved. Cost: two sparse products per iteration (~1M entries at 4,096 points on the curve,
 in torch's CSR layout, which spreads rows over torch's threads and keeps each row's sum in one
 thread: the same bits at 1 and 2 threads, though its vectorised sums may round differently on
-another CPU) plus a few dense passes (timings:
-bench/results/metrics.md). Supports
-are sparse only because reg is small relative to the spread of the costs: for large reg or tiny
-clouds they fill up and the method degrades gracefully to dense products.
+another CPU) plus a few dense passes (timings: bench/results/metrics.md). Supports are sparse
+only because reg is small relative to the spread of the costs: for large reg or tiny clouds they
+fill up and the method degrades gracefully to dense products.
 """
 
 from __future__ import annotations
@@ -136,7 +135,7 @@ class _LogKernel:
         top = d.max()
         return self.max + top + np.log((self.k @ torch.from_numpy(np.exp(d - top))).numpy())
 
-    def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row, column and value of every kernel entry."""
         counts = self.k.crow_indices().diff().long()
         rows = torch.repeat_interleave(torch.arange(len(counts)), counts)

@@ -19,21 +19,21 @@ class Monitor:
 
     def __init__(self, data: Observations, seed: int, n_points: int) -> None:
         self.data, self.seed = data, seed
-        self.first, self.second = halves(len(data), n_points)
-        self.side: RealSide | None = None
+        self._first, self._second = halves(len(data), n_points)
+        self._side: RealSide | None = None
 
     def __call__(self, x: torch.Tensor, lap: int) -> dict[str, float]:
         """``obs_sw2`` and ``obs_sw2_floor`` of reconstructions ``x`` (rows aligned with the
         observations) at lap ``lap``; {} with fewer than two observations."""
         if len(self.data) < 2:
             return {}
-        rows = torch.cat([self.first, self.second])
+        rows = torch.cat([self._first, self._second])
         data = self.data
         simulated = recorrupt(data.channel, x[rows], mix_seed(self.seed, MONITOR_TAG), lap, data.index[rows])
         real = {k: data.obs[k] for k in simulated}
-        if self.side is None:
-            self.side = real_side(real, self.first, self.second)
-        return observation_distance(real, simulated, self.first, self.second, side=self.side)
+        if self._side is None:
+            self._side = real_side(real, self._first, self._second)
+        return observation_distance(real, simulated, self._first, self._second, side=self._side)
 
 
 def monitor_record(
