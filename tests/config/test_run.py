@@ -38,9 +38,10 @@ SECTIONS = [
 def test_manifold_preset_spreads_the_anchor_steps_over_more_laps():
     cfg = load_config("manifold")
     assert cfg.network == {"type": "mlp", "width": 256, "depth": 3, "emb_dim": 64}
-    # 12 laps of 640 steps (bench/results/manifold-budget-study.md), where the anchor ran 6 of 2,000
-    # (bench_manifold still does)
-    assert cfg.train.batch_size == 1024 and cfg.train.epochs * (16384 // 1024) == 640 and cfg.em.laps == 12
+    # 11 laps of 640 steps at 5e-3 (bench/results/manifold-budget-study.md), where the anchor ran 6
+    # of 2,000 at 3e-3 (bench_manifold still does)
+    assert cfg.train.batch_size == 1024 and cfg.train.epochs * (16384 // 1024) == 640 and cfg.em.laps == 11
+    assert cfg.train.lr == 5e-3
 
 
 def test_set_overrides_and_types():
