@@ -216,9 +216,8 @@ def mstep(
         "cond": torch.randn((n, model.cond_size, *case.shape[1:]), generator=gen),
     }
     cfg = dataclasses.replace(case.train_cfg, batch_size=bs, epochs=1, compile=compile)
-    if (
-        device.type == "cuda"
-    ):  # nothing queued before the loop's clock starts (its epoch-end loss waits at the end)
+    # nothing queued before the loop's clock starts (its epoch-end loss waits at the end)
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
     result = train_denoiser(model, data, cfg, seed=0, device=device, label=f"{case.name} M-step")
     return {"rate": result.steps * bs / result.seconds, "seconds": result.seconds, "load": load1()}

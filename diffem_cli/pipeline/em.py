@@ -364,7 +364,7 @@ class _Driver:
         self.tracking = tracking or Tracking()
         self.log, self.evaluation, self.clean, self.warm = log, evaluation, clean, warm
         self.said: set[str] = set()  # the notices every lap would repeat, shown once per run
-        self.monitor: Monitor | None = None  # the label-free monitor, built at the first record
+        self.monitor = Monitor(data, cfg.seed, cfg.eval.n_points)  # the label-free monitor of every lap
         self.spec = method.model_spec(data)
         self.base_meta = {
             "kind": self.spec.kind,
@@ -627,8 +627,6 @@ class _Driver:
     def _monitor(self, lap: int) -> dict[str, float]:
         if not self.ctx.is_main:  # the main rank alone logs the record
             return {}
-        if self.monitor is None:
-            self.monitor = Monitor(self.data, self.cfg.seed, self.cfg.eval.n_points)
         x, _ = load_recon(self.run.recon(lap))
         return self.monitor(x, lap)
 
