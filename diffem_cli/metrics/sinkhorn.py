@@ -26,11 +26,12 @@ blocks with a safety margin, kept values recomputed in float64), and the wide se
 re-selected only once the drift since its selection could hide a needed entry. Rows (u-update)
 and columns (v-update) keep separate kernels, each refreshed only when the potential it depends
 on has moved. Cost: two sparse products per iteration (~1M entries at 4,096 points on the curve,
-in torch's CSR layout, which spreads rows over torch's threads and keeps each row's sum in one
-thread: the same bits at 1 and 2 threads, though its vectorised sums may round differently on
-another CPU) plus a few dense passes (timings: bench/results/metrics.md). Supports are sparse
-only because reg is small relative to the spread of the costs: for large reg or tiny clouds they
-fill up and the method degrades gracefully to dense products.
+in torch's CSR layout, which spreads rows over torch's threads; identical bits at 1 and 2 threads
+on the AMD EPYC it was measured on, though its vectorised sums may order terms differently on
+another CPU or thread count, a difference at rounding level) plus a few dense passes (timings:
+bench/results/metrics.md). Supports are sparse only because reg is small relative to the spread of
+the costs: for large reg or tiny clouds they fill up and the method degrades gracefully to dense
+products.
 """
 
 from __future__ import annotations

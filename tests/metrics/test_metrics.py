@@ -64,8 +64,10 @@ def test_sinkhorn_cost_of_gaussian_clouds_matches_pot_in_3d() -> None:
     assert sinkhorn_cost(x, y) == pytest.approx(float(expected), rel=1e-9)
 
 
-def test_sinkhorn_cost_is_the_same_at_one_and_two_threads() -> None:
-    # each kernel row is summed by one thread: the thread count must not change a bit
+def test_sinkhorn_cost_does_not_depend_on_the_thread_count() -> None:
+    # the sparse products go through torch's CSR kernels (MKL's on x86), whose summation order may
+    # follow the CPU and thread count: the bound is the one that holds between POT's dense sums and
+    # ours, a different order over the same 1,024 iterations (test_sinkhorn_cost_matches_pot)
     x, y = sample_manifold(300, draw_seed=1).double(), sample_manifold(280, draw_seed=2).double() + 0.1
     threads = torch.get_num_threads()
     try:
@@ -75,7 +77,7 @@ def test_sinkhorn_cost_is_the_same_at_one_and_two_threads() -> None:
         two = sinkhorn_cost(x, y)
     finally:
         torch.set_num_threads(threads)
-    assert one == two
+    assert one == pytest.approx(two, rel=1e-9)
 
 
 def test_sinkhorn_divergence_floor_and_monotone_in_shift() -> None:
