@@ -34,7 +34,7 @@ from typing import Any
 from bench.common import machine, write_results
 from bench.images import shapes_images
 from diffem_cli.io.registry import make_channel
-from diffem_cli.io.sources import LimitedSource, TensorSource, load_source
+from diffem_cli.io.sources import RowRange, TensorSource, load_source
 from diffem_cli.methods import load_config
 from diffem_cli.pipeline.compare import compare
 from diffem_cli.pipeline.corrupt import corrupt_dataset
@@ -53,7 +53,7 @@ def source(name: str, n: int):
     """The clean data of a case: the first ``n`` digits, ``n`` natural-image 16x16 patches (seed
     0), or ``n`` procedural 16x16 images."""
     if name == "digits":
-        return LimitedSource(load_source("digits"), n)
+        return RowRange(load_source("digits"), limit=n)
     if name == "patches16":
         return load_source(f"patches:size=16,n={n},seed=0")
     return TensorSource(shapes_images(n, 16, seed=0), spec=f"bench.images:shapes16:n={n},seed=0")

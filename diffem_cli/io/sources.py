@@ -44,6 +44,9 @@ class Source:
     path: Path | None = None  # the local folder it reads, if any (outputs must stay clear of it)
     label_names: tuple[str, ...] | None = None
     """The class names of integer labels (written as a ``datasets.ClassLabel``), when known."""
+    first: int = 0
+    """The position of sample 0 in the source it was cut from (:class:`RowRange`): written
+    ``index`` columns count from here, so a split keeps each sample's index and seeds."""
 
     @property
     def kind(self) -> str:
@@ -408,12 +411,14 @@ class DatasetSource(Source):
         return check_rows(read_rows(self.ds, start, stop), min(stop, len(self)) - start, self.spec)
 
 
-class LimitedSource(Source):
-    """The first ``limit`` samples of another source."""
+class RowRange(Source):
+    """Samples ``skip`` to ``skip + limit`` of another source (to its end when ``limit`` is None)."""
 
-    def __init__(self, base: Source, limit: int) -> None:
+    def __init__(self, base: Source, skip: int = 0, limit: int | None = None) -> None:
         self.base = base
-        self.limit = min(limit, len(base))
+        self.skip = min(skip, len(base))
+        self.stop = len(base) if limit is None else min(self.skip + limit, len(base))
+        self.first = base.first + self.skip
         self.spec = base.spec
         self.shape = base.shape
         self.value_range = base.value_range
@@ -421,16 +426,20 @@ class LimitedSource(Source):
         self.label_names = base.label_names
 
     def __len__(self) -> int:
-        return self.limit
+        return self.stop - self.skip
+
+    def _bounds(self, start: int, stop: int) -> tuple[int, int]:
+        return self.skip + start, self.skip + min(stop, len(self))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        return self.base.read(start, min(stop, self.limit))
+        return self.base.read(*self._bounds(start, stop))
 
     def columns(self, start: int, stop: int) -> RowColumns:
-        return self.base.columns(start, min(stop, self.limit))
+        return self.base.columns(*self._bounds(start, stop))
 
     def describe(self) -> dict[str, Any]:
-        return {**self.base.describe(), "n": self.limit, "limit": self.limit}
+        cut = {"skip": self.skip} if self.skip else {}
+        return {**self.base.describe(), "n": len(self), **cut, "limit": len(self)}
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -494,19 +503,22 @@ def load_hub_dataset(name: str, split: str) -> Any:
         ) from None
 
 
-def load_source(spec: str, *, limit: int | None = None) -> Source:
+def load_source(spec: str, *, limit: int | None = None, skip: int = 0) -> Source:
     """Open a clean-data source by spec (see docs/data.md).
 
     ``manifold[:samples=16384,n=5,seed=0,draw_seed=1]``, ``digits``,
     ``patches[:size=16,n=4096,seed=0,scale=4]`` (natural-image crops), ``folder:PATH`` or a folder
-    path (images, or a ``save_to_disk`` folder), ``hf:NAME[:SPLIT]`` (online). ``limit`` keeps
-    the first ``limit`` samples.
+    path (images, or a ``save_to_disk`` folder), ``hf:NAME[:SPLIT]`` (online). ``skip`` drops
+    the first ``skip`` samples and ``limit`` keeps the first ``limit`` of the rest: a train/test
+    split of one source, each sample keeping its index (:attr:`Source.first`).
     """
     from diffem_cli.io.store import read_dataset
 
     spec = str(spec).strip()
     if limit is not None and limit < 1:
         raise DiffemError(f"limit must be >= 1, got {limit}")
+    if skip < 0:
+        raise DiffemError(f"skip must be >= 0, got {skip}")
     head, _, rest = spec.partition(":")
     source: Source
     if head == "manifold":
@@ -527,6 +539,10 @@ def load_source(spec: str, *, limit: int | None = None) -> Source:
             ds, manifest = read_dataset(path)
             source = DatasetSource(ds, str(path), manifest)
         else:
-            source = ImageFolderSource(path, str(path), limit)
+            source = ImageFolderSource(path, str(path), None if limit is None else skip + limit)
         source.path = path
-    return LimitedSource(source, limit) if limit is not None and limit < len(source) else source
+    if skip >= len(source):
+        raise DiffemError(f"source {spec!r} holds {len(source)} samples: none left after skipping {skip}")
+    if skip or (limit is not None and limit < len(source)):
+        return RowRange(source, skip, limit)
+    return source

@@ -107,7 +107,8 @@ def corrupt_dataset(
 ) -> dict[str, Any]:
     """Write ``channel``'s observations of every sample of ``source`` to the folder ``out``.
 
-    Columns: the channel's observation tensors plus ``index`` (int64 sample index) and the
+    Columns: the channel's observation tensors plus ``index`` (int64: the sample's position in
+    the source, counted from :attr:`Source.first`, which also seeds its corruption) and the
     source's per-row metadata (:meth:`Source.columns`: ``file_name``, ``label``) when it has any.
     The manifest (``kind: observations``) records the channel spec, seed and source.
     ``clean_out`` also writes the clean samples (columns ``x``, ``index`` and the same metadata;
@@ -132,7 +133,8 @@ def corrupt_dataset(
     _check_outputs(out, None if reuse else clean_out, preview, force, getattr(source, "path", None))
     if len(source) == 0:
         raise DiffemError(f"source {source.spec!r} holds no samples")
-    trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [0]))  # fail here, not mid-way
+    first = source.first  # the index of sample 0: a cut of a larger source keeps its indices
+    trial = channel.corrupt(source.read(0, 1), sample_seeds(seed, [first]))  # fail here, not mid-way
     if "y" not in trial or set(trial) & set(NOT_TENSORS):
         reserved = ", ".join(map(repr, NOT_TENSORS))
         raise DiffemError(f"channel {channel.name!r} must return a 'y' and no {reserved} observation")
@@ -160,7 +162,7 @@ def corrupt_dataset(
 
                 def clean_chunks() -> Iterator[dict[str, Any]]:
                     for start, x in _chunks(source, chunk_size):
-                        indices = torch.arange(start, start + len(x), dtype=torch.int64)
+                        indices = torch.arange(first + start, first + start + len(x), dtype=torch.int64)
                         yield {"x": x, "index": indices, **source.columns(start, start + len(x))}
                         if task is not None:
                             bar.advance(task, len(x))
@@ -175,7 +177,7 @@ def corrupt_dataset(
 
             def observation_chunks() -> Iterator[dict[str, Any]]:
                 for start, x in stream:
-                    indices = torch.arange(start, start + len(x), dtype=torch.int64)
+                    indices = torch.arange(first + start, first + start + len(x), dtype=torch.int64)
                     obs = channel.corrupt(x, sample_seeds(seed, indices))
                     if keep is not None:
                         keep.add(x, obs)

@@ -69,6 +69,10 @@ def test_digits_range_shape_and_limit():
     small = load_source("digits", limit=10)
     assert len(small) == 10 and torch.equal(_all(small), x[:10])
     assert small.describe()["n"] == 10
+    cut = load_source("digits", skip=1790)
+    assert len(cut) == 7 and cut.first == 1790 and torch.equal(_all(cut), x[1790:])
+    inner = load_source("digits", skip=5, limit=3)
+    assert inner.first == 5 and torch.equal(_all(inner), x[5:8]) and inner.describe()["skip"] == 5
 
 
 def test_image_folder_round_trip(tmp_path):
@@ -99,6 +103,7 @@ def test_image_folder_gray_and_size_mismatch(tmp_path):
         load_source(str(tmp_path))
     # only the images used must agree: the first two are fine
     assert len(load_source(str(tmp_path), limit=2)) == 2
+    assert _all(load_source(str(tmp_path), skip=1, limit=1))[:, 0, 0, 0].tolist() == [-1.0]
 
 
 def test_saved_dataset_sources(tmp_path):

@@ -56,6 +56,31 @@ def test_mask_fraction_on_digits(tmp_path):
     assert (cols["y"][cols["mask"].expand_as(cols["y"]) == 0] == 0).all()
 
 
+def test_a_split_is_the_same_rows_of_the_whole(tmp_path):
+    """``--skip``/``--limit`` cut rows out of a source: each keeps its index, its clean sample and,
+    through its index, its corruption; the two halves of a split together are the whole."""
+    base = ["corrupt", "digits", "--channel", "mask", "-p", "rho=0.5", "-p", "sigma=0.1", "--seed", "2"]
+    parts = {"whole": ["--limit", "50"], "head": ["--limit", "30"], "tail": ["--skip", "30", "--limit", "20"]}
+    for name, cut in parts.items():
+        assert (
+            run(
+                [*base[:2], str(tmp_path / name), *base[2:], *cut, "--clean-out", str(tmp_path / f"{name}-x")]
+            )
+            == 0
+        )
+    keys = ["y", "mask", "index", "label"]
+    whole = columns(read_dataset(tmp_path / "whole")[0], keys)
+    head = columns(read_dataset(tmp_path / "head")[0], keys)
+    tail = columns(read_dataset(tmp_path / "tail")[0], keys)
+    assert torch.equal(tail["index"], torch.arange(30, 50))
+    for k in keys:
+        assert torch.equal(torch.cat([head[k], tail[k]]), whole[k]), k
+    clean = columns(read_dataset(tmp_path / "tail-x")[0], ["x", "index"])
+    assert torch.equal(clean["index"], torch.arange(30, 50))
+    assert torch.equal(clean["x"], load_source("digits").read(30, 50))
+    assert read_dataset(tmp_path / "tail")[1]["source"]["skip"] == 30
+
+
 def test_digit_labels_survive_corrupt(tmp_path):
     from sklearn.datasets import load_digits
 
@@ -125,6 +150,8 @@ def test_force_overwrites(tmp_path, capsys):
         (["digits", "{o}", "--channel", "mask", "--preview", "{png}"], "already exists"),
         (["digits", "{o}", "--channel", "mask", "--preview", "{t}/p.jpg"], ".png"),
         (["digits", "{o}", "--channel", "mask", "--limit", "0"], "--limit"),
+        (["digits", "{o}", "--channel", "mask", "--skip", "-1"], "--skip"),
+        (["digits", "{o}", "--channel", "mask", "--skip", "1797"], "none left after skipping 1797"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):

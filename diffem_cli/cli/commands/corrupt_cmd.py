@@ -21,7 +21,13 @@ def corrupt(
     channel: str = typer.Option(..., "--channel", "-c", help="Channel name (see `diffem channels`)."),
     param: list[str] = typer.Option([], "--param", "-p", help="Channel parameter KEY=VALUE (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Corruption seed; the same seed gives identical output."),
-    limit: int | None = typer.Option(None, "--limit", help="Use only the first N samples."),
+    limit: int | None = typer.Option(None, "--limit", help="Use only the first N samples (after --skip)."),
+    skip: int = typer.Option(
+        0,
+        "--skip",
+        help="Leave out the first N samples: with --limit, a train/test split of one source. Each "
+        "sample keeps its index, and so its corruption seed.",
+    ),
     clean_out: Path | None = typer.Option(None, "--clean-out", help="Also write the clean samples here."),
     preview: Path | None = typer.Option(None, "--preview", help="Write a PNG of the first examples."),
     force: bool = typer.Option(
@@ -45,6 +51,8 @@ def corrupt(
         raise DiffemError(f"--chunk-size must be >= 1, got {chunk_size}")
     if limit is not None and limit < 1:
         raise DiffemError(f"--limit must be >= 1, got {limit}")
+    if skip < 0:
+        raise DiffemError(f"--skip must be >= 0, got {skip}")
     from diffem_cli.io.store import check_apart
 
     check_apart(out, [source])  # before loading: the source may be large, the mistake is plain
@@ -53,7 +61,7 @@ def corrupt(
             check_apart(extra, [source])
     started = time.perf_counter()
     chan = registry.make_channel(channel, registry.parse_assignments(param))
-    src = load_source(source, limit=limit)
+    src = load_source(source, limit=limit, skip=skip)
     manifest = corrupt_dataset(
         src, chan, out, seed=seed, clean_out=clean_out, preview=preview, force=force, chunk_size=chunk_size
     )
