@@ -5,7 +5,9 @@
 chunk by chunk. Defaults: vectors get ``sinkhorn`` and ``sliced_w2``; images get ``fd_rand`` and
 ``fd_pixels``, plus ``psnr`` and ``ssim`` when both sides carry an ``index`` column to pair
 reconstructions with the clean images they recover (several samples per observation, as from
-``reconstruct --per-observation N``, are averaged per observation first).
+``reconstruct --per-observation N``, are averaged per observation first). ``posterior_folder``
+scores such a folder of K draws per observation as a posterior
+(:mod:`~diffem_cli.metrics.posterior_quality`): a trained sampler on held-out observations.
 """
 
 from __future__ import annotations
@@ -157,16 +159,16 @@ def _choose(names: Sequence[str] | None, kind: str, paired: bool) -> list[str]:
     return chosen
 
 
-def _pairing(s_index: torch.Tensor, r_index: torch.Tensor) -> torch.Tensor:
-    """For each sample row, the reference row with the same index."""
+def _pairing(s_index: torch.Tensor, r_index: torch.Tensor, what: str = "reference") -> torch.Tensor:
+    """For each sample row, the ``what`` (reference) row with the same index."""
     r_sorted, order = torch.sort(r_index)
     if len(r_sorted) > 1 and bool((r_sorted[1:] == r_sorted[:-1]).any()):
         dup = int(r_sorted[1:][r_sorted[1:] == r_sorted[:-1]][0])
-        raise DiffemError(f"the reference holds index {dup} more than once; cannot pair samples with it")
+        raise DiffemError(f"the {what} holds index {dup} more than once; cannot pair samples with it")
     pos = torch.searchsorted(r_sorted, s_index).clamp(max=len(r_sorted) - 1)
     missing = r_sorted[pos] != s_index
     if bool(missing.any()):
-        raise DiffemError(f"sample index {int(s_index[missing][0])} has no reference row with that index")
+        raise DiffemError(f"sample index {int(s_index[missing][0])} has no {what} row with that index")
     return order[pos]
 
 
@@ -322,3 +324,68 @@ def evaluate_folders(
     if chunk_size < 1:
         raise DiffemError(f"chunk size must be >= 1, got {chunk_size}")
     return _evaluate(s, r, metrics, value_range, n_points, seed, chunk_size)
+
+
+def posterior_draws(samples_dir: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The draws of a folder holding several per observation (columns ``x``, ``index``, ``sample``,
+    as ``reconstruct --per-observation K`` writes): ``(K, N, *shape)`` and the N indices, each
+    draw's rows in the same index order; None when the folder holds one draw per observation.
+    Uneven draws (an index missing from one draw, or repeated in it) are refused."""
+    from diffem_cli.io.store import columns, read_dataset
+
+    ds, _ = read_dataset(Path(samples_dir))
+    if "sample" not in ds.column_names or "index" not in ds.column_names:
+        return None
+    cols = columns(ds, ["x", "index", "sample"])
+    draw, index = cols["sample"].long().reshape(-1), cols["index"].long().reshape(-1)
+    ids = torch.unique(draw)
+    if len(ids) < 2:
+        return None
+    order = torch.argsort(draw * (int(index.max()) + 1) + index - int(index.min()))
+    n = len(index) // len(ids)
+    grid = index[order].reshape(len(ids), -1) if n * len(ids) == len(index) else None
+    if grid is None or not bool((grid == grid[0]).all()) or len(torch.unique(grid[0])) != n:
+        raise DiffemError(
+            f"samples {samples_dir} do not hold the same observations in each of their {len(ids)} draws"
+        )
+    return cols["x"][order].float().reshape(len(ids), n, *cols["x"].shape[1:]), grid[0]
+
+
+def posterior_folder(
+    samples_dir: Path,
+    reference_dir: Path,
+    *,
+    channel: Any = None,
+    obs: dict[str, torch.Tensor] | None = None,
+    obs_index: torch.Tensor | None = None,
+) -> dict[str, float] | None:
+    """:func:`~diffem_cli.metrics.posterior_quality.posterior_quality` of a folder of K draws per
+    observation (:func:`posterior_draws`; None for one draw) against the clean reference paired by
+    index, keys ``post_*``. With the observations (``channel``, their tensors ``obs`` and
+    ``obs_index``), the entries they give exactly are left out of the calibration and the observed
+    residual is added; without them only the errors of one draw and of the K-draw mean are
+    reported, since calibration over exactly observed entries would count them as covered."""
+    from diffem_cli.metrics.posterior_quality import posterior_quality
+
+    drawn = posterior_draws(samples_dir)
+    if drawn is None:
+        return None
+    draws, index = drawn
+    r, manifest = _folder_rows(Path(reference_dir), "reference")
+    if r.index is None:
+        raise DiffemError(f"reference {reference_dir} has no index column to pair the draws with")
+    if tuple(draws.shape[2:]) != r.shape:
+        raise DiffemError(f"samples have rows of shape {tuple(draws.shape[2:])}, the reference {r.shape}")
+    clean = r.take(_pairing(index, r.index))
+    value_range = manifest.get("value_range") or (IMAGE_RANGE if draws.dim() == 5 else None)
+    if obs is None or channel is None or obs_index is None:
+        values = posterior_quality(draws, clean, value_range=value_range)
+        values = {k: v for k, v in values.items() if not k.startswith(("coverage", "spread"))}
+    else:
+        rows = _pairing(index, torch.as_tensor(obs_index).long().reshape(-1), "observations")
+        mine = {k: v[rows] for k, v in obs.items()}
+        exact = channel.exact_entries(mine)
+        values = posterior_quality(
+            draws, clean, exact=exact, channel=channel, obs=mine, value_range=value_range
+        )
+    return {f"post_{k}": v for k, v in values.items()}

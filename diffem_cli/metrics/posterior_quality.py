@@ -30,6 +30,13 @@ import torch
 from diffem_cli.core.errors import DiffemError
 
 LEVEL = 0.9
+BETTER = {
+    **dict.fromkeys(("psnr_one", "psnr_mean", "ssim_one", "ssim_mean", "spread_error_corr"), "higher"),
+    **dict.fromkeys(("mse_one", "mse_mean"), "lower"),
+}
+"""Which way is better for the metrics that have one; the others are read beside their exact value
+(``coverage`` against ``coverage_expected``, ``mse_ratio`` against ``mse_ratio_exact``, the
+residual against the noise level)."""
 
 
 def interval_rank(k: int, level: float = LEVEL) -> int:

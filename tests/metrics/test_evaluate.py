@@ -214,3 +214,94 @@ def test_cli_bad_inputs(cli, folders: dict[str, Path], tmp_path: Path) -> None:
         tmp_path / "no" / "such" / "dir.json",
     )
     assert code == 2 and "does not exist" in stderr
+
+
+@pytest.fixture
+def drawn(tmp_path: Path) -> dict[str, Path]:
+    """Masked digits and a folder of 3 draws per observation (shuffled rows): the observed pixels
+    exact, noise on the missing ones."""
+    from diffem_cli.io import registry
+    from diffem_cli.io.sources import load_source
+    from diffem_cli.pipeline.corrupt import corrupt_dataset
+
+    paths = {k: tmp_path / k for k in ("obs", "clean", "draws", "uneven", "one")}
+    channel = registry.make_channel("mask", {"rho": "0.5"})
+    corrupt_dataset(
+        load_source("digits", skip=20, limit=12),
+        channel,
+        paths["obs"],
+        clean_out=paths["clean"],
+        progress=False,
+    )
+    from diffem_cli.io.observations import Observations
+
+    seen = Observations(paths["obs"])
+    x = load_source("digits", skip=20, limit=12).read(0, 12)
+    keep = seen.obs["mask"].expand_as(x)
+    k = 3
+    noise = 0.3 * torch.randn(k, *x.shape, generator=_gen(4))
+    draws = torch.where(keep.bool(), x, (x + noise).clamp(-1, 1))
+    perm = torch.randperm(k * 12, generator=_gen(5))
+    index, sample = seen.index.repeat(k), torch.arange(k).repeat_interleave(12)
+    rows = {"x": draws.reshape(k * 12, *x.shape[1:]), "index": index, "sample": sample}
+    write_dataset(paths["draws"], [{n: v[perm] for n, v in rows.items()}], {"kind": "reconstructions"})
+    write_dataset(paths["uneven"], [{n: v[1:] for n, v in rows.items()}], {"kind": "reconstructions"})
+    write_dataset(paths["one"], [{n: v[:12] for n, v in rows.items()}], {"kind": "reconstructions"})
+    paths["want"] = draws  # type: ignore[assignment]
+    return paths
+
+
+def test_posterior_folder_is_posterior_quality_of_its_draws(drawn) -> None:
+    from diffem_cli.io.observations import Observations
+    from diffem_cli.metrics.evaluate import posterior_folder
+    from diffem_cli.metrics.posterior_quality import posterior_quality
+
+    seen = Observations(drawn["obs"])
+    x = load_clean_rows(drawn["clean"])
+    want = posterior_quality(
+        drawn["want"],
+        x,
+        exact=seen.channel.exact_entries(seen.obs),
+        channel=seen.channel,
+        obs=seen.obs,
+        value_range=(-1.0, 1.0),
+    )
+    got = posterior_folder(
+        drawn["draws"], drawn["clean"], channel=seen.channel, obs=seen.obs, obs_index=seen.index
+    )
+    assert got == {f"post_{k}": v for k, v in want.items()}  # the same tensors in the same order
+    assert got["post_coverage"] < 1 and got["post_observed_residual"] == 0
+    bare = posterior_folder(drawn["draws"], drawn["clean"])
+    assert "post_coverage" not in bare and bare["post_psnr_mean"] == got["post_psnr_mean"]
+    assert posterior_folder(drawn["one"], drawn["clean"]) is None
+    with pytest.raises(DiffemError, match="same observations in each of their 3 draws"):
+        posterior_folder(drawn["uneven"], drawn["clean"])
+
+
+def load_clean_rows(path: Path) -> torch.Tensor:
+    from diffem_cli.io.store import columns, read_dataset
+
+    cols = columns(read_dataset(path)[0], ["x", "index"])
+    return cols["x"][torch.argsort(cols["index"])]
+
+
+def test_cli_scores_draws_as_a_posterior(cli, drawn, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    code, stdout, stderr = cli(
+        "evaluate",
+        drawn["draws"],
+        "--reference",
+        drawn["clean"],
+        "--observations",
+        drawn["obs"],
+        "--json",
+        out,
+    )
+    assert code == 0, stderr
+    record = json.loads(out.read_text())
+    assert record["posterior"]["post_k"] == 3 and "post_coverage" in record["posterior"]
+    assert "post_psnr_mean" in stdout
+    code, _, stderr = cli(
+        "evaluate", drawn["draws"], "--reference", drawn["clean"], "--observations", tmp_path / "no"
+    )
+    assert code == 2 and "observations folder" in stderr and stderr.count("\n") == 1

@@ -34,6 +34,14 @@ def evaluate_command(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
     ] = None,
+    observations: Annotated[
+        Path | None,
+        typer.Option(
+            help="The observations SAMPLES reconstruct. With K >= 2 draws per observation "
+            "(reconstruct --per-observation K), posterior calibration leaves out the entries they "
+            "give exactly, and their observed residual is reported."
+        ),
+    ] = None,
     n_points: Annotated[int, typer.Option(help="Points per set for the Sinkhorn divergence.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the subsets and projections.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
@@ -51,16 +59,23 @@ def evaluate_command(
         ),
     ] = None,
 ) -> None:
-    """Score SAMPLES against a clean REFERENCE: a table of metrics."""
+    """Score SAMPLES against a clean REFERENCE: a table of metrics.
+
+    SAMPLES with K >= 2 draws per observation (reconstruct --per-observation K) are also scored as a
+    posterior (post_*): one draw against the K-draw mean, and with --observations, calibration.
+    """
     from rich.console import Console
     from rich.table import Table
 
     from diffem_cli import __version__
     from diffem_cli.core.errors import DiffemError
     from diffem_cli.io.store import check_output, write_text_atomic
-    from diffem_cli.metrics.evaluate import METRICS, evaluate_folders
+    from diffem_cli.metrics.evaluate import METRICS, evaluate_folders, posterior_folder
+    from diffem_cli.metrics.posterior_quality import BETTER
 
-    for path, what in ((samples, "samples"), (reference, "reference")):
+    for path, what in ((samples, "samples"), (reference, "reference"), (observations, "observations")):
+        if path is None:
+            continue
         if not path.exists():
             raise DiffemError(f"{what} folder {path} does not exist")
     if json_out is not None:
@@ -76,9 +91,16 @@ def evaluate_command(
 
     weights = {env: str(p) for env, p in ((INCEPTION_ENV, inception_weights), (DINOV2_ENV, dinov2)) if p}
     names = None if metrics is None else [m for m in metrics.split(",") if m.strip()]
+    seen = None
+    if observations is not None:
+        from diffem_cli.io.observations import Observations
+
+        seen = Observations(observations)
     t0 = time.perf_counter()
     with mock.patch.dict(os.environ, weights):  # for this command only
         results = evaluate_folders(samples, reference, names, n_points=n_points, seed=seed)
+    mine = {} if seen is None else {"channel": seen.channel, "obs": seen.obs, "obs_index": seen.index}
+    posterior = posterior_folder(samples, reference, **mine) or {}
     seconds = time.perf_counter() - t0
 
     table = Table(title=f"{samples} vs {reference}")
@@ -87,12 +109,16 @@ def evaluate_command(
     table.add_column("better", justify="center")
     for name, value in results.items():
         table.add_row(name, f"{value:.6g}", "lower" if METRICS[name].lower_is_better else "higher")
+    for name, value in posterior.items():
+        table.add_row(name, f"{value:.6g}", BETTER.get(name.removeprefix("post_"), ""))
     Console().print(table)
     if json_out is not None:
         record = {
             "samples": str(samples),
             "reference": str(reference),
             "metrics": results,
+            **({"posterior": posterior} if posterior else {}),
+            **({"observations": str(observations)} if observations is not None else {}),
             "n_points": n_points,
             "seed": seed,
             "seconds": round(seconds, 3),
