@@ -151,7 +151,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["| | " + " | ".join(f"lap {x}" for x in laps) + " |", "|---" * (len(laps) + 1) + "|"]
         for method in METHODS:
             rows = r["heldout"][method]
-            ins = r["insample_psnr"][method][1 : len(rows) + 1]
+            ins = [r["insample_psnr"][method][row["lap"]] for row in rows]
             lines.append(f"| {method} in-sample | " + " | ".join(f"{v:.2f}" for v in ins) + " |")
             for key, (label, fmt) in SHOWN.items():
                 cells = " | ".join(format(row[key], fmt) for row in rows)
@@ -202,8 +202,25 @@ def main() -> None:
         )
         result["load_end"] = os.getloadavg()[0]
         out, stem = (args.out / "quick", f"{args.name}-quick") if args.quick else (args.out, args.name)
-        write_results(out, stem, result, markdown(result))
+        write(out, stem, result)
     print(markdown(result))
+
+
+def write(out: Path, stem: str, result: dict[str, Any]) -> None:
+    """The JSON, the Markdown and ``stem.png``: each held-out score per lap, one line per variant
+    and method."""
+    from diffem_cli.pipeline import plots
+
+    write_results(out, stem, result, markdown(result) + f"\n![held-out scores per lap]({stem}.png)\n")
+    panels = {
+        key: {
+            f"{method} {name}": [(row["lap"], row[key]) for row in r["heldout"][method]]
+            for name, r in result["variants"].items()
+            for method in METHODS
+        }
+        for key in SHOWN
+    }
+    plots.save_curve_panels(panels, out / f"{stem}.png", "lap")
 
 
 if __name__ == "__main__":
