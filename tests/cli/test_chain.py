@@ -13,7 +13,7 @@ from helpers import QUICK, TINY_MLP, TINY_UNET, run_ok, sets
 from PIL import Image
 
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint
-from diffem_cli.io.store import columns, read_manifest
+from diffem_cli.io.store import columns, read_dataset, read_manifest
 
 
 def _chain(root: Path, source: str, channel: list[str], limit: int, net: list[str], batch: int) -> Path:
@@ -162,3 +162,39 @@ def test_digits_chain(digits):
     assert (digits / "cexp/unet/config.json").exists() and (digits / "cexp/scheduler").is_dir()
     # no temporary folders left beside the outputs
     assert not [p.name for p in digits.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_is_scored_as_a_posterior_on_held_out_digits(digits, tmp_path):
+    """The held-out chain: digits the run never saw (``--skip``, their indices kept), drawn twice
+    each by its checkpoint and scored as a posterior with the observations."""
+    run_ok(
+        "corrupt",
+        "digits",
+        tmp_path / "test",
+        "--channel",
+        "mask",
+        "-p",
+        "rho=0.5",
+        "--skip",
+        64,
+        "--limit",
+        16,
+        "--clean-out",
+        tmp_path / "clean",
+    )
+    ckpt = digits / "run/checkpoints/lap_002.safetensors"
+    run_ok("reconstruct", ckpt, tmp_path / "test", tmp_path / "rec", "--steps", 4, "--per-observation", 2)
+    index = columns(read_dataset(tmp_path / "rec")[0], ["index"])["index"]
+    assert sorted(set(index.tolist())) == list(range(64, 80))
+    run_ok(
+        "evaluate",
+        tmp_path / "rec",
+        "--reference",
+        tmp_path / "clean",
+        "--observations",
+        tmp_path / "test",
+        "--json",
+        tmp_path / "m.json",
+    )
+    post = json.loads((tmp_path / "m.json").read_text())["posterior"]
+    assert post["post_k"] == 2 and post["post_n"] == 16 and 0 <= post["post_coverage"] <= 1
