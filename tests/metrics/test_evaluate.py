@@ -252,12 +252,12 @@ def drawn(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_posterior_folder_is_posterior_quality_of_its_draws(drawn) -> None:
-    from diffem_cli.io.observations import Observations
+    from diffem_cli.io.observations import Observations, load_clean
     from diffem_cli.metrics.evaluate import posterior_folder
     from diffem_cli.metrics.posterior_quality import posterior_quality
 
     seen = Observations(drawn["obs"])
-    x = load_clean_rows(drawn["clean"])
+    x = load_clean(drawn["clean"], seen)
     want = posterior_quality(
         drawn["want"],
         x,
@@ -276,13 +276,6 @@ def test_posterior_folder_is_posterior_quality_of_its_draws(drawn) -> None:
     assert posterior_folder(drawn["one"], drawn["clean"]) is None
     with pytest.raises(DiffemError, match="same observations in each of their 3 draws"):
         posterior_folder(drawn["uneven"], drawn["clean"])
-
-
-def load_clean_rows(path: Path) -> torch.Tensor:
-    from diffem_cli.io.store import columns, read_dataset
-
-    cols = columns(read_dataset(path)[0], ["x", "index"])
-    return cols["x"][torch.argsort(cols["index"])]
 
 
 def test_cli_scores_draws_as_a_posterior(cli, drawn, tmp_path: Path) -> None:
