@@ -70,8 +70,9 @@ def nearest(work: Path) -> dict[str, float]:
     bank = load_clean(work / "train-clean", train).flatten(1)
 
     def pick(seen: Observations) -> torch.Tensor:
-        y, m = seen.obs["y"].flatten(1), seen.obs["mask"].expand(-1, *seen.shape).flatten(1)
-        dist = torch.stack([((bank - yi) ** 2 * mi).sum(1) for yi, mi in zip(y, m, strict=True)])
+        y, m = seen.obs["y"].flatten(1).double(), seen.obs["mask"].expand(-1, *seen.shape).flatten(1).double()
+        # sum_j m_j (b_j - y_j)^2 for every bank row b, expanded into three products
+        dist = (m * y * y).sum(1, keepdim=True) - 2 * (m * y) @ bank.double().T + m @ bank.double().square().T
         return dist.argmin(1)
 
     own = pick(train) == torch.arange(len(train))
@@ -82,9 +83,9 @@ def nearest(work: Path) -> dict[str, float]:
     }
 
 
-def score(ckpt: Path, work: Path, k: int) -> dict[str, float]:
-    """``k`` draws of every held-out observation by the checkpoint, scored as a posterior."""
-    seen = Observations(work / "test")
+def score(ckpt: Path, work: Path, seen: Observations, k: int) -> dict[str, float]:
+    """``k`` draws of every held-out observation (``seen``, loaded from ``work/test``) by the
+    checkpoint, scored as a posterior."""
     with tempfile.TemporaryDirectory() as tmp:
         draws = Path(tmp) / "draws"
         reconstruct(ckpt, work / "test", draws, per_observation=k, seed=0)
@@ -109,6 +110,7 @@ def run_variant(work: Path, name: str, sets: list[str], laps: int, k: int, every
         uncond=False,
         log=log,
     )
+    seen = Observations(work / "test")
     heldout: dict[str, list[dict[str, Any]]] = {}
     for method in METHODS:
         rows = []
@@ -116,7 +118,7 @@ def run_variant(work: Path, name: str, sets: list[str], laps: int, k: int, every
             lap = int(ckpt.stem.split("_")[1])
             if lap % every and lap != laps:
                 continue
-            rows.append({"lap": lap, **score(ckpt, work, k)})
+            rows.append({"lap": lap, **score(ckpt, work, seen, k)})
             log(f"{name} {method} lap {lap}: " + ", ".join(f"{s} {rows[-1][s]:.4g}" for s in SHOWN))
         heldout[method] = rows
     insample = {m: [r.get("eval_psnr") for r in summary["laps"][m]] for m in METHODS}
