@@ -27,10 +27,12 @@ from typing import Any
 
 from bench.common import machine, write_results
 from diffem_cli.io.observations import Observations
+from diffem_cli.io.provenance import git_commit
 from diffem_cli.io.registry import make_channel
 from diffem_cli.io.sources import load_source
 from diffem_cli.methods import load_config
 from diffem_cli.metrics.evaluate import evaluate_folders, posterior_folder
+from diffem_cli.metrics.posterior_quality import expected_coverage
 from diffem_cli.pipeline.compare import compare
 from diffem_cli.pipeline.corrupt import corrupt_dataset
 from diffem_cli.pipeline.reconstruct import reconstruct
@@ -68,11 +70,12 @@ def nearest(work: Path) -> dict[str, float]:
 
     train, test = Observations(work / "train"), Observations(work / "test")
     bank = load_clean(work / "train-clean", train).flatten(1)
+    bank64 = bank.double()
 
     def pick(seen: Observations) -> torch.Tensor:
         y, m = seen.obs["y"].flatten(1).double(), seen.obs["mask"].expand(-1, *seen.shape).flatten(1).double()
         # sum_j m_j (b_j - y_j)^2 for every bank row b, expanded into three products
-        dist = (m * y * y).sum(1, keepdim=True) - 2 * (m * y) @ bank.double().T + m @ bank.double().square().T
+        dist = (m * y * y).sum(1, keepdim=True) - 2 * (m * y) @ bank64.T + m @ bank64.square().T
         return dist.argmin(1)
 
     own = pick(train) == torch.arange(len(train))
@@ -176,21 +179,17 @@ def main() -> None:
     ap.add_argument("--name", default="heldout")
     args = ap.parse_args()
 
-    from diffem_cli.io.provenance import git_commit
-
     variants = args.variant or [["base"]]
     work = args.work or Path("bench/work/heldout-quick" if args.quick else "bench/work/heldout")
     laps, extra = (1, ["train.epochs=2", "sample.steps=4"]) if args.quick else (args.laps, [])
     split(work, args.train, args.rho)
-    from diffem_cli.metrics.posterior_quality import expected_coverage
-
     result: dict[str, Any] = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "commit": (git_commit() or "unknown")[:7],
         "rho": args.rho,
         "train": args.train,
-        "test": 1797 - args.train,
+        "test": len(Observations(work / "test")),
         "laps": laps,
         "k": args.k,
         "coverage_expected": expected_coverage(args.k),
