@@ -403,6 +403,14 @@ def save_curves(
     return _save(fig, path, pdf=True)
 
 
+def _legend_columns(labels: Sequence[str], width: float) -> int:
+    """Columns of a figure legend of ``labels`` (fontsize 8) that fit ``width`` inches: at most 6,
+    fewer when long labels would run past the figure's edges."""
+    # an entry: its marker and gaps (about 0.45 in) plus about 0.07 in per character at 8 points
+    entry = 0.45 + 0.07 * max((len(s) for s in labels), default=0)
+    return max(1, min(len(labels), 6, int(width // entry)))
+
+
 def save_curve_panels(
     panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
     path: Path,
@@ -425,7 +433,9 @@ def save_curve_panels(
     shared = any(sum(n in lines for lines in drawn) > 1 for n in names)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
-    top = 0.35 if shared else 0.0
+    order = [*names, *dict.fromkeys(n for lines in drawn for n in lines if n in REFERENCE_LINES)]
+    ncol = _legend_columns(order, 4.2 * cols)
+    top = 0.15 + 0.2 * -(-len(order) // ncol) if shared else 0.0
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows + top))
     axes = fig.subplots(rows, cols, squeeze=False)
     handles: dict[str, Any] = {}
@@ -458,12 +468,11 @@ def save_curve_panels(
     for k in range(len(panels), rows * cols):
         axes[k // cols][k % cols].axis("off")
     if shared:
-        order = [*names, *(n for n in handles if n in REFERENCE_LINES)]
         fig.legend(
             [handles[n] for n in order],
             order,
             loc="upper center",
-            ncol=min(len(order), 6),
+            ncol=ncol,
             fontsize=8,
             frameon=False,
         )

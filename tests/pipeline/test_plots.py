@@ -136,6 +136,21 @@ def test_panels_say_which_way_is_better_and_write_a_pdf(tmp_path):
     assert pdf.read_bytes() == first  # no creation date: the same numbers give the same file
 
 
+def test_a_shared_legend_of_long_names_wraps_instead_of_running_off_the_figure(tmp_path):
+    """Six long series names over two panels take several legend rows (a taller figure of the
+    same width); six short ones fit one row."""
+    from diffem_cli.pipeline.plots import save_curve_panels
+
+    def figure(names: list[str]):
+        curves = {n: [(0, float(i)), (1, float(i) + 1)] for i, n in enumerate(names)}
+        path = tmp_path / f"{len(names[0])}.png"
+        return _png(save_curve_panels({"psnr": curves, "fd_pixels": curves}, path, "lap"))
+
+    short = figure([f"m{i}" for i in range(6)])
+    long = figure([f"mask 0.5: a variant with a long name {i}" for i in range(6)])
+    assert long.size[0] == short.size[0] and long.size[1] > short.size[1]
+
+
 def test_every_metric_key_has_a_readable_title_on_its_panel(tmp_path, monkeypatch):
     """Evaluation metrics and the label-free monitor's fields (what report and compare draw) are
     titled from the one table, never by their raw keys."""
