@@ -51,13 +51,14 @@ _F64 = torch.float64
 
 
 def solve_rows(
-    rw: Rows, cov: Tensor, r: Tensor, jitter: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    rw: Rows, cov: Tensor, r: Tensor, jitter: float, *, inverse: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
     """Factor ``S = A Sigma A^T + s^2 I`` (plus ``jitter`` times the mean informative variance,
     and 1 on padding rows, which carry nothing) and solve it against the residual ``r``.
 
-    Returns ``(chol, S^-1, S^-1 r, A Sigma or None)``; the jitter grows x100 per retry if a
-    factorisation fails.
+    Returns ``(chol, S^-1 or None, S^-1 r, A Sigma or None)``; ``S^-1`` is formed only with
+    ``inverse`` (covariances and fits need it, means and samples only the solve, which costs a
+    fraction of the inverse). The jitter grows x100 per retry if a factorisation fails.
     """
     valid = rw.valid
     s_mat, a_cov = rw.s_matrix(cov)
@@ -74,6 +75,8 @@ def solve_rows(
         raise DiffemError(
             "Gaussian posterior: A Sigma A^T + s^2 I is not positive definite (NaN in the data?)"
         )
+    if not inverse:
+        return chol, None, torch.cholesky_solve(r[..., None], chol)[..., 0], a_cov
     s_inv = torch.cholesky_inverse(chol)
     return chol, s_inv, (s_inv @ r[..., None])[..., 0], a_cov
 
@@ -314,7 +317,7 @@ def sample_from_noise(
             x0 = prior.draw(zz[:, :nd])
             rw = informative_rows(channel, part, shape)
             r = rw.y - rw.apply(x0) - rw.take(rw.s * zz[:, nd:])
-            _, _, sr, a_cov = solve_rows(rw, cov, r, jitter)
+            _, _, sr, a_cov = solve_rows(rw, cov, r, jitter, inverse=False)
             out.append(x0 + rw.gain(cov, sr, a_cov))
         return torch.cat(out).to(obs_dtype(obs)).view(b, *shape)
     if prior.full:
