@@ -28,6 +28,7 @@ from diffem_cli.core.checks import bad, choice, finite, int_at_least
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.core.progress import progress
 from diffem_cli.core.runtime import Context, all_mean, autocast, generator, same_on_all
+from diffem_cli.diffusion.augment import AUGMENTS, augment_batch, check_augment
 from diffem_cli.diffusion.checkpoint import load_tensors, save_tensors
 from diffem_cli.diffusion.compiled import COMPILE_MODES, maybe_compile
 from diffem_cli.diffusion.losses import T_SAMPLING, Loss, VLoss
@@ -78,7 +79,8 @@ WARMUP_FRACTION = 0.05
 @dataclass
 class TrainConfig:
     """One training phase (an M-step, or train-uncond). ``compile``: run the network through
-    ``torch.compile`` (``on``, ``off``, or ``auto``: convolutional networks on CUDA)."""
+    ``torch.compile`` (``on``, ``off``, or ``auto``: convolutional networks on CUDA); ``augment``:
+    flips applied to every batch (:mod:`~diffem_cli.diffusion.augment`)."""
 
     batch_size: int = 256
     epochs: int = 50
@@ -90,6 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     t_sampling: str = "uniform"
     compile: str = "auto"
+    augment: str = "none"
 
 
 def validate_train(t: TrainConfig, p: str = "train.") -> None:
@@ -109,6 +112,7 @@ def validate_train(t: TrainConfig, p: str = "train.") -> None:
         raise bad(p + "weight_decay", t.weight_decay, ">= 0")
     choice(p + "t_sampling", t.t_sampling, T_SAMPLING)
     choice(p + "compile", t.compile, COMPILE_MODES)
+    choice(p + "augment", t.augment, AUGMENTS)
 
 
 def effective_warmup(total: int, cfg: TrainConfig) -> int:
@@ -191,7 +195,9 @@ def train_denoiser(
     generator seeded by ``(seed, e)`` and its timesteps and noise from one seeded by
     ``(seed, e, rank)``. With
     ``refresh`` and ``refresh_every > 0``, columns are replaced by ``refresh(r)`` at the start of
-    every ``refresh_every``-th epoch (round ``r``): fresh corruptions within a lap.
+    every ``refresh_every``-th epoch (round ``r``): fresh corruptions within a lap. With
+    ``cfg.augment``, each batch's rows are flipped (every column alike) by draws from the same
+    generator.
 
     Resumes from ``state_path`` when it holds a state with the same ``tag``. Returns the EMA
     model; raises DiffemError on a non-finite loss (nothing is saved from a diverged step).
@@ -209,6 +215,7 @@ def train_denoiser(
     n = len(next(iter(data.values())))
     if n == 0:
         raise DiffemError("no training samples")
+    check_augment(cfg.augment, data)
     model = model.to(device).train()
     ema = EMA(model, cfg.ema_decay)
     params = list(model.parameters())
@@ -255,6 +262,7 @@ def train_denoiser(
                     group["lr"] = lr_at(step, total, cfg, warmup)
                 with autocast(device):
                     batch = {k: v.index_select(0, idx) for k, v in on_dev.items()}
+                    batch = augment_batch(batch, cfg.augment, gen)
                     value = loss_fn(net, batch, sched, gen)
                 if share[2] != 1.0:  # DDP averages over ranks: weigh by rows so it is the batch mean
                     value = value * share[2]
