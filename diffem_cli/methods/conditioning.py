@@ -13,8 +13,11 @@ compute the same feature.
 ``cond.residual=on`` also makes the network a residual around the closed-form denoiser centred on
 that feature (:class:`~diffem_cli.diffusion.residual.GaussianResidual`), its last layer zero when
 trained from scratch: an untrained model is then the Gaussian's denoiser, not noise. The spread of
-the training rows around the feature (``sigma``) is measured at each M-step and saved with the
-checkpoint (auxiliary tensor ``cond_residual.sigma``).
+the training rows around the feature (``sigma``) is measured at each M-step, floored at
+``cond.residual_sigma_floor``, and saved with the checkpoint (auxiliary tensor
+``cond_residual.sigma``). Under EM the measured spread can feed on itself: draws that cling to the
+feature give a smaller ``sigma`` next lap, whose closed-form denoiser pulls the draws closer still;
+the floor stops that.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diffem_cli.core.checks import choice
+from diffem_cli.core.checks import bad, choice, finite
 from diffem_cli.core.errors import DiffemError
 
 AUX_PREFIX = "cond_gaussian."
@@ -42,15 +45,19 @@ class CondOptions:
     posterior mean of ``x`` given the observation as conditioning channels: ``on`` (linear
     channels only), ``off``, or ``auto`` (on for image data through a linear channel);
     ``residual`` trains the network as a residual around the closed-form denoiser centred on that
-    feature: ``on`` (it needs the feature), ``off``, or ``auto`` (whenever the feature is taken)."""
+    feature: ``on`` (it needs the feature), ``off``, or ``auto`` (whenever the feature is taken);
+    ``residual_sigma_floor`` (>= 0) is the least spread that denoiser assumes."""
 
     gaussian_mean: str = "auto"
     residual: str = "auto"
+    residual_sigma_floor: float = 0.0
 
     def validate(self) -> None:
         """One-line DiffemError for a bad value."""
         choice("cond.gaussian_mean", self.gaussian_mean, GAUSSIAN_MODES)
         choice("cond.residual", self.residual, RESIDUAL_MODES)
+        if finite("cond.residual_sigma_floor", self.residual_sigma_floor) < 0:
+            raise bad("cond.residual_sigma_floor", self.residual_sigma_floor, ">= 0")
         if self.residual == "on" and self.gaussian_mean == "off":
             raise DiffemError(
                 "cond.residual=on needs the Gaussian feature: set cond.gaussian_mean=auto or on"
@@ -90,17 +97,20 @@ def uses_residual(options: CondOptions, channel: Any, shape: tuple[int, ...]) ->
     return True
 
 
-def residual_sigma(x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+def residual_sigma(
+    x: torch.Tensor, cond: torch.Tensor, weight: torch.Tensor | None = None, floor: float = 0.0
+) -> float:
     """The spread of training rows ``x`` around their Gaussian feature (the last ``x.shape[1]``
     conditioning channels): the root of the mean square difference over the entries the loss
-    counts (``weight``), floored at 1e-3 so the closed-form denoiser stays defined."""
+    counts (``weight``), floored at ``floor`` and at 1e-3 so the closed-form denoiser stays
+    defined."""
     diff = (x.double() - cond[:, -x.shape[1] :].double()) ** 2
     if weight is None:
         mse = diff.mean()
     else:
         w = weight.double()
         mse = (diff * w).sum() / w.sum().clamp_min(1.0)
-    return max(float(mse.sqrt()), 1e-3)
+    return max(float(mse.sqrt()), floor, 1e-3)
 
 
 def residual_around(sigma: float, channels: int):

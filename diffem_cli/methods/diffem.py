@@ -69,7 +69,7 @@ def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any
 
     around = None
     if uses_residual(cond, data.channel, data.shape):
-        sigma = residual_sigma(x, pairs["cond"], pairs.get("weight"))
+        sigma = residual_sigma(x, pairs["cond"], pairs.get("weight"), cond.residual_sigma_floor)
         aux[SIGMA_KEY] = torch.tensor(sigma, dtype=torch.float64)
         around = residual_around(sigma, data.shape[0])
     return MStep({"x": x, **pairs}, VLoss(cfg.train.t_sampling, around), refresh, aux=aux)

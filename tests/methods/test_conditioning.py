@@ -65,7 +65,11 @@ def test_the_checkpoint_carries_the_gaussian_and_reconstruct_uses_it(trained: Pa
     ckpt = load_checkpoint(trained / "run/checkpoints/lap_001.safetensors")
     data = Observations(trained / "obs")
     assert ckpt.meta["cond_size"] == data.channel.cond_size(data.shape) + data.shape[0]
-    assert ckpt.meta["method_config"]["cond"] == {"gaussian_mean": "on", "residual": "auto"}
+    assert ckpt.meta["method_config"]["cond"] == {
+        "gaussian_mean": "on",
+        "residual": "auto",
+        "residual_sigma_floor": 0.0,
+    }
     assert ckpt.meta["residual"] is True
     prior = feature_prior(ckpt.aux)
     assert prior.dim == 64 and prior.full
@@ -120,6 +124,10 @@ def test_the_residual_spread_is_the_weighted_rms_around_the_feature() -> None:
     weight = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     assert residual_sigma(x, cond, weight) == pytest.approx(2**0.5)  # sqrt((0 + 4) / 2)
     assert residual_sigma(x, torch.cat([cond[:, :2], x], dim=1)) == 1e-3  # floored, never 0
+    assert residual_sigma(x, cond, floor=0.5) == pytest.approx(1.0)  # above the floor: measured
+    assert residual_sigma(x, cond, floor=3.0) == 3.0  # below it: the floor
+    with pytest.raises(DiffemError, match="cond.residual_sigma_floor"):
+        CondOptions("auto", "on", -0.1).validate()
 
 
 def test_the_residual_needs_the_feature() -> None:
