@@ -377,17 +377,22 @@ def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
 def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) -> None:
     """The checks that need the data: the network against the data shape and the channel's
     conditioning size, ``em.init`` against the channel (``gaussian`` needs a linear channel),
-    ``eval.metrics`` against the data kind.
+    ``eval.metrics`` against the data kind, ``train.augment`` against the data's shape (images;
+    square for ``dihedral``; a conditioning that is not an image is refused when training starts).
 
     ``channel`` is a ``diffem_channels.base.Channel`` (or None for unconditional training);
     ``shape`` the clean data's shape. Raises a one-line DiffemError.
     """
+    import torch
+
     from diffem_channels.base import ChannelError
+    from diffem_cli.diffusion.augment import check_augment
     from diffem_cli.diffusion.nets import check_network_shape
     from diffem_cli.io.datameta import data_kind
 
     shape = tuple(int(s) for s in shape)
     check_network_shape(cfg.network, shape)
+    check_augment(cfg.train.augment, {"x": torch.zeros(1, *shape)})
     from diffem_cli.metrics.evaluate import METRICS
 
     kind = data_kind(shape)

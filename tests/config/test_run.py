@@ -178,6 +178,20 @@ def test_check_config_for_data():
     with pytest.raises(DiffemError, match="mlp needs vector data"):
         check_config_for_data(load_config("manifold"), MaskChannel(), (1, 8, 8))
     check_config_for_data(load_config("manifold"), None, (5,))
+    # train.augment is refused on vector data before anything trains
+    with pytest.raises(DiffemError, match="train.augment=hflip needs image columns"):
+        check_config_for_data(load_config("manifold", ["train.augment=hflip"]), None, (5,))
+    check_config_for_data(load_config("digits", ["train.augment=dihedral"]), MaskChannel(), (1, 8, 8))
+
+
+def test_em_train_refuses_augmenting_vector_data_with_nothing_written(cli, tmp_path):
+    from helpers import error_line
+
+    code, _, err = cli("corrupt", "manifold", tmp_path / "obs", "-c", "projection", "--limit", 32)
+    assert code == 0, err
+    code, _, err = cli("em-train", tmp_path / "obs", tmp_path / "run", "--set", "train.augment=hflip")
+    assert code == 2 and "train.augment=hflip needs image columns" in error_line(err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_config_show(cli, tmp_path):
