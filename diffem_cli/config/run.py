@@ -377,15 +377,15 @@ def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
 def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) -> None:
     """The checks that need the data: the network against the data shape and the channel's
     conditioning size, ``em.init`` against the channel (``gaussian`` needs a linear channel),
-    ``eval.metrics`` against the data kind, ``train.augment`` against the data's shape (images;
-    square for ``dihedral``; a conditioning that is not an image is refused when training starts).
+    ``eval.metrics`` against the data kind, ``train.augment`` against the data's shape and the
+    channel's conditioning of one trial observation (images; square for ``dihedral``).
 
     ``channel`` is a ``diffem_channels.base.Channel`` (or None for unconditional training);
     ``shape`` the clean data's shape. Raises a one-line DiffemError.
     """
     import torch
 
-    from diffem_channels.base import ChannelError
+    from diffem_channels.base import ChannelError, sample_seeds
     from diffem_cli.diffusion.augment import check_augment
     from diffem_cli.diffusion.nets import check_network_shape
     from diffem_cli.io.datameta import data_kind
@@ -407,6 +407,10 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
         try:
             channel.check_data(shape)
             cond_size = int(channel.cond_size(shape))
+            if cfg.train.augment != "none":  # the conditioning is flipped with its image
+                trial = torch.zeros(1, *shape)
+                cond = channel.condition(channel.corrupt(trial, sample_seeds(0, [0])), shape)
+                check_augment(cfg.train.augment, {"x": trial, "conditioning": cond})
         except ChannelError as e:
             raise DiffemError(str(e)) from None
         if cfg.sample.project and not getattr(channel, "linear", False):

@@ -184,6 +184,20 @@ def test_check_config_for_data():
     check_config_for_data(load_config("digits", ["train.augment=dihedral"]), MaskChannel(), (1, 8, 8))
 
 
+def test_augmenting_images_under_a_vector_conditioning_is_refused_before_training():
+    from diffem_channels.mask import MaskChannel
+    from diffem_cli.config.run import check_config_for_data
+
+    class FlatMask(MaskChannel):  # a plugin whose conditioning of images is a vector
+        def condition(self, obs, shape):
+            return super().condition(obs, shape).flatten(1)
+
+    augmented = load_config("digits", ["train.augment=hflip"])
+    with pytest.raises(DiffemError, match=r"needs image columns \(N, C, H, W\); conditioning is not one"):
+        check_config_for_data(augmented, FlatMask(), (1, 8, 8))
+    check_config_for_data(load_config("digits"), FlatMask(), (1, 8, 8))
+
+
 def test_em_train_refuses_augmenting_vector_data_with_nothing_written(cli, tmp_path):
     from helpers import error_line
 
