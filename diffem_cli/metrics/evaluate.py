@@ -12,7 +12,7 @@ scores such a folder of K draws per observation as a posterior
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,7 @@ def _evaluate(
     n_points: int,
     seed: int,
     chunk: int,
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     if samples.shape != reference.shape:
         raise DiffemError(f"samples have rows of shape {samples.shape}, the reference {reference.shape}")
@@ -205,7 +206,7 @@ def _evaluate(
     if needs_all:
         xs, xr = samples.all(), reference.all()
         for name in needs_all:
-            out[name] = _whole(name, xs, xr, vr, n_points, seed)
+            out[name] = _whole(name, xs, xr, vr, n_points, seed, weights or {})
     paired_names = [n for n in chosen if METRICS[n].paired]
     if paired_names:
         out.update(_paired(samples, reference, paired_names, vr, chunk))
@@ -216,7 +217,13 @@ def _evaluate(
 
 
 def _whole(
-    name: str, xs: torch.Tensor, xr: torch.Tensor, vr: tuple[float, float], n_points: int, seed: int
+    name: str,
+    xs: torch.Tensor,
+    xr: torch.Tensor,
+    vr: tuple[float, float],
+    n_points: int,
+    seed: int,
+    weights: Mapping[str, Any],
 ) -> float:
     if name == "sinkhorn":
         from diffem_cli.metrics.sinkhorn import sinkhorn_divergence
@@ -228,13 +235,14 @@ def _whole(
         return sliced_wasserstein(xs.flatten(1), xr.flatten(1), seed=seed)
     from diffem_cli.metrics import online
 
+    inception = weights.get("inception")
     if name == "fid":
-        return online.fid(xs, xr, vr)
+        return online.fid(xs, xr, vr, weights=inception)
     if name == "kid":
-        return online.kid(xs, xr, vr)
+        return online.kid(xs, xr, vr, weights=inception)
     if name == "is":
-        return online.inception_score(xs, vr)
-    return online.fd_dinov2(xs, xr, vr)
+        return online.inception_score(xs, vr, weights=inception)
+    return online.fd_dinov2(xs, xr, vr, weights=weights.get("dinov2"))
 
 
 def _paired(
@@ -307,11 +315,14 @@ def evaluate_folders(
     n_points: int = 4096,
     seed: int = 0,
     chunk_size: int = CHUNK,
+    weights: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """``evaluate_tensors`` on two data folders (column ``x``; ``index`` pairs rows when both have it).
 
     The value range comes from the reference's manifest (else the samples', else the default for
     the data kind). Images are read ``chunk_size`` rows at a time for the paired and Frechet metrics.
+    ``weights``: local network weights of the opt-in metrics, ``{"inception": path, "dinov2":
+    path}`` (default: their environment variables, :mod:`~diffem_cli.metrics.online`).
     """
     s, s_manifest = _folder_rows(Path(samples_dir), "samples")
     r, r_manifest = _folder_rows(Path(reference_dir), "reference")
@@ -323,7 +334,7 @@ def evaluate_folders(
             raise DiffemError(f"manifest value_range {value_range!r} is not [low, high]") from None
     if chunk_size < 1:
         raise DiffemError(f"chunk size must be >= 1, got {chunk_size}")
-    return _evaluate(s, r, metrics, value_range, n_points, seed, chunk_size)
+    return _evaluate(s, r, metrics, value_range, n_points, seed, chunk_size, weights)
 
 
 def posterior_draws(samples_dir: Path) -> tuple[torch.Tensor, torch.Tensor] | None:

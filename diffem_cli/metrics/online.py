@@ -4,9 +4,10 @@ They are the field's standard numbers but depend on pretrained networks (Incepti
 torchmetrics/torch-fidelity, DINOv2 through transformers). diffem never downloads them: a user who
 has the weights points at them, ``DIFFEM_INCEPTION_WEIGHTS`` (torch-fidelity's Inception file,
 ``pt_inception-2015-12-05-6726825d.pth``; torch-fidelity reads it with ``torch.load``) or
-``DIFFEM_DINOV2`` (a local ``facebook/dinov2-base`` folder), also settable with ``diffem evaluate
---inception-weights`` / ``--dinov2``. Asking for one without its package or weights raises a
-one-line ``DiffemError`` saying how to enable it. They are never defaults.
+``DIFFEM_DINOV2`` (a local ``facebook/dinov2-base`` folder), or passes the path itself
+(``weights=``, ``diffem evaluate --inception-weights`` / ``--dinov2``), which wins over the variable.
+Asking for one without its package or weights raises a one-line ``DiffemError`` saying how to
+enable it. They are never defaults.
 """
 
 from __future__ import annotations
@@ -40,18 +41,23 @@ _WEIGHTS = {
 }
 
 
-def weights_path(metric: str) -> str:
-    """The local weights of ``metric``'s network, from its environment variable; a one-line
-    DiffemError saying how to enable the metric when it is unset or names nothing."""
+Weights = str | Path | None
+
+
+def weights_path(metric: str, given: Weights = None) -> str:
+    """The local weights of ``metric``'s network: ``given``, else its environment variable; a
+    one-line DiffemError saying how to enable the metric when neither names anything, or naming
+    the path that does not exist."""
     env, what = _WEIGHTS[metric]
-    value = os.environ.get(env, "").strip()
+    value = str(given).strip() if given is not None else os.environ.get(env, "").strip()
     if not value:
         raise DiffemError(
             f"metric {metric!r} is off: diffem never downloads weights; set {env} to {what} "
             f"(and {_PACKAGE[metric]})"
         )
     if not Path(value).exists():
-        raise DiffemError(f"metric {metric!r}: {env}={value} does not exist")
+        source = "weights" if given is not None else env
+        raise DiffemError(f"metric {metric!r}: {source} {value} does not exist")
     return value
 
 
@@ -82,9 +88,11 @@ def fid(
     reference: torch.Tensor,
     value_range: tuple[float, float] = (-1.0, 1.0),
     batch_size: int = 256,
+    weights: Weights = None,
 ) -> float:
-    """FID (torchmetrics ``FrechetInceptionDistance``, 2048-d pool features) of samples vs reference."""
-    path = weights_path("fid")
+    """FID (torchmetrics ``FrechetInceptionDistance``, 2048-d pool features) of samples vs reference;
+    ``weights``: the Inception file (default: its environment variable)."""
+    path = weights_path("fid", weights)
 
     def make() -> Any:
         from torchmetrics.image.fid import FrechetInceptionDistance
@@ -101,10 +109,12 @@ def kid(
     reference: torch.Tensor,
     value_range: tuple[float, float] = (-1.0, 1.0),
     batch_size: int = 256,
+    weights: Weights = None,
 ) -> float:
     """KID (torchmetrics ``KernelInceptionDistance``: the mean over its subsets of the unbiased
-    polynomial-kernel MMD on 2048-d Inception features), unbiased at small sample counts."""
-    path = weights_path("kid")
+    polynomial-kernel MMD on 2048-d Inception features), unbiased at small sample counts;
+    ``weights`` as for :func:`fid`."""
+    path = weights_path("kid", weights)
     subset = min(1000, len(samples), len(reference))
 
     def make() -> Any:
@@ -129,11 +139,14 @@ def _feed(metric: Any, samples: torch.Tensor, reference: torch.Tensor, value_ran
 
 
 def inception_score(
-    samples: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 256
+    samples: torch.Tensor,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    batch_size: int = 256,
+    weights: Weights = None,
 ) -> float:
-    """Inception Score (torchmetrics ``InceptionScore``, mean over its splits) of the samples."""
-
-    path = weights_path("is")
+    """Inception Score (torchmetrics ``InceptionScore``, mean over its splits) of the samples;
+    ``weights`` as for :func:`fid`."""
+    path = weights_path("is", weights)
 
     def make() -> Any:
         from torchmetrics.image.inception import InceptionScore
@@ -148,11 +161,14 @@ def inception_score(
 
 
 def dinov2_features(
-    x: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0), batch_size: int = 64
+    x: torch.Tensor,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    batch_size: int = 64,
+    weights: Weights = None,
 ) -> torch.Tensor:
-    """DINOv2 (``facebook/dinov2-base``, from its local folder) class-token features of images,
-    via transformers, offline."""
-    path = weights_path("fd_dinov2")
+    """DINOv2 (``facebook/dinov2-base``, from its local folder ``weights``, default its environment
+    variable) class-token features of images, via transformers, offline."""
+    path = weights_path("fd_dinov2", weights)
 
     def make() -> Any:
         from transformers import AutoImageProcessor, AutoModel
@@ -173,7 +189,12 @@ def dinov2_features(
 
 
 def fd_dinov2(
-    samples: torch.Tensor, reference: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+    weights: Weights = None,
 ) -> float:
-    """Frechet distance between DINOv2 features of samples and reference (FD-DINOv2)."""
-    return frechet_distance(dinov2_features(samples, value_range), dinov2_features(reference, value_range))
+    """Frechet distance between DINOv2 features of samples and reference (FD-DINOv2); ``weights``
+    as for :func:`dinov2_features`."""
+    feats = [dinov2_features(x, value_range, weights=weights) for x in (samples, reference)]
+    return frechet_distance(*feats)

@@ -298,3 +298,15 @@ def test_cli_scores_draws_as_a_posterior(cli, drawn, tmp_path: Path) -> None:
         "evaluate", drawn["draws"], "--reference", drawn["clean"], "--observations", tmp_path / "no"
     )
     assert code == 2 and "observations folder" in stderr and stderr.count("\n") == 1
+
+
+def test_evaluate_folders_passes_the_given_weights_to_each_network(monkeypatch, tmp_path) -> None:
+    from diffem_cli.metrics import online
+
+    monkeypatch.delenv(online.INCEPTION_ENV, raising=False)
+    monkeypatch.delenv(online.DINOV2_ENV, raising=False)
+    write_dataset(tmp_path / "a", [{"x": torch.rand(4, 3, 8, 8) * 2 - 1}], {"kind": "samples"})
+    given = {"inception": tmp_path / "inception.pth", "dinov2": tmp_path / "dino"}
+    for metric, name in (("fid", "inception.pth"), ("is", "inception.pth"), ("fd_dinov2", "dino")):
+        with pytest.raises(DiffemError, match=f"metric '{metric}': weights .*{name} does not exist"):
+            evaluate_folders(tmp_path / "a", tmp_path / "a", [metric], weights=given)

@@ -285,6 +285,9 @@ def test_online_metrics_are_off_without_local_weights(monkeypatch, tmp_path) -> 
     monkeypatch.setenv(online.INCEPTION_ENV, str(tmp_path / "missing.pth"))
     with pytest.raises(DiffemError, match="missing.pth does not exist"):
         online.fid(x, x)
+    # a path given to the call wins over the variable
+    with pytest.raises(DiffemError, match="weights .*given.pth does not exist"):
+        online.kid(x, x, weights=tmp_path / "given.pth")
 
 
 def test_evaluate_names_the_variable_that_enables_fid(cli, tmp_path, monkeypatch) -> None:

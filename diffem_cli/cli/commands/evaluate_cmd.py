@@ -84,12 +84,7 @@ def evaluate_command(
         check_output(json_out, force, [samples, reference], kind="file")
     if n_points < 1:
         raise DiffemError(f"--n-points must be >= 1, got {n_points}")
-    import os
-    from unittest import mock
-
-    from diffem_cli.metrics.online import DINOV2_ENV, INCEPTION_ENV
-
-    weights = {env: str(p) for env, p in ((INCEPTION_ENV, inception_weights), (DINOV2_ENV, dinov2)) if p}
+    weights = {"inception": inception_weights, "dinov2": dinov2}
     names = None if metrics is None else [m for m in metrics.split(",") if m.strip()]
     seen = None
     if observations is not None:
@@ -97,8 +92,7 @@ def evaluate_command(
 
         seen = Observations(observations)
     t0 = time.perf_counter()
-    with mock.patch.dict(os.environ, weights):  # for this command only
-        results = evaluate_folders(samples, reference, names, n_points=n_points, seed=seed)
+    results = evaluate_folders(samples, reference, names, n_points=n_points, seed=seed, weights=weights)
     mine = {} if seen is None else {"channel": seen.channel, "obs": seen.obs, "obs_index": seen.index}
     posterior = posterior_folder(samples, reference, **mine) or {}
     seconds = time.perf_counter() - t0
