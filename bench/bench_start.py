@@ -1,7 +1,8 @@
 """Benchmark the quality of lap 0 (the Gaussian start) on real images, against a Gaussian with the
 full covariance of clean images and against the observations themselves.
 
-Each case fits ``fit_gaussian`` to ``n`` observations (channel seed 0, rank 64, ``--iters``) and
+Each case fits ``fit_gaussian`` to ``n`` observations (channel seed 0, rank 64, ``--iters``, the
+low-rank path's residual ``--residual``) and
 draws one ``gaussian_start`` sample per observation; it reports PSNR (peak-to-peak 2, images
 clamped to [-1, 1]) of that sample and of the posterior mean over all observations, and, on the
 first 512, the same for two full Gaussians (dense float64 posteriors; only for ``D <= 1024``):
@@ -14,6 +15,7 @@ before/after table.
 
     python -m bench.bench_start --cases p16blur p16mask --label after
     python -m bench.bench_start --cases p16blur --source-seed 1 --label after
+    python -m bench.bench_start --cases p16mask p32mask --residual pixel --label pixel
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ CASES = {
         lambda: BlurChannel(sigma=1.0, noise_sigma=0.05),
         "blur 1 + noise 0.05",
     ),
+    "p32mask": ("patches:size=32,n={n},seed={s}", lambda: MaskChannel(rho=0.5), "mask rho 0.5"),
 }
 REF_ROWS = 512
 # the held-out clean Gaussian is fitted to as many clean images drawn with this seed offset
@@ -64,7 +67,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(
-    case: str, n: int, source_seed: int, iters: int, label: str, full_max_dim: int
+    case: str, n: int, source_seed: int, iters: int, label: str, full_max_dim: int, residual: str
 ) -> dict[str, Any]:
     spec, make, channel_label = CASES[case]
     src = load_source(spec.format(n=n, s=source_seed), limit=n)
@@ -87,11 +90,14 @@ def run_case(
         "dim": math.prod(shape),
         "iters": iters,
         "full_max_dim": full_max_dim,
+        "residual": residual,
         "load_before": round(os.getloadavg()[0], 2),
         "observation": psnr(seen.reshape(n, *shape), clean),
     }
     t0 = time.perf_counter()
-    prior = fit_gaussian(ch, batches, shape, iters=iters, rank=64, full_max_dim=full_max_dim)
+    prior = fit_gaussian(
+        ch, batches, shape, iters=iters, rank=64, full_max_dim=full_max_dim, residual=residual
+    )
     t1 = time.perf_counter()
     start = torch.cat(list(gaussian_start(prior, ch, batches, shape, seed=1)))
     t2 = time.perf_counter()
@@ -170,6 +176,7 @@ COLUMNS = (
     "source_seed",
     "n",
     "dim",
+    "residual",
     "observation",
     "sample",
     "mean",
@@ -228,6 +235,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=16)
     ap.add_argument("--source-seed", type=int, default=0)
     ap.add_argument("--full-max-dim", type=int, default=128, help="fit_gaussian's full_max_dim")
+    ap.add_argument("--residual", default="auto", help="fit_gaussian residual: auto, pixel, cosine")
     ap.add_argument("--label", default="current")
     ap.add_argument(
         "--commit", default=None, help="commit of the measured code (default: this checkout's HEAD)"
@@ -242,7 +250,9 @@ def main() -> None:
     )
     rows = []
     for case in args.cases:
-        row = run_case(case, args.n, args.source_seed, args.iters, args.label, args.full_max_dim)
+        row = run_case(
+            case, args.n, args.source_seed, args.iters, args.label, args.full_max_dim, args.residual
+        )
         row["commit"] = commit
         row["date"] = time.strftime("%Y-%m-%d")
         rows.append(row)

@@ -37,6 +37,7 @@ class EMConfig:
     gaussian_iters: int = 16
     gaussian_rank: int = 64
     gaussian_full_max_dim: int = 768
+    gaussian_residual: str = "auto"
     recorrupt_every: int = 0
     drop_outside: float = 0.0
 
@@ -121,6 +122,7 @@ def default_preset(shape: tuple[int, ...] | list[int]) -> str:
 
 
 INITS: tuple[str, ...] = ("auto", "gaussian", "observation")
+GAUSSIAN_RESIDUALS: tuple[str, ...] = ("auto", "pixel", "cosine")
 NETWORK_TYPES: tuple[str, ...] = ("mlp", "unet")
 # UNet2DModel arguments diffem sets itself from the data and the channel.
 UNET_DERIVED = ("sample_size", "in_channels", "out_channels")
@@ -356,6 +358,7 @@ def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
     int_at_least("em.gaussian_iters", em.gaussian_iters, 1)
     int_at_least("em.gaussian_rank", em.gaussian_rank, 1)
     int_at_least("em.gaussian_full_max_dim", em.gaussian_full_max_dim, 0)
+    choice("em.gaussian_residual", em.gaussian_residual, GAUSSIAN_RESIDUALS)
     int_at_least("em.recorrupt_every", em.recorrupt_every, 0)
     if finite("em.drop_outside", em.drop_outside) < 0:
         raise bad("em.drop_outside", em.drop_outside, ">= 0 (0 keeps every reconstruction)")
@@ -393,6 +396,8 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
     shape = tuple(int(s) for s in shape)
     check_network_shape(cfg.network, shape)
     check_augment(cfg.train.augment, {"x": torch.zeros(1, *shape)})
+    if cfg.em.gaussian_residual == "cosine" and len(shape) != 3:
+        raise DiffemError(f"em.gaussian_residual=cosine needs images (C, H, W); the data have shape {shape}")
     from diffem_cli.metrics.evaluate import METRICS
 
     kind = data_kind(shape)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from diffem_channels.base import Channel, per_sample, sample_seeds
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.gaussian.cosine import cosine_basis
 from diffem_cli.gaussian.linalg import conjugate_gradient, fixed_signs, from_coords, ppca, to_coords
 from diffem_cli.gaussian.operators import (
     Obs,
@@ -88,6 +89,9 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+RESIDUALS: tuple[str, ...] = ("auto", "pixel", "cosine")
+COSINE_AUTO_PIXELS = 1024  # auto takes the cosine residual up to 32x32: its dense basis costs (H W)^2
+COSINE_MAX_PIXELS = 4096  # a 64x64 basis is 64 MiB of float32
 WARM_FULL_DIM = 128  # above it a full-covariance fit starts from the low-rank one
 INIT_MEAN_ITERS = 8  # CG steps for the initial mean; stopping early regularises an ill-posed A
 INIT_POWER_ITERS = 10  # power iterations for each sample's ||A_i||_2^2
@@ -243,20 +247,34 @@ def _em_lowrank(
     *,
     cg_iters: int,
     cg_tol: float,
+    basis: Tensor | None = None,
 ) -> GaussianPrior:
-    """Stochastic EM on ``obs`` (one batch, on the working device) in pixel coordinates: each
-    iteration draws one posterior sample per observation under the current prior and refits the
-    prior to them."""
+    """Stochastic EM on ``obs`` (one batch, on the working device): each iteration draws one
+    posterior sample per observation under the current prior and refits the prior to them, with
+    the residual diagonal per pixel, or in ``basis`` (block-wise, see
+    :class:`~diffem_cli.gaussian.prior.GaussianPrior`) when given."""
     n, m = batch_size(obs), y_dim(obs)
     # A does not change across iterations: read a diagonal operator off the channel once
     diag_a = diagonal_of(channel, obs, shape, torch.float32) if op.kind == "diagonal" else None
+    if basis is not None:
+        basis = basis.to(prior.mean.device, torch.float32)
     for i in range(iters):
         post = LowRankPosterior(prior, channel, shape, op, jitter=1e-5, cg_iters=cg_iters, cg_tol=cg_tol)
         z = torch.randn(n, prior.noise_dim + m, generator=generator, device=generator.device)
         x = lowrank_pass(post, obs, z.to(prior.mean.device), m, diag_a)
         warm = bool(prior.factor.any())
-        mean, diag, factor = ppca(x, rank, prior.factor, generator, niter=2 if warm else 4)
-        prior = GaussianPrior(mean=mean, diag=diag, factor=factor)
+        if basis is None:
+            mean, diag, factor = ppca(x, rank, prior.factor, generator, niter=2 if warm else 4)
+            prior = GaussianPrior(mean=mean, diag=diag, factor=factor)
+        else:
+            previous = to_coords(prior.factor.T.contiguous(), basis).T
+            mean, diag, factor = ppca(to_coords(x, basis), rank, previous, generator, niter=2 if warm else 4)
+            prior = GaussianPrior(
+                mean=from_coords(mean[None], basis)[0],
+                diag=diag,
+                factor=from_coords(factor.T.contiguous(), basis).T.contiguous(),
+                basis=basis,
+            )
         if progress is not None:
             progress(i + 1, iters, {"var": float(x.var(0).mean())})
     return prior
@@ -364,6 +382,7 @@ def fit_gaussian(
     cache_bytes: int = 2**29,
     shared_max_dim: int = 4096,
     device: torch.device | None = None,
+    residual: str = "auto",
 ) -> GaussianPrior:
     """Fit ``N(mu, Sigma)`` to observations of a linear channel by ``iters`` EM iterations; the
     prior comes back on the CPU.
@@ -376,7 +395,12 @@ def fit_gaussian(
     ``max_fit`` observations held on the device (posterior samples with normals from
     ``generator``, default seed 0, then the mean and a top-``rank`` PCA of the samples); or, for
     a symmetric ``A`` shared by all samples such as blur, by exact EM in ``A``'s eigenbasis
-    (stored as ``basis``) on that subset.
+    (stored as ``basis``) on that subset. ``residual`` is where the low-rank prior's residual is
+    diagonal on the pixel-coordinate path: ``pixel`` (independent pixels) or ``cosine`` (images
+    only: each colour channel's 2-D cosine basis, a stationary residual; see
+    :mod:`~diffem_cli.gaussian.cosine`; at most ``COSINE_MAX_PIXELS`` per channel), whose posteriors
+    are then solved by CG; ``auto``: cosine for images of at most ``COSINE_AUTO_PIXELS`` pixels per
+    channel, pixel otherwise.
     ``progress(i, iters, stats)`` is called after each iteration; ``stats`` holds ``loglik``
     (exact EM: mean log-likelihood per observation under the prior before the step) or ``var``
     (stochastic EM: mean per-dimension variance of the samples). ``device`` runs the linear
@@ -386,6 +410,18 @@ def fit_gaussian(
     """
     check_linear(channel)
     shape = tuple(shape)
+    if residual not in RESIDUALS:
+        raise DiffemError(f"unknown Gaussian residual {residual!r} (choose from {', '.join(RESIDUALS)})")
+    if residual == "cosine" and len(shape) != 3:
+        raise DiffemError(f"a cosine residual needs images (C, H, W), got data of shape {shape}")
+    pixels = math.prod(shape[1:]) if len(shape) == 3 else 0
+    if residual == "cosine" and pixels > COSINE_MAX_PIXELS:
+        raise DiffemError(
+            f"a cosine residual holds a dense basis of (H W)^2 entries: at most {COSINE_MAX_PIXELS} pixels "
+            f"per channel, got {shape[1]}x{shape[2]} (use the pixel residual)"
+        )
+    if residual == "auto":
+        residual = "cosine" if 0 < pixels <= COSINE_AUTO_PIXELS else "pixel"
     full = math.prod(shape) <= full_max_dim
     first = next(iter(obs_batches()), None)
     if first is None:
@@ -394,6 +430,7 @@ def fit_gaussian(
     if full and init is None and math.prod(shape) > WARM_FULL_DIM:
         options = dict(jitter=jitter, cg_iters=cg_iters, cg_tol=cg_tol, max_fit=max_fit)
         options.update(cache_bytes=cache_bytes, shared_max_dim=shared_max_dim, device=device)
+        options.update(residual=residual)
         warm = fit_gaussian(
             channel, obs_batches, shape, iters, WARM_FULL_DIM, rank, generator, None, **options
         )
@@ -442,8 +479,20 @@ def fit_gaussian(
     if op.kind == "symmetric":
         prior = _em_spectral(prior, channel, obs, shape, op, iters, rank, progress, init is None)
     else:
+        basis = cosine_basis(shape[1], shape[2]) if residual == "cosine" else None
         prior = _em_lowrank(
-            prior, channel, obs, shape, op, iters, rank, generator, progress, cg_iters=cg_iters, cg_tol=cg_tol
+            prior,
+            channel,
+            obs,
+            shape,
+            op,
+            iters,
+            rank,
+            generator,
+            progress,
+            cg_iters=cg_iters,
+            cg_tol=cg_tol,
+            basis=basis,
         )
     return replace(prior.to("cpu"), probed=Probed(channel, shape, op))
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from diffem_channels.base import Channel
 from diffem_cli.core.errors import DiffemError
+from diffem_cli.gaussian.cosine import pixel_variances
 from diffem_cli.gaussian.linalg import (
     conjugate_gradient,
     from_coords,
@@ -220,11 +221,13 @@ def _cg_sample(
     jitter: float,
 ) -> Tensor:
     """Matheron's rule ``x = x0 + Sigma A^T (A Sigma A^T + s^2 I)^-1 (y - A x0 - s eps)`` with a
-    Woodbury-preconditioned CG solve (diagonal of ``A diag A^T`` by Rademacher probes, exact
-    for masks, plus ``(A F)(A F)^T``)."""
+    Woodbury-preconditioned CG solve (diagonal of ``A diag(v) A^T``, ``v`` the residual's per-pixel
+    variances, by Rademacher probes, exact for masks, plus ``(A F)(A F)^T``)."""
     b, dev, dt = batch_size(obs), obs["y"].device, obs_dtype(obs)
     d, nd = prior.dim, prior.noise_dim
     dvec = prior.diag.to(dev, dt)
+    # the preconditioner needs the residual's variance per pixel, not per basis coordinate
+    pixel_var = dvec if prior.basis is None else pixel_variances(dvec, prior.basis.to(dev, dt))
     fac = prior.factor.to(dev, dt)
     if fac.shape[1] and not bool(fac.any()):
         fac = fac[:, :0]
@@ -244,9 +247,9 @@ def _cg_sample(
     est = []
     for _ in range(2):
         e = torch.randint(0, 2, y.shape, generator=gen, device=dev).to(dt) * 2 - 1
-        est.append(e * apply_a(channel, obs, dvec * apply_at(channel, obs, e, shape), shape))
+        est.append(e * apply_a(channel, obs, pixel_var * apply_at(channel, obs, e, shape), shape))
     pd = 0.5 * (est[0] + est[1])
-    # Two Rademacher probes agree exactly when A diag(d) A^T is diagonal (masks); otherwise the
+    # Two Rademacher probes agree exactly when A diag(v) A^T is diagonal (masks); otherwise the
     # per-row estimates are noise and only their mean (trace / m) is trusted.
     exact = ((est[0] - est[1]).abs() <= 1e-4 * pd.abs() + 1e-30).all(1, keepdim=True)
     pd = torch.where(exact, pd, pd.mean(1, keepdim=True)).clamp_min(0)

@@ -73,6 +73,7 @@ def initial_reconstructions(
             full_max_dim=cfg.em.gaussian_full_max_dim,
             generator=torch.Generator().manual_seed(cfg.seed),
             device=device,
+            residual=cfg.em.gaussian_residual,
         )
         x = torch.cat(
             list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed, device=device))

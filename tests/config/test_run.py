@@ -182,6 +182,12 @@ def test_check_config_for_data():
     with pytest.raises(DiffemError, match="train.augment=hflip needs image columns"):
         check_config_for_data(load_config("manifold", ["train.augment=hflip"]), None, (5,))
     check_config_for_data(load_config("digits", ["train.augment=dihedral"]), MaskChannel(), (1, 8, 8))
+    # a cosine Gaussian residual needs images
+    with pytest.raises(DiffemError, match="em.gaussian_residual=cosine needs images"):
+        check_config_for_data(load_config("manifold", ["em.gaussian_residual=cosine"]), None, (5,))
+    check_config_for_data(load_config("digits", ["em.gaussian_residual=cosine"]), MaskChannel(), (1, 8, 8))
+    with pytest.raises(DiffemError, match="em.gaussian_residual"):
+        load_config("digits", ["em.gaussian_residual=dct"])
 
 
 def test_augmenting_images_under_a_vector_conditioning_is_refused_before_training():

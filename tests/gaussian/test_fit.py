@@ -92,6 +92,34 @@ def test_gaussian_start_is_reproducible_and_batch_independent():
     assert (a - c).abs().max() > 0.1
 
 
+def test_the_residual_is_cosine_on_images_and_per_pixel_on_vectors_by_default():
+    """``residual="auto"``: a low-rank fit of images keeps its residual diagonal in each colour
+    channel's cosine basis, of vectors per coordinate; ``cosine`` on vectors and an unknown name are
+    refused in one line."""
+    from diffem_cli.gaussian.cosine import cosine_basis
+
+    shape = (3, 4, 4)
+    ch = MaskChannel(rho=0.5, sigma=0.01)
+    x = random_prior(48, rank=4, seed=60).sample(200, torch.Generator().manual_seed(61)).view(200, *shape)
+    obs = ch.corrupt(x, sample_seeds(62, range(200)))
+    kw = dict(iters=2, rank=4, full_max_dim=0)
+    torch.testing.assert_close(fit_gaussian(ch, batches(obs, 200), shape, **kw).basis, cosine_basis(4, 4))
+    assert fit_gaussian(ch, batches(obs, 200), shape, residual="pixel", **kw).basis is None
+    vec = Mask(rho=0.5, sigma=0.01)
+    flat = vec.corrupt(x.reshape(200, -1), sample_seeds(62, range(200)))
+    assert fit_gaussian(vec, batches(flat, 200), (48,), **kw).basis is None
+    with pytest.raises(DiffemError, match=r"cosine residual needs images \(C, H, W\)"):
+        fit_gaussian(vec, batches(flat, 200), (48,), residual="cosine", **kw)
+    with pytest.raises(DiffemError, match="unknown Gaussian residual 'dct'"):
+        fit_gaussian(ch, batches(obs, 200), shape, residual="dct", **kw)
+    # the dense basis bounds the image size: auto stops at 32x32, an explicit cosine at 64x64
+    big = ch.corrupt(torch.randn(8, 1, 33, 33), sample_seeds(63, range(8)))
+    assert fit_gaussian(ch, batches(big, 8), (1, 33, 33), **kw).basis is None
+    huge = ch.corrupt(torch.zeros(2, 1, 65, 65), sample_seeds(64, range(2)))
+    with pytest.raises(DiffemError, match="at most 4096 pixels per channel, got 65x65"):
+        fit_gaussian(ch, batches(huge, 2), (1, 65, 65), residual="cosine", **kw)
+
+
 def test_non_linear_channel_is_refused():
     obs = {"y": torch.zeros(2, 3)}
     with pytest.raises(DiffemError, match="no linear form"):
