@@ -5,7 +5,7 @@ Each case fits ``fit_gaussian`` to ``n`` observations (channel seed 0, rank 64, 
 low-rank path's residual ``--residual``) and
 draws one ``gaussian_start`` sample per observation; it reports PSNR (peak-to-peak 2, images
 clamped to [-1, 1]) of that sample and of the posterior mean over all observations, and, on the
-first 512, the same for two full Gaussians (dense float64 posteriors; only for ``D <= 1024``):
+first 512, the same for two full Gaussians (dense float64 posteriors; only for ``D <= 3072``):
 one fitted to those clean images themselves (in-sample, so optimistic: with ``n`` near ``D`` it
 partly memorises them) and one fitted to as many other clean images of the same source, the best
 a Gaussian prior can do on images it has not seen. The observation's own PSNR is the
@@ -110,7 +110,7 @@ def run_case(
         sample_min=round(float(start.min()), 2),
         sample_max=round(float(start.max()), 2),
     )
-    if row["dim"] <= 1024:
+    if row["dim"] <= 3072:
         m = min(n, REF_ROWS)
         part = {k: v[:m] for k, v in obs.items()}
         ref_start, ref_mean = reference(full_gaussian(clean), ch, part, shape)
@@ -216,8 +216,10 @@ def write(results: Path, rows: list[dict[str, Any]]) -> None:
         f"images' full covariance, on the first {REF_ROWS} rows (compare with `*_first`, the start on",
         "the same rows); it is fitted to the very images it is scored on. `clean_heldout_*`: the same",
         f"with the full covariance of as many other clean images (source seed + {HELD_OUT_SEED}), the",
-        "best a Gaussian prior can do on images it has not seen. `label`: the code measured (its",
-        "commit in `commit`).",
+        "best a Gaussian prior can do on images it has not seen (with `n` below `dim`, as for",
+        "p32mask, both references are singular and mean nothing). `residual`: the low-rank path's",
+        "residual, per pixel or in the cosine basis (blank: rows from before the option, per pixel).",
+        "`label`: the code measured (its commit in `commit`).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
