@@ -395,8 +395,9 @@ def fit_gaussian(
     ``max_fit`` observations held on the device (posterior samples with normals from
     ``generator``, default seed 0, then the mean and a top-``rank`` PCA of the samples); or, for
     a symmetric ``A`` shared by all samples such as blur, by exact EM in ``A``'s eigenbasis
-    (stored as ``basis``) on that subset. ``residual`` is where the low-rank prior's residual is
-    diagonal on the pixel-coordinate path: ``pixel`` (independent pixels) or ``cosine`` (images
+    (stored as ``basis``) on that subset. ``residual`` is where a prior that stays low rank has
+    its residual diagonal on the pixel-coordinate path (the low-rank fit a full covariance starts
+    from keeps it per pixel): ``pixel`` (independent pixels) or ``cosine`` (images
     only: each colour channel's 2-D cosine basis, a stationary residual; see
     :mod:`~diffem_cli.gaussian.cosine`; at most ``COSINE_MAX_PIXELS`` per channel), whose posteriors
     are then solved by CG; ``auto``: cosine for images of at most ``COSINE_AUTO_PIXELS`` pixels per
@@ -430,7 +431,7 @@ def fit_gaussian(
     if full and init is None and math.prod(shape) > WARM_FULL_DIM:
         options = dict(jitter=jitter, cg_iters=cg_iters, cg_tol=cg_tol, max_fit=max_fit)
         options.update(cache_bytes=cache_bytes, shared_max_dim=shared_max_dim, device=device)
-        options.update(residual=residual)
+        options.update(residual="pixel")  # ``residual`` is for priors that stay low rank
         warm = fit_gaussian(
             channel, obs_batches, shape, iters, WARM_FULL_DIM, rank, generator, None, **options
         )

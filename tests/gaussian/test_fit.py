@@ -92,7 +92,7 @@ def test_gaussian_start_is_reproducible_and_batch_independent():
     assert (a - c).abs().max() > 0.1
 
 
-def test_the_residual_is_cosine_on_images_and_per_pixel_on_vectors_by_default():
+def test_the_residual_is_cosine_on_images_and_per_pixel_on_vectors_by_default(monkeypatch):
     """``residual="auto"``: a low-rank fit of images keeps its residual diagonal in each colour
     channel's cosine basis, of vectors per coordinate; ``cosine`` on vectors and an unknown name are
     refused in one line."""
@@ -112,6 +112,13 @@ def test_the_residual_is_cosine_on_images_and_per_pixel_on_vectors_by_default():
         fit_gaussian(vec, batches(flat, 200), (48,), residual="cosine", **kw)
     with pytest.raises(DiffemError, match="unknown Gaussian residual 'dct'"):
         fit_gaussian(ch, batches(obs, 200), shape, residual="dct", **kw)
+    # a full covariance starts from a low-rank fit whose residual stays per pixel whatever is asked
+    monkeypatch.setattr(fit_module, "WARM_FULL_DIM", 16)
+    fulls = [
+        fit_gaussian(ch, batches(obs, 200), shape, iters=4, rank=4, full_max_dim=48, residual=r).cov
+        for r in ("pixel", "cosine")
+    ]
+    torch.testing.assert_close(fulls[0], fulls[1], atol=0, rtol=0)
     # the dense basis bounds the image size: auto stops at 32x32, an explicit cosine at 64x64
     big = ch.corrupt(torch.randn(8, 1, 33, 33), sample_seeds(63, range(8)))
     assert fit_gaussian(ch, batches(big, 8), (1, 33, 33), **kw).basis is None
