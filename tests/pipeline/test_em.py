@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import QUICK, TINY_MLP, error_line, kill_when_written, run_ok, sets, snapshot
+from helpers import FAST, QUICK, TINY_MLP, TINY_UNET, error_line, kill_when_written, run_ok, sets, snapshot
 
 from diffem_cli.diffusion.checkpoint import build_model, load_checkpoint, load_tensors
 from diffem_cli.io.observations import load_recon
@@ -271,3 +271,20 @@ def test_resume_after_sigkill_in_mstep(base, tmp_path, cli):
         assert model.body[0].in_features == 5 + 16 + (2 + 2 * 5 + 5 + 5 * 5)  # x, t, (y, A, A^+ y, A^+ A)
         assert (run_dir / "recon" / f"lap_{lap:03d}" / "diffem.json").exists()
     assert not state.exists()
+
+
+def test_the_low_rank_gaussian_start_of_images_has_a_cosine_residual(tmp_path):
+    """Lap 0 above ``em.gaussian_full_max_dim``: ``em.gaussian_residual=auto`` saves a prior whose
+    residual is diagonal in the cosine basis (its ``basis`` tensor), ``pixel`` one without."""
+    from diffem_cli.gaussian.cosine import cosine_basis
+
+    run_ok("corrupt", "digits", tmp_path / "obs", "--channel", "mask", "--limit", 48)
+    for residual in ("auto", "pixel"):
+        out = tmp_path / residual
+        low = sets("em.gaussian_full_max_dim=0", f"em.gaussian_residual={residual}")
+        run_ok("em-train", tmp_path / "obs", out, "--laps", 1, *FAST, *TINY_UNET, *low)
+        prior, _ = load_tensors(out / "gaussian.safetensors")
+        if residual == "auto":
+            torch.testing.assert_close(prior["basis"], cosine_basis(8, 8))
+        else:
+            assert "basis" not in prior
