@@ -391,13 +391,13 @@ def check_config_for_data(cfg: RunConfig, channel: Any, shape: tuple[int, ...]) 
     from diffem_channels.base import ChannelError, sample_seeds
     from diffem_cli.diffusion.augment import check_augment
     from diffem_cli.diffusion.nets import check_network_shape
+    from diffem_cli.gaussian.fit import resolve_residual
     from diffem_cli.io.datameta import data_kind
 
     shape = tuple(int(s) for s in shape)
     check_network_shape(cfg.network, shape)
     check_augment(cfg.train.augment, {"x": torch.zeros(1, *shape)})
-    if cfg.em.gaussian_residual == "cosine" and len(shape) != 3:
-        raise DiffemError(f"em.gaussian_residual=cosine needs images (C, H, W); the data have shape {shape}")
+    resolve_residual(cfg.em.gaussian_residual, shape, f"em.gaussian_residual={cfg.em.gaussian_residual}")
     from diffem_cli.metrics.evaluate import METRICS
 
     kind = data_kind(shape)

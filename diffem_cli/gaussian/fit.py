@@ -364,6 +364,26 @@ def _as_form(prior: GaussianPrior, full: bool, rank: int) -> GaussianPrior:
     return GaussianPrior(mean=prior.mean.float(), diag=diag.float(), factor=factor.float())
 
 
+def resolve_residual(residual: str, shape: tuple[int, ...], what: str = "a cosine residual") -> str:
+    """The low-rank prior's residual for data ``shape``: ``pixel`` or ``cosine`` (``auto``: cosine
+    for images of at most ``COSINE_AUTO_PIXELS`` pixels per channel); a one-line DiffemError for an
+    unknown name, or for ``cosine`` on vectors or above ``COSINE_MAX_PIXELS`` pixels per channel
+    (``what`` names the setting in that line)."""
+    if residual not in RESIDUALS:
+        raise DiffemError(f"unknown Gaussian residual {residual!r} (choose from {', '.join(RESIDUALS)})")
+    if residual == "cosine" and len(shape) != 3:
+        raise DiffemError(f"{what} needs images (C, H, W); the data have shape {shape}")
+    pixels = math.prod(shape[1:]) if len(shape) == 3 else 0
+    if residual == "cosine" and pixels > COSINE_MAX_PIXELS:
+        raise DiffemError(
+            f"{what} holds a dense basis of (H W)^2 entries: at most {COSINE_MAX_PIXELS} pixels "
+            f"per channel, got {shape[1]}x{shape[2]} (use the pixel residual)"
+        )
+    if residual == "auto":
+        return "cosine" if 0 < pixels <= COSINE_AUTO_PIXELS else "pixel"
+    return residual
+
+
 def fit_gaussian(
     channel: Channel,
     obs_batches: ObsBatches,
@@ -411,18 +431,7 @@ def fit_gaussian(
     """
     check_linear(channel)
     shape = tuple(shape)
-    if residual not in RESIDUALS:
-        raise DiffemError(f"unknown Gaussian residual {residual!r} (choose from {', '.join(RESIDUALS)})")
-    if residual == "cosine" and len(shape) != 3:
-        raise DiffemError(f"a cosine residual needs images (C, H, W), got data of shape {shape}")
-    pixels = math.prod(shape[1:]) if len(shape) == 3 else 0
-    if residual == "cosine" and pixels > COSINE_MAX_PIXELS:
-        raise DiffemError(
-            f"a cosine residual holds a dense basis of (H W)^2 entries: at most {COSINE_MAX_PIXELS} pixels "
-            f"per channel, got {shape[1]}x{shape[2]} (use the pixel residual)"
-        )
-    if residual == "auto":
-        residual = "cosine" if 0 < pixels <= COSINE_AUTO_PIXELS else "pixel"
+    residual = resolve_residual(residual, shape)
     full = math.prod(shape) <= full_max_dim
     first = next(iter(obs_batches()), None)
     if first is None:

@@ -56,8 +56,8 @@ def weights_path(metric: str, given: Weights = None) -> str:
             f"(and {_PACKAGE[metric]})"
         )
     if not Path(value).exists():
-        source = "weights" if given is not None else env
-        raise DiffemError(f"metric {metric!r}: {source} {value} does not exist")
+        source = f"weights {value}" if given is not None else f"{env}={value}"
+        raise DiffemError(f"metric {metric!r}: {source} does not exist")
     return value
 
 

@@ -185,7 +185,10 @@ def test_check_config_for_data():
     # a cosine Gaussian residual needs images
     with pytest.raises(DiffemError, match="em.gaussian_residual=cosine needs images"):
         check_config_for_data(load_config("manifold", ["em.gaussian_residual=cosine"]), None, (5,))
-    check_config_for_data(load_config("digits", ["em.gaussian_residual=cosine"]), MaskChannel(), (1, 8, 8))
+    cosine = load_config("digits", ["em.gaussian_residual=cosine"])
+    check_config_for_data(cosine, MaskChannel(), (1, 8, 8))
+    with pytest.raises(DiffemError, match="em.gaussian_residual=cosine holds a dense basis.*got 72x72"):
+        check_config_for_data(cosine, MaskChannel(), (1, 72, 72))
     with pytest.raises(DiffemError, match="em.gaussian_residual"):
         load_config("digits", ["em.gaussian_residual=dct"])
 
