@@ -2,7 +2,7 @@
 full covariance of clean images and against the observations themselves.
 
 Each case fits ``fit_gaussian`` to ``n`` observations (channel seed 0, rank 64, ``--iters``, the
-low-rank path's residual ``--residual``) and
+low-rank path's residual ``--residual``, the full covariance's shrinkage ``--shrinkage``) and
 draws one ``gaussian_start`` sample per observation; it reports PSNR (peak-to-peak 2, images
 clamped to [-1, 1]) of that sample and of the posterior mean over all observations, and, on the
 first 512, the same for two full Gaussians (dense float64 posteriors; only for ``D <= 3072``):
@@ -34,10 +34,11 @@ import torch
 from diffem_channels.base import sample_seeds
 from diffem_channels.blur import BlurChannel
 from diffem_channels.mask import MaskChannel
-from diffem_cli.gaussian.fit import fit_gaussian, gaussian_start
+from diffem_cli.gaussian.fit import choose_start_shrinkage, fit_gaussian, gaussian_start
 from diffem_cli.gaussian.operators import operator_matrix
 from diffem_cli.gaussian.posterior import posterior_mean
 from diffem_cli.gaussian.prior import GaussianPrior
+from diffem_cli.gaussian.shrinkage import parse_shrinkage, shrink_prior
 from diffem_cli.io.sources import load_source
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +51,7 @@ CASES = {
     ),
     "p16blur0": ("patches:size=16,n={n},seed={s}", lambda: BlurChannel(sigma=1.5), "blur 1.5, noiseless"),
     "dblur": ("digits", lambda: BlurChannel(sigma=1.0, noise_sigma=0.05), "blur 1 + noise 0.05"),
+    "dmask": ("digits", lambda: MaskChannel(rho=0.5), "mask rho 0.5"),
     "p32blur": (
         "patches:size=32,n={n},seed={s}",
         lambda: BlurChannel(sigma=1.0, noise_sigma=0.05),
@@ -67,7 +69,14 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(
-    case: str, n: int, source_seed: int, iters: int, label: str, full_max_dim: int, residual: str
+    case: str,
+    n: int,
+    source_seed: int,
+    iters: int,
+    label: str,
+    full_max_dim: int,
+    residual: str,
+    shrinkage: str = "off",
 ) -> dict[str, Any]:
     spec, make, channel_label = CASES[case]
     src = load_source(spec.format(n=n, s=source_seed), limit=n)
@@ -95,9 +104,20 @@ def run_case(
         "observation": psnr(seen.reshape(n, *shape), clean),
     }
     t0 = time.perf_counter()
-    prior = fit_gaussian(
-        ch, batches, shape, iters=iters, rank=64, full_max_dim=full_max_dim, residual=residual
-    )
+
+    def fit(batches) -> GaussianPrior:
+        return fit_gaussian(
+            ch, batches, shape, iters=iters, rank=64, full_max_dim=full_max_dim, residual=residual
+        )
+
+    prior = fit(batches)
+    amount = 0.0
+    if prior.full:
+        amount = parse_shrinkage("--shrinkage", shrinkage)
+        if amount is None:
+            amount = choose_start_shrinkage(ch, batches, shape, fit)
+        prior = shrink_prior(prior, shape, amount)
+    row["shrinkage"] = amount
     t1 = time.perf_counter()
     start = torch.cat(list(gaussian_start(prior, ch, batches, shape, seed=1)))
     t2 = time.perf_counter()
@@ -122,6 +142,8 @@ def run_case(
         )
         if "{s}" in spec:  # a source with a seed has other images to hold out (digits has not)
             other = load_source(spec.format(n=n, s=source_seed + HELD_OUT_SEED), limit=n).read(0, n)
+            fresh = ch.corrupt(other[:m], sample_seeds(1, range(m)))
+            row["mean_heldout"] = psnr(posterior_mean(prior, ch, fresh, shape), other[:m])
             held_start, held_mean = reference(full_gaussian(other), ch, part, shape)
             row.update(
                 clean_heldout_sample=psnr(held_start, clean[:m]),
@@ -188,6 +210,8 @@ COLUMNS = (
     "clean_heldout_mean",
     "sample_first",
     "mean_first",
+    "mean_heldout",
+    "shrinkage",
     "fit_s",
     "start_s",
     "load_before",
@@ -219,6 +243,9 @@ def write(results: Path, rows: list[dict[str, Any]]) -> None:
         "best a Gaussian prior can do on images it has not seen (with `n` below `dim`, as for",
         "p32mask, both references are singular and mean nothing). `residual`: the low-rank path's",
         "residual, per pixel or in the cosine basis (blank: rows from before the option, per pixel).",
+        "`mean_heldout`: the fitted prior's posterior mean on fresh observations of those other images",
+        f"(first {REF_ROWS}): what it does on images it was not fitted to. `shrinkage`: how much the",
+        "full covariance was shrunk toward the stationary target (blank: rows from before the option).",
         "`label`: the code measured (its commit in `commit`).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
@@ -238,6 +265,7 @@ def main() -> None:
     ap.add_argument("--source-seed", type=int, default=0)
     ap.add_argument("--full-max-dim", type=int, default=128, help="fit_gaussian's full_max_dim")
     ap.add_argument("--residual", default="auto", help="fit_gaussian residual: auto, pixel, cosine")
+    ap.add_argument("--shrinkage", default="off", help="fit_gaussian shrinkage: auto, off or an amount")
     ap.add_argument("--label", default="current")
     ap.add_argument(
         "--commit", default=None, help="commit of the measured code (default: this checkout's HEAD)"
@@ -253,7 +281,14 @@ def main() -> None:
     rows = []
     for case in args.cases:
         row = run_case(
-            case, args.n, args.source_seed, args.iters, args.label, args.full_max_dim, args.residual
+            case,
+            args.n,
+            args.source_seed,
+            args.iters,
+            args.label,
+            args.full_max_dim,
+            args.residual,
+            args.shrinkage,
         )
         row["commit"] = commit
         row["date"] = time.strftime("%Y-%m-%d")

@@ -25,6 +25,7 @@ from diffem_cli.core.checks import bad, choice, finite, int_at_least
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.sampling import SampleConfig, validate_sample
 from diffem_cli.diffusion.train import TrainConfig, validate_train
+from diffem_cli.gaussian.shrinkage import parse_shrinkage
 
 
 @dataclass
@@ -38,6 +39,7 @@ class EMConfig:
     gaussian_rank: int = 64
     gaussian_full_max_dim: int = 768
     gaussian_residual: str = "auto"
+    gaussian_shrinkage: str = "auto"
     recorrupt_every: int = 0
     drop_outside: float = 0.0
 
@@ -359,6 +361,7 @@ def validate(cfg: RunConfig, methods: tuple[str, ...] = ()) -> None:
     int_at_least("em.gaussian_rank", em.gaussian_rank, 1)
     int_at_least("em.gaussian_full_max_dim", em.gaussian_full_max_dim, 0)
     choice("em.gaussian_residual", em.gaussian_residual, GAUSSIAN_RESIDUALS)
+    parse_shrinkage("em.gaussian_shrinkage", em.gaussian_shrinkage)
     int_at_least("em.recorrupt_every", em.recorrupt_every, 0)
     if finite("em.drop_outside", em.drop_outside) < 0:
         raise bad("em.drop_outside", em.drop_outside, ">= 0 (0 keeps every reconstruction)")

@@ -64,6 +64,7 @@ from diffem_cli.gaussian.posterior import (
     solve_rows,
 )
 from diffem_cli.gaussian.prior import GaussianPrior
+from diffem_cli.gaussian.shrinkage import FOLDS, GRID, shrinkage_target, shrunk
 from diffem_cli.gaussian.spectrum import fit_power_spectrum, grid_frequencies
 
 ObsBatches = Callable[[], Iterable[Obs]]
@@ -189,7 +190,6 @@ def _em_full_step(
     sum_out = torch.zeros(d, d, dtype=_F64, device=cov.device)
     gain = torch.zeros(d, d, dtype=_F64, device=cov.device)
     quad = torch.zeros((), dtype=_F64, device=cov.device)
-    pivots: list[Tensor] = []
     n = 0
     for rw in row_batches():
         r = rw.y - rw.apply(mu)
@@ -198,14 +198,94 @@ def _em_full_step(
         sum_dev += dev_.sum(0)
         sum_out += dev_.T @ dev_
         rw.add_gram(gain, s_inv)
-        quad += (r * sr).sum() + rw.valid.sum() * math.log(2 * math.pi)
-        pivots.append(chol.diagonal(dim1=1, dim2=2).flatten())
+        quad += _neg2_loglik(rw, r, sr, chol)
         n += r.shape[0]
     shift = sum_dev / n
     new = cov - cov @ (gain / n) @ cov + sum_out / n - torch.outer(shift, shift)
     new = 0.5 * (new + new.T)
-    loglik = -0.5 * float(quad + 2 * torch.cat(pivots).log().sum()) / n
-    return GaussianPrior(mean=mu + shift, cov=new), {"loglik": loglik}
+    return GaussianPrior(mean=mu + shift, cov=new), {"loglik": -0.5 * float(quad) / n}
+
+
+def _neg2_loglik(rw: Rows, r: Tensor, sr: Tensor, chol: Tensor) -> Tensor:
+    """``-2 log N(y; A mu, S)`` summed over the rows of ``rw`` (residuals ``r``, ``S^-1 r`` and the
+    Cholesky factor of ``S``; padding rows, factored as 1, add nothing)."""
+    logdet = 2 * chol.diagonal(dim1=1, dim2=2).log().sum()
+    return (r * sr).sum() + rw.valid.sum() * math.log(2 * math.pi) + logdet
+
+
+def _mean_loglik(prior: GaussianPrior, row_batches: Callable[[], Iterable[Rows]], jitter: float) -> float:
+    """Mean log-likelihood per observation of the rows under a full-covariance ``prior``."""
+    cov, mu = prior.cov.to(_F64), prior.mean.to(_F64)
+    total = torch.zeros((), dtype=_F64, device=cov.device)
+    n = 0
+    for rw in row_batches():
+        r = rw.y - rw.apply(mu)
+        chol, _, sr, _ = solve_rows(rw, cov, r, jitter, inverse=False)
+        total += _neg2_loglik(rw, r, sr, chol)
+        n += r.shape[0]
+    return -0.5 * float(total) / max(n, 1)
+
+
+def _take(obs: Obs, sel: Tensor) -> Obs:
+    """Observations ``sel`` of a batch: every per-sample tensor indexed, shared entries kept."""
+    b = batch_size(obs)
+    return {
+        k: v[sel.to(v.device)] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v
+        for k, v in obs.items()
+    }
+
+
+def split_folds(obs_batches: ObsBatches, folds: int) -> tuple[ObsBatches, ObsBatches]:
+    """``(kept, held)``: observation ``i`` held out when ``i % folds == 0``, kept otherwise."""
+
+    def part(held: bool) -> ObsBatches:
+        def gen() -> Iterator[Obs]:
+            start = 0
+            for obs in obs_batches():
+                b = batch_size(obs)
+                sel = torch.nonzero(((torch.arange(start, start + b) % folds) == 0) == held).flatten()
+                start += b
+                if len(sel):
+                    yield _take(obs, sel)
+
+        return gen
+
+    return part(False), part(True)
+
+
+def choose_start_shrinkage(
+    channel: Channel,
+    obs_batches: ObsBatches,
+    shape: tuple[int, ...],
+    fit: Callable[[ObsBatches], GaussianPrior],
+    *,
+    grid: Iterable[float] = GRID,
+    folds: int = FOLDS,
+    jitter: float = 1e-8,
+    device: torch.device | None = None,
+) -> float:
+    """How far to shrink a full-covariance start (:func:`~diffem_cli.gaussian.shrinkage.shrink_prior`):
+    ``fit`` on all observations but every ``folds``-th, then the amount in ``grid`` whose shrunk
+    prior gives those held-out observations the highest marginal likelihood (ties to the
+    smaller); 0 when that fit is not a full covariance."""
+    kept, held = split_folds(obs_batches, folds)
+    if next(iter(held()), None) is None or next(iter(kept()), None) is None:
+        return 0.0
+    prior = fit(kept)
+    if not prior.full:
+        return 0.0
+    dev = torch.device(device) if device is not None else prior.cov.device
+    prior = prior.to(dev)
+    cov = prior.cov.to(_F64)
+    target = shrinkage_target(cov, shape)
+    rows = _row_batches(channel, lambda: (obs_to(o, dev) for o in held()), shape, 2**29)
+    best, best_ll = 0.0, -math.inf
+    with _one_thread(dev):
+        for amount in grid:
+            ll = _mean_loglik(replace(prior, cov=shrunk(cov, target, amount)), rows, jitter)
+            if ll > best_ll:
+                best, best_ll = float(amount), ll
+    return best
 
 
 def _subset(obs_batches: ObsBatches, n_total: int, max_fit: int, device: torch.device) -> Obs:
@@ -217,13 +297,7 @@ def _subset(obs_batches: ObsBatches, n_total: int, max_fit: int, device: torch.d
         b = batch_size(obs)
         first = (-start) % stride
         if first < b:
-            sel = torch.arange(first, b, stride)
-            parts.append(
-                {
-                    k: v[sel.to(v.device)] if torch.is_tensor(v) and v.dim() and v.shape[0] == b else v
-                    for k, v in obs.items()
-                }
-            )
+            parts.append(_take(obs, torch.arange(first, b, stride)))
         start += b
     if not parts:
         raise DiffemError("no observations to fit the Gaussian start to")

@@ -10,6 +10,11 @@ to ``em.gaussian_full_max_dim`` dimensions, else top-``em.gaussian_rank`` PCA pl
 saved with the checkpoint (auxiliary tensors ``cond_gaussian.*``) so the E-step and ``reconstruct``
 compute the same feature.
 
+With few rows for its dimension the sample covariance fits those rows far better than fresh ones,
+and the feature is then too good on the M-step's own rows; ``cond.gaussian_shrinkage`` shrinks it
+toward a stationary target (:mod:`~diffem_cli.gaussian.shrinkage`), by an amount chosen by
+cross-validation (``auto``), fixed, or not at all (``off``).
+
 ``cond.residual=on`` also makes the network a residual around the closed-form denoiser centred on
 that feature (:class:`~diffem_cli.diffusion.residual.GaussianResidual`), its last layer zero when
 trained from scratch: an untrained model is then the Gaussian's denoiser, not noise. The spread of
@@ -33,6 +38,7 @@ from diffem_cli.core.errors import DiffemError
 
 AUX_PREFIX = "cond_gaussian."
 SIGMA_KEY = "cond_residual.sigma"
+SHRINKAGE_KEY = "cond_shrinkage.amount"
 
 
 GAUSSIAN_MODES: tuple[str, ...] = ("auto", "on", "off")
@@ -46,11 +52,14 @@ class CondOptions:
     channels only), ``off``, or ``auto`` (on for image data through a linear channel);
     ``residual`` trains the network as a residual around the closed-form denoiser centred on that
     feature: ``on`` (it needs the feature), ``off``, or ``auto`` (whenever the feature is taken);
-    ``residual_sigma_floor`` (>= 0) is the least spread that denoiser assumes."""
+    ``residual_sigma_floor`` (>= 0) is the least spread that denoiser assumes;
+    ``gaussian_shrinkage`` shrinks the feature's full covariance toward a stationary target:
+    ``auto`` (the amount chosen by cross-validation), ``off``, or an amount in [0, 1]."""
 
     gaussian_mean: str = "auto"
     residual: str = "auto"
     residual_sigma_floor: float = 0.0
+    gaussian_shrinkage: str = "auto"
 
     def validate(self) -> None:
         """One-line DiffemError for a bad value."""
@@ -58,10 +67,18 @@ class CondOptions:
         choice("cond.residual", self.residual, RESIDUAL_MODES)
         if finite("cond.residual_sigma_floor", self.residual_sigma_floor) < 0:
             raise bad("cond.residual_sigma_floor", self.residual_sigma_floor, ">= 0")
+        shrinkage_amount(self.gaussian_shrinkage)
         if self.residual == "on" and self.gaussian_mean == "off":
             raise DiffemError(
                 "cond.residual=on needs the Gaussian feature: set cond.gaussian_mean=auto or on"
             )
+
+
+def shrinkage_amount(value: str) -> float | None:
+    """``cond.gaussian_shrinkage`` as a fixed amount, None for ``auto``."""
+    from diffem_cli.gaussian.shrinkage import parse_shrinkage
+
+    return parse_shrinkage("cond.gaussian_shrinkage", value)
 
 
 def uses_gaussian(options: CondOptions, channel: Any, shape: tuple[int, ...]) -> bool:
@@ -130,11 +147,19 @@ def saved_sigma(aux: Mapping[str, torch.Tensor]) -> float:
     return float(aux[SIGMA_KEY])
 
 
-def fit_feature_prior(x: torch.Tensor, cfg: Any, seed: int) -> Any:
-    """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` of the rows ``x`` the M-step trains on."""
+def fit_feature_prior(x: torch.Tensor, cfg: Any, options: CondOptions, seed: int) -> tuple[Any, float]:
+    """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` of the rows ``x`` the M-step trains
+    on, and the shrinkage of its covariance (0 for a low-rank one, which is not shrunk)."""
     from diffem_cli.gaussian.moments import fit_moments
+    from diffem_cli.gaussian.shrinkage import choose_shrinkage, shrink_prior
 
-    return fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim)
+    prior = fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim)
+    if not prior.full:
+        return prior, 0.0
+    amount = shrinkage_amount(options.gaussian_shrinkage)
+    if amount is None:
+        amount = choose_shrinkage(x, tuple(x.shape[1:]), seed)
+    return shrink_prior(prior, tuple(x.shape[1:]), amount), amount
 
 
 def feature_aux(prior: Any) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from diffem_cli.diffusion.denoise import Denoiser, NetworkDenoiser
 from diffem_cli.diffusion.losses import VLoss
 from diffem_cli.methods.base import Method, ModelSpec, MStep, Posterior, Refresh, lap_seed, model_device
 from diffem_cli.methods.conditioning import (
+    SHRINKAGE_KEY,
     SIGMA_KEY,
     CondOptions,
     cond_size,
@@ -51,14 +52,17 @@ def recorruption_mstep(data: Any, x: torch.Tensor, seed: int, lap: int, cfg: Any
     reconstructions, the oracle's clean data): pairs ``(x, cond(y~))`` drawn for lap ``lap`` from
     ``seed``, drawn again every ``em.recorrupt_every`` epochs when that is positive. With the
     Gaussian feature (``cond.gaussian_mean``), the Gaussian of ``x`` is fitted here and saved with
-    the checkpoint; as a residual around it (``cond.residual``), with the rows' spread around the
-    feature measured here and saved too."""
+    the checkpoint, with the shrinkage of its covariance; as a residual around it
+    (``cond.residual``), with the rows' spread around the feature measured here and saved too."""
     from diffem_cli.io.observations import recorrupt
 
     keep = cfg.sample.keep_observed
     gaussian = uses_gaussian(cond, data.channel, data.shape)
-    prior = fit_feature_prior(x, cfg, lap_seed(seed, lap, "cond")) if gaussian else None
-    aux = feature_aux(prior) if prior is not None else {}
+    prior = None
+    aux: dict[str, torch.Tensor] = {}
+    if gaussian:
+        prior, amount = fit_feature_prior(x, cfg, cond, lap_seed(seed, lap, "cond"))
+        aux = {**feature_aux(prior), SHRINKAGE_KEY: torch.tensor(amount, dtype=torch.float64)}
     pairs = conditioning(data, recorrupt(data.channel, x, seed, lap, data.index), keep, prior)
     refresh: Refresh | None = None
     if cfg.em.recorrupt_every > 0:
@@ -85,10 +89,15 @@ class ConditionalMethod(Method):
 
     @classmethod
     def from_record(cls, record: Any) -> Method:  # noqa: D102
-        # a checkpoint written before the ``cond`` section existed took no Gaussian feature, and one
-        # written before ``cond.residual`` existed was no residual
+        # a checkpoint written before the ``cond`` section existed took no Gaussian feature, one
+        # written before ``cond.residual`` existed was no residual, and one written before
+        # ``cond.gaussian_shrinkage`` existed had an unshrunk feature
         record = dict(record or {})
-        record["cond"] = {"residual": "off", **record.get("cond", {"gaussian_mean": "off"})}
+        record["cond"] = {
+            "residual": "off",
+            "gaussian_shrinkage": "off",
+            **record.get("cond", {"gaussian_mean": "off"}),
+        }
         return super().from_record(record)
 
     def accepts(self, channel: Any) -> str | None:  # noqa: D102

@@ -51,30 +51,45 @@ notices = get_logger(__name__)
 def initial_reconstructions(
     data: Observations, cfg: RunConfig, run: Run, device: torch.device
 ) -> dict[str, Any]:
-    """Lap 0: Gaussian-posterior samples for linear channels, else the channel's own start."""
+    """Lap 0: Gaussian-posterior samples for linear channels, else the channel's own start;
+    ``shrinkage``: how much a full-covariance Gaussian was shrunk (``em.gaussian_shrinkage``)."""
     init = cfg.em.init
     if init == "auto":
         init = "gaussian" if data.channel.linear else "observation"
     t0 = time.perf_counter()
+    out: dict[str, Any] = {}
     if init == "gaussian":
         if not data.channel.linear:
             raise DiffemError(
                 f"em.init=gaussian needs a linear channel; {data.channel.name!r} has no linear form"
             )
         from diffem_cli.diffusion.checkpoint import save_tensors
-        from diffem_cli.gaussian.fit import fit_gaussian, gaussian_start
+        from diffem_cli.gaussian.fit import choose_start_shrinkage, fit_gaussian, gaussian_start
+        from diffem_cli.gaussian.shrinkage import parse_shrinkage, shrink_prior
 
-        prior = fit_gaussian(
-            data.channel,
-            data.batches(),
-            data.shape,
-            iters=cfg.em.gaussian_iters,
-            rank=cfg.em.gaussian_rank,
-            full_max_dim=cfg.em.gaussian_full_max_dim,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            device=device,
-            residual=cfg.em.gaussian_residual,
-        )
+        def fit(batches: Callable[[], Any]) -> Any:
+            return fit_gaussian(
+                data.channel,
+                batches,
+                data.shape,
+                iters=cfg.em.gaussian_iters,
+                rank=cfg.em.gaussian_rank,
+                full_max_dim=cfg.em.gaussian_full_max_dim,
+                generator=torch.Generator().manual_seed(cfg.seed),
+                device=device,
+                residual=cfg.em.gaussian_residual,
+            )
+
+        prior = fit(data.batches())
+        shrinkage = 0.0
+        if prior.full:
+            shrinkage = parse_shrinkage("em.gaussian_shrinkage", cfg.em.gaussian_shrinkage)
+            if shrinkage is None:
+                shrinkage = choose_start_shrinkage(
+                    data.channel, data.batches(), data.shape, fit, device=device
+                )
+            prior = shrink_prior(prior, data.shape, shrinkage)
+        out["shrinkage"] = shrinkage
         x = torch.cat(
             list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed, device=device))
         )
@@ -89,7 +104,7 @@ def initial_reconstructions(
         x = x.clamp(float(lo), float(hi))
     if cfg.sample.keep_observed:
         x = keep_rows(x, data)
-    return {"x": x, "init": init, "seconds": time.perf_counter() - t0}
+    return {**out, "x": x, "init": init, "seconds": time.perf_counter() - t0}
 
 
 def check_checkpoint_for(
@@ -448,14 +463,16 @@ class _Driver:
                     **self.recon_meta(0),
                     "init": start["init"],
                     "init_s": start["seconds"],
+                    **({"init_shrinkage": start["shrinkage"]} if "shrinkage" in start else {}),
                     **residual_record(self.data, start["x"]),
                 }
                 save_recon(self.run.recon(0), start["x"], self.data.index, manifest, **self.data_rows())
-                self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s")
+                shrunk = f", covariance shrunk by {start['shrinkage']:g}" if start.get("shrinkage") else ""
+                self.log(f"lap 0: {start['init']} start in {start['seconds']:.1f} s{shrunk}")
             self.ctx.barrier()
             manifest = manifest or self._recon_manifest(0)
         rec = {"event": "lap", "lap": 0, "init": manifest.get("init"), "init_s": manifest.get("init_s")}
-        return {**rec, **{k: manifest[k] for k in ("observed_residual",) if k in manifest}}
+        return {**rec, **{k: manifest[k] for k in ("observed_residual", "init_shrinkage") if k in manifest}}
 
     def lap(self, lap: int, laps: int) -> dict[str, Any]:
         rec: dict[str, Any] = {"event": "lap", "lap": lap}

@@ -329,3 +329,84 @@ def test_gaussian_start_reuses_the_operator_the_fit_probed(monkeypatch):
     assert calls == []
     # the same operator rows (read off the same channel on the same first observation): the same arithmetic
     assert torch.equal(reused, fresh)
+
+
+def test_split_folds_holds_out_every_kth_observation_across_batches():
+    x = torch.arange(23, dtype=torch.float32)[:, None].repeat(1, 4)
+    obs = Mask(rho=0.5).corrupt(x, sample_seeds(0, range(23)))
+    kept, held = fit_module.split_folds(batches(obs, 5), 5)
+    held_rows = torch.cat([o["y"] for o in held()] + [torch.empty(0, 4)])
+    kept_rows = torch.cat([o["mask"] for o in kept()])
+    assert torch.equal(held_rows, obs["y"][::5])
+    keep = torch.arange(23) % 5 != 0
+    assert torch.equal(kept_rows, obs["mask"][keep])
+
+
+def test_the_held_out_likelihood_is_the_marginal_of_the_observed_entries():
+    d, n, s = 5, 7, 0.1
+    prior = random_prior(d, seed=3)
+    ch = Mask(rho=0.4, sigma=s)
+    x = prior.sample(n, torch.Generator().manual_seed(4))
+    obs = ch.corrupt(x, sample_seeds(5, range(n)))
+    rows = fit_module._row_batches(ch, batches(obs, 3), (d,), 2**20)
+    got = fit_module._mean_loglik(prior, rows, jitter=0.0)
+    want = 0.0
+    for i in range(n):
+        o = obs["mask"][i].bool()
+        cov = prior.covariance()[o][:, o] + s * s * torch.eye(int(o.sum()), dtype=torch.float64)
+        dist = torch.distributions.MultivariateNormal(prior.mean[o], covariance_matrix=cov)
+        want += float(dist.log_prob(obs["y"][i][o].double()))
+    # float64 throughout on 5x5 systems: rounding far below 1e-9 of a log-likelihood of order 10
+    assert got == pytest.approx(want / n, rel=1e-9, abs=1e-9)
+
+
+def _stationary_images(n: int, side: int, seed: int) -> torch.Tensor:
+    from diffem_cli.gaussian.cosine import cosine_1d
+
+    f = torch.arange(side, dtype=torch.float64)
+    scale = (1.0 / (1.0 + f[:, None] ** 2 + f[None, :] ** 2)).reshape(-1).sqrt()
+    z = torch.randn(n, side * side, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    basis = torch.kron(cosine_1d(side), cosine_1d(side))
+    return ((z * scale) @ basis.T).float().reshape(n, 1, side, side)
+
+
+def test_shrinking_a_prior_moves_a_full_covariance_only():
+    from diffem_cli.gaussian.shrinkage import shrink_prior, shrinkage_target, shrunk
+
+    x = _stationary_images(60, 4, 0)
+    obs = Mask(rho=0.3).corrupt(x, sample_seeds(1, range(60)))
+    plain = fit_gaussian(Mask(rho=0.3), batches(obs, 60), (1, 4, 4), iters=4)
+    half = shrink_prior(plain, (1, 4, 4), 0.5)
+    assert torch.equal(half.cov, shrunk(plain.cov, shrinkage_target(plain.cov, (1, 4, 4)), 0.5))
+    assert torch.equal(half.mean, plain.mean) and shrink_prior(plain, (1, 4, 4), 0.0) is plain
+    low = fit_gaussian(Mask(rho=0.3), batches(obs, 60), (1, 4, 4), iters=2, full_max_dim=8, rank=2)
+    assert not low.full and shrink_prior(low, (1, 4, 4), 0.5) is low
+
+
+def test_cross_validation_shrinks_a_start_from_few_stationary_images_hard():
+    # 64 masked images in 64 dimensions for each fit: the full covariance cannot be estimated,
+    # and the target is the true (stationary) structure
+    n, shape = 80, (1, 8, 8)
+    x = _stationary_images(n, 8, 2)
+    ch = Mask(rho=0.5)
+    obs = ch.corrupt(x, sample_seeds(3, range(n)))
+
+    def fit(b):
+        return fit_gaussian(ch, b, shape, iters=8)
+
+    assert fit_module.choose_start_shrinkage(ch, batches(obs, 32), shape, fit) >= 0.5
+
+
+def test_cross_validation_keeps_the_covariance_of_many_non_stationary_images():
+    # independent pixels with standard deviations from 0.05 to 1: the stationary target evens the
+    # variances out, far from the truth; 40 observations per dimension fit the covariance well
+    n, shape = 640, (1, 4, 4)
+    std = torch.linspace(0.05, 1.0, 16)
+    x = (torch.randn(n, 16, generator=torch.Generator().manual_seed(4)) * std).reshape(n, *shape)
+    ch = Mask(rho=0.3, sigma=0.01)
+    obs = ch.corrupt(x, sample_seeds(5, range(n)))
+
+    def fit(b):
+        return fit_gaussian(ch, b, shape, iters=16)
+
+    assert fit_module.choose_start_shrinkage(ch, batches(obs, 128), shape, fit) <= 0.05

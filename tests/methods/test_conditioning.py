@@ -13,16 +13,19 @@ from diffem_channels import sample_seeds
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import load_checkpoint
 from diffem_cli.gaussian.moments import fit_moments
+from diffem_cli.gaussian.shrinkage import GRID, shrinkage_target, shrunk
 from diffem_cli.io.observations import Observations
 from diffem_cli.io.registry import make_channel
 from diffem_cli.methods.conditioning import (
     AUX_PREFIX,
+    SHRINKAGE_KEY,
     SIGMA_KEY,
     CondOptions,
     cond_size,
     condition,
     feature_prior,
     residual_sigma,
+    shrinkage_amount,
     uses_gaussian,
     uses_residual,
 )
@@ -69,10 +72,12 @@ def test_the_checkpoint_carries_the_gaussian_and_reconstruct_uses_it(trained: Pa
         "gaussian_mean": "on",
         "residual": "auto",
         "residual_sigma_floor": 0.0,
+        "gaussian_shrinkage": "auto",
     }
     assert ckpt.meta["residual"] is True
     prior = feature_prior(ckpt.aux)
     assert prior.dim == 64 and prior.full
+    assert float(ckpt.aux[SHRINKAGE_KEY]) in GRID
     assert any(k.startswith(AUX_PREFIX) for k in ckpt.aux)
     run_ok("reconstruct", trained / "run/checkpoints/lap_001.safetensors", trained / "obs", tmp_path / "rec")
     x, exact = read_x(tmp_path / "rec"), data.channel.exact_entries(data.obs)
@@ -108,6 +113,7 @@ def test_a_checkpoint_from_before_the_option_reads_as_off() -> None:
     old = method_for_checkpoint({"method": "diffem", "method_config": {"em": {"recorrupt_every": 0}}})
     assert old.options["cond"].gaussian_mean == "off"
     assert old.options["cond"].residual == "off"
+    assert old.options["cond"].gaussian_shrinkage == "off"
     before = method_for_checkpoint({"method": "oracle", "method_config": {"cond": {"gaussian_mean": "auto"}}})
     assert before.options["cond"].gaussian_mean == "auto" and before.options["cond"].residual == "off"
     new = {"gaussian_mean": "auto", "residual": "auto"}
@@ -128,6 +134,30 @@ def test_the_residual_spread_is_the_weighted_rms_around_the_feature() -> None:
     assert residual_sigma(x, cond, floor=3.0) == 3.0  # below it: the floor
     with pytest.raises(DiffemError, match="cond.residual_sigma_floor"):
         CondOptions("auto", "on", -0.1).validate()
+
+
+def test_the_shrinkage_setting_is_auto_off_or_an_amount() -> None:
+    assert shrinkage_amount("auto") is None
+    assert shrinkage_amount("off") == 0.0
+    assert shrinkage_amount("0.3") == 0.3 and shrinkage_amount("1") == 1.0
+    for wrong in ("1.5", "-0.1", "nan", "stationary"):
+        with pytest.raises(DiffemError, match="cond.gaussian_shrinkage"):
+            CondOptions(gaussian_shrinkage=wrong).validate()
+
+
+def test_the_mstep_fits_the_feature_with_the_asked_shrinkage(trained: Path) -> None:
+    from diffem_cli.io.observations import load_recon
+    from diffem_cli.methods import default_config, get_method
+
+    data = Observations(trained / "obs")
+    x, _ = load_recon(trained / "run/recon/lap_000")
+    cfg = default_config()
+    cfg.options["cond"] = CondOptions("on", gaussian_shrinkage="0.4")
+    step = get_method("diffem", cfg).mstep(data, x, 1, 1, None, cfg)
+    cov = torch.cov(x.reshape(len(x), -1).double().T)
+    want = shrunk(cov, shrinkage_target(cov, data.shape), 0.4)
+    torch.testing.assert_close(feature_prior(step.aux).covariance(), want)
+    assert float(step.aux[SHRINKAGE_KEY]) == 0.4
 
 
 def test_the_residual_needs_the_feature() -> None:

@@ -97,7 +97,12 @@ def test_oracle_redraws_its_corruptions_as_diffem_does(obs):
     cfg.em.recorrupt_every = 2
     oracle = get_method("oracle", cfg)
     assert oracle.config_record(cfg) == {
-        "cond": {"gaussian_mean": "auto", "residual": "auto", "residual_sigma_floor": 0.0},
+        "cond": {
+            "gaussian_mean": "auto",
+            "residual": "auto",
+            "residual_sigma_floor": 0.0,
+            "gaussian_shrinkage": "auto",
+        },
         "em": {"recorrupt_every": 2},
     }
     step = oracle.mstep(data, clean, 1, 1, clean, cfg)

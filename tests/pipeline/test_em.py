@@ -288,3 +288,29 @@ def test_the_low_rank_gaussian_start_of_images_has_a_cosine_residual(tmp_path):
             torch.testing.assert_close(prior["basis"], cosine_basis(8, 8))
         else:
             assert "basis" not in prior
+
+
+def test_the_full_covariance_start_is_shrunk_as_asked_and_recorded(tmp_path):
+    """``em.gaussian_shrinkage``: a fixed amount shrinks the start's full covariance by exactly that
+    much toward its stationary target, ``auto`` records the amount cross-validation chose."""
+    from diffem_cli.gaussian.shrinkage import GRID, shrinkage_target, shrunk
+
+    run_ok("corrupt", "digits", tmp_path / "obs", "--channel", "mask", "--limit", 48)
+    covs, amounts = {}, {}
+    for setting in ("off", "0.5", "auto"):
+        out = tmp_path / setting
+        run_ok(
+            "em-train",
+            tmp_path / "obs",
+            out,
+            "--laps",
+            1,
+            *FAST,
+            *TINY_UNET,
+            *sets(f"em.gaussian_shrinkage={setting}"),
+        )
+        covs[setting] = load_tensors(out / "gaussian.safetensors")[0]["cov"]
+        amounts[setting] = _records(out)[0]["init_shrinkage"]
+    assert amounts["off"] == 0.0 and amounts["0.5"] == 0.5 and amounts["auto"] in GRID
+    want = shrunk(covs["off"], shrinkage_target(covs["off"], (1, 8, 8)), 0.5)
+    torch.testing.assert_close(covs["0.5"], want)
