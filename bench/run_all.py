@@ -1,6 +1,6 @@
 """Run every benchmark in order, each in its own process, and summarise (``make bench``).
 
-Order: bench_cli, bench_corrupt, bench_metrics, bench_gaussian, bench_manifold, bench_digits,
+Order: bench_cli, bench_corrupt, bench_metrics, bench_gaussian, bench_shrinkage, bench_manifold, bench_digits,
 bench_estep, bench_oracle, bench_heldout, bench_speed, bench_cuda (on a machine with CUDA; it measures nothing
 elsewhere), bench_scaling (scripts that do not exist are skipped). Each runs
 as ``python -m bench.NAME`` from the repository root with the root on ``PYTHONPATH``, so ``import
@@ -28,6 +28,7 @@ BENCHES = (
     "bench_corrupt",
     "bench_metrics",
     "bench_gaussian",
+    "bench_shrinkage",
     "bench_manifold",
     "bench_budget",
     "bench_digits",
