@@ -90,7 +90,7 @@ def choose_shrinkage(
 ) -> float:
     """The amount in ``grid`` whose shrunk covariance, fitted on ``folds - 1`` folds of the rows
     ``x`` ``(N, D)``, gives the held-out fold the highest Gaussian log-likelihood, summed over
-    folds (ties to the smaller amount). Fewer than ``2 folds`` rows: no shrinkage."""
+    folds (ties to the smaller amount); 0 with fewer than two rows per fold."""
     flat = x.reshape(len(x), -1).to(_F64)
     if len(flat) < 2 * folds:
         return 0.0
