@@ -29,7 +29,7 @@ from diffem_channels.base import sample_seeds
 from diffem_channels.mask import MaskChannel
 from diffem_cli.gaussian.moments import fit_moments
 from diffem_cli.gaussian.posterior import posterior_mean
-from diffem_cli.gaussian.shrinkage import choose_shrinkage, shrink_prior
+from diffem_cli.gaussian.shrinkage import apply_shrinkage, choose_shrinkage
 from diffem_cli.io.sources import load_source
 
 HERE = Path(__file__).resolve().parent
@@ -67,16 +67,15 @@ def run(amounts: tuple[str, ...]) -> list[dict[str, Any]]:
         shape = tuple(train.shape[1:])
         prior = fit_moments(train, full_max_dim=10**6)
         for amount in amounts:
-            t0 = time.perf_counter()
-            value = (
-                0.0
-                if amount == "off"
-                else choose_shrinkage(train, shape)
-                if amount == "auto"
-                else float(amount)
-            )
-            chosen_s = time.perf_counter() - t0
-            shrunk = shrink_prior(prior, shape, value)
+            timing: list[float] = []
+
+            def choose(train=train, shape=shape, timing=timing) -> float:
+                t0 = time.perf_counter()
+                value = choose_shrinkage(train, shape)
+                timing.append(time.perf_counter() - t0)
+                return value
+
+            shrunk, value = apply_shrinkage(prior, shape, "setting", amount, choose)
             psnr_in, sigma_in = score(shrunk, train, 1)
             psnr_held, sigma_held = score(shrunk, held, 2)
             row = {
@@ -88,7 +87,7 @@ def run(amounts: tuple[str, ...]) -> list[dict[str, Any]]:
                 "psnr_heldout": psnr_held,
                 "sigma_train": sigma_in,
                 "sigma_heldout": sigma_held,
-                "choose_s": round(chosen_s, 2) if amount == "auto" else None,
+                "choose_s": round(timing[0], 2) if timing else None,
             }
             print(json.dumps(row), flush=True)
             rows.append(row)

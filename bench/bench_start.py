@@ -38,7 +38,7 @@ from diffem_cli.gaussian.fit import choose_start_shrinkage, fit_gaussian, gaussi
 from diffem_cli.gaussian.operators import operator_matrix
 from diffem_cli.gaussian.posterior import posterior_mean
 from diffem_cli.gaussian.prior import GaussianPrior
-from diffem_cli.gaussian.shrinkage import parse_shrinkage, shrink_prior
+from diffem_cli.gaussian.shrinkage import apply_shrinkage
 from diffem_cli.io.sources import load_source
 
 HERE = Path(__file__).resolve().parent
@@ -110,14 +110,9 @@ def run_case(
             ch, batches, shape, iters=iters, rank=64, full_max_dim=full_max_dim, residual=residual
         )
 
-    prior = fit(batches)
-    amount = 0.0
-    if prior.full:
-        amount = parse_shrinkage("--shrinkage", shrinkage)
-        if amount is None:
-            amount = choose_start_shrinkage(ch, batches, shape, fit)
-        prior = shrink_prior(prior, shape, amount)
-    row["shrinkage"] = amount
+    prior, row["shrinkage"] = apply_shrinkage(
+        fit(batches), shape, "--shrinkage", shrinkage, lambda: choose_start_shrinkage(ch, batches, shape, fit)
+    )
     t1 = time.perf_counter()
     start = torch.cat(list(gaussian_start(prior, ch, batches, shape, seed=1)))
     t2 = time.perf_counter()

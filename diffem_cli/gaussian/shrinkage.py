@@ -17,7 +17,7 @@ data that are not stationary (centred digits) keep their sample covariance.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -75,6 +75,20 @@ def shrink_prior(prior: GaussianPrior, shape: Sequence[int], amount: float) -> G
     return replace(prior, cov=shrunk(prior.cov, shrinkage_target(prior.cov, shape), amount))
 
 
+def apply_shrinkage(
+    prior: GaussianPrior, shape: Sequence[int], key: str, value: str, choose: Callable[[], float]
+) -> tuple[GaussianPrior, float]:
+    """``prior`` shrunk as the setting ``key`` = ``value`` asks (:func:`parse_shrinkage`; for
+    ``auto``, by the amount ``choose()`` returns, called only then), and that amount; a low-rank
+    prior comes back as it is, with 0."""
+    if not prior.full:
+        return prior, 0.0
+    amount = parse_shrinkage(key, value)
+    if amount is None:
+        amount = choose()
+    return shrink_prior(prior, shape, amount), amount
+
+
 def _loglik(cov: Tensor, rows: Tensor) -> float:
     """Mean Gaussian log-likelihood (up to a constant) of centred ``rows`` under ``N(0, cov)``;
     ``-inf`` when ``cov`` is singular."""
@@ -113,6 +127,7 @@ def choose_shrinkage(
 __all__ = [
     "FOLDS",
     "GRID",
+    "apply_shrinkage",
     "choose_shrinkage",
     "parse_shrinkage",
     "shrink_prior",

@@ -151,15 +151,16 @@ def fit_feature_prior(x: torch.Tensor, cfg: Any, options: CondOptions, seed: int
     """The :class:`~diffem_cli.gaussian.prior.GaussianPrior` of the rows ``x`` the M-step trains
     on, and the shrinkage of its covariance (0 for a low-rank one, which is not shrunk)."""
     from diffem_cli.gaussian.moments import fit_moments
-    from diffem_cli.gaussian.shrinkage import choose_shrinkage, shrink_prior
+    from diffem_cli.gaussian.shrinkage import apply_shrinkage, choose_shrinkage
 
-    prior = fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim)
-    if not prior.full:
-        return prior, 0.0
-    amount = shrinkage_amount(options.gaussian_shrinkage)
-    if amount is None:
-        amount = choose_shrinkage(x, tuple(x.shape[1:]), seed)
-    return shrink_prior(prior, tuple(x.shape[1:]), amount), amount
+    shape = tuple(x.shape[1:])
+    return apply_shrinkage(
+        fit_moments(x, cfg.em.gaussian_rank, seed=seed, full_max_dim=cfg.em.gaussian_full_max_dim),
+        shape,
+        "cond.gaussian_shrinkage",
+        options.gaussian_shrinkage,
+        lambda: choose_shrinkage(x, shape, seed),
+    )
 
 
 def feature_aux(prior: Any) -> dict[str, torch.Tensor]:

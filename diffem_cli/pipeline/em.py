@@ -65,7 +65,7 @@ def initial_reconstructions(
             )
         from diffem_cli.diffusion.checkpoint import save_tensors
         from diffem_cli.gaussian.fit import choose_start_shrinkage, fit_gaussian, gaussian_start
-        from diffem_cli.gaussian.shrinkage import parse_shrinkage, shrink_prior
+        from diffem_cli.gaussian.shrinkage import apply_shrinkage
 
         def fit(batches: Callable[[], Any]) -> Any:
             return fit_gaussian(
@@ -80,16 +80,13 @@ def initial_reconstructions(
                 residual=cfg.em.gaussian_residual,
             )
 
-        prior = fit(data.batches())
-        shrinkage = 0.0
-        if prior.full:
-            shrinkage = parse_shrinkage("em.gaussian_shrinkage", cfg.em.gaussian_shrinkage)
-            if shrinkage is None:
-                shrinkage = choose_start_shrinkage(
-                    data.channel, data.batches(), data.shape, fit, device=device
-                )
-            prior = shrink_prior(prior, data.shape, shrinkage)
-        out["shrinkage"] = shrinkage
+        prior, out["shrinkage"] = apply_shrinkage(
+            fit(data.batches()),
+            data.shape,
+            "em.gaussian_shrinkage",
+            cfg.em.gaussian_shrinkage,
+            lambda: choose_start_shrinkage(data.channel, data.batches(), data.shape, fit, device=device),
+        )
         x = torch.cat(
             list(gaussian_start(prior, data.channel, data.batches(), data.shape, cfg.seed, device=device))
         )

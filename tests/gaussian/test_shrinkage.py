@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffem_cli.core.errors import DiffemError
 from diffem_cli.gaussian.cosine import cosine_1d
 from diffem_cli.gaussian.moments import fit_moments
-from diffem_cli.gaussian.shrinkage import GRID, choose_shrinkage, shrink_prior, shrinkage_target, shrunk
+from diffem_cli.gaussian.shrinkage import (
+    GRID,
+    apply_shrinkage,
+    choose_shrinkage,
+    shrink_prior,
+    shrinkage_target,
+    shrunk,
+)
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -107,3 +115,22 @@ def test_shrink_prior_moves_the_full_covariance_only() -> None:
     assert shrink_prior(plain, (1, 4, 4), 0.0) is plain
     low = fit_moments(x, rank=2, full_max_dim=8)  # 16 > 8: low rank, never shrunk
     assert not low.full and shrink_prior(low, (1, 4, 4), 0.5) is low
+
+
+def test_apply_shrinkage_chooses_only_when_asked_and_never_for_a_low_rank_prior() -> None:
+    x = _stationary_rows(40, (1, 4, 4), 5).float()
+    full, low = fit_moments(x), fit_moments(x, rank=2, full_max_dim=8)
+    calls: list[int] = []
+
+    def choose() -> float:
+        calls.append(1)
+        return 0.3
+
+    prior, amount = apply_shrinkage(full, (1, 4, 4), "k", "auto", choose)
+    assert amount == 0.3 and calls == [1]
+    assert torch.equal(prior.covariance(), shrink_prior(full, (1, 4, 4), 0.3).covariance())
+    assert apply_shrinkage(full, (1, 4, 4), "k", "0.5", choose)[1] == 0.5 and calls == [1]
+    assert apply_shrinkage(full, (1, 4, 4), "k", "off", choose) == (full, 0.0)
+    assert apply_shrinkage(low, (1, 4, 4), "k", "auto", choose) == (low, 0.0) and calls == [1]
+    with pytest.raises(DiffemError, match="k"):
+        apply_shrinkage(full, (1, 4, 4), "k", "2", choose)
