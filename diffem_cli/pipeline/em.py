@@ -349,7 +349,10 @@ def em_train(
                 "method": m.name,
                 "paths": {k: str(Path(v).resolve()) for k, v in given.items() if v is not None},
             }
-            run.prepare(cfg, info, force, ignore=("em.laps",))
+            lacked = run.prepare(cfg, info, force, ignore=("em.laps",))
+            note = run.lacked_note(lacked, cfg, {"train", "sample", "em", "eval", "seed", *m.options})
+            if note:
+                log(note)
             run.redo_broken(len(data), log)  # a lap is done only when its files verify
         ctx.barrier()
         with Tracking(track if ctx.is_main else (), run.root / "logs", run_name=run.root.name) as tracking:

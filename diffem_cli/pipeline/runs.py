@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from diffem_cli.config.run import Extensions, RunConfig, config_from_dict
+from diffem_cli.config.run import Extensions, RunConfig, config_from_dict, missing_keys
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import load_tensors, refuse_unverified, verify_file
 from diffem_cli.io.store import (
@@ -171,7 +171,7 @@ class Run:
 
     def prepare(
         self, cfg: RunConfig, info: dict[str, Any], force: bool, ignore: tuple[str, ...] = ()
-    ) -> None:
+    ) -> tuple[str, ...]:
         """Create the RUN folder, or check that an existing one belongs to this data and config.
 
         ``info`` (written to ``run.json``) must hold a ``fingerprint`` of the data. A RUN with
@@ -179,11 +179,16 @@ class Run:
         refused unless ``force``; a RUN with no finished work is simply re-configured. A folder
         that is not a RUN (no ``config.yaml``, ``run.json`` or results) is refused, ``force`` or
         not: ``--force`` starts over only what diffem wrote.
+
+        Returns the dotted keys an existing RUN's ``config.yaml`` lacks (written by a diffem
+        before those keys existed): they constrain nothing, the work still to do takes ``cfg``'s
+        values for them, and the rewritten ``config.yaml`` records those.
         """
         if self.root.exists() and not self.root.is_dir():
             raise DiffemError(f"RUN {self.root} is a file, not a folder")
         if not self.root.parent.exists():
             raise DiffemError(f"folder {self.root.parent} does not exist")
+        lacked: tuple[str, ...] = ()
         # a skeleton (created, then killed before its run.json) is simply filled in
         if self.root.exists() and any(self.root.iterdir()) and not is_run_skeleton(self.root):
             if not self.config_file.exists() and not self.info_file.exists() and not self.has_results():
@@ -194,7 +199,7 @@ class Run:
             if force:
                 self._clear()
             elif self.has_results():
-                self._check_same(cfg, info, ignore)
+                lacked = self._check_same(cfg, info, ignore)
             else:
                 self._clear()
         for d in (self.root, self.ckpt_dir, self.recon_dir, self.samples_dir, self.state.parent):
@@ -206,6 +211,7 @@ class Run:
             if not path.exists() or path.read_text() != text:  # a finished run re-run changes no file
                 write_text_atomic(path, text)
         self._settle_state()
+        return lacked
 
     def _settle_state(self) -> None:
         """Put the training state left by a kill in order: an epoch it holds whose record was lost
@@ -235,11 +241,25 @@ class Run:
         if ("lap" in tag or "uncond" in tag) and done.exists():
             self.state.unlink()
 
-    def _check_same(self, cfg: RunConfig, info: dict[str, Any], ignore: tuple[str, ...]) -> None:
+    def lacked_note(self, lacked: tuple[str, ...], cfg: RunConfig, sections: set[str]) -> str | None:
+        """One log line naming the keys of ``sections`` (dotted prefixes) that this RUN's
+        ``config.yaml`` lacked (:meth:`prepare`) and the values the work still to do takes, or None."""
+        full = cfg.to_dict()
+        keys = [k for k in lacked if k.partition(".")[0] in sections]
+        if not keys:
+            return None
+        values = ", ".join(f"{k}={_value(full, k)}" for k in keys)
+        return (
+            f"{self.config_file} predates {len(keys)} key(s); what is still to run takes {values} "
+            "(the defaults, unless --set gives others)"
+        )
+
+    def _check_same(self, cfg: RunConfig, info: dict[str, Any], ignore: tuple[str, ...]) -> tuple[str, ...]:
         try:
             old = json.loads(self.info_file.read_text())
             sections = Extensions({k: type(v) for k, v in cfg.options.items()})  # the same option sections
-            old_cfg = config_from_dict(yaml.safe_load(self.config_file.read_text()) or {}, sections).to_dict()
+            written = yaml.safe_load(self.config_file.read_text()) or {}
+            old_cfg = config_from_dict(written, sections).to_dict()
         except (OSError, ValueError, yaml.YAMLError, DiffemError) as e:
             raise DiffemError(
                 f"{self.root}: its run.json or config.yaml is unreadable ({str(e).splitlines()[0]}); "
@@ -254,7 +274,8 @@ class Run:
         if old.get("channel") is not None and old.get("channel") != info.get("channel"):
             raise DiffemError(f"{self.root} was trained for another channel spec; use another RUN or --force")
         new_cfg = cfg.to_dict()
-        for key in ignore:
+        lacked = missing_keys(written, new_cfg)
+        for key in (*ignore, *lacked):
             section, _, name = key.partition(".")
             old_cfg.get(section, {}).pop(name, None)
             new_cfg.get(section, {}).pop(name, None)
@@ -263,6 +284,7 @@ class Run:
             raise DiffemError(
                 f"{self.root} holds another configuration ({diff}); use another RUN or --force to start over"
             )
+        return lacked
 
     def _clear(self) -> None:
         """Remove what diffem wrote in the RUN (and nothing else)."""
@@ -280,6 +302,11 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _value(full: dict[str, Any], key: str) -> Any:
+    section, _, name = key.partition(".")
+    return full[section][name] if name else full[section]
 
 
 def _first_line(e: BaseException) -> str:

@@ -76,7 +76,9 @@ def train_uncond(
             if run.root.is_dir():
                 clean_stale(run.root, locked=True)
             info = {"recon": str(Path(recon_path).resolve()), "fingerprint": data["fingerprint"]}
-            run.prepare(cfg, info, force)
+            note = run.lacked_note(run.prepare(cfg, info, force), cfg, {"train", "sample", "seed"})
+            if note:
+                log(note)
             run.redo_broken_checkpoint(ckpt, log)  # done only when the checkpoint verifies
         ctx.barrier()
         done = any(r.get("event") == "done" for r in run.records())

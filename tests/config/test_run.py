@@ -2,7 +2,7 @@ from functools import partial
 
 import pytest
 
-from diffem_cli.config.run import PRESETS, config_from_dict, parse_sets
+from diffem_cli.config.run import PRESETS, config_from_dict, missing_keys, parse_sets
 from diffem_cli.config.run import load_config as load_bare
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.methods import extensions, method_names
@@ -160,6 +160,16 @@ def test_config_from_dict_validates_too():
     data["train"]["epochs"] = 0
     with pytest.raises(DiffemError, match="'train.epochs'"):
         config_from_dict(data, extensions())
+
+
+def test_missing_keys_are_those_a_written_config_lacks():
+    full = load_config("img16").to_dict()
+    assert missing_keys(full, full) == ()
+    written = {**full, "em": dict(full["em"]), "network": {"type": "unet"}}
+    del written["em"]["gaussian_shrinkage"], written["cond"], written["seed"]
+    lacked = missing_keys(written, full)
+    # the network section is the user's and never looked into; a lacked section lacks every key
+    assert set(lacked) == {"em.gaussian_shrinkage", "seed", *(f"cond.{k}" for k in full["cond"])}
 
 
 def test_check_config_for_data():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets
 
 from diffem_cli.config.run import RunConfig
@@ -188,6 +189,42 @@ def test_force_removes_every_file_diffem_wrote_and_keeps_the_rest(tmp_path: Path
     assert kept == ["checkpoints", "config.yaml", "notes.txt", "recon", "run.json", "samples", "state"]
 
 
+def _drop(run: Run, *keys: str) -> None:
+    """Remove dotted ``keys`` from ``run``'s config.yaml, as an older diffem wrote it."""
+    written = yaml.safe_load(run.config_file.read_text())
+    for key in keys:
+        section, _, name = key.partition(".")
+        del written[section][name]
+    run.config_file.write_text(yaml.safe_dump(written, sort_keys=False))
+
+
+def test_keys_an_older_run_lacks_constrain_nothing_and_are_then_recorded(tmp_path: Path) -> None:
+    """Resuming a RUN written before a key existed takes the key's value from the configuration
+    given, says so, and records it: from then on the key is checked like any other."""
+    run = _run(tmp_path / "run", laps=1)
+    _drop(run, "cond.gaussian_shrinkage", "train.augment")
+    cfg = _cfg()
+    cfg.options["cond"].gaussian_shrinkage = "off"
+    assert run.prepare(cfg, INFO, force=False) == ("train.augment", "cond.gaussian_shrinkage")
+    note = run.lacked_note(("train.augment", "cond.gaussian_shrinkage"), cfg, {"cond"})
+    assert note is not None and "cond.gaussian_shrinkage=off" in note and "augment" not in note
+    assert run.lacked_note(("train.augment",), cfg, {"cond"}) is None
+    assert yaml.safe_load(run.config_file.read_text())["cond"]["gaussian_shrinkage"] == "off"
+    assert run.prepare(cfg, INFO, force=False) == ()
+    cfg.options["cond"].gaussian_shrinkage = "auto"
+    with pytest.raises(DiffemError, match=r"another configuration \(cond.gaussian_shrinkage"):
+        run.prepare(cfg, INFO, force=False)
+
+
+def test_a_key_the_run_holds_with_another_value_is_still_refused(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", laps=1)
+    _drop(run, "cond.gaussian_shrinkage")
+    cfg = _cfg()
+    cfg.train.epochs += 1
+    with pytest.raises(DiffemError, match=r"another configuration \(train.epochs"):
+        run.prepare(cfg, INFO, force=False)
+
+
 # --- through the command line ----------------------------------------------------------------------
 
 TRAIN = [*TINY_MLP, *sets("train.batch_size=32", "train.epochs=1"), *QUICK]
@@ -229,6 +266,14 @@ def _weights(path: Path) -> torch.Tensor:
     from diffem_cli.diffusion.checkpoint import load_checkpoint
 
     return torch.cat([t.reshape(-1) for _, t in sorted(load_checkpoint(path).weights.items())])
+
+
+def test_em_train_resumes_a_run_from_before_a_key_and_names_the_key(finished, copy, cli) -> None:
+    _drop(Run(copy), "em.gaussian_shrinkage")
+    code, _, err = cli("em-train", finished / "obs", copy, "--laps", 3, *TRAIN)
+    assert code == 0, err
+    assert "predates 1 key(s)" in err and "em.gaussian_shrinkage=off" in err
+    assert "gaussian_shrinkage" in yaml.safe_load((copy / "config.yaml").read_text())["em"]
 
 
 def test_a_fragment_in_metrics_does_not_swallow_the_rewritten_record(finished, copy, cli) -> None:
