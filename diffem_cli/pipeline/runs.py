@@ -277,8 +277,11 @@ class Run:
         lacked = missing_keys(written, new_cfg)
         for key in (*ignore, *lacked):
             section, _, name = key.partition(".")
-            old_cfg.get(section, {}).pop(name, None)
-            new_cfg.get(section, {}).pop(name, None)
+            for cfg_dict in (old_cfg, new_cfg):
+                if not name:  # a top-level key (``seed``)
+                    cfg_dict.pop(section, None)
+                elif isinstance(cfg_dict.get(section), dict):
+                    cfg_dict[section].pop(name, None)
         diff = first_difference(old_cfg, new_cfg)
         if diff:
             raise DiffemError(

@@ -194,7 +194,7 @@ def _drop(run: Run, *keys: str) -> None:
     written = yaml.safe_load(run.config_file.read_text())
     for key in keys:
         section, _, name = key.partition(".")
-        del written[section][name]
+        del (written[section] if name else written)[name or section]
     run.config_file.write_text(yaml.safe_dump(written, sort_keys=False))
 
 
@@ -214,6 +214,16 @@ def test_keys_an_older_run_lacks_constrain_nothing_and_are_then_recorded(tmp_pat
     cfg.options["cond"].gaussian_shrinkage = "auto"
     with pytest.raises(DiffemError, match=r"another configuration \(cond.gaussian_shrinkage"):
         run.prepare(cfg, INFO, force=False)
+
+
+def test_a_top_level_key_an_older_run_lacks_is_taken_too(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", laps=1)
+    _drop(run, "seed")
+    cfg = _cfg()
+    cfg.seed = 7
+    assert run.prepare(cfg, INFO, force=False) == ("seed",)
+    assert "seed=7" in (run.lacked_note(("seed",), cfg, {"seed"}) or "")
+    assert yaml.safe_load(run.config_file.read_text())["seed"] == 7
 
 
 def test_a_key_the_run_holds_with_another_value_is_still_refused(tmp_path: Path) -> None:
