@@ -460,14 +460,13 @@ def missing_keys(written: dict[str, Any], full: dict[str, Any]) -> tuple[str, ..
     """The dotted keys of ``full`` (a :meth:`RunConfig.to_dict`) that ``written`` (a RUN's
     ``config.yaml`` as read) lacks: keys added to diffem after that RUN was written. ``network``
     is free-form (its keys are the user's), so it is not looked into."""
+    written = written if isinstance(written, dict) else {}
     lacked = []
     for section, values in full.items():
-        given = written.get(section) if isinstance(written, dict) else None
         if not isinstance(values, dict):
-            if not isinstance(written, dict) or section not in written:
-                lacked.append(section)
+            lacked += [] if section in written else [section]
         elif section != "network":
-            given = given if isinstance(given, dict) else {}
+            given = written.get(section) if isinstance(written.get(section), dict) else {}
             lacked += [f"{section}.{key}" for key in values if key not in given]
     return tuple(lacked)
 

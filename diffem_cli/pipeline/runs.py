@@ -244,10 +244,10 @@ class Run:
     def lacked_note(self, lacked: tuple[str, ...], cfg: RunConfig, sections: set[str]) -> str | None:
         """One log line naming the keys of ``sections`` (dotted prefixes) that this RUN's
         ``config.yaml`` lacked (:meth:`prepare`) and the values the work still to do takes, or None."""
-        full = cfg.to_dict()
         keys = [k for k in lacked if k.partition(".")[0] in sections]
         if not keys:
             return None
+        full = cfg.to_dict()
         values = ", ".join(f"{k}={_value(full, k)}" for k in keys)
         return (
             f"{self.config_file} predates {len(keys)} key(s); what is still to run takes {values} "
