@@ -125,8 +125,9 @@ def headline(data: dict[str, Any]) -> list[str]:
     runs = data.get("runs")
     if isinstance(runs, dict) and all(isinstance(r, dict) for r in runs.values()):
         series = [(n, r) for n, r in runs.items() if isinstance(r.get("sinkhorn_by_lap"), list)]
-        lines += ["", "Sinkhorn divergence by lap (first -> last):", ""]
-        lines += [_series(n, r["sinkhorn_by_lap"]) for n, r in series]
+        if series:
+            lines += ["", "Sinkhorn divergence by lap (first -> last):", ""]
+            lines += [_series(n, r["sinkhorn_by_lap"]) for n, r in series]
     methods = data.get("methods")
     if isinstance(methods, dict) and all(isinstance(m, dict) and "laps" in m for m in methods.values()):
         lines += ["After the last lap:", "", *_table(_last_laps({m: v["laps"] for m, v in methods.items()}))]

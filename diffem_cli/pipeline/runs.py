@@ -284,8 +284,12 @@ class Run:
                     cfg_dict[section].pop(name, None)
         diff = first_difference(old_cfg, new_cfg)
         if diff:
+            key, held, given = diff
+            both = held is not None and given is not None
+            resume = f"--set {key}={set_text(held)} resumes it, " if both else ""
             raise DiffemError(
-                f"{self.root} holds another configuration ({diff}); use another RUN or --force to start over"
+                f"{self.root} holds another configuration ({key}: {held!r} in RUN, {given!r} now); "
+                f"{resume}or use another RUN, or --force to start over"
             )
         return lacked
 
@@ -330,12 +334,19 @@ def _recon_problem(path: Path, rows: int | None) -> str | None:
     return None
 
 
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The first key at which two nested dicts differ, as ``"key: old in RUN, new now"``."""
+def first_difference(a: Any, b: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """The first dotted key at which two nested dicts differ, with its value in each (None where
+    one lacks it)."""
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
             if d:
                 return d
         return None
-    return None if a == b else f"{prefix.rstrip('.')}: {a!r} in RUN, {b!r} now"
+    return None if a == b else (prefix.rstrip("."), a, b)
+
+
+def set_text(value: Any) -> str:
+    """``value`` as ``--set KEY=TEXT`` reads it back (YAML): strings bare, the rest as JSON, which
+    YAML reads."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

@@ -4,6 +4,7 @@ whole, an epoch record a kill lost taken back from the training state, foreign f
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 import yaml
 from helpers import QUICK, TINY_MLP, error_line, run_ok, sets
 
-from diffem_cli.config.run import RunConfig
+from diffem_cli.config.run import RunConfig, _apply, parse_sets
 from diffem_cli.core.errors import DiffemError
 from diffem_cli.diffusion.checkpoint import save_checkpoint, save_tensors
 from diffem_cli.diffusion.nets import build_network
@@ -233,6 +234,31 @@ def test_a_key_the_run_holds_with_another_value_is_still_refused(tmp_path: Path)
     cfg.train.epochs += 1
     with pytest.raises(DiffemError, match=r"another configuration \(train.epochs"):
         run.prepare(cfg, INFO, force=False)
+
+
+@pytest.mark.parametrize(
+    "key, other",
+    [
+        ("train.epochs", 7),
+        ("sample.keep_observed", False),
+        ("em.gaussian_shrinkage", "off"),
+        ("eval.metrics", ["a", "b"]),
+    ],
+)
+def test_a_refusal_names_the_set_that_resumes_the_run(tmp_path: Path, key: str, other: object) -> None:
+    """A RUN held with another value of a key (a default changed since, say) is refused with the
+    ``--set`` that gives the RUN's value back, and that ``--set``, read as the CLI reads it,
+    resumes it."""
+    run = _run(tmp_path / "run", laps=1)
+    cfg = _cfg()
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, other)
+    with pytest.raises(DiffemError, match=rf"another configuration \({re.escape(key)}: ") as err:
+        run.prepare(cfg, INFO, force=False)
+    hint = re.search(r"--set (\S+) resumes it", str(err.value))
+    assert hint is not None, str(err.value)
+    _apply(cfg, parse_sets([hint.group(1)]))
+    assert run.prepare(cfg, INFO, force=False) == ()
 
 
 # --- through the command line ----------------------------------------------------------------------
