@@ -39,7 +39,7 @@ class EMConfig:
     gaussian_rank: int = 64
     gaussian_full_max_dim: int = 768
     gaussian_residual: str = "auto"
-    gaussian_shrinkage: str = "off"
+    gaussian_shrinkage: str = "auto"
     recorrupt_every: int = 0
     drop_outside: float = 0.0
 

@@ -308,7 +308,7 @@ def test_em_train_resumes_a_run_from_before_a_key_and_names_the_key(finished, co
     _drop(Run(copy), "em.gaussian_shrinkage")
     code, _, err = cli("em-train", finished / "obs", copy, "--laps", 3, *TRAIN)
     assert code == 0, err
-    assert "predates 1 key(s)" in err and "em.gaussian_shrinkage=off" in err
+    assert "predates 1 key(s)" in err and "em.gaussian_shrinkage=auto" in err
     assert "gaussian_shrinkage" in yaml.safe_load((copy / "config.yaml").read_text())["em"]
 
 
